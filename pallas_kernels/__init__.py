@@ -1,0 +1,57 @@
+"""INT8 GEMM and quantization kernels for Hopper GPUs (Pallas, Mosaic GPU).
+
+The lowest layer of int8jax (see docs/DESIGN.md §2): kernels with their plain
+XLA references, usable without the rest of the library.
+
+* :func:`int8_matmul` -- ``(a @ b.T) * a_scale[:, None] * b_scale + bias``
+  with a: (M, K) int8, b: (N, K) int8 (both K-major), exact int32
+  accumulation and a fused dequantizing epilogue; :func:`int8_matmul_reference`.
+* :func:`quantize_kmajor` -- float (R, C) -> int8 (R, C) or (C, R), nearest or
+  stochastic rounding; :func:`quantize_kmajor_reference`.
+* :func:`available` -- True when the compiled kernels can run here.
+
+Every kernel also runs on CPU with ``interpret=True`` (bit-exact, slow).
+"""
+
+from pallas_kernels.int8_matmul import DEFAULT_CONFIG
+from pallas_kernels.int8_matmul import INT32_SAFE_K
+from pallas_kernels.int8_matmul import Int8MatmulConfig
+from pallas_kernels.int8_matmul import LIBRARY_CONFIGS
+from pallas_kernels.int8_matmul import int8_matmul
+from pallas_kernels.int8_matmul import int8_matmul_reference
+from pallas_kernels.int8_matmul import select_config
+from pallas_kernels.quantize import quantize_kmajor
+from pallas_kernels.quantize import quantize_kmajor_reference
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "INT32_SAFE_K",
+    "Int8MatmulConfig",
+    "LIBRARY_CONFIGS",
+    "available",
+    "int8_matmul",
+    "int8_matmul_reference",
+    "quantize_kmajor",
+    "quantize_kmajor_reference",
+    "select_config",
+]
+
+
+def available() -> bool:
+  """True only on a Hopper GPU (compute capability 9.x) with Mosaic GPU.
+
+  Checks that ``jax.experimental.pallas.mosaic_gpu`` imports and that the
+  default backend is CUDA with a device whose compute capability is 9.x
+  (H100/H200/GH200; the kernels use sm_90a ``wgmma``). Never raises.
+  """
+  try:
+    import jax
+    import jax.experimental.pallas.mosaic_gpu  # noqa: F401
+
+    if jax.default_backend() != "gpu":
+      return False
+    device = jax.devices("gpu")[0]
+    capability = str(getattr(device, "compute_capability", ""))
+    return capability.split(".")[0] == "9"
+  except Exception:  # pylint: disable=broad-except
+    return False
