@@ -1,0 +1,86 @@
+"""Quantization configuration of one layer (static under ``jax.jit``)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+_GRANULARITIES = ("tensor", "channel")
+_ROUNDINGS = ("stochastic", "nearest")
+_GRAD_CLIPS = ("learned", "max")
+_BACKENDS = ("xla", "pallas", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+  """How one quantized layer runs its three GEMMs (UI8, Zhu et al. 2020, §3–4).
+
+  A frozen, hashable dataclass: it is a static argument of the quantized ops,
+  so two layers with equal configs share compiled code.
+
+  Attributes:
+    enabled: ``False`` makes the layer an exact float layer (identical to
+      ``nnx.Conv`` / ``nnx.Linear``); quantization state is still created so a
+      model can be switched without changing its state tree.
+    weight_granularity: ``"tensor"`` (one scale for the kernel) or
+      ``"channel"`` (one scale per output feature). With ``"channel"`` the
+      input-gradient GEMM re-quantizes the weight per tensor, since its
+      contraction runs over output features.
+    grad_rounding: rounding of the output gradient ``g``: ``"stochastic"``
+      (unbiased, the paper's choice) or ``"nearest"``.
+    grad_clip: ``"learned"`` — direction-sensitive gradient clipping: the clip
+      value is a learned state updated by :func:`int8jax.optim.direction_sensitive_clip`;
+      ``"max"`` — naive INT8: clip at ``max|g|`` of every step.
+    period: measure ranges, the cosine distance and the clip gradient every
+      ``period`` calls of the layer (the paper's periodic update, §4.3).
+      Calls in between reuse the cached activation range and clip value.
+    backend: ``"xla"`` (``lax`` int8 ops, exact, the CPU default),
+      ``"pallas"`` (Mosaic GPU kernels of :mod:`pallas_kernels`, Hopper only)
+      or ``None`` (Pallas where available, else XLA).
+    chunk_k: largest contraction length accumulated in one int32 sum;
+      longer contractions are split and the partial sums combined exactly.
+      ``127 * 127 * chunk_k`` must stay below ``2**31``.
+  """
+
+  enabled: bool = True
+  weight_granularity: str = "tensor"
+  grad_rounding: str = "stochastic"
+  grad_clip: str = "learned"
+  period: int = 100
+  backend: str | None = "xla"
+  chunk_k: int = 131072
+
+  def __post_init__(self):
+    if not isinstance(self.enabled, bool):
+      raise TypeError(f"QuantConfig.enabled must be a bool, got {self.enabled!r}")
+    if self.weight_granularity not in _GRANULARITIES:
+      raise ValueError(
+          f"QuantConfig.weight_granularity must be one of {_GRANULARITIES}, "
+          f"got {self.weight_granularity!r}")
+    if self.grad_rounding not in _ROUNDINGS:
+      raise ValueError(f"QuantConfig.grad_rounding must be one of {_ROUNDINGS}, "
+                       f"got {self.grad_rounding!r}")
+    if self.grad_clip not in _GRAD_CLIPS:
+      raise ValueError(f"QuantConfig.grad_clip must be one of {_GRAD_CLIPS}, "
+                       f"got {self.grad_clip!r}")
+    if self.backend not in _BACKENDS:
+      raise ValueError(f"QuantConfig.backend must be one of {_BACKENDS}, "
+                       f"got {self.backend!r}")
+    if (not isinstance(self.period, int) or isinstance(self.period, bool)
+        or self.period < 1):
+      raise ValueError(f"QuantConfig.period must be an int >= 1, got {self.period!r}")
+    if (not isinstance(self.chunk_k, int) or isinstance(self.chunk_k, bool)
+        or not 1 <= self.chunk_k <= MAX_EXACT_K):
+      raise ValueError(
+          f"QuantConfig.chunk_k must be an int in [1, {MAX_EXACT_K}], got {self.chunk_k!r}")
+
+  def replace(self, **changes) -> "QuantConfig":
+    return dataclasses.replace(self, **changes)
+
+  @classmethod
+  def naive(cls, **changes) -> "QuantConfig":
+    """Naive INT8: stochastic rounding, clip at ``max|g|``, measured every step."""
+    return cls(grad_clip="max", **changes)
+
+
+# Largest K for which K products of two int8 values in [-127, 127] fit in int32.
+MAX_EXACT_K = (2**31 - 1) // (127 * 127)  # 133,144

@@ -1,0 +1,7 @@
+"""Flax NNX layers: ``from int8jax.nn import QuantConv, QuantDense``."""
+
+from int8jax.nn.layers import (TRAINABLE, ActRange, GradQuant, QuantConv, QuantCounter,
+                               QuantDense, quant_layers, quant_stats, set_call_count)
+
+__all__ = ["TRAINABLE", "ActRange", "GradQuant", "QuantConv", "QuantCounter", "QuantDense",
+           "quant_layers", "quant_stats", "set_call_count"]

@@ -1,0 +1,91 @@
+"""Symmetric linear INT8 quantization (UI8, Zhu et al. 2020, §3).
+
+Clip value ``c > 0``, scale ``s = c / 127``, integers in ``[-127, 127]``
+(``-128`` unused, so the grid is symmetric):
+
+* nearest:    ``q = clamp(round(x / s), -127, 127)``
+* stochastic: ``q = clamp(floor(x / s + u), -127, 127)``, ``u ~ U[0, 1)``
+* dequantize: ``x_hat = s * q``
+
+All functions work on any float dtype; scales are float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+QMAX = 127
+
+
+def absmax(x: jax.Array, axis: int | Sequence[int] | None = None) -> jax.Array:
+  """``max|x|`` as float32 over ``axis`` (all axes by default).
+
+  NaN propagates (so callers can detect non-finite data); an empty reduction
+  gives 0.
+  """
+  return jnp.max(jnp.abs(x), axis=axis, initial=0.0).astype(jnp.float32)
+
+
+def scale_from_clip(clip: jax.Array) -> jax.Array:
+  """Scale ``clip / 127``; a clip that is 0, negative or non-finite gives scale 1.
+
+  A zero clip comes from an all-zero tensor: any scale quantizes it to zeros,
+  and scale 1 avoids the division by zero.
+  """
+  clip = jnp.asarray(clip, jnp.float32)
+  ok = jnp.isfinite(clip) & (clip > 0)
+  return jnp.where(ok, clip, QMAX) / QMAX
+
+
+def quantize(x: jax.Array, scale: jax.Array, *, rounding: str = "nearest",
+             key: jax.Array | None = None,
+             noise: jax.Array | None = None) -> jax.Array:
+  """Quantize ``x`` to int8 with ``scale`` (broadcast against ``x``).
+
+  Args:
+    x: float array.
+    scale: positive float32 scale(s), broadcastable to ``x``.
+    rounding: ``"nearest"`` or ``"stochastic"``.
+    key: PRNG key for stochastic rounding (ignored for nearest).
+    noise: alternatively, the uniform ``[0, 1)`` draws themselves (same shape
+      as ``x``), so callers can reuse them.
+
+  Returns:
+    int8 array of ``x``'s shape with values in ``[-127, 127]``. Values beyond
+    ``±127 * scale`` saturate (this is the clipping).
+  """
+  if rounding not in ("nearest", "stochastic"):
+    raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+  y = x.astype(jnp.float32) / scale
+  if rounding == "nearest":
+    y = jnp.round(y)
+  else:
+    if noise is None:
+      if key is None:
+        raise ValueError("stochastic rounding needs key= (a PRNG key) or noise=")
+      noise = jax.random.uniform(key, x.shape, jnp.float32)
+    y = jnp.floor(y + noise)
+  return jnp.clip(y, -QMAX, QMAX).astype(jnp.int8)
+
+
+def dequantize(q: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """``scale * q`` in ``dtype``."""
+  return (q.astype(jnp.float32) * scale).astype(dtype)
+
+
+def fake_quantize(x: jax.Array, clip: jax.Array, **kwargs) -> jax.Array:
+  """``dequantize(quantize(x, clip / 127))``: the value the int8 GEMMs see."""
+  s = scale_from_clip(clip)
+  return dequantize(quantize(x, s, **kwargs), s, x.dtype)
+
+
+def cosine_distance(a: jax.Array, b: jax.Array) -> jax.Array:
+  """``1 - <a, b> / (|a| |b|)`` in float32; 0 when ``a`` is all zero."""
+  a = a.astype(jnp.float32).ravel()
+  b = b.astype(jnp.float32).ravel()
+  na, nb = jnp.linalg.norm(a), jnp.linalg.norm(b)
+  cos = jnp.dot(a, b) / jnp.maximum(na * nb, jnp.finfo(jnp.float32).tiny)
+  return jnp.where(na > 0, 1.0 - cos, 0.0)
