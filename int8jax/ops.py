@@ -150,6 +150,11 @@ _qapply.defvjp(_qapply_fwd, _qapply_bwd)
 # Public ops.
 
 
+def _check_config(config):
+  if not isinstance(config, QuantConfig):
+    raise TypeError(f"config must be an int8jax.QuantConfig, got {type(config).__name__}")
+
+
 def _check_float(name, x):
   if not isinstance(x, (jax.Array, np.ndarray)) and not hasattr(x, "dtype"):
     raise TypeError(f"{name} must be an array, got {type(x).__name__}")
@@ -160,8 +165,6 @@ def _check_float(name, x):
 
 def _state_inputs(x, key, grad_state, x_clip, measure, config):
   """Defaults and checks for the state arguments shared by both ops."""
-  if not isinstance(config, QuantConfig):
-    raise TypeError(f"config must be an int8jax.QuantConfig, got {type(config).__name__}")
   if grad_state is None:
     grad_state = dsgc.GradQuantState.initial()
   elif not isinstance(grad_state, dsgc.GradQuantState):
@@ -212,6 +215,7 @@ def quant_conv_general_dilated(
   Returns:
     The convolution, dtype of ``lhs``.
   """
+  _check_config(config)
   _check_float("lhs", lhs)
   _check_float("rhs", rhs)
   spec = make_conv_spec(lhs.shape, rhs.shape, window_strides, padding, lhs_dilation,
@@ -267,6 +271,7 @@ def quant_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precisi
   free dims are the output features (the per-channel scale axis). State
   arguments as in :func:`quant_conv_general_dilated`.
   """
+  _check_config(config)
   _check_float("lhs", lhs)
   _check_float("rhs", rhs)
   lc, rc, lb, rb, lf, rf = _dense_perms(lhs.ndim, rhs.ndim, dimension_numbers)

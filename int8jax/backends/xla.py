@@ -102,9 +102,8 @@ def pad_input(x: jax.Array, spec: ConvSpec) -> jax.Array:
 def patches(x: jax.Array, spec: ConvSpec) -> jax.Array:
   """im2col: ``(N, *spatial, C)`` -> ``(N, *out_spatial, prod(window), C)``.
 
-  Built from strided slices of the padded input (no conv, no gather), so it is
-  linear and its transpose (col2im, a sum of padded slices) comes from
-  :func:`jax.linear_transpose`.
+  Built from strided slices of the padded input (no conv, no gather); its
+  transpose is :func:`col2im`.
   """
   xp = pad_input(x, spec)
   n, c = x.shape[0], x.shape[-1]
@@ -167,13 +166,43 @@ def conv_wgrad(xq: jax.Array, gq: jax.Array, scale: jax.Array, spec: ConvSpec,
   return dw * scale
 
 
+def col2im(dp: jax.Array, spec: ConvSpec) -> jax.Array:
+  """Transpose of :func:`patches`: ``(N, *out_spatial, prod(window), C)`` -> input shape.
+
+  Each window offset's slice is scattered back with ``lax.pad`` (interior
+  padding undoes the stride) and summed; then the input padding and dilation
+  are undone. Works for integer and float dtypes (integer sums stay exact).
+  """
+  zero = jnp.zeros((), dp.dtype)
+  padded = spec.padded_spatial
+  out_sp = spec.out_spatial
+  total = None
+  for i, offs in enumerate(itertools.product(*[range(k) for k in spec.window])):
+    cfg = [(0, 0, 0)]
+    for o, d, m, s, p in zip(offs, spec.rhs_dilation, out_sp, spec.window_strides, padded):
+      start = o * d
+      used = (m - 1) * s + 1 if m > 0 else 0
+      cfg.append((start, p - start - used, s - 1 if m > 0 else 0))
+    cfg.append((0, 0, 0))
+    part = lax.pad(dp[..., i, :], zero, cfg)
+    total = part if total is None else total + part
+  # Undo pad_input: negative padding crops what positive padding added, then
+  # take every lhs_dilation-th element.
+  cfg = [(0, 0, 0)] + [(-lo, -hi, 0) for lo, hi in spec.padding] + [(0, 0, 0)]
+  total = lax.pad(total, zero, cfg)
+  strides = (1, *spec.lhs_dilation, 1)
+  return lax.slice(total, (0,) * total.ndim, total.shape, strides)
+
+
 def conv_dgrad(gq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
                *, chunk_k: int) -> jax.Array:
   """Input gradient ``(N, *spatial, C)``: a GEMM to patch space, then col2im.
 
-  ``dpatches[m, k, c] = sum_o g[m, o] * w[k, c, o]`` per group; col2im is the
-  exact transpose of :func:`patches` (strides, padding, both dilations and
-  groups included).
+  ``dpatches[m, k, c] = sum_o g[m, o] * w[k, c, o]`` per group; :func:`col2im`
+  sums the window positions back (strides, padding, both dilations and groups
+  included). While the whole contraction ``prod(window) * O // G`` fits
+  ``chunk_k``, col2im runs on the int32 products, so the result is exact;
+  beyond that it sums float32 values.
   """
   g = spec.feature_group_count
   kw = math.prod(spec.window)
@@ -181,12 +210,14 @@ def conv_dgrad(gq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
   m = math.prod(gq.shape[:-1])
   gm = gq.reshape(m, g, og)
   w = wq.reshape(kw, cg, g, og)
-  dp = int8_dot(gm, w, (2, 3), ((1,), (2,)), chunk_k=chunk_k)  # (G, m, kw, cg)
-  dp = jnp.transpose(dp, (1, 2, 0, 3)) * scale  # (m, kw, G, cg)
+  dims = (((2,), (3,)), ((1,), (2,)))
+  if kw * og <= chunk_k:
+    dp = lax.dot_general(gm, w, dims, preferred_element_type=jnp.int32)
+  else:
+    dp = int8_dot(gm, w, (2, 3), ((1,), (2,)), chunk_k=chunk_k)
+  dp = jnp.transpose(dp, (1, 2, 0, 3))  # (m, kw, G, cg)
   dp = dp.reshape(*gq.shape[:-1], kw, g * cg)
-  x_struct = jax.ShapeDtypeStruct(spec.lhs_shape, jnp.float32)
-  (dx,) = jax.linear_transpose(lambda x: patches(x, spec), x_struct)(dp)
-  return dx
+  return col2im(dp, spec).astype(jnp.float32) * scale
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,97 @@
+"""Independent int64 numpy references for the quantized GEMMs (tests only).
+
+Written from the definition of a convolution (loops over window offsets on a
+dilated, padded input), not from the library's code paths.
+"""
+
+import itertools
+
+import numpy as np
+
+
+def _positions(n, lo, ld):
+  return lo + np.arange(n) * ld
+
+
+def pad_input(x, spec):
+  """Dilate by lhs_dilation and pad (lo, hi); negative padding crops."""
+  x = np.asarray(x, np.int64)
+  p = spec.padded_spatial
+  out = np.zeros((x.shape[0], *p, x.shape[-1]), np.int64)
+  src, dst = [], []
+  for n, (lo, _), ld, size in zip(x.shape[1:-1], spec.padding, spec.lhs_dilation, p):
+    pos = _positions(n, lo, ld)
+    keep = (pos >= 0) & (pos < size)
+    src.append(np.nonzero(keep)[0])
+    dst.append(pos[keep])
+  out[(slice(None), *np.ix_(*dst), slice(None))] = x[(slice(None), *np.ix_(*src), slice(None))]
+  return out
+
+
+def unpad_input(dxp, spec):
+  """Transpose of pad_input."""
+  n_sp = spec.lhs_shape[1:-1]
+  out = np.zeros(spec.lhs_shape, np.int64)
+  src, dst = [], []
+  for n, (lo, _), ld, size in zip(n_sp, spec.padding, spec.lhs_dilation, spec.padded_spatial):
+    pos = _positions(n, lo, ld)
+    keep = (pos >= 0) & (pos < size)
+    dst.append(np.nonzero(keep)[0])
+    src.append(pos[keep])
+  out[(slice(None), *np.ix_(*dst), slice(None))] = dxp[(slice(None), *np.ix_(*src), slice(None))]
+  return out
+
+
+def _window_slices(spec, offs):
+  sl = []
+  for o, d, m, s in zip(offs, spec.rhs_dilation, spec.out_spatial, spec.window_strides):
+    sl.append(slice(o * d, o * d + (m - 1) * s + 1, s))
+  return tuple(sl)
+
+
+def conv(xq, wq, spec):
+  """int64 forward conv in channel-last form."""
+  g = spec.feature_group_count
+  xp = pad_input(xq, spec)
+  w = np.asarray(wq, np.int64)
+  cg, o = w.shape[-2], w.shape[-1]
+  og = o // g
+  out = np.zeros(spec.out_shape, np.int64)
+  for offs in itertools.product(*[range(k) for k in spec.window]):
+    xs = xp[(slice(None), *_window_slices(spec, offs), slice(None))]
+    for gi in range(g):
+      out[..., gi * og:(gi + 1) * og] += (
+          xs[..., gi * cg:(gi + 1) * cg] @ w[offs][:, gi * og:(gi + 1) * og])
+  return out
+
+
+def conv_dgrad(gq, wq, spec):
+  g = spec.feature_group_count
+  w = np.asarray(wq, np.int64)
+  gg = np.asarray(gq, np.int64)
+  cg, o = w.shape[-2], w.shape[-1]
+  og = o // g
+  dxp = np.zeros((spec.lhs_shape[0], *spec.padded_spatial, spec.lhs_shape[-1]), np.int64)
+  for offs in itertools.product(*[range(k) for k in spec.window]):
+    idx = (slice(None), *_window_slices(spec, offs))
+    for gi in range(g):
+      dxp[idx + (slice(gi * cg, (gi + 1) * cg),)] += (
+          gg[..., gi * og:(gi + 1) * og] @ w[offs][:, gi * og:(gi + 1) * og].T)
+  return unpad_input(dxp, spec)
+
+
+def conv_wgrad(xq, gq, spec):
+  g = spec.feature_group_count
+  xp = pad_input(xq, spec)
+  gg = np.asarray(gq, np.int64)
+  cg, o = spec.rhs_shape[-2], spec.rhs_shape[-1]
+  og = o // g
+  dw = np.zeros(spec.rhs_shape, np.int64)
+  n_out = int(np.prod(spec.out_shape[:-1]))
+  for offs in itertools.product(*[range(k) for k in spec.window]):
+    xs = xp[(slice(None), *_window_slices(spec, offs), slice(None))].reshape(n_out, -1)
+    g2 = gg.reshape(n_out, -1)
+    for gi in range(g):
+      dw[offs][:, gi * og:(gi + 1) * og] = (
+          xs[:, gi * cg:(gi + 1) * cg].T @ g2[:, gi * og:(gi + 1) * og])
+  return dw
