@@ -1,0 +1,342 @@
+"""CNNs for the int8jax examples, written with plain Flax NNX layers.
+
+Every model is built from ``nnx.Conv`` / ``nnx.Linear`` / ``nnx.BatchNorm``
+only; INT8 training is switched on afterwards with
+``int8jax.nn.quantize_model(model, config, rngs=...)``, which swaps the
+convolutions and dense layers for their quantized versions in place (keeping
+the first convolution and the classifier in float, as in Zhu et al. 2020).
+
+Layouts: inputs are NHWC float arrays, outputs are ``(N, num_classes)`` logits.
+Layers are defined in the order they run, so "first conv" and "last linear" in
+definition order are the stem and the classifier.
+
+Models:
+  * ``ResNet`` -- ImageNet ResNet-18/34/50 (He et al. 2016), ``resnet18`` ...
+  * ``CifarResNet`` -- CIFAR ResNet-20/56 (3 stages, 16/32/64 channels).
+  * ``MobileNetV2`` -- Sandler et al. 2018; ``cifar=True`` uses the usual
+    CIFAR strides (stem stride 1, first two downsamplings removed).
+    Depthwise convolutions use ``feature_group_count``.
+  * ``VGGSmall`` -- the 6-conv "VGG-small" of the quantization literature.
+  * ``SimpleCNN`` -- three conv stages; quick MNIST runs and tests.
+
+``width`` scales every channel count (``width=64`` is the standard ResNet; tests
+use 4-8) and ``dtype`` sets the computation dtype (``jnp.bfloat16`` for the
+bf16 mode; parameters stay float32).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+import functools
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "ResNet", "CifarResNet", "MobileNetV2", "VGGSmall", "SimpleCNN",
+    "resnet18", "resnet34", "resnet50", "resnet20", "resnet56",
+    "mobilenet_v2", "vgg_small", "simple_cnn", "MODELS", "create_model",
+]
+
+_he_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def _conv(cin, cout, k, stride=1, *, groups=1, dtype, rngs, padding=None):
+  pad = padding if padding is not None else [(k // 2, k // 2)] * 2
+  return nnx.Conv(cin, cout, (k, k), (stride, stride), padding=pad,
+                  feature_group_count=groups, use_bias=False, dtype=dtype,
+                  kernel_init=_he_init, rngs=rngs)
+
+
+def _bn(c, *, dtype, rngs, zero=False):
+  return nnx.BatchNorm(c, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=rngs,
+                       scale_init=(nnx.initializers.zeros if zero
+                                   else nnx.initializers.ones))
+
+
+class BasicBlock(nnx.Module):
+  """Two 3x3 convs with a residual (ResNet-18/34, CIFAR ResNets)."""
+  expansion = 1
+
+  def __init__(self, cin, cout, stride, *, dtype, rngs):
+    self.conv1 = _conv(cin, cout, 3, stride, dtype=dtype, rngs=rngs)
+    self.bn1 = _bn(cout, dtype=dtype, rngs=rngs)
+    self.conv2 = _conv(cout, cout, 3, dtype=dtype, rngs=rngs)
+    self.bn2 = _bn(cout, dtype=dtype, rngs=rngs, zero=True)
+    if stride != 1 or cin != cout:
+      self.proj = _conv(cin, cout, 1, stride, dtype=dtype, rngs=rngs, padding="VALID")
+      self.proj_bn = _bn(cout, dtype=dtype, rngs=rngs)
+    else:
+      self.proj = self.proj_bn = None
+
+  def __call__(self, x):
+    y = nnx.relu(self.bn1(self.conv1(x)))
+    y = self.bn2(self.conv2(y))
+    sc = x if self.proj is None else self.proj_bn(self.proj(x))
+    return nnx.relu(y + sc)
+
+
+class Bottleneck(nnx.Module):
+  """1x1 -> 3x3 -> 1x1 (x4) residual block (ResNet-50, stride on the 3x3)."""
+  expansion = 4
+
+  def __init__(self, cin, cout, stride, *, dtype, rngs):
+    mid = cout // 4
+    self.conv1 = _conv(cin, mid, 1, dtype=dtype, rngs=rngs, padding="VALID")
+    self.bn1 = _bn(mid, dtype=dtype, rngs=rngs)
+    self.conv2 = _conv(mid, mid, 3, stride, dtype=dtype, rngs=rngs)
+    self.bn2 = _bn(mid, dtype=dtype, rngs=rngs)
+    self.conv3 = _conv(mid, cout, 1, dtype=dtype, rngs=rngs, padding="VALID")
+    self.bn3 = _bn(cout, dtype=dtype, rngs=rngs, zero=True)
+    if stride != 1 or cin != cout:
+      self.proj = _conv(cin, cout, 1, stride, dtype=dtype, rngs=rngs, padding="VALID")
+      self.proj_bn = _bn(cout, dtype=dtype, rngs=rngs)
+    else:
+      self.proj = self.proj_bn = None
+
+  def __call__(self, x):
+    y = nnx.relu(self.bn1(self.conv1(x)))
+    y = nnx.relu(self.bn2(self.conv2(y)))
+    y = self.bn3(self.conv3(y))
+    sc = x if self.proj is None else self.proj_bn(self.proj(x))
+    return nnx.relu(y + sc)
+
+
+class ResNet(nnx.Module):
+  """ImageNet-style ResNet: 7x7/2 stem + 3x3/2 max-pool, 4 stages, GAP, FC.
+
+  Args:
+    stage_sizes: blocks per stage, e.g. (2, 2, 2, 2) for ResNet-18.
+    block: ``BasicBlock`` or ``Bottleneck``.
+    num_classes: classifier outputs.
+    width: channels of the stem (64 in the paper); stage ``i`` has
+      ``width * 2**i * block.expansion`` output channels.
+    in_channels: input channels (3 for RGB).
+    small_input: use a 3x3/1 stem without max-pool (for tiny test images).
+  """
+
+  def __init__(self, stage_sizes: Sequence[int], block=BasicBlock, *,
+               num_classes=1000, width=64, in_channels=3, small_input=False,
+               dtype=None, rngs: nnx.Rngs):
+    self.small_input = small_input
+    if small_input:
+      self.stem = _conv(in_channels, width, 3, 1, dtype=dtype, rngs=rngs)
+    else:
+      self.stem = _conv(in_channels, width, 7, 2, dtype=dtype, rngs=rngs)
+    self.stem_bn = _bn(width, dtype=dtype, rngs=rngs)
+    blocks, cin = [], width
+    for i, n in enumerate(stage_sizes):
+      cout = width * 2**i * block.expansion
+      for j in range(n):
+        stride = 2 if (i > 0 and j == 0) else 1
+        blocks.append(block(cin, cout, stride, dtype=dtype, rngs=rngs))
+        cin = cout
+    self.blocks = nnx.List(blocks)
+    self.head = nnx.Linear(cin, num_classes, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.stem_bn(self.stem(x)))
+    if not self.small_input:
+      x = nnx.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    for b in self.blocks:
+      x = b(x)
+    return self.head(jnp.mean(x, axis=(1, 2)))
+
+
+class CifarResNet(nnx.Module):
+  """CIFAR ResNet-(6n+2): 3x3 stem, 3 stages of n basic blocks, GAP, FC."""
+
+  def __init__(self, depth=20, *, num_classes=10, width=16, in_channels=3,
+               dtype=None, rngs: nnx.Rngs):
+    if (depth - 2) % 6:
+      raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth=}")
+    n = (depth - 2) // 6
+    self.stem = _conv(in_channels, width, 3, dtype=dtype, rngs=rngs)
+    self.stem_bn = _bn(width, dtype=dtype, rngs=rngs)
+    blocks, cin = [], width
+    for i in range(3):
+      cout = width * 2**i
+      for j in range(n):
+        blocks.append(BasicBlock(cin, cout, 2 if (i > 0 and j == 0) else 1,
+                                 dtype=dtype, rngs=rngs))
+        cin = cout
+    self.blocks = nnx.List(blocks)
+    self.head = nnx.Linear(cin, num_classes, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.stem_bn(self.stem(x)))
+    for b in self.blocks:
+      x = b(x)
+    return self.head(jnp.mean(x, axis=(1, 2)))
+
+
+class InvertedResidual(nnx.Module):
+  """MobileNetV2 block: 1x1 expand -> 3x3 depthwise -> 1x1 linear project."""
+
+  def __init__(self, cin, cout, stride, expand, *, dtype, rngs):
+    hid = cin * expand
+    self.expand = expand
+    if expand != 1:
+      self.pw = _conv(cin, hid, 1, dtype=dtype, rngs=rngs, padding="VALID")
+      self.pw_bn = _bn(hid, dtype=dtype, rngs=rngs)
+    else:
+      self.pw = self.pw_bn = None
+    self.dw = _conv(hid, hid, 3, stride, groups=hid, dtype=dtype, rngs=rngs)
+    self.dw_bn = _bn(hid, dtype=dtype, rngs=rngs)
+    self.pl = _conv(hid, cout, 1, dtype=dtype, rngs=rngs, padding="VALID")
+    self.pl_bn = _bn(cout, dtype=dtype, rngs=rngs)
+    self.residual = stride == 1 and cin == cout
+
+  def __call__(self, x):
+    y = x
+    if self.pw is not None:
+      y = nnx.relu6(self.pw_bn(self.pw(y)))
+    y = nnx.relu6(self.dw_bn(self.dw(y)))
+    y = self.pl_bn(self.pl(y))
+    return x + y if self.residual else y
+
+
+def _round_ch(c, divisor=8):
+  return max(divisor, int(c + divisor / 2) // divisor * divisor)
+
+
+class MobileNetV2(nnx.Module):
+  """MobileNetV2 (ImageNet, or CIFAR strides with ``cifar=True``).
+
+  ``width_mult`` scales the channel table; ``min_channels`` (default 8) is the
+  rounding divisor, so tiny test models stay valid.
+  """
+
+  # (expansion t, channels c, repeats n, stride s) from Sandler et al. Table 2.
+  CONFIG = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+            (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+
+  def __init__(self, *, num_classes=1000, width_mult=1.0, cifar=False,
+               in_channels=3, config=None, divisor=8, last_channels=None,
+               dtype=None, rngs: nnx.Rngs):
+    config = config or self.CONFIG
+    rc = functools.partial(_round_ch, divisor=divisor)
+    cin = rc(32 * width_mult)
+    self.stem = _conv(in_channels, cin, 3, 1 if cifar else 2, dtype=dtype, rngs=rngs)
+    self.stem_bn = _bn(cin, dtype=dtype, rngs=rngs)
+    blocks = []
+    for k, (t, c, n, s) in enumerate(config):
+      if cifar and k in (1, 2):  # CIFAR: keep resolution in the first stages
+        s = 1
+      cout = rc(c * width_mult)
+      for j in range(n):
+        blocks.append(InvertedResidual(cin, cout, s if j == 0 else 1, t,
+                                       dtype=dtype, rngs=rngs))
+        cin = cout
+    self.blocks = nnx.List(blocks)
+    last = last_channels or rc(1280 * max(1.0, width_mult))
+    self.last = _conv(cin, last, 1, dtype=dtype, rngs=rngs, padding="VALID")
+    self.last_bn = _bn(last, dtype=dtype, rngs=rngs)
+    self.head = nnx.Linear(last, num_classes, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu6(self.stem_bn(self.stem(x)))
+    for b in self.blocks:
+      x = b(x)
+    x = nnx.relu6(self.last_bn(self.last(x)))
+    return self.head(jnp.mean(x, axis=(1, 2)))
+
+
+class VGGSmall(nnx.Module):
+  """VGG-small: (2C)-MP-(4C)x2-MP-(8C)x2-MP, FC (C = width, 64 -> 128/256/512)."""
+
+  def __init__(self, *, num_classes=10, width=64, in_channels=3, dtype=None,
+               rngs: nnx.Rngs):
+    chans = [2 * width, 2 * width, 4 * width, 4 * width, 8 * width, 8 * width]
+    convs, bns, cin = [], [], in_channels
+    for c in chans:
+      convs.append(_conv(cin, c, 3, dtype=dtype, rngs=rngs))
+      bns.append(_bn(c, dtype=dtype, rngs=rngs))
+      cin = c
+    self.convs = nnx.List(convs)
+    self.bns = nnx.List(bns)
+    self.head = nnx.Linear(cin, num_classes, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+      x = nnx.relu(bn(conv(x)))
+      if i % 2 == 1:
+        x = nnx.max_pool(x, (2, 2), (2, 2))
+    return self.head(jnp.mean(x, axis=(1, 2)))
+
+
+class SimpleCNN(nnx.Module):
+  """Three conv-BN-ReLU stages (C, 2C, 4C; 2x2 max-pool after the first two), GAP, FC.
+
+  A quick model for MNIST and for tests (compiles in seconds).
+  """
+
+  def __init__(self, *, num_classes=10, width=16, in_channels=1, dtype=None,
+               rngs: nnx.Rngs):
+    chans = [width, 2 * width, 4 * width]
+    convs, bns, cin = [], [], in_channels
+    for c in chans:
+      convs.append(_conv(cin, c, 3, dtype=dtype, rngs=rngs))
+      bns.append(_bn(c, dtype=dtype, rngs=rngs))
+      cin = c
+    self.convs = nnx.List(convs)
+    self.bns = nnx.List(bns)
+    self.head = nnx.Linear(cin, num_classes, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+      x = nnx.relu(bn(conv(x)))
+      if i < 2:
+        x = nnx.max_pool(x, (2, 2), (2, 2))
+    return self.head(jnp.mean(x, axis=(1, 2)))
+
+
+def resnet18(**kw): return ResNet((2, 2, 2, 2), BasicBlock, **kw)
+def resnet34(**kw): return ResNet((3, 4, 6, 3), BasicBlock, **kw)
+def resnet50(**kw): return ResNet((3, 4, 6, 3), Bottleneck, **kw)
+def resnet20(**kw): return CifarResNet(20, **kw)
+def resnet56(**kw): return CifarResNet(56, **kw)
+def mobilenet_v2(**kw): return MobileNetV2(**kw)
+def mobilenet_v2_cifar(**kw): return MobileNetV2(cifar=True, **kw)
+def vgg_small(**kw): return VGGSmall(**kw)
+def simple_cnn(**kw): return SimpleCNN(**kw)
+
+
+def _width_kw(name: str, width: int | None) -> dict:
+  """Maps the generic ``width`` option onto each family's own argument."""
+  if width is None:
+    return {}
+  if name.startswith("mobilenet"):
+    kw = {"width_mult": width / 32.0, "divisor": 4 if width < 32 else 8}
+    if width < 32:  # tiny test models: scale the 1280-wide last conv too
+      kw["last_channels"] = 40 * width
+    return kw
+  return {"width": width}
+
+
+MODELS: dict[str, Callable[..., nnx.Module]] = {
+    "resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50,
+    "resnet20": resnet20, "resnet56": resnet56,
+    "mobilenet_v2": mobilenet_v2, "mobilenet_v2_cifar": mobilenet_v2_cifar,
+    "vgg_small": vgg_small, "simple_cnn": simple_cnn,
+}
+
+
+def create_model(name: str, *, num_classes: int, in_channels: int = 3,
+                 width: int | None = None, small_input: bool = False,
+                 dtype=None, rngs: nnx.Rngs) -> nnx.Module:
+  """Builds a model from ``MODELS`` by name.
+
+  ``width`` is the stem width (ResNets/VGG) or, for MobileNetV2, the stem
+  channels out of 32 (so ``width=8`` is ``width_mult=0.25``). ``small_input``
+  selects a 3x3/1 stem without max-pool for the ImageNet ResNets, useful for
+  tiny images.
+  """
+  if name not in MODELS:
+    raise ValueError(f"unknown model {name=}; choose from {sorted(MODELS)}")
+  kw = dict(num_classes=num_classes, in_channels=in_channels, dtype=dtype,
+            rngs=rngs, **_width_kw(name, width))
+  if name.startswith("resnet") and name in ("resnet18", "resnet34", "resnet50"):
+    kw["small_input"] = small_input
+  return MODELS[name](**kw)
