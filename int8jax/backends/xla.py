@@ -7,10 +7,23 @@ layer), accumulates int8 x int8 products in int32
 ``exact_sum * scale``. It is the exact integer reference of the library and
 the default on CPU.
 
-Speed on XLA:CPU (DESIGN.md §3): the forward conv stays a conv (XLA runs int8
-convs at GEMM speed); the two gradient products are written as GEMMs over
-explicitly built patches, because transposed / dilated int8 convs fall onto a
-generic int32 path 10–30x slower.
+Speed on XLA:CPU: only some int8 ops get XLA's int8 GEMM kernel. Measured on
+the 2-core development machine (see benchmarks/): an int8 ``dot_general``
+whose ``lhs`` contracts over its *last* axis (``(M, K) @ (K, N)`` or
+``(M, K) @ (N, K)^T``) runs 1.4-4x faster than float32, while contracting
+over ``lhs`` axis 0 falls onto a generic path ~10x slower; int8 convs with
+fewer than 32 input features (ResNet-20's first stage) run ~12x slower than
+float32, and transposed / dilated int8 convs are slow too (DESIGN.md §3).
+So every product here is an im2col GEMM in the fast layout:
+
+* forward: ``patches(x) (M, prod(window)*C) @ w (prod(window)*C, O)``;
+* input gradient: the transposed convolution (JAX's own transpose rule:
+  flipped, group-swapped kernel, ``lhs_dilation`` = forward stride) run as a
+  forward im2col GEMM — no col2im scatter;
+* weight gradient: ``patches(x)^T (prod(window)*C, M) @ g (M, O)``, the patch
+  matrix built already transposed so the GEMM contracts over its last axis;
+* depthwise convs (one input feature per group) skip GEMMs: fused
+  elementwise multiply-adds over the window offsets in int32.
 
 Overflow: a contraction longer than ``chunk_k`` (weight gradients contract over
 batch x height x width) is split into chunks of at most ``chunk_k`` int32
@@ -28,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from int8jax.conv_spec import ConvSpec
+from int8jax.conv_spec import ConvSpec, make_conv_spec
 
 name = "xla"
 
@@ -56,35 +69,33 @@ def int8_dot(a: jax.Array, b: jax.Array, contract: tuple[int, int],
 
   Returns the float32 of the exact integer result (see the module doc), in
   ``dot_general``'s output order: batch dims, ``a``'s free dims, ``b``'s free
-  dims.
+  dims. Long contractions run as one dot per chunk of ``chunk_k`` (slices,
+  so each keeps the operands' layout and XLA's int8 GEMM kernel).
   """
   ca, cb = contract
   k = a.shape[ca]
   dims = (((ca,), (cb,)), batch)
   if k <= chunk_k:
     return lax.dot_general(a, b, dims, preferred_element_type=jnp.int32).astype(jnp.float32)
+  parts = []
+  for s in range(0, k, chunk_k):
+    e = min(k, s + chunk_k)
+    parts.append(lax.dot_general(lax.slice_in_dim(a, s, e, axis=ca),
+                                 lax.slice_in_dim(b, s, e, axis=cb), dims,
+                                 preferred_element_type=jnp.int32))
+  return combine_int32_chunks(jnp.stack(parts), axis=0)
+
+
+def int32_sum(x: jax.Array, axis: int, *, chunk_k: int) -> jax.Array:
+  """Exact float32 sum of int8 x int8 products ``x`` (int32) along ``axis``."""
+  k = x.shape[axis]
+  if k <= chunk_k:
+    return jnp.sum(x, axis=axis, dtype=jnp.int32).astype(jnp.float32)
   n = -(-k // chunk_k)
-  pad = n * chunk_k - k
-
-  def split(x, axis):
-    x = jnp.moveaxis(x, axis, -1)
-    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
-    return x.reshape(*x.shape[:-1], n, chunk_k)
-
-  # Move the contracting axis last, split it into (n, chunk) and make n a
-  # leading batch dimension of the dot.
-  ba, bb = batch
-  a2, b2 = split(a, ca), split(b, cb)
-
-  def remap(axes, moved):
-    return tuple(ax - (ax > moved) for ax in axes)
-
-  ba2, bb2 = remap(ba, ca), remap(bb, cb)
-  parts = lax.dot_general(
-      a2, b2, (((a2.ndim - 1,), (b2.ndim - 1,)),
-               ((a2.ndim - 2, *ba2), (b2.ndim - 2, *bb2))),
-      preferred_element_type=jnp.int32)
-  return combine_int32_chunks(parts, axis=0)
+  x = jnp.moveaxis(x, axis, 0)
+  x = jnp.pad(x, [(0, n * chunk_k - k)] + [(0, 0)] * (x.ndim - 1))
+  x = x.reshape(n, chunk_k, *x.shape[1:])
+  return combine_int32_chunks(jnp.sum(x, axis=1, dtype=jnp.int32), axis=0)
 
 
 # ---------------------------------------------------------------------------
@@ -99,12 +110,8 @@ def pad_input(x: jax.Array, spec: ConvSpec) -> jax.Array:
   return lax.pad(x, jnp.zeros((), x.dtype), cfg)
 
 
-def patches(x: jax.Array, spec: ConvSpec) -> jax.Array:
-  """im2col: ``(N, *spatial, C)`` -> ``(N, *out_spatial, prod(window), C)``.
-
-  Built from strided slices of the padded input (no conv, no gather); its
-  transpose is :func:`col2im`.
-  """
+def patch_slices(x: jax.Array, spec: ConvSpec) -> list[jax.Array]:
+  """One ``(N, *out_spatial, C)`` strided slice of the padded input per window offset."""
   xp = pad_input(x, spec)
   n, c = x.shape[0], x.shape[-1]
   out_sp = spec.out_spatial
@@ -114,56 +121,81 @@ def patches(x: jax.Array, spec: ConvSpec) -> jax.Array:
     limit = [n] + [st + (m - 1) * s + 1 if m > 0 else st
                    for st, m, s in zip(start[1:], out_sp, spec.window_strides)] + [c]
     cols.append(lax.slice(xp, start, limit, (1, *spec.window_strides, 1)))
-  return jnp.stack(cols, axis=-2)
+  return cols
 
 
-def conv_forward(xq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
-                 *, chunk_k: int) -> jax.Array:
-  """``conv(xq, wq) * scale``: int8 conv, int32 accumulation, float32 out.
+def patches(x: jax.Array, spec: ConvSpec) -> jax.Array:
+  """im2col: ``(N, *spatial, C)`` -> ``(N, *out_spatial, prod(window), C)``.
 
-  ``scale`` is a scalar or per-output-feature ``(O,)``. Kernels whose
-  contraction ``prod(window) * C // G`` exceeds ``chunk_k`` are split over
-  input features and the chunks combined exactly.
+  Built from strided slices of the padded input (no conv, no gather).
   """
+  return jnp.stack(patch_slices(x, spec), axis=-2)
+
+
+def _groups(spec: ConvSpec):
   g = spec.feature_group_count
-  kwin = math.prod(spec.window)
-  cg = spec.rhs_shape[-2]
-
-  def conv(x, w):
-    return lax.conv_general_dilated(
-        x, w, spec.window_strides, spec.padding, spec.lhs_dilation, spec.rhs_dilation,
-        spec.lax_dimension_numbers, g, preferred_element_type=jnp.int32)
-
-  if kwin * cg <= chunk_k:
-    return conv(xq, wq).astype(jnp.float32) * scale
-  step = max(1, chunk_k // kwin)
-  xg = xq.reshape(*xq.shape[:-1], g, cg)
-  parts = []
-  for s in range(0, cg, step):
-    e = min(cg, s + step)
-    x_c = xg[..., s:e].reshape(*xq.shape[:-1], g * (e - s))
-    parts.append(conv(x_c, wq[..., s:e, :]))
-  return combine_int32_chunks(jnp.stack(parts), axis=0) * scale
+  return g, math.prod(spec.window), spec.rhs_shape[-2], spec.out_features // g
 
 
-def conv_wgrad(xq: jax.Array, gq: jax.Array, scale: jax.Array, spec: ConvSpec,
-               *, chunk_k: int) -> jax.Array:
-  """Kernel gradient ``(*window, C // G, O)``: a GEMM over patches.
+def _depthwise(xq, wq, spec: ConvSpec) -> jax.Array:
+  """Conv with one input feature per group: int32 multiply-adds per window offset."""
+  g, kw, _, og = _groups(spec)
+  w = wq.reshape(kw, g, og).astype(jnp.int32)
+  acc = None
+  for i, sl in enumerate(patch_slices(xq, spec)):
+    term = sl.astype(jnp.int32)[..., None] * w[i]
+    acc = term if acc is None else acc + term
+  return acc.reshape(spec.out_shape).astype(jnp.float32)
 
-  ``dw[k, c, o] = sum_m patches[m, k, c] * g[m, o]`` per group, contracting
-  over ``m`` = batch x output pixels (chunked, see the module doc).
-  """
-  g = spec.feature_group_count
-  kw = math.prod(spec.window)
-  cg, og = spec.rhs_shape[-2], spec.out_features // g
+
+def conv_exact(xq: jax.Array, wq: jax.Array, spec: ConvSpec, *, chunk_k: int) -> jax.Array:
+  """The exact integer convolution of int8 ``xq`` and ``wq`` as float32 (im2col GEMM)."""
+  g, kw, cg, og = _groups(spec)
+  if cg == 1 and kw <= chunk_k:
+    return _depthwise(xq, wq, spec)
   p = patches(xq, spec)
-  m = math.prod(p.shape[:-2])
-  p = p.reshape(m, kw, g, cg)
-  gm = gq.reshape(m, g, og)
-  # (G, kw, cg, og): batch over groups, contract over m.
-  dw = int8_dot(p, gm, (0, 0), ((2,), (1,)), chunk_k=chunk_k)
-  dw = jnp.transpose(dw, (1, 2, 0, 3)).reshape(*spec.window, cg, g * og)
-  return dw * scale
+  m = math.prod(spec.out_shape[:-1])
+  if g == 1:
+    y = int8_dot(p.reshape(m, kw * cg), wq.reshape(kw * cg, og), (1, 0), chunk_k=chunk_k)
+    return y.reshape(spec.out_shape)
+  p = p.reshape(m, kw, g, cg).transpose(2, 0, 1, 3).reshape(g, m, kw * cg)
+  w = wq.reshape(kw, cg, g, og).transpose(2, 0, 1, 3).reshape(g, kw * cg, og)
+  y = int8_dot(p, w, (2, 1), ((0,), (0,)), chunk_k=chunk_k)  # (G, m, og)
+  return y.transpose(1, 0, 2).reshape(spec.out_shape)
+
+
+def _dilate(shape, dilation):
+  return [0 if d == 0 else 1 + r * (d - 1) for d, r in zip(shape, dilation)]
+
+
+def transpose_spec(spec: ConvSpec) -> ConvSpec:
+  """The convolution computing the input gradient (JAX's transpose rule).
+
+  Its input is the output gradient ``(N, *out_spatial, O)``, its kernel is
+  :func:`transpose_kernel`, its output has the forward input's shape.
+  """
+  g, _, cg, og = _groups(spec)
+  in_sp = spec.lhs_shape[1:-1]
+  lhs_d = _dilate(in_sp, spec.lhs_dilation)
+  rhs_d = _dilate(spec.window, spec.rhs_dilation)
+  out_d = _dilate(spec.out_spatial, spec.window_strides)
+  before = [r - lo - 1 for r, (lo, _) in zip(rhs_d, spec.padding)]
+  after = [l + r - 1 - o - b for l, r, o, b in zip(lhs_d, rhs_d, out_d, before)]
+  n = spec.nspatial
+  t = make_conv_spec(spec.out_shape, (*spec.window, og, g * cg), spec.lhs_dilation,
+                     list(zip(before, after)), spec.window_strides, spec.rhs_dilation,
+                     _CHANNEL_LAST_DN[n], g)
+  assert t.out_shape == spec.lhs_shape, (t.out_shape, spec.lhs_shape)
+  return t
+
+
+def transpose_kernel(wq: jax.Array, spec: ConvSpec) -> jax.Array:
+  """``(*window, C//G, O)`` -> flipped ``(*window, O//G, C)`` kernel of the dgrad conv."""
+  g, _, cg, og = _groups(spec)
+  n = spec.nspatial
+  w = wq.reshape(*spec.window, cg, g, og)
+  w = jnp.moveaxis(w, (n, n + 1, n + 2), (n + 2, n + 1, n))  # (*window, og, G, cg)
+  return jnp.flip(w.reshape(*spec.window, og, g * cg), axis=tuple(range(n)))
 
 
 def col2im(dp: jax.Array, spec: ConvSpec) -> jax.Array:
@@ -194,30 +226,77 @@ def col2im(dp: jax.Array, spec: ConvSpec) -> jax.Array:
   return lax.slice(total, (0,) * total.ndim, total.shape, strides)
 
 
+def conv_forward(xq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
+                 *, chunk_k: int) -> jax.Array:
+  """``conv(xq, wq) * scale`` (``scale`` scalar or per output feature ``(O,)``)."""
+  return conv_exact(xq, wq, spec, chunk_k=chunk_k) * scale
+
+
 def conv_dgrad(gq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
                *, chunk_k: int) -> jax.Array:
-  """Input gradient ``(N, *spatial, C)``: a GEMM to patch space, then col2im.
+  """Input gradient ``(N, *spatial, C)``, exact.
 
-  ``dpatches[m, k, c] = sum_o g[m, o] * w[k, c, o]`` per group; :func:`col2im`
-  sums the window positions back (strides, padding, both dilations and groups
-  included). While the whole contraction ``prod(window) * O // G`` fits
-  ``chunk_k``, col2im runs on the int32 products, so the result is exact;
-  beyond that it sums float32 values.
+  Unstrided convs: the transposed conv (JAX's transpose rule: input dilation
+  becomes stride, kernel flipped with its feature axes swapped per group) run
+  as a forward im2col GEMM. Strided convs: that transposed conv would
+  convolve a zero-dilated ``g`` (XLA:CPU builds those patches slowly), so
+  instead ``g @ w^T`` to patch space in int32, then :func:`col2im`.
   """
-  g = spec.feature_group_count
-  kw = math.prod(spec.window)
-  cg, og = spec.rhs_shape[-2], spec.out_features // g
+  g, kw, cg, og = _groups(spec)
+  if all(s == 1 for s in spec.window_strides) or kw * og > chunk_k:
+    t = transpose_spec(spec)
+    return conv_exact(gq, transpose_kernel(wq, spec), t, chunk_k=chunk_k) * scale
   m = math.prod(gq.shape[:-1])
   gm = gq.reshape(m, g, og)
   w = wq.reshape(kw, cg, g, og)
-  dims = (((2,), (3,)), ((1,), (2,)))
-  if kw * og <= chunk_k:
-    dp = lax.dot_general(gm, w, dims, preferred_element_type=jnp.int32)
+  if cg == 1:  # depthwise: dp[m, k, G] = sum_j g[m, G, j] w[k, G, j], elementwise
+    dp = jnp.sum(gm.astype(jnp.int32)[:, None] * w.reshape(kw, g, og).astype(jnp.int32),
+                 axis=-1, dtype=jnp.int32)
+  elif g == 1:
+    dp = lax.dot_general(gm.reshape(m, og), w.reshape(kw * cg, og), (((1,), (1,)), ((), ())),
+                         preferred_element_type=jnp.int32)  # (m, kw*cg)
   else:
-    dp = int8_dot(gm, w, (2, 3), ((1,), (2,)), chunk_k=chunk_k)
-  dp = jnp.transpose(dp, (1, 2, 0, 3))  # (m, kw, G, cg)
+    dp = lax.dot_general(gm.transpose(1, 0, 2), w.transpose(2, 0, 1, 3).reshape(g, kw * cg, og),
+                         (((2,), (2,)), ((0,), (0,))), preferred_element_type=jnp.int32)
+    dp = dp.reshape(g, m, kw, cg).transpose(1, 2, 0, 3)  # (m, kw, G, cg)
   dp = dp.reshape(*gq.shape[:-1], kw, g * cg)
   return col2im(dp, spec).astype(jnp.float32) * scale
+
+
+def conv_wgrad(xq: jax.Array, gq: jax.Array, scale: jax.Array, spec: ConvSpec,
+               *, chunk_k: int) -> jax.Array:
+  """Kernel gradient ``(*window, C // G, O)``: ``patches^T @ g`` per group.
+
+  The patch matrix is built transposed, ``(prod(window) * C//G, M)`` with
+  ``M`` = batch x output pixels, so the GEMM contracts over its last axis
+  (chunked over ``M``, see the module doc).
+  """
+  g, kw, cg, og = _groups(spec)
+  m = math.prod(gq.shape[:-1])
+  slices = patch_slices(xq, spec)
+  if cg == 1:  # depthwise: one reduction per window offset
+    g32 = gq.reshape(m, g, og).astype(jnp.int32)
+    dw = jnp.stack([
+        int32_sum(sl.reshape(m, g, 1).astype(jnp.int32) * g32, 0, chunk_k=chunk_k)
+        for sl in slices])  # (kw, G, og)
+    return dw.reshape(*spec.window, 1, g * og) * scale
+  pt = jnp.stack(slices).reshape(kw, m, g, cg)
+  gm = gq.reshape(m, g, og)
+  if g == 1:
+    pt = pt.reshape(kw, m, cg).transpose(0, 2, 1).reshape(kw * cg, m)
+    dw = int8_dot(pt, gm.reshape(m, og), (1, 0), chunk_k=chunk_k)  # (kw*cg, og)
+    return dw.reshape(*spec.window, cg, og) * scale
+  pt = pt.transpose(2, 0, 3, 1).reshape(g, kw * cg, m)
+  dw = int8_dot(pt, gm.transpose(1, 0, 2), (2, 1), ((0,), (0,)), chunk_k=chunk_k)
+  dw = dw.reshape(g, kw, cg, og).transpose(1, 2, 0, 3)
+  return dw.reshape(*spec.window, cg, g * og) * scale
+
+
+_CHANNEL_LAST_DN = {
+    1: ("NWC", "WIO", "NWC"),
+    2: ("NHWC", "HWIO", "NHWC"),
+    3: ("NDHWC", "DHWIO", "NDHWC"),
+}
 
 
 # ---------------------------------------------------------------------------
@@ -234,6 +313,7 @@ def dense_dgrad(gq, wq, scale, *, chunk_k):
 
 
 def dense_wgrad(xq, gq, scale, *, chunk_k):
-  # dw[b, k, n] = sum_m x[b, m, k] g[b, m, n]
-  return int8_dot(xq, gq, (1, 1), ((0,), (0,)), chunk_k=chunk_k) * scale
+  # dw[b, k, n] = sum_m x[b, m, k] g[b, m, n]; x transposed so the GEMM
+  # contracts over its last axis (XLA:CPU's int8 kernel; see the module doc).
+  return int8_dot(jnp.swapaxes(xq, 1, 2), gq, (2, 1), ((0,), (0,)), chunk_k=chunk_k) * scale
 
