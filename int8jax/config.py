@@ -7,7 +7,7 @@ import dataclasses
 _GRANULARITIES = ("tensor", "channel")
 _ROUNDINGS = ("stochastic", "nearest")
 _GRAD_CLIPS = ("learned", "max")
-_BACKENDS = ("xla", "pallas", None)
+_BACKENDS = ("xla", "pallas", "pallas_interpret", None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,8 +34,11 @@ class QuantConfig:
       ``period`` calls of the layer (the paper's periodic update, §4.3).
       Calls in between reuse the cached activation range and clip value.
     backend: ``"xla"`` (``lax`` int8 ops, exact, the CPU default),
-      ``"pallas"`` (Mosaic GPU kernels of :mod:`pallas_kernels`, Hopper only)
-      or ``None`` (Pallas where available, else XLA).
+      ``"pallas"`` (Mosaic GPU kernels of :mod:`pallas_kernels`, Hopper only;
+      bit-identical to ``"xla"``; a ``ValueError`` at trace time elsewhere),
+      ``"pallas_interpret"`` (the same kernels in Mosaic GPU interpret mode on
+      any machine; slow, for tests) or ``None`` (Pallas where available, else
+      XLA).
     chunk_k: largest contraction length accumulated in one int32 sum;
       longer contractions are split and the partial sums combined exactly.
       ``127 * 127 * chunk_k`` must stay below ``2**31``.

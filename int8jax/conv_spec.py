@@ -148,6 +148,10 @@ def make_conv_spec(lhs_shape: Sequence[int], rhs_shape: Sequence[int],
   ld = _tuple("lhs_dilation", lhs_dilation, n)
   rd = _tuple("rhs_dilation", rhs_dilation, n)
   if isinstance(padding, str):
+    if any(d != 1 for d in ld):
+      raise ValueError(f"padding={padding!r} with lhs_dilation={ld}: string padding is not "
+                       "defined for input-dilated (transposed) convolutions, as in "
+                       "lax.conv_general_dilated; give explicit (lo, hi) pairs")
     if padding.upper() not in ("SAME", "VALID", "SAME_LOWER"):
       raise ValueError(f"padding must be 'SAME', 'SAME_LOWER', 'VALID' or (lo, hi) pairs, "
                        f"got {padding!r}")

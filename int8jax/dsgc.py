@@ -14,6 +14,7 @@ step as that argument's cotangent. The cotangent has the same fields, read as
 sums over the op's uses in the step:
 
 * ``clip``: ``d(d)/d(log c)`` at the clip value used;
+* ``clip_ratio``: 0 (unused);
 * ``deviation``: the cosine distance ``d``;
 * ``grad_absmax``: ``max|g|``;
 * ``clipped_fraction``: fraction of entries with ``|g| >= c``;
@@ -31,14 +32,23 @@ import jax.numpy as jnp
 
 from int8jax import quant
 
+#: Smallest learned clip, as a fraction of ``max|g|``.
+MIN_CLIP_RATIO = 1e-3
+
 
 @dataclasses.dataclass(frozen=True)
 class GradQuantState:
   """Per-layer gradient-quantization state (all float32 scalars).
 
   Attributes:
-    clip: learned clip value of the output gradient; 0 means "not measured
-      yet", in which case the op clips at ``max|g|`` of the step.
+    clip: clip value of the output gradient used between measurements
+      (``clip_ratio * max|g|`` of the latest measurement); 0 means "not
+      measured yet", in which case the op clips at ``max|g|`` of the step.
+    clip_ratio: the learned clip as a fraction of ``max|g|``, in
+      ``[MIN_CLIP_RATIO, 1]``; 0 means "not learned yet" (ratio 1). On a
+      measure step the op clips at ``clip_ratio * max|g|`` of that step, so
+      the clip follows the gradient's scale as training goes on; the clip
+      learner descends on ``log clip_ratio``.
     deviation: cosine distance ``d`` at the latest measurement.
     grad_absmax: ``max|g|`` at the latest measurement.
     clipped_fraction: fraction of gradient entries at or beyond the clip value
@@ -50,6 +60,7 @@ class GradQuantState:
   """
 
   clip: jax.Array
+  clip_ratio: jax.Array
   deviation: jax.Array
   grad_absmax: jax.Array
   clipped_fraction: jax.Array
@@ -60,7 +71,7 @@ class GradQuantState:
   @classmethod
   def initial(cls) -> "GradQuantState":
     z = jnp.zeros((), jnp.float32)
-    return cls(z, z, z, z, z, z, z)
+    return cls(z, z, z, z, z, z, z, z)
 
   def replace(self, **changes) -> "GradQuantState":
     return dataclasses.replace(self, **changes)
@@ -117,7 +128,8 @@ def measure_gradient(g: jax.Array, g_hat: jax.Array, clip: jax.Array) -> GradQua
 
   one = jnp.ones((), jnp.float32)
   return GradQuantState(
-      clip=keep(dlog), deviation=keep(d), grad_absmax=keep(gmax),
+      clip=keep(dlog), clip_ratio=jnp.zeros((), jnp.float32), deviation=keep(d),
+      grad_absmax=keep(gmax),
       clipped_fraction=keep(frac), dlog_clip=keep(dlog), measurements=one,
       nonfinite=jnp.where(finite, 0.0, 1.0).astype(jnp.float32))
 
@@ -130,10 +142,12 @@ def update_grad_state(state: GradQuantState, measured: GradQuantState,
   On a step without measurement (``measured.measurements == 0``) the state is
   returned unchanged. A measurement with non-finite data only increments
   ``nonfinite``. Otherwise the clip takes one gradient-descent step on
-  ``log c``::
+  ``log`` of its ratio to ``max|g|`` (UI8 §4.1; the measure step clipped at
+  ``r * max|g|``)::
 
-      c_eff = clip if clip > 0 else max|g|        # first measurement
-      c_new = min(c_eff * exp(-learning_rate * d(d)/d(log c)), max|g|)
+      r = clip_ratio if clip_ratio > 0 else 1      # first measurement: max|g|
+      r_new = clamp(r * exp(-learning_rate * d(d)/d(log c)), MIN_CLIP_RATIO, 1)
+      clip_new = r_new * max|g|
 
   Args:
     state: current state.
@@ -154,17 +168,19 @@ def update_grad_state(state: GradQuantState, measured: GradQuantState,
   gmax = measured.grad_absmax * inv
   frac = measured.clipped_fraction * inv
   dlog = measured.dlog_clip * inv
-  c_eff = jnp.where(state.clip > 0, state.clip, gmax)
+  r = jnp.where(state.clip_ratio > 0, state.clip_ratio, 1.0)
   lr = jnp.asarray(learning_rate, jnp.float32)
-  c_new = jnp.where(learn_clip, jnp.minimum(c_eff * jnp.exp(-lr * dlog), gmax), gmax)
+  r_new = jnp.where(learn_clip, jnp.clip(r * jnp.exp(-lr * dlog), MIN_CLIP_RATIO, 1.0), 1.0)
   # An all-zero gradient (gmax == 0) carries no information about the clip.
-  c_new = jnp.where(gmax > 0, c_new, state.clip)
+  ok = ok & (gmax > 0)
+  c_new = r_new * gmax
 
   def pick(new, old):
     return jnp.where(ok, new, old).astype(jnp.float32)
 
   return GradQuantState(
-      clip=pick(c_new, state.clip), deviation=pick(d, state.deviation),
+      clip=pick(c_new, state.clip), clip_ratio=pick(r_new, state.clip_ratio),
+      deviation=pick(d, state.deviation),
       grad_absmax=pick(gmax, state.grad_absmax),
       clipped_fraction=pick(frac, state.clipped_fraction),
       dlog_clip=pick(dlog, state.dlog_clip),

@@ -18,8 +18,9 @@ State in and out (no host callbacks, no global state):
 
 * ``x_clip`` — the activation clip value (a cached range or a fresh
   ``max|x|``) comes in as an ordinary array;
-* ``grad_state`` — a :class:`int8jax.dsgc.GradQuantState`; its ``clip`` is
-  the gradient clip value (0: clip at ``max|g|`` of the step). Its
+* ``grad_state`` — a :class:`int8jax.dsgc.GradQuantState`: measure steps
+  clip ``g`` at ``clip_ratio * max|g|`` (ratio 0 means 1), other steps at the
+  cached ``clip`` (0: ``max|g|`` of the step). Its
   *cotangent* is the step's measurement: on a step with ``measure=True`` the
   cosine distance ``d = 1 - cos(g, g_hat)``, ``d(d)/d(log c)``, ``max|g|`` and
   the clipped fraction; zeros otherwise. ``jax.grad`` w.r.t. ``grad_state``
@@ -121,8 +122,13 @@ def _qapply_bwd(op: _Op, res, gy):
   if cfg.grad_clip == "max":
     c = quant.absmax(g)
   else:
-    stored = grad_state.clip
-    c = lax.cond(stored > 0, lambda: stored, lambda: quant.absmax(g))
+    # Measure steps clip at the learned ratio of this step's max|g|; other
+    # steps reuse the cached clip and skip the max pass.
+    stored, ratio = grad_state.clip, grad_state.clip_ratio
+    need_max = measure | ~(stored > 0)
+    gmax = lax.cond(need_max, lambda: quant.absmax(g), lambda: jnp.zeros((), jnp.float32))
+    r = jnp.where(ratio > 0, ratio, 1.0)
+    c = jnp.where(measure, r * gmax, jnp.where(stored > 0, stored, gmax))
   sg = quant.scale_from_clip(c)
   if cfg.grad_rounding == "stochastic":
     noise = jax.random.uniform(key, g.shape, jnp.float32)

@@ -49,7 +49,7 @@ def _need_params(params, name):
                      "(nnx.Optimizer does)")
 
 
-def direction_sensitive_clip(learning_rate: jax.typing.ArrayLike = 0.5,
+def direction_sensitive_clip(learning_rate: jax.typing.ArrayLike = 1.0,
                              learn_clip: jax.typing.ArrayLike = True
                              ) -> optax.GradientTransformation:
   """Learn each layer's gradient clip value by descent on the cosine distance.
@@ -73,7 +73,7 @@ def direction_sensitive_clip(learning_rate: jax.typing.ArrayLike = 0.5,
 
   Examples:
     >>> import int8jax, jax.numpy as jnp
-    >>> tx = int8jax.optim.direction_sensitive_clip(0.5)
+    >>> tx = int8jax.optim.direction_sensitive_clip(1.0)
     >>> s = int8jax.GradQuantState.initial()
     >>> m = s.replace(grad_absmax=jnp.float32(2.0), measurements=jnp.float32(1.0))
     >>> upd, _ = tx.update({"g": m}, tx.init({"g": s}), {"g": s})
@@ -153,7 +153,7 @@ def quant_state_labels(params, quant: str = "quant", other: str = "params"):
 
 
 def ui8(base: optax.GradientTransformation, *,
-        clip_learning_rate: jax.typing.ArrayLike = 0.5,
+        clip_learning_rate: jax.typing.ArrayLike = 1.0,
         alpha: jax.typing.ArrayLike = 20.0, beta: jax.typing.ArrayLike = 0.1,
         scale_lr: bool = True, learn_clip: bool = True) -> optax.GradientTransformation:
   """UI8 around a base optimizer.

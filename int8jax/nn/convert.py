@@ -43,6 +43,10 @@ def _children(node) -> Iterator[tuple[Any, Any]]:
   ``nnx.iter_graph`` sorts attribute names, which would put a stem called
   ``stem`` after ``blocks``; the order attributes were assigned is the order a
   typical ``__init__`` builds (and ``__call__`` runs) the layers.
+
+  Caveat: a module rebuilt by ``nnx.merge`` (and so by ``nnx.eval_shape`` or
+  the output of ``nnx.jit``) has its attributes in sorted order; convert a
+  model right after constructing it, or pass an explicit ``skip``.
   """
   if isinstance(node, nnx.List):
     yield from enumerate(node)

@@ -1,0 +1,214 @@
+"""Pallas backend: the three int8 GEMMs of a quantized conv / dense layer on
+:func:`pallas_kernels.int8_matmul` (Mosaic GPU, Hopper).
+
+Same functions, arguments and results as :mod:`int8jax.backends.xla` (the
+exact reference): int8 operands, float32 ``exact_sum * scale`` out. Every
+conv becomes explicit GEMMs over im2col patches (:func:`xla.patches`), with
+both kernel operands K-major:
+
+=======  ===========================  ============================  ==============
+GEMM     a (M, K)                     b (N, K)                      result (M, N)
+=======  ===========================  ============================  ==============
+forward  patches (pixels, win*C/G)    w^T (O/G, win*C/G)            scale fused
+dgrad    patches of the transposed    flipped, group-swapped w^T    scale fused
+         conv of g (in pixels,        (C/G, win*O/G)
+         win*O/G)
+wgrad    patches^T (win*C/G, pixels)  g^T (O/G, pixels)             dw (win*C/G, O/G)
+=======  ===========================  ============================  ==============
+
+dgrad is the XLA backend's formulation (JAX's transpose rule,
+:func:`xla.transpose_spec` / :func:`xla.transpose_kernel`) with the GEMM on
+the kernel, so both backends compute the same integers.
+
+Exactness (bit-identical to the XLA backend, checked in
+``tests/test_pallas_backend.py``):
+
+* A contraction of ``K <= min(chunk_k, INT32_SAFE_K)`` is one int32
+  accumulator; the kernel epilogue computes ``float32(acc) * 1 * scale``, the
+  same two roundings as XLA's ``acc.astype(float32) * scale``.
+* Longer contractions (weight gradients: K = batch x output pixels) are split
+  into chunks of ``min(chunk_k, INT32_SAFE_K)``; each chunk runs the kernel
+  with ``out_dtype=int32`` (the raw exact accumulator) and the parts are
+  combined with :func:`xla.combine_int32_chunks`, as the XLA backend does
+  (correctly rounded float32 of the exact sum, for <= 256 chunks). The
+  kernel's own in-register float32 chunk sum is *not* used: it rounds once
+  per chunk and would differ from XLA in the last bits.
+
+Groups: ``feature_group_count == 1`` is one GEMM per product. Grouped convs
+whose groups have at least :data:`MIN_GROUP_FEATURES` input and output
+features run one kernel call per group (Python loop; ResNeXt-style). Narrower
+groups (depthwise, G == C) would pad every group's tiny GEMM to a whole
+64/128-wide tile, so they run on the XLA backend's own functions (exact int32 dot_generals / elementwise
+multiply-adds, no grouped ``lax`` conv — int8 grouped convs have a
+wrong-result bug in XLA:GPU/cuDNN, see DESIGN.md §3).
+
+Dense ``(B, M, K) x (B, K, N)``: one kernel call per batch entry (B is 1 for
+ordinary layers).
+
+``interpret=True`` (backend name ``"pallas_interpret"``, :data:`interpreted`)
+runs the kernels under ``plgpu.InterpretGPUParams()`` on the CPU, for tests.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import types
+
+import jax
+import jax.numpy as jnp
+
+import pallas_kernels as pk
+from int8jax.backends import xla
+from int8jax.conv_spec import ConvSpec
+
+name = "pallas"
+
+# Grouped convs use the kernel per group only when every group has at least
+# this many input and output features; narrower groups (depthwise) use
+# batched XLA dot_generals (see the module doc).
+MIN_GROUP_FEATURES = 64
+
+
+# ---------------------------------------------------------------------------
+# GEMM helpers: a (M, K) int8, b (N, K) int8, both K-major.
+
+
+def _chunk(chunk_k: int) -> int:
+  return min(chunk_k, pk.INT32_SAFE_K)
+
+
+def _int_gemm(a, b, *, chunk_k, interpret):
+  """``a @ b.T`` exactly: int32 if ``K`` fits one chunk, else the correctly
+  rounded float32 of the exact sum (int32 chunk parts combined exactly)."""
+  k = a.shape[1]
+  c = _chunk(chunk_k)
+  mm = functools.partial(pk.int8_matmul, out_dtype=jnp.int32, interpret=interpret)
+  if k <= c:
+    return mm(a, b)
+  parts = [mm(a[:, s:s + c], b[:, s:s + c]) for s in range(0, k, c)]
+  if k <= chunk_k:  # INT32_SAFE_K < K <= chunk_k <= MAX_EXACT_K: int32 is safe
+    return sum(parts[1:], parts[0])
+  return xla.combine_int32_chunks(jnp.stack(parts), axis=0)
+
+
+def _gemm(a, b, scale, *, chunk_k, interpret):
+  """float32 ``(a @ b.T) * scale``; ``scale`` scalar or (N,)."""
+  if a.shape[1] <= _chunk(chunk_k):
+    # Single int32 accumulator: dequantization fused in the kernel epilogue.
+    return pk.int8_matmul(a, b, b_scale=scale, interpret=interpret)
+  return _int_gemm(a, b, chunk_k=chunk_k, interpret=interpret).astype(jnp.float32) * scale
+
+
+def _use_kernel(spec: ConvSpec) -> bool:
+  g = spec.feature_group_count
+  cg, og = spec.rhs_shape[-2], spec.out_features // g
+  return g == 1 or min(cg, og) >= MIN_GROUP_FEATURES
+
+
+def _dims(spec: ConvSpec):
+  g = spec.feature_group_count
+  return g, math.prod(spec.window), spec.rhs_shape[-2], spec.out_features // g
+
+
+# ---------------------------------------------------------------------------
+# Convolutions (channel-last ConvSpec form, see int8jax.conv_spec).
+
+
+def _conv(xq, wq, scale, spec: ConvSpec, *, chunk_k, interpret):
+  """Exact conv as im2col GEMMs on the kernel, one per group; scale fused."""
+  g, kw, cg, og = _dims(spec)
+  p = xla.patches(xq, spec)
+  m = math.prod(p.shape[:-2])
+  p = p.reshape(m, kw, g, cg)
+  w = wq.reshape(kw, cg, g, og)
+  scale = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (spec.out_features,))
+  outs = []
+  for i in range(g):
+    a = p[:, :, i, :].reshape(m, kw * cg)                  # (pixels, win*C/G)
+    b = jnp.transpose(w[:, :, i, :].reshape(kw * cg, og))  # (O/G, win*C/G)
+    outs.append(_gemm(a, b, scale[i * og:(i + 1) * og], chunk_k=chunk_k,
+                      interpret=interpret))
+  y = outs[0] if g == 1 else jnp.concatenate(outs, axis=-1)
+  return y.reshape(spec.out_shape)
+
+
+def conv_forward(xq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
+                 *, chunk_k: int, interpret: bool = False) -> jax.Array:
+  """``conv(xq, wq) * scale`` as an im2col GEMM; ``scale`` scalar or (O,)."""
+  if not _use_kernel(spec):
+    return xla.conv_forward(xq, wq, scale, spec, chunk_k=chunk_k)
+  return _conv(xq, wq, scale, spec, chunk_k=chunk_k, interpret=interpret)
+
+
+def conv_dgrad(gq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
+               *, chunk_k: int, interpret: bool = False) -> jax.Array:
+  """Input gradient ``(N, *spatial, C)``: the transposed conv
+  (:func:`xla.transpose_spec`, :func:`xla.transpose_kernel` — JAX's transpose
+  rule) run as a forward im2col GEMM on the kernel.
+
+  With ``window_strides > 1`` the transposed conv's input is dilated, so its
+  patch matrix is mostly zeros (3/4 for stride 2): the GEMM does
+  ``prod(strides)`` times the necessary work (see pallas_kernels/README.md).
+  """
+  if not _use_kernel(spec):
+    return xla.conv_dgrad(gq, wq, scale, spec, chunk_k=chunk_k)
+  return _conv(gq, xla.transpose_kernel(wq, spec), scale, xla.transpose_spec(spec),
+               chunk_k=chunk_k, interpret=interpret)
+
+
+def conv_wgrad(xq: jax.Array, gq: jax.Array, scale: jax.Array, spec: ConvSpec,
+               *, chunk_k: int, interpret: bool = False) -> jax.Array:
+  """Kernel gradient ``(*window, C // G, O)``: a GEMM over transposed patches,
+  contracting over batch x output pixels (chunked, exact)."""
+  if not _use_kernel(spec):
+    return xla.conv_wgrad(xq, gq, scale, spec, chunk_k=chunk_k)
+  g, kw, cg, og = _dims(spec)
+  p = xla.patches(xq, spec)
+  m = math.prod(p.shape[:-2])
+  p = p.reshape(m, kw, g, cg)
+  gm = gq.reshape(m, g, og)
+  outs = []
+  for i in range(g):
+    a = jnp.transpose(p[:, :, i, :].reshape(m, kw * cg))  # (win*C/G, pixels)
+    b = jnp.transpose(gm[:, i, :])                          # (O/G, pixels)
+    outs.append(_gemm(a, b, scale, chunk_k=chunk_k, interpret=interpret)
+                .reshape(kw, cg, og))
+  dw = outs[0] if g == 1 else jnp.concatenate(outs, axis=-1)
+  return dw.reshape(*spec.window, cg, g * og)
+
+
+# ---------------------------------------------------------------------------
+# Dense: lhs (B, M, K), rhs (B, K, N), out (B, M, N); one kernel call per b.
+
+
+def _per_batch(fn, *arrays):
+  return jnp.stack([fn(*(x[i] for x in arrays)) for i in range(arrays[0].shape[0])])
+
+
+def dense_forward(xq, wq, scale, *, chunk_k, interpret=False):
+  """``y[b] = x[b] @ w[b] * scale``; scale scalar or per output feature (N,)."""
+  return _per_batch(lambda x, w: _gemm(x, w.T, scale, chunk_k=chunk_k,
+                                       interpret=interpret), xq, wq)
+
+
+def dense_dgrad(gq, wq, scale, *, chunk_k, interpret=False):
+  """``dx[b] = g[b] @ w[b].T * scale`` (both operands already K-major)."""
+  return _per_batch(lambda g, w: _gemm(g, w, scale, chunk_k=chunk_k,
+                                       interpret=interpret), gq, wq)
+
+
+def dense_wgrad(xq, gq, scale, *, chunk_k, interpret=False):
+  """``dw[b] = x[b].T @ g[b] * scale``, contracting over M."""
+  return _per_batch(lambda x, g: _gemm(x.T, g.T, scale, chunk_k=chunk_k,
+                                       interpret=interpret), xq, gq)
+
+
+FUNCTIONS = ("conv_forward", "conv_dgrad", "conv_wgrad",
+             "dense_forward", "dense_dgrad", "dense_wgrad")
+
+# The same backend with every kernel under Mosaic GPU interpret mode (CPU;
+# bit-exact, slow): ``QuantConfig(backend="pallas_interpret")``. For tests.
+interpreted = types.SimpleNamespace(
+    name="pallas_interpret",
+    **{f: functools.partial(globals()[f], interpret=True) for f in FUNCTIONS})

@@ -1,0 +1,212 @@
+"""Flax NNX layers: drop-in equality with Flax, state, periodic measurement."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import int8jax
+from int8jax.nn import TRAINABLE, ActRange, GradQuant, QuantConv, QuantCounter, QuantDense
+
+CONV_KW = [
+    dict(in_features=4, out_features=6, kernel_size=(3, 3)),
+    dict(in_features=4, out_features=6, kernel_size=(3, 3), strides=2, padding="VALID"),
+    dict(in_features=6, out_features=6, kernel_size=(3, 3), feature_group_count=6,
+         use_bias=False),
+    dict(in_features=4, out_features=8, kernel_size=(2, 3), kernel_dilation=(2, 1),
+         padding=((1, 0), (2, 1)), feature_group_count=2),
+    dict(in_features=4, out_features=6, kernel_size=(3, 3), input_dilation=2,
+         padding=((1, 2), (2, 1))),
+    dict(in_features=4, out_features=6, kernel_size=(3, 3), padding="CIRCULAR"),
+    dict(in_features=4, out_features=5, kernel_size=(5,), strides=2),  # 1-D
+]
+
+
+def _input(kw, batch=(2,)):
+  nsp = len(kw["kernel_size"])
+  return jax.random.normal(jax.random.key(7), (*batch, *(9,) * nsp, kw["in_features"]))
+
+
+@pytest.mark.parametrize("kw", CONV_KW)
+def test_quantconv_off_matches_nnx_conv_exactly(kw):
+  x = _input(kw)
+  ref = nnx.Conv(**kw, rngs=nnx.Rngs(0))
+  for quant in (None, int8jax.QuantConfig(enabled=False)):
+    q = QuantConv(**kw, quant=quant, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(q.kernel[...], ref.kernel[...])
+    np.testing.assert_array_equal(q(x), ref(x))
+    gq = nnx.grad(lambda m: (m(x) ** 2).sum())(q)
+    gr = nnx.grad(lambda m: (m(x) ** 2).sum())(ref)
+    np.testing.assert_array_equal(gq["kernel"][...], gr["kernel"][...])
+
+
+@pytest.mark.parametrize("kw", CONV_KW)
+def test_quantconv_on_is_close_to_float(kw):
+  x = _input(kw)
+  ref = nnx.Conv(**kw, rngs=nnx.Rngs(0))
+  q = QuantConv(**kw, rngs=nnx.Rngs(0))
+  want, got = ref(x), q(x)
+  err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+  assert err < 0.03, err
+  g = nnx.grad(lambda m: (m(x) ** 2).sum())(q)["kernel"][...]
+  g_ref = nnx.grad(lambda m: (m(x) ** 2).sum())(ref)["kernel"][...]
+  assert float(jnp.linalg.norm(g - g_ref) / jnp.linalg.norm(g_ref)) < 0.08
+
+
+def test_quantconv_extra_batch_dims_and_dtype():
+  kw = CONV_KW[0]
+  x = _input(kw, batch=(2, 3))
+  q = QuantConv(**kw, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  y = q(x)
+  assert y.shape == (2, 3, 9, 9, 6) and y.dtype == jnp.bfloat16
+  ref = nnx.Conv(**kw, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))(x)
+  err = float(jnp.linalg.norm((y - ref).astype(jnp.float32)) / jnp.linalg.norm(ref.astype(jnp.float32)))
+  assert err < 0.03
+
+
+@pytest.mark.parametrize("quant", [None, int8jax.QuantConfig(enabled=False)])
+def test_quantdense_off_matches_nnx_linear_exactly(quant):
+  x = jax.random.normal(jax.random.key(0), (3, 5, 7))
+  ref = nnx.Linear(7, 4, rngs=nnx.Rngs(1))
+  q = QuantDense(7, 4, quant=quant, rngs=nnx.Rngs(1))
+  np.testing.assert_array_equal(q(x), ref(x))
+
+
+def test_quantdense_on_is_close_to_float():
+  x = jax.random.normal(jax.random.key(0), (3, 5, 32))
+  ref = nnx.Linear(32, 8, rngs=nnx.Rngs(1))
+  q = QuantDense(32, 8, rngs=nnx.Rngs(1))
+  assert float(jnp.linalg.norm(q(x) - ref(x)) / jnp.linalg.norm(ref(x))) < 0.03
+
+
+def test_state_lives_in_own_variable_types():
+  q = QuantConv(3, 4, (3, 3), rngs=nnx.Rngs(0))
+  params = nnx.state(q, nnx.Param)
+  assert set(params.keys()) == {"kernel", "bias"}
+  assert set(nnx.state(q, ActRange).keys()) == {"act_range"}
+  assert set(nnx.state(q, GradQuant).keys()) == {"grad_quant"}
+  assert set(nnx.state(q, QuantCounter).keys()) == {"call_count", "act_nonfinite"}
+  assert isinstance(q.grad_quant.get_value(), int8jax.GradQuantState)
+
+
+def test_bad_module_arguments():
+  with pytest.raises(TypeError, match="quant"):
+    QuantConv(3, 4, (3, 3), quant="int8", rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match="conv_general_dilated"):
+    QuantConv(3, 4, (3, 3), conv_general_dilated=jax.lax.conv_general_dilated, rngs=nnx.Rngs(0))
+  q = QuantConv(3, 4, (3, 3), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError):
+    q(jnp.ones((2, 8, 8, 5)))  # wrong number of input features
+
+
+def test_periodic_measurement_without_recompiling():
+  """Measure on calls 0, 3, 6 (period 3); one compiled step for all steps."""
+  q = QuantConv(2, 4, (3, 3), quant=int8jax.QuantConfig(period=3), rngs=nnx.Rngs(0))
+  traces = []
+
+  @nnx.jit
+  def step(m, x):
+    traces.append(1)
+    return nnx.grad(lambda m: (m(x) ** 3).sum(), argnums=nnx.DiffState(0, TRAINABLE))(m)
+
+  ranges, measured = [], []
+  for i in range(7):
+    x = jax.random.normal(jax.random.key(i), (2, 6, 6, 2)) * (i + 1)
+    g = step(q, x)
+    measured.append(float(g["grad_quant"].get_value().measurements))
+    ranges.append(float(q.act_range[...]))
+    if i % 3 == 0:
+      assert ranges[-1] == float(int8jax.absmax(x))
+    else:
+      assert ranges[-1] == ranges[-2]  # cached between measurements
+  assert measured == [1, 0, 0, 1, 0, 0, 1]
+  assert len(traces) == 1
+  assert int(q.call_count[...]) == 7
+
+
+def test_eval_mode_does_not_count_or_measure():
+  q = QuantConv(2, 4, (3, 3), rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 2))
+  q(x)
+  q.eval()
+  before = nnx.state(q, nnx.Not(nnx.Param))
+  y1, y2 = q(x * 3), q(x * 3)
+  np.testing.assert_array_equal(y1, y2)  # deterministic, cached range
+  after = nnx.state(q, nnx.Not(nnx.Param))
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), before, after))
+  q.train()
+  q(x)
+  assert int(q.call_count[...]) == 2
+
+
+def test_nonfinite_activation_keeps_cached_range():
+  q = QuantConv(2, 4, (3, 3), rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 2))
+  q(x)
+  r = float(q.act_range[...])
+  int8jax.nn.set_call_count(q, 0)  # next call measures
+  y = q(x.at[0, 0, 0, 0].set(jnp.nan))
+  assert bool(jnp.all(jnp.isnan(y)))
+  assert float(q.act_range[...]) == r and int(q.act_nonfinite[...]) == 1
+
+
+def test_stochastic_rounding_uses_the_quant_rng_stream():
+  q = QuantConv(2, 4, (3, 3), rngs=nnx.Rngs(0, quant=5))
+  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 2))
+  grad = lambda m: nnx.grad(lambda m: (m(x) ** 3).sum())(m)["kernel"][...]
+  g1, g2 = grad(q), grad(q)  # the stream advances: different rounding noise
+  assert not bool(jnp.all(g1 == g2))
+  q2 = QuantConv(2, 4, (3, 3), rngs=nnx.Rngs(0, quant=5))
+  np.testing.assert_array_equal(grad(q2), g1)  # same seed: reproducible
+
+
+class SmallCNN(nnx.Module):
+  def __init__(self, quant, rngs):
+    self.c0 = nnx.Conv(1, 8, (3, 3), rngs=rngs)  # first conv float, as in the paper
+    self.bn0 = nnx.BatchNorm(8, rngs=rngs)
+    self.c1 = QuantConv(8, 16, (3, 3), strides=2, quant=quant, rngs=rngs)
+    self.bn1 = nnx.BatchNorm(16, rngs=rngs)
+    self.c2 = QuantConv(16, 16, (3, 3), feature_group_count=16, quant=quant, rngs=rngs)
+    self.c3 = QuantConv(16, 16, (1, 1), quant=quant, rngs=rngs)
+    self.fc = nnx.Linear(16, 10, rngs=rngs)  # classifier float
+
+  def __call__(self, x):
+    x = nnx.relu(self.bn0(self.c0(x)))
+    x = nnx.relu(self.bn1(self.c1(x)))
+    x = nnx.relu(self.c3(nnx.relu(self.c2(x))))
+    return self.fc(x.mean((1, 2)))
+
+
+def test_small_cnn_trains_with_ui8():
+  """UI8 (learned clip + error-sensitive LR) on 8x8 digit images: loss falls,
+  clip values are learned, deviations are recorded."""
+  from sklearn.datasets import load_digits
+
+  digits = load_digits()
+  x = jnp.asarray(digits.images[:256, :, :, None] / 16.0, jnp.float32)
+  y = jnp.asarray(digits.target[:256])
+  model = SmallCNN(int8jax.QuantConfig(period=2), nnx.Rngs(0))
+  tx = int8jax.optim.ui8(optax.adam(1e-2))
+  opt = nnx.Optimizer(model, tx, wrt=TRAINABLE)
+
+  @nnx.jit
+  def step(model, opt, x, y):
+    def loss_fn(m):
+      return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+    loss, g = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, TRAINABLE))(model)
+    opt.update(model, g)
+    return loss
+
+  losses = []
+  for epoch in range(6):
+    for i in range(0, 256, 64):
+      losses.append(float(step(model, opt, x[i:i + 64], y[i:i + 64])))
+  assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4]), losses
+  stats = int8jax.nn.quant_stats(model)
+  assert set(stats) == {"c1", "c2", "c3"}
+  for s in stats.values():
+    assert float(s.measurements) == 12  # 24 steps, period 2
+    assert 0 < float(s.clip) <= float(s.grad_absmax)
+    assert 0 <= float(s.deviation) < 1
