@@ -22,6 +22,10 @@ kernel (and the reference) accumulate in int32 over chunks of at most
 ``config.k_chunk`` (<= 131,072) elements of K, convert each chunk's exact int32
 sum to float32 and add the chunks in float32, in chunk order.
 
+``out_dtype=jnp.int32`` returns the raw int32 accumulator instead (no scales,
+no bias, K <= ``k_chunk``): the exact integer GEMM, for callers that combine
+chunks or sum results exactly themselves (int8jax's Pallas backend does both).
+
 Public API: :class:`Int8MatmulConfig`, :func:`int8_matmul`,
 :func:`int8_matmul_reference`.
 """
@@ -55,7 +59,8 @@ INT32_SAFE_K = 131072
 # Hopper (sm_90) opt-in shared memory per block, in bytes.
 _SMEM_LIMIT_BYTES = 227 * 1024
 
-_OUT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+_OUT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16),
+               jnp.dtype(jnp.int32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,11 +174,25 @@ def _check_args(a, b, a_scale, b_scale, bias, out_dtype):
         "a (M, K) and b (N, K) must have the same K (both are K-major), got "
         f"a.shape={a.shape}, b.shape={b.shape}")
   if jnp.dtype(out_dtype) not in _OUT_DTYPES:
-    raise TypeError(f"out_dtype must be float32 or bfloat16, got {out_dtype}")
+    raise TypeError(
+        f"out_dtype must be float32, bfloat16 or int32, got {out_dtype}")
+  if jnp.dtype(out_dtype) == jnp.int32:
+    given = [name for name, v in (("a_scale", a_scale), ("b_scale", b_scale),
+                                  ("bias", bias)) if v is not None]
+    if given:
+      raise ValueError(f"out_dtype=int32 returns the raw int32 accumulator: "
+                       f"{', '.join(given)} must be None")
   a_scale = _check_vector("a_scale", a_scale, m, "M")
   b_scale = _check_vector("b_scale", b_scale, n, "N")
   bias = _check_vector("bias", bias, n, "N")
   return a_scale, b_scale, bias
+
+
+def _check_int32_k(k: int, k_chunk: int, out_dtype):
+  if jnp.dtype(out_dtype) == jnp.int32 and k > k_chunk:
+    raise ValueError(
+        f"out_dtype=int32 needs K <= k_chunk (one int32 accumulator), got "
+        f"K={k}, {k_chunk=}; split K and combine the int32 parts exactly")
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -216,7 +235,8 @@ def int8_matmul_reference(a, b, *, a_scale=None, b_scale=None, bias=None,
     a_scale: None, a scalar or (M,) -- per-row dequantization scale of ``a``.
     b_scale: None, a scalar or (N,) -- per-row scale of ``b``.
     bias: None, a scalar or (N,) -- added after scaling.
-    out_dtype: float32 or bfloat16.
+    out_dtype: float32, bfloat16, or int32 (the exact int32 sum; scales and
+      bias must be None and K <= k_chunk).
     k_chunk: int32 accumulation length (<= INT32_SAFE_K).
 
   Returns:
@@ -229,6 +249,7 @@ def int8_matmul_reference(a, b, *, a_scale=None, b_scale=None, bias=None,
   a_scale, b_scale, bias = _check_args(a, b, a_scale, b_scale, bias, out_dtype)
   if not 0 < k_chunk <= INT32_SAFE_K:
     raise ValueError(f"{k_chunk=} must be in [1, {INT32_SAFE_K}]")
+  _check_int32_k(a.shape[1], k_chunk, out_dtype)
   return _reference_impl(a, b, a_scale, b_scale, bias,
                          out_dtype=jnp.dtype(out_dtype), k_chunk=int(k_chunk))
 
@@ -241,6 +262,8 @@ def _reference_impl(a, b, a_scale, b_scale, bias, *, out_dtype, k_chunk):
   m, k = a.shape
   n = b.shape[0]
   dims = (((1,), (1,)), ((), ()))
+  if out_dtype == jnp.int32:
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.int32)
   acc = jnp.zeros((m, n), jnp.float32)
   for start in range(0, k, k_chunk):
     stop = min(start + k_chunk, k)
@@ -259,12 +282,13 @@ def _reference_impl(a, b, a_scale, b_scale, bias, *, out_dtype, k_chunk):
 def _int8_matmul_kernel(a_gmem, b_gmem, a_scale_gmem, b_scale_gmem, bias_gmem,
                         out_gmem, a_scale_smem, b_scale_smem, bias_smem,
                         vec_barriers, out_smem, *, config: Int8MatmulConfig,
-                        k_iters: int, has_bias: bool):
+                        k_iters: int, has_bias: bool, int_out: bool):
   """One (tile_m, tile_n) output tile per thread block (one warpgroup).
 
   Refs (GMEM): a (M_pad, K_pad) int8, b (N_pad, K_pad) int8, a_scale
   (M_pad,) f32, b_scale (N_pad,) f32, bias (N_pad,) f32, out (M_pad, N_pad).
   SMEM scratch: the three vector slices, their barriers and the output tile.
+  ``int_out``: store the int32 accumulator (single K chunk), no epilogue.
   """
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -276,11 +300,12 @@ def _int8_matmul_kernel(a_gmem, b_gmem, a_scale_gmem, b_scale_gmem, bias_gmem,
   n_slice = pl.ds(n_idx * tile_n, tile_n)
 
   # The epilogue vectors travel while the main loop runs.
-  plgpu.copy_gmem_to_smem(a_scale_gmem.at[m_slice], a_scale_smem,
-                          vec_barriers.at[0])
-  plgpu.copy_gmem_to_smem(b_scale_gmem.at[n_slice], b_scale_smem,
-                          vec_barriers.at[1])
-  if has_bias:
+  if not int_out:
+    plgpu.copy_gmem_to_smem(a_scale_gmem.at[m_slice], a_scale_smem,
+                            vec_barriers.at[0])
+    plgpu.copy_gmem_to_smem(b_scale_gmem.at[n_slice], b_scale_smem,
+                            vec_barriers.at[1])
+  if has_bias and not int_out:
     plgpu.copy_gmem_to_smem(bias_gmem.at[n_slice], bias_smem,
                             vec_barriers.at[2])
 
@@ -317,8 +342,18 @@ def _int8_matmul_kernel(a_gmem, b_gmem, a_scale_gmem, b_scale_gmem, bias_gmem,
       return acc_ref[...]
 
     acc = pl.run_scoped(chunk_scope, plgpu.ACC((tile_m, tile_n), jnp.int32))
+    if int_out:  # one chunk only (checked by the wrapper): store it as is.
+      total = acc
+      continue
     part = acc.astype(jnp.float32)
     total = part if total is None else total + part
+
+  if int_out:
+    out_smem[...] = total
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[m_slice, n_slice])
+    plgpu.wait_smem_to_gmem(0)
+    return
 
   row_layout = plgpu.Layout.WGMMA.reduce(1)  # one value per accumulator row
   col_layout = plgpu.Layout.WGMMA.reduce(0)  # one value per accumulator column
@@ -359,7 +394,8 @@ def _int8_matmul_padded(a, b, a_scale, b_scale, bias, *, out_dtype, config,
   grid = (m // config.tile_m, n // config.tile_n)
   kernel = plgpu.kernel(
       functools.partial(_int8_matmul_kernel, config=config,
-                        k_iters=k // config.tile_k, has_bias=has_bias),
+                        k_iters=k // config.tile_k, has_bias=has_bias,
+                        int_out=out_dtype == jnp.int32),
       out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
       scratch_types=[
           plgpu.SMEM((config.tile_m,), jnp.float32),
@@ -403,7 +439,8 @@ def int8_matmul(a, b, *, a_scale=None, b_scale=None, bias=None,
     b_scale: None (= 1), a scalar, or (N,) float -- per-row scale of ``b``
       (per output column).
     bias: None, a scalar, or (N,) float, added after scaling.
-    out_dtype: float32 or bfloat16.
+    out_dtype: float32, bfloat16, or int32 (the raw exact accumulator;
+      scales and bias must be None and K <= ``config.k_chunk``).
     config: tiling (:class:`Int8MatmulConfig`); ``select_config(M, N, K)``
       if None.
     interpret: run under ``plgpu.InterpretGPUParams()`` (CPU, bit-exact, slow;
@@ -429,6 +466,7 @@ def int8_matmul(a, b, *, a_scale=None, b_scale=None, bias=None,
   if not isinstance(config, Int8MatmulConfig):
     raise TypeError(f"config must be an Int8MatmulConfig, got {config!r}")
   out_dtype = jnp.dtype(out_dtype)
+  _check_int32_k(a.shape[1], config.k_chunk, out_dtype)
   if not interpret and config.smem_bytes(out_dtype) > _SMEM_LIMIT_BYTES:
     raise ValueError(
         f"{config=} needs {config.smem_bytes(out_dtype)} bytes of shared "

@@ -102,6 +102,27 @@ def test_matmul_interpret_matches_reference(config, case):
   _assert_bits_equal(got, want)
 
 
+@pytest.mark.parametrize("config", ALL_CONFIGS, ids=CONFIG_IDS)
+def test_matmul_interpret_int32_out_is_exact(config):
+  """out_dtype=int32: the raw accumulator, no epilogue (int8jax's backend
+  combines chunk parts and sums patch gradients exactly with it)."""
+  a, b = _operands()
+  got = pk.int8_matmul(a, b, out_dtype=jnp.int32, config=config, interpret=True)
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(got), _exact_int(a, b))
+  _assert_bits_equal(got, pk.int8_matmul_reference(a, b, out_dtype=jnp.int32))
+
+
+def test_matmul_int32_out_needs_one_chunk():
+  a, b = _operands(k=520)
+  config = pk.Int8MatmulConfig(tile_m=64, tile_n=32, tile_k=64, swizzle=64,
+                               max_concurrent_steps=3, k_chunk=192)
+  with pytest.raises(ValueError, match="K <= k_chunk.*K=520, k_chunk=192"):
+    pk.int8_matmul(a, b, out_dtype=jnp.int32, config=config, interpret=True)
+  with pytest.raises(ValueError, match="K <= k_chunk"):
+    pk.int8_matmul_reference(a, b, out_dtype=jnp.int32, k_chunk=192)
+
+
 def test_reference_is_exact_integer_matmul():
   a, b = _operands()
   got = np.asarray(pk.int8_matmul_reference(a, b))
@@ -187,6 +208,14 @@ def _lower_for_cuda(f, *args):
   text = lowered.as_text()
   assert "mosaic_gpu" in text, "no Mosaic GPU custom call in the module"
   return text
+
+
+@pytest.mark.parametrize("config", ALL_CONFIGS, ids=CONFIG_IDS)
+def test_matmul_int32_out_lowers_for_cuda(config):
+  a = jax.ShapeDtypeStruct((M, K), jnp.int8)
+  b = jax.ShapeDtypeStruct((N, K), jnp.int8)
+  _lower_for_cuda(lambda a, b: pk.int8_matmul(a, b, out_dtype=jnp.int32,
+                                              config=config), a, b)
 
 
 @pytest.mark.parametrize("has_bias", [False, True])
@@ -320,8 +349,10 @@ def test_matmul_bad_inputs(fn):
     fn(a, b, b_scale=jnp.ones((5, 1)))
   with pytest.raises(ValueError, match=r"bias.*\(5,\).*\(4,\)"):
     fn(a, b, bias=jnp.ones((4,)))
-  with pytest.raises(TypeError, match="out_dtype.*int32"):
-    fn(a, b, out_dtype=jnp.int32)
+  with pytest.raises(TypeError, match="out_dtype.*int16"):
+    fn(a, b, out_dtype=jnp.int16)
+  with pytest.raises(ValueError, match="out_dtype=int32.*b_scale, bias must be None"):
+    fn(a, b, b_scale=2.0, bias=1.0, out_dtype=jnp.int32)
   with pytest.raises(TypeError, match="a_scale.*complex"):
     fn(a, b, a_scale=jnp.ones((4,), jnp.complex64))
 
@@ -488,3 +519,13 @@ def test_quantize_gpu_matches_reference(rounding, transpose):
   kwargs = dict(rounding=rounding, key=jax.random.key(3), transpose=transpose)
   got = jax.jit(functools.partial(pk.quantize_kmajor, **kwargs))(x, 0.7)
   _assert_bits_equal(got, pk.quantize_kmajor_reference(x, 0.7, **kwargs))
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("config", ALL_CONFIGS, ids=CONFIG_IDS)
+def test_matmul_gpu_int32_out_is_exact(config):
+  a, b = _operands(257, 72, 4104)
+  got = jax.jit(functools.partial(pk.int8_matmul, out_dtype=jnp.int32,
+                                  config=config))(a, b)
+  np.testing.assert_array_equal(np.asarray(got), _exact_int(a, b))
