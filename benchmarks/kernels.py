@@ -5,6 +5,7 @@ Usage::
   python benchmarks/kernels.py            # on a Hopper GPU: full table
   python benchmarks/kernels.py --quick    # 4096^3 and a few conv GEMMs
   python benchmarks/kernels.py --smoke    # CPU: tiny interpret-mode check
+  python benchmarks/kernels.py --convs-only  # only the QuantConv section
 
 For every GEMM shape (M, N, K) it times, on the device, three programs that
 compute the same (M, N) product of K-major operands:
@@ -26,7 +27,16 @@ batch 256, v1.5 strides) for the three GEMMs of each quantized conv (UI8 §3):
   forward  M = B*Ho*Wo, N = Cout,            K = kh*kw*Cin
   dgrad    M = B*Hi*Wi, N = Cin,             K = kh*kw*Cout
   wgrad    M = Cout,    N = kh*kw*Cin,       K = B*Ho*Wo   (K-chunked int32)
-The markdown table is printed and appended to benchmarks/RESULTS.md with the
+Second section, the whole quantized layer: ``int8jax.nn.QuantConv`` forward +
+backward (input and weight gradients; quantization, im2col and dequantization
+included) with ``backend="pallas"`` and ``backend="xla"``, against
+``flax.nnx.Conv`` in bfloat16 (bf16 inputs/params, float32 accumulation), for
+ResNet-50's 3x3 convs at batch 256. Jitted ``jax.grad`` of ``sum(y * gy)``
+w.r.t. the input and the kernel, medians of device-synchronised runs after
+warm-up (the QuantConv is called once first, so its cached activation range
+and call counter make the timed steps non-measuring steps, as in training).
+
+The markdown tables are printed and appended to benchmarks/RESULTS.md with the
 card, date and jax version. Without a GPU the script says so and exits 0.
 """
 
@@ -34,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import statistics
 import sys
@@ -149,6 +160,91 @@ def markdown_table(rows) -> str:
   return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------
+# QuantConv forward + backward vs nnx.Conv (bf16).
+
+
+def _conv_fwd_bwd(module):
+  """(jit((params, rest, x, gy) -> (dparams, dx)), params, rest) for an NNX conv."""
+  from flax import nnx
+
+  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+
+  @jax.jit
+  def step(params, rest, x, gy):
+    def loss(params, x):
+      y = nnx.merge(graphdef, params, rest, copy=True)(x)
+      return jnp.sum(y.astype(jnp.float32) * gy.astype(jnp.float32))
+    return jax.grad(loss, argnums=(0, 1))(params, x)
+
+  return step, params, rest
+
+
+def bench_conv_layer(ho, wo, cin, cout, stride, warmup, iters):
+  from flax import nnx
+  from int8jax import QuantConfig
+  from int8jax.nn import QuantConv
+
+  hi, wi = ho * stride, wo * stride
+  kx, kg = jax.random.split(jax.random.key(0))
+  x = jax.random.normal(kx, (BATCH, hi, wi, cin), jnp.bfloat16)
+  gy = jax.random.normal(kg, (BATCH, ho, wo, cout), jnp.bfloat16)
+  conv_args = dict(in_features=cin, out_features=cout, kernel_size=(3, 3),
+                   strides=stride, padding=((1, 1), (1, 1)), use_bias=False)
+  out = {}
+  modules = {
+      "bf16": lambda: nnx.Conv(**conv_args, dtype=jnp.bfloat16,
+                               param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)),
+  }
+  for backend in ("pallas", "xla"):
+    modules[backend] = functools.partial(
+        QuantConv, **conv_args, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0),
+        quant=QuantConfig(backend=backend))
+  for label, make in modules.items():
+    try:
+      module = make()
+      if label != "bf16":
+        jax.block_until_ready(module(x))  # cache the range, count 1 call
+      step, params, rest = _conv_fwd_bwd(module)
+      out[label] = _time(step, (params, rest, x, gy), warmup, iters)
+    except Exception as e:  # pylint: disable=broad-except
+      out[label] = f"failed: {type(e).__name__}: {str(e)[:80]}"
+  return out
+
+
+def conv_table(rows) -> str:
+  lines = [
+      "| layer (3x3, batch 256) | GOP fwd+bwd | QuantConv pallas ms | QuantConv xla ms "
+      "| nnx.Conv bf16 ms | pallas vs bf16 | xla vs bf16 |",
+      "|---|---:|---:|---:|---:|---:|---:|",
+  ]
+  for label, gop, r in rows:
+    def ms(key):
+      v = r.get(key)
+      return f"{v*1e3:.3f}" if isinstance(v, float) else str(v)
+
+    def ratio(key):
+      v, ref = r.get(key), r.get("bf16")
+      return (f"{ref / v:.2f}x" if isinstance(v, float) and isinstance(ref, float)
+              else "")
+
+    lines.append(f"| {label} | {gop:.1f} | {ms('pallas')} | {ms('xla')} | {ms('bf16')} "
+                 f"| {ratio('pallas')} | {ratio('xla')} |")
+  return "\n".join(lines)
+
+
+def conv_section(warmup, iters):
+  rows = []
+  for name, ho, wo, cin, cout, ks, stride in RESNET50_CONVS:
+    if ks != 3:
+      continue
+    gop = 3 * 2.0 * BATCH * ho * wo * cout * 9 * cin / 1e9
+    rows.append((name, gop, bench_conv_layer(ho, wo, cin, cout, stride, warmup,
+                                             iters)))
+    print(conv_table(rows[-1:]).splitlines()[-1], flush=True)
+  return conv_table(rows)
+
+
 def smoke() -> int:
   """Tiny interpret-mode run: checks the kernel on CPU, times nothing."""
   a = jnp.asarray(np.random.default_rng(0).integers(-127, 128, (130, 200)),
@@ -171,6 +267,8 @@ def main(argv=None) -> int:
                       help="CPU interpret-mode check, no timings")
   parser.add_argument("--warmup", type=int, default=5)
   parser.add_argument("--iters", type=int, default=50)
+  parser.add_argument("--convs-only", action="store_true",
+                      help="only the QuantConv vs nnx.Conv section")
   parser.add_argument("--no-append", action="store_true",
                       help="print the table only, don't touch RESULTS.md")
   args = parser.parse_args(argv)
@@ -183,25 +281,31 @@ def main(argv=None) -> int:
 
   device = jax.devices()[0]
   rows = []
-  for label, m, n, k in gemm_shapes(args.quick):
+  for label, m, n, k in ([] if args.convs_only else gemm_shapes(args.quick)):
     try:
       r = bench_shape(m, n, k, args.warmup, args.iters)
     except Exception as e:  # pylint: disable=broad-except
       r = f"failed: {type(e).__name__}: {str(e)[:80]}"
     rows.append((label, m, n, k, r))
     print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
-  table = markdown_table(rows)
-  header = (f"### int8_matmul vs XLA ({device.device_kind}, "
-            f"{datetime.date.today().isoformat()}, jax {jax.__version__})\n\n"
-            f"Median of {args.iters} device-synchronised runs after "
-            f"{args.warmup} warm-up runs; `python benchmarks/kernels.py"
-            f"{' --quick' if args.quick else ''}`.\n")
+  how = (f"Median of {args.iters} device-synchronised runs after "
+         f"{args.warmup} warm-up runs; `python benchmarks/kernels.py"
+         f"{' --quick' if args.quick else ''}"
+         f"{' --convs-only' if args.convs_only else ''}`.\n")
+  when = (f"{device.device_kind}, {datetime.date.today().isoformat()}, "
+          f"jax {jax.__version__}")
+  text = ""
+  if rows:
+    text += (f"### int8_matmul vs XLA ({when})\n\n{how}\n"
+             f"{markdown_table(rows)}\n")
+  print("\nQuantConv forward+backward vs nnx.Conv (bf16):", flush=True)
+  text += (f"\n### QuantConv fwd+bwd vs nnx.Conv bf16, ResNet-50 3x3 ({when})"
+           f"\n\n{how}\n{conv_section(args.warmup, args.iters)}\n")
   print()
-  print(header)
-  print(table)
+  print(text)
   if not args.no_append:
     with open(RESULTS, "a", encoding="utf-8") as f:
-      f.write("\n" + header + "\n" + table + "\n")
+      f.write("\n" + text)
   return 0
 
 

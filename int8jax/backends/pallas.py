@@ -11,14 +11,17 @@ GEMM     a (M, K)                     b (N, K)                      result (M, N
 =======  ===========================  ============================  ==============
 forward  patches (pixels, win*C/G)    w^T (O/G, win*C/G)            scale fused
 dgrad    patches of the transposed    flipped, group-swapped w^T    scale fused
-         conv of g (in pixels,        (C/G, win*O/G)
+(s = 1)  conv of g (in pixels,        (C/G, win*O/G)
          win*O/G)
+dgrad    g (out pixels, O/G)          w (win*C/G, O/G)              int32, col2im
+(s > 1)
 wgrad    patches^T (win*C/G, pixels)  g^T (O/G, pixels)             dw (win*C/G, O/G)
 =======  ===========================  ============================  ==============
 
-dgrad is the XLA backend's formulation (JAX's transpose rule,
-:func:`xla.transpose_spec` / :func:`xla.transpose_kernel`) with the GEMM on
-the kernel, so both backends compute the same integers.
+dgrad follows the XLA backend's split (transposed conv via
+:func:`xla.transpose_spec` / :func:`xla.transpose_kernel` when unstrided,
+GEMM + int32 :func:`xla.col2im` when strided) with the GEMMs on the kernel,
+so both backends compute the same integers.
 
 Exactness (bit-identical to the XLA backend, checked in
 ``tests/test_pallas_backend.py``):
@@ -143,18 +146,33 @@ def conv_forward(xq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
 
 def conv_dgrad(gq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
                *, chunk_k: int, interpret: bool = False) -> jax.Array:
-  """Input gradient ``(N, *spatial, C)``: the transposed conv
-  (:func:`xla.transpose_spec`, :func:`xla.transpose_kernel` — JAX's transpose
-  rule) run as a forward im2col GEMM on the kernel.
+  """Input gradient ``(N, *spatial, C)``, split like the XLA backend's.
 
-  With ``window_strides > 1`` the transposed conv's input is dilated, so its
-  patch matrix is mostly zeros (3/4 for stride 2): the GEMM does
-  ``prod(strides)`` times the necessary work (see pallas_kernels/README.md).
+  Unstrided: the transposed conv (:func:`xla.transpose_spec`,
+  :func:`xla.transpose_kernel` — JAX's transpose rule) as a forward im2col
+  GEMM on the kernel, scale fused. Strided: the transposed conv would run on
+  a zero-dilated ``g`` (``prod(strides)`` times the work), so instead
+  ``g (pixels, O/G) @ w^T`` to patch space with ``out_dtype=int32`` and
+  :func:`xla.col2im` summing exact integers.
   """
   if not _use_kernel(spec):
     return xla.conv_dgrad(gq, wq, scale, spec, chunk_k=chunk_k)
-  return _conv(gq, xla.transpose_kernel(wq, spec), scale, xla.transpose_spec(spec),
-               chunk_k=chunk_k, interpret=interpret)
+  g, kw, cg, og = _dims(spec)
+  if all(s == 1 for s in spec.window_strides) or kw * og > chunk_k:
+    return _conv(gq, xla.transpose_kernel(wq, spec), scale, xla.transpose_spec(spec),
+                 chunk_k=chunk_k, interpret=interpret)
+  m = math.prod(gq.shape[:-1])
+  gm = gq.reshape(m, g, og)
+  w = wq.reshape(kw, cg, g, og)
+  parts = []
+  for i in range(g):
+    # (pixels, O/G) x (win*C/G, O/G): both K-major over O/G; K <= chunk_k.
+    dp = _int_gemm(gm[:, i, :], w[:, :, i, :].reshape(kw * cg, og), chunk_k=chunk_k,
+                   interpret=interpret)
+    parts.append(dp.reshape(m, kw, 1, cg))
+  dp = parts[0] if g == 1 else jnp.concatenate(parts, axis=2)  # (m, kw, G, cg)
+  dp = dp.reshape(*gq.shape[:-1], kw, g * cg)
+  return xla.col2im(dp, spec).astype(jnp.float32) * scale
 
 
 def conv_wgrad(xq: jax.Array, gq: jax.Array, scale: jax.Array, spec: ConvSpec,

@@ -1,0 +1,336 @@
+"""The Pallas backend of the quantized ops (int8jax.backends.pallas).
+
+On any machine (CPU included, a few seconds per case):
+  * the full ops (``quant_conv_general_dilated`` / ``quant_dot_general``)
+    forward + vjp with ``backend="pallas_interpret"`` (every GEMM on
+    ``pallas_kernels.int8_matmul`` in Mosaic GPU interpret mode) equal the XLA
+    backend bit for bit;
+  * the whole forward + backward with ``backend="pallas"`` lowers for CUDA
+    from the host, which runs Mosaic GPU's checks on every kernel config the
+    op uses (no ptxas: that needs a GPU);
+  * backend selection: ``"pallas"`` without a Hopper GPU is a ValueError,
+    ``None`` falls back to XLA.
+On a Hopper GPU (marked ``gpu``): the compiled backend against XLA.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import int8jax
+import pallas_kernels as pk
+from int8jax import backends
+from int8jax.backends import pallas as pallas_backend
+
+needs_gpu = pytest.mark.skipif(not pk.available(),
+                               reason="needs a Hopper GPU (sm_90) with Mosaic GPU")
+
+# (x shape NHWC/NWC, kernel shape HWIO/WIO, strides, padding, lhs_dil, rhs_dil, groups)
+CONV_CASES = {
+    "s1_same": ((2, 7, 9, 4), (3, 3, 4, 6), (1, 1), "SAME", None, None, 1),
+    "s2_same": ((2, 9, 8, 4), (3, 3, 4, 6), (2, 2), "SAME", None, None, 1),
+    "valid_rdil": ((1, 10, 11, 3), (3, 2, 3, 5), (2, 3), "VALID", None, (2, 1), 1),
+    "grouped": ((2, 6, 7, 6), (3, 3, 2, 9), (1, 2), ((2, 1), (0, 3)), None, None, 3),
+    "depthwise": ((2, 8, 8, 5), (3, 3, 1, 5), (1, 1), "SAME", None, None, 5),
+    "lhs_dil": ((2, 5, 6, 3), (3, 3, 3, 4), (1, 1), ((1, 1), (2, 0)), (2, 2), None, 1),
+    "1d": ((3, 11, 4), (3, 4, 5), (2,), "SAME", None, (2,), 1),
+}
+
+
+def _dn(ndim):
+  return ("NHWC", "HWIO", "NHWC") if ndim == 4 else ("NWC", "WIO", "NWC")
+
+
+def _conv_fwd_bwd(case, config):
+  """jit(x, w, gy -> (y, dx, dw)) of the quantized conv."""
+  x_shape, _, s, p, ld, rd, g = case
+
+  def f(x, w, gy, key):
+    op = lambda a, b: int8jax.quant_conv_general_dilated(
+        a, b, s, p, ld, rd, _dn(len(x_shape)), g, key=key, config=config)
+    y, vjp = jax.vjp(op, x, w)
+    return (y, *vjp(gy))
+
+  return jax.jit(f)
+
+
+def _conv_inputs(case, seed=0):
+  x_shape, w_shape = case[:2]
+  kx, kw, kg = jax.random.split(jax.random.key(seed), 3)
+  x = jax.random.normal(kx, x_shape, jnp.float32)
+  w = jax.random.normal(kw, w_shape, jnp.float32) * 0.3
+  y_shape = jax.eval_shape(
+      lambda a, b: int8jax.quant_conv_general_dilated(
+          a, b, *case[2:6], _dn(len(x_shape)), case[6],
+          config=int8jax.QuantConfig(grad_rounding="nearest")), x, w).shape
+  # Heavy-ish tail, like real gradients.
+  gy = jax.random.normal(kg, y_shape, jnp.float32) ** 3
+  return x, w, gy, jax.random.key(seed + 1)
+
+
+def _kernel_calls(fn, *args) -> int:
+  """Number of int8_matmul launches in the jaxpr of ``fn(*args)``."""
+
+  def count(jaxpr):
+    n = 0
+    for eqn in jaxpr.eqns:
+      if eqn.params.get("name") == "_int8_matmul_padded":
+        n += 1
+        continue
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          sub = getattr(sub, "jaxpr", sub)
+          if hasattr(sub, "eqns"):
+            n += count(sub)
+    return n
+
+  return count(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def _assert_same_bits(got, want, names=("y", "dx", "dw")):
+  for name, a, b in zip(names, got, want):
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape and a.dtype == b.dtype, (name, a.shape, b.shape)
+    assert np.all(np.isfinite(a)), name
+    bad = int(np.sum(a.view(np.uint32) != b.view(np.uint32)))
+    assert bad == 0, f"{name}: {bad} of {a.size} values differ (max |diff| " \
+                     f"{np.max(np.abs(a - b))})"
+
+
+def _check_against_xla(case, expected_calls=None, **config):
+  cfg = int8jax.QuantConfig(backend="pallas_interpret", **config)
+  args = _conv_inputs(case)
+  f_pallas = _conv_fwd_bwd(case, cfg)
+  got = f_pallas(*args)
+  want = _conv_fwd_bwd(case, cfg.replace(backend="xla"))(*args)
+  _assert_same_bits(got, want)
+  calls = _kernel_calls(f_pallas, *args)
+  if expected_calls is not None:
+    assert calls == expected_calls, calls
+  return calls
+
+
+# ---------------------------------------------------------------------------
+# (a) interpret mode: the full op equals the XLA backend bit for bit.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [n for n in CONV_CASES if CONV_CASES[n][6] == 1])
+def test_conv_op_interpret_equals_xla(name):
+  # G = 1: forward, dgrad, wgrad are one kernel GEMM each.
+  _check_against_xla(CONV_CASES[name], expected_calls=3, grad_rounding="nearest")
+
+
+def test_conv_op_interpret_stochastic_rounding_and_per_channel():
+  """Same key -> same SR noise on both backends; per-channel scale fused in
+  the epilogue (b_scale) and the per-tensor re-quantized weight in dgrad."""
+  _check_against_xla(CONV_CASES["s2_same"], expected_calls=3,
+                     weight_granularity="channel")
+
+
+@pytest.mark.parametrize("name", ["grouped", "depthwise"])
+def test_conv_op_narrow_groups_use_xla_path(name):
+  """Groups narrower than MIN_GROUP_FEATURES run the XLA backend's functions
+  (no kernel launch at all)."""
+  assert not pallas_backend._use_kernel(_spec(CONV_CASES[name]))
+  _check_against_xla(CONV_CASES[name], expected_calls=0, grad_rounding="nearest")
+
+
+@pytest.mark.parametrize("name", ["grouped", "depthwise"])
+def test_conv_op_groups_on_kernel(name, monkeypatch):
+  """The per-group kernel loop (used for wide groups), forced on small ones."""
+  monkeypatch.setattr(pallas_backend, "MIN_GROUP_FEATURES", 1)
+  g = CONV_CASES[name][6]
+  _check_against_xla(CONV_CASES[name], expected_calls=3 * g, grad_rounding="nearest")
+
+
+def test_use_kernel_policy():
+  wide = ((1, 4, 4, 256), (3, 3, 64, 128), (1, 1), "SAME", None, None, 4)  # 64 in, 32 out
+  assert not pallas_backend._use_kernel(_spec(wide))
+  wide = ((1, 4, 4, 256), (3, 3, 64, 256), (1, 1), "SAME", None, None, 4)  # 64 in, 64 out
+  assert pallas_backend._use_kernel(_spec(wide))
+
+
+def test_conv_op_interpret_chunked_contractions():
+  """chunk_k=16: every GEMM's K (forward 36, dgrad 54, wgrad 40) is split;
+  the int32 chunk parts (out_dtype=int32) are combined exactly like XLA's."""
+  calls = _check_against_xla(CONV_CASES["s2_same"], grad_rounding="nearest", chunk_k=16)
+  # forward ceil(36/16) + wgrad ceil(40/16); strided dgrad with win*O = 54 > 16
+  # takes the transposed-conv path: ceil(54/16).
+  assert calls == 3 + 3 + 4, calls
+
+
+def test_int_gemm_between_safe_k_and_chunk_k(monkeypatch):
+  """INT32_SAFE_K < K <= chunk_k: chunk parts summed in int32 (exact)."""
+  monkeypatch.setattr(pk, "INT32_SAFE_K", 128)
+  rng = np.random.default_rng(0)
+  a = jnp.asarray(rng.choice([-127, 127], (5, 300)), jnp.int8)
+  b = jnp.asarray(rng.choice([-127, 127], (3, 300)), jnp.int8)
+  exact = np.asarray(a, np.int64) @ np.asarray(b, np.int64).T
+  got = pallas_backend._int_gemm(a, b, chunk_k=300, interpret=True)
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(got), exact)
+  got = pallas_backend._int_gemm(a, b, chunk_k=200, interpret=True)
+  assert got.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(got), exact.astype(np.float32))
+
+
+def test_dense_op_interpret_equals_xla():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 5, 7, 4)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(2, 7, 6)), jnp.float32)
+  dn = (((2,), (1,)), ((0,), (0,)))
+
+  def fwd_bwd(backend):
+    cfg = int8jax.QuantConfig(backend=backend, grad_rounding="nearest",
+                              weight_granularity="channel")
+
+    def f(x, w, gy):
+      y, vjp = jax.vjp(lambda a, b: int8jax.quant_dot_general(a, b, dn, config=cfg), x, w)
+      return (y, *vjp(gy))
+
+    return jax.jit(f)
+
+  gy = jnp.asarray(rng.normal(size=(2, 5, 4, 6)), jnp.float32)
+  f = fwd_bwd("pallas_interpret")
+  _assert_same_bits(f(x, w, gy), fwd_bwd("xla")(x, w, gy))
+  assert _kernel_calls(f, x, w, gy) == 3 * 2  # batch of 2: one call per entry
+
+
+# ---------------------------------------------------------------------------
+# (b) backend selection.
+# ---------------------------------------------------------------------------
+
+
+def _spec(case):
+  from int8jax.conv_spec import make_conv_spec
+  x, w, s, p, ld, rd, g = case
+  return make_conv_spec(x, w, s, p, ld, rd, _dn(len(x)), g)
+
+
+@pytest.mark.skipif(pk.available(), reason="checks the behaviour without Hopper")
+def test_pallas_without_hopper_is_a_clear_error():
+  case = CONV_CASES["s1_same"]
+  args = _conv_inputs(case)
+  with pytest.raises(ValueError, match="backend='pallas' needs a Hopper GPU"):
+    _conv_fwd_bwd(case, int8jax.QuantConfig(backend="pallas"))(*args)
+  assert backends.resolve(None) == "xla"
+  assert backends.get(None) is backends.get("xla")
+  # backend=None traces on XLA here: no kernel.
+  assert _kernel_calls(_conv_fwd_bwd(case, int8jax.QuantConfig(backend=None)), *args) == 0
+
+
+def test_backend_names():
+  assert backends.get("pallas_interpret") is pallas_backend.interpreted
+  for fn in pallas_backend.FUNCTIONS:
+    assert callable(getattr(pallas_backend.interpreted, fn))
+  with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+    backends.get("cuda")
+  with pytest.raises(ValueError, match="QuantConfig.backend"):
+    int8jax.QuantConfig(backend="triton")
+  with backends.assume_pallas_available():
+    assert backends.get("pallas") is pallas_backend
+
+
+# ---------------------------------------------------------------------------
+# (c) the whole fwd + bwd lowers for CUDA (Mosaic GPU checks every config).
+# ---------------------------------------------------------------------------
+
+
+def _lower_for_cuda(fn, *args) -> int:
+  with backends.assume_pallas_available():
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert "custom_call @mosaic_gpu" in text, "no Mosaic GPU kernel in the module"
+  # Identical launches share one private function: count the call sites.
+  return len(re.findall(r"call @_int8_matmul_padded(?:_\d+)?\(", text))
+
+
+def _abstract(case, batch=None):
+  x_shape, w_shape = case[:2]
+  if batch is not None:
+    x_shape = (batch, *x_shape[1:])
+  y = jax.eval_shape(
+      lambda a, b: int8jax.quant_conv_general_dilated(
+          a, b, *case[2:6], _dn(len(x_shape)), case[6],
+          config=int8jax.QuantConfig(grad_rounding="nearest")),
+      jax.ShapeDtypeStruct(x_shape, jnp.float32), jax.ShapeDtypeStruct(w_shape, jnp.float32))
+  return [jax.ShapeDtypeStruct(s, jnp.float32) for s in (x_shape, w_shape, y.shape)] + [
+      jax.random.key(0)]
+
+
+@pytest.mark.parametrize("name", [n for n in CONV_CASES if CONV_CASES[n][6] == 1])
+def test_conv_op_lowers_for_cuda(name):
+  case = CONV_CASES[name]
+  cfg = int8jax.QuantConfig(backend="pallas")
+  assert _lower_for_cuda(_conv_fwd_bwd(case, cfg), *_abstract(case)) == 3
+
+
+# ResNet-50 3x3 layers at batch 256 (and ResNeXt-style wide groups): the real
+# GEMM shapes, hence the real kernel configs (128x128 and 128x64 tiles, the
+# int32-output kernel of the chunked weight gradient: K = 256*56*56 = 802,816).
+LOWERING_CASES = {
+    "r50_l1_3x3_64": (((256, 56, 56, 64), (3, 3, 64, 64), (1, 1), "SAME", None, None, 1),
+                      3 + 6),   # wgrad: ceil(802816 / 131072) = 7 int32 chunks
+    "r50_l2_3x3s2_128": (((256, 56, 56, 128), (3, 3, 128, 128), (2, 2), "SAME", None,
+                          None, 1), 2 + 2),  # wgrad K = 256*28*28: 2 chunks
+    "r50_l4_3x3_512": (((256, 7, 7, 512), (3, 3, 512, 512), (1, 1), "SAME", None, None, 1),
+                       3),
+    "resnext_g2": (((8, 14, 14, 128), (3, 3, 64, 128), (1, 1), "SAME", None, None, 2), 6),
+}
+
+
+@pytest.mark.parametrize("name", list(LOWERING_CASES))
+def test_real_conv_shapes_lower_for_cuda(name):
+  case, calls = LOWERING_CASES[name]
+  cfg = int8jax.QuantConfig(backend="pallas")
+  assert _lower_for_cuda(_conv_fwd_bwd(case, cfg), *_abstract(case)) == calls
+
+
+def test_dense_op_lowers_for_cuda():
+  cfg = int8jax.QuantConfig(backend="pallas", weight_granularity="channel",
+                            grad_rounding="nearest")
+  dn = (((1,), (0,)), ((), ()))
+
+  def f(x, w, gy):
+    y, vjp = jax.vjp(lambda a, b: int8jax.quant_dot_general(a, b, dn, config=cfg), x, w)
+    return (y, *vjp(gy))
+
+  args = [jax.ShapeDtypeStruct(s, jnp.float32) for s in ((256, 2048), (2048, 1000),
+                                                         (256, 1000))]
+  assert _lower_for_cuda(f, *args) == 3
+
+
+# ---------------------------------------------------------------------------
+# (d) compiled on a Hopper GPU.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("name", list(CONV_CASES))
+def test_conv_op_gpu_equals_xla(name):
+  case = CONV_CASES[name]
+  cfg = int8jax.QuantConfig(backend="pallas", grad_rounding="nearest")
+  args = _conv_inputs(case)
+  got = _conv_fwd_bwd(case, cfg)(*args)
+  want = _conv_fwd_bwd(case, cfg.replace(backend="xla"))(*args)
+  # Same integers; XLA:GPU fuses its own float multiply, so allow 1 ulp.
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2.4e-7, atol=0)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("name", ["r50_l4_3x3_512", "resnext_g2"])
+def test_real_conv_shapes_gpu_equal_xla(name):
+  case, _ = LOWERING_CASES[name]
+  case = ((16, *case[0][1:]),) + case[1:]
+  cfg = int8jax.QuantConfig(backend="pallas", grad_rounding="nearest")
+  args = _conv_inputs(case)
+  got = _conv_fwd_bwd(case, cfg)(*args)
+  want = _conv_fwd_bwd(case, cfg.replace(backend="xla"))(*args)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2.4e-7, atol=0)
