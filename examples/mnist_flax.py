@@ -14,7 +14,7 @@ if __package__ in (None, ""):  # run as a script: make `examples` importable
 
 from examples import train  # pylint: disable=wrong-import-position
 
-DEFAULTS = dict(dataset="mnist", model="resnet20", width=8, batch_size=128, epochs=4,
+DEFAULTS = dict(dataset="mnist", model="simple_cnn", width=16, batch_size=128, epochs=10,
                 lr=0.1, weight_decay=5e-4, schedule="cosine", warmup_epochs=0.5,
                 period=10, log_every=10, checkpoint_every=100, workdir="runs/mnist")
 
