@@ -131,8 +131,7 @@ def _qapply_bwd(op: _Op, res, gy):
     c = jnp.where(measure, r * gmax, jnp.where(stored > 0, stored, gmax))
   sg = quant.scale_from_clip(c)
   if cfg.grad_rounding == "stochastic":
-    noise = jax.random.uniform(key, g.shape, jnp.float32)
-    gq = quant.quantize(g, sg, rounding="stochastic", noise=noise)
+    gq = quant.quantize(g, sg, rounding="stochastic", key=key)
   else:
     gq = quant.quantize(g, sg)
   measurement = lax.cond(

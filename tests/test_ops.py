@@ -277,8 +277,7 @@ def test_measurement_cotangent_and_state_update():
   (m,) = vjp(gy)
   c = quant.absmax(gy)  # initial state: clip at max|g|
   sg = quant.scale_from_clip(c)
-  noise = jax.random.uniform(key, gy.shape)
-  gh = quant.dequantize(quant.quantize(gy, sg, rounding="stochastic", noise=noise), sg)
+  gh = quant.dequantize(quant.quantize(gy, sg, rounding="stochastic", key=key), sg)
   assert float(m.measurements) == 1.0 and float(m.nonfinite) == 0.0
   np.testing.assert_allclose(m.deviation, quant.cosine_distance(gy, gh), rtol=1e-3, atol=2e-6)
   assert float(m.grad_absmax) == float(c)
