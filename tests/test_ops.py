@@ -25,6 +25,8 @@ CONV_CASES = [
     ((1, 9, 9, 4), (3, 3, 1, 8), (2, 2), "SAME", None, (2, 2), 4),  # depthwise x2, dilated
     ((2, 5, 6, 3), (3, 3, 3, 4), (1, 1), ((1, 1), (2, 0)), (2, 2), None, 1),  # transposed-style
     ((1, 9, 8, 2), (2, 3, 2, 3), (3, 1), ((-1, 2), (1, -1)), None, None, 1),  # negative pad
+    ((2, 6, 7, 16), (3, 3, 16, 16), (1, 1), "SAME", None, None, 1),  # XLA int8 conv, padded O
+    ((1, 9, 8, 8), (3, 3, 8, 40), (2, 1), ((1, 2), (0, 1)), None, (1, 2), 1),  # XLA int8 conv
     ((3, 11, 4), (3, 4, 5), (2,), "SAME", None, (2,), 1),  # 1-D
     ((2, 12, 6), (5, 2, 6), (1,), ((2, 2),), (1,), None, 3),  # 1-D grouped
 ]
@@ -87,7 +89,7 @@ def _conv_op(case, config, **kw):
       lhs, rhs, s, p, ld, rd, _dn(len(x)), g, config=config, **kw)
 
 
-@pytest.mark.parametrize("case", CONV_CASES[:6] + CONV_CASES[8:9], ids=_ids)
+@pytest.mark.parametrize("case", CONV_CASES[:6] + CONV_CASES[8:11], ids=_ids)
 def test_conv_op_exact_and_close_to_float64(case):
   """The custom_vjp's outputs are the scaled exact integer GEMMs, and they are
   close to float64 lax results (stated tolerances)."""
