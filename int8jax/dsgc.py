@@ -70,8 +70,8 @@ class GradQuantState:
 
   @classmethod
   def initial(cls) -> "GradQuantState":
-    z = jnp.zeros((), jnp.float32)
-    return cls(z, z, z, z, z, z, z, z)
+    # One buffer per field: a shared buffer could not be donated to a step.
+    return cls(*(jnp.zeros((), jnp.float32) for _ in _FIELDS))
 
   def replace(self, **changes) -> "GradQuantState":
     return dataclasses.replace(self, **changes)
