@@ -260,8 +260,12 @@ def _build_steps(graphdef, wrt):
 _STEPS: dict = {}
 
 
-def run_one(s: Setting, mode: str, seed: int, data) -> dict:
-  """Trains one (setting, variant, seed); returns losses, accuracy, layer stats."""
+def run_one(s: Setting, mode: str, seed: int, data, hook=None, hook_steps=()) -> dict:
+  """Trains one (setting, variant, seed); returns losses, accuracy, layer stats.
+
+  ``hook(step, model)`` is called before step 0 and after each step in
+  ``hook_steps`` with a model merged from the current state (diagnostics).
+  """
   xtr, ytr, xte, yte = data
   cfg = train_config(s, mode, seed)
   spe = len(xtr) // s.batch_size
@@ -282,6 +286,8 @@ def run_one(s: Setting, mode: str, seed: int, data) -> dict:
 
   losses, layer_d, t0, t_first = [], [], time.time(), None
   step, epoch, diverged = 0, 0, False
+  if hook is not None:
+    hook(0, nnx.merge(graphdef, state)[0])
   while step < total and not diverged:
     perm = np.random.default_rng((seed, epoch)).permutation(len(xtr))
     for b in range(spe):
@@ -289,6 +295,8 @@ def run_one(s: Setting, mode: str, seed: int, data) -> dict:
       state, loss = train_step(state, xtr[idx], ytr[idx])
       losses.append(loss)
       step += 1
+      if hook is not None and step in hook_steps:
+        hook(step, nnx.merge(graphdef, state)[0])
       if t_first is None:
         jax.block_until_ready(loss)
         t_first = time.time()

@@ -30,6 +30,7 @@ step; ``jax.grad`` w.r.t. the probes is ``dL/dy``. The original model's state
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -124,29 +125,13 @@ def capture_tensors(model: nnx.Module, loss_fn: Callable[..., jax.Array], *args:
     pass are not supported (``ValueError``).
   """
   graphdef, state = nnx.split(model)
-
-  def run(probes, state, args, record):
-    state = jax.tree.map(lambda a: a, state)  # fresh Variables at this trace level
-    m = nnx.merge(graphdef, state)
-    if train:
-      m.train()
-    else:
-      m.eval()
-    for path, layer in quant_layers(m):
-      _install(layer, _path_str(path), probes, record)
-    return loss_fn(m, *args)
-
-  # 1. output shapes (abstract pass), 2. one compiled pass with zero probes.
+  # 1. output shapes and call order (abstract pass), 2. one compiled pass with
+  # zero probes (cached per graphdef / loss_fn / mode, so repeated captures
+  # during training compile once).
   shapes: dict[str, Any] = {}
-  jax.eval_shape(lambda s, a: run(None, s, a, shapes), state, args)
+  jax.eval_shape(lambda s, a: _run(graphdef, loss_fn, train, None, s, a, shapes), state, args)
   probes = {k: jnp.zeros(v["y"].shape, v["y"].dtype) for k, v in shapes.items()}
-
-  def f(probes, state, args):
-    rec: dict[str, Any] = {}
-    loss = run(probes, state, args, rec)
-    return loss, {k: (v["x"], v["w"]) for k, v in rec.items()}
-
-  (_, xw), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(probes, state, args)
+  xw, grads = _compiled_pass(graphdef, loss_fn, train)(probes, state, args)
   layers = {_path_str(p): l for p, l in quant_layers(model)}
   out = {}
   for i, path in enumerate(shapes):  # insertion order = call order
@@ -155,6 +140,41 @@ def capture_tensors(model: nnx.Module, loss_fn: Callable[..., jax.Array], *args:
         x=np.asarray(x, np.float32), w=np.asarray(w, np.float32),
         g=np.asarray(grads[path], np.float32), kind=_kind(layers[path]), index=i)
   return out
+
+
+def _run(graphdef, loss_fn, train, probes, state, args, record):
+  state = jax.tree.map(lambda a: a, state)  # fresh Variables at this trace level
+  m = nnx.merge(graphdef, state)
+  if train:
+    m.train()
+  else:
+    m.eval()
+  for path, layer in quant_layers(m):
+    _install(layer, _path_str(path), probes, record)
+  return loss_fn(m, *args)
+
+
+_PASSES: list = []  # (graphdef, loss_fn, train, jitted pass); GraphDefs are not hashable
+
+
+def _compiled_pass(graphdef, loss_fn, train):
+  for g, fn, t, jitted in _PASSES:
+    if fn is loss_fn and t == train and g == graphdef:
+      return jitted
+  jitted = jax.jit(functools.partial(_grad_pass, graphdef, loss_fn, train))
+  _PASSES.append((graphdef, loss_fn, train, jitted))
+  del _PASSES[:-8]
+  return jitted
+
+
+def _grad_pass(graphdef, loss_fn, train, probes, state, args):
+  def f(probes):
+    rec: dict[str, Any] = {}
+    loss = _run(graphdef, loss_fn, train, probes, state, args, rec)
+    return loss, {k: (v["x"], v["w"]) for k, v in rec.items()}
+
+  (_, xw), grads = jax.value_and_grad(f, has_aux=True)(probes)
+  return xw, grads
 
 
 def _install(layer, path: str, probes, record: dict) -> None:
