@@ -112,6 +112,7 @@ class Config:
   checkpoint_every: int = 500
   keep_checkpoints: int = 2
   log_every: int = 50
+  histogram_every: int = 0
   eval_every_epochs: float = 1.0
   eval_batch_size: int | None = None
   stop_after_steps: int | None = None
@@ -160,6 +161,9 @@ _HELP = {
     "checkpoint_every": "save a checkpoint every N steps (and at the end); 0: only at the end",
     "keep_checkpoints": "checkpoints to keep",
     "log_every": "log loss/accuracy/LR/quantization stats every N steps",
+    "histogram_every": "every N steps, log TensorBoard histograms of each quantized layer's "
+                       "output gradient, input and weight on that step's batch "
+                       "(int8jax.diagnostics; costs one extra forward/backward; 0: off)",
     "eval_every_epochs": "evaluate on the test split every N epochs (0: only at the end)",
     "eval_batch_size": "evaluation batch size (default: --batch-size)",
     "stop_after_steps": "testing aid: exit abruptly after N steps of this invocation, "
@@ -447,6 +451,13 @@ class Metrics:
       for k, v in values.items():
         self.writer.add_scalar(k, v, step)
 
+  def histograms(self, step: int, tensors: dict):
+    """``{path: int8jax.diagnostics.LayerTensors}`` -> ``hist/<path>/{g,x,w}``."""
+    if self.writer is not None:
+      for path, t in tensors.items():
+        for name in ("g", "x", "w"):
+          self.writer.add_histogram(f"hist/{path}/{name}", getattr(t, name), step)
+
   def progress(self, n: int, postfix: dict):
     if self.bar is not None:
       self.bar.update(n)
@@ -470,6 +481,20 @@ def quant_scalars(model: nnx.Module, alpha: float, beta: float) -> dict[str, flo
     out[f"quant/{path}/clipped_fraction"] = float(s.clipped_fraction)
     out[f"quant/{path}/phi"] = float(int8jax.lr_coefficient(d, alpha, beta))
   return out
+
+
+def layer_tensors(graphdef, state, batch: dict, spec, cfg: Config) -> dict:
+  """Per quantized layer: g, x, w on ``batch`` (``int8jax.diagnostics.capture_tensors``)."""
+  from int8jax import diagnostics  # pylint: disable=g-import-not-at-top
+  model, _ = nnx.merge(graphdef, state)
+  dtype = jnp.bfloat16 if cfg.mode == "bf16" else jnp.float32
+
+  def loss_fn(m, images, labels, valid):
+    return _weighted_loss(m(_normalize(images, spec, dtype)), labels, valid, spec.num_classes,
+                          cfg.label_smoothing)[0]
+
+  return diagnostics.capture_tensors(model, loss_fn, jnp.asarray(batch["image"]),
+                                     jnp.asarray(batch["label"]), jnp.asarray(batch["valid"]))
 
 
 # ------------------------------------------------------------------ train
@@ -618,6 +643,9 @@ def train(cfg: Config) -> Result:
           last_train = {"train_loss": vals["train/loss"], "train_accuracy": vals["train/accuracy"]}
         metrics.progress(1, {})
 
+        if (cfg.histogram_every and step % cfg.histogram_every == 0 and is_main
+            and cfg.mode in QUANT_MODES):
+          metrics.histograms(step, layer_tensors(graphdef, state, batch, spec, cfg))
         if eval_every and step % eval_every == 0 and step < total_steps:
           last_eval = evaluate(eval_step, state, spec, cfg, data_sharding)
           metrics.scalars(step, {"eval/loss": last_eval["eval_loss"],
