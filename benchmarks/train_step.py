@@ -158,8 +158,9 @@ def bench_train(repeats: int, batch: int) -> dict:
 
 def versions() -> str:
   import flax
-  return (f"jax {jax.__version__}, jaxlib {jax.lib.__version__ if hasattr(jax.lib, '__version__') else ''}"
-          f" flax {flax.__version__}, optax {optax.__version__}, Python {platform.python_version()}")
+  import jaxlib
+  return (f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, flax {flax.__version__}, "
+          f"optax {optax.__version__}, Python {platform.python_version()}")
 
 
 def main(argv=None):
@@ -170,6 +171,7 @@ def main(argv=None):
   args = p.parse_args(argv)
   repeats = 5 if args.quick else args.repeats
 
+  load_before = os.getloadavg()[0]
   ops = bench_ops(repeats, args.batch)
   train = bench_train(repeats, args.batch)
   period = int8jax.QuantConfig().period
@@ -178,7 +180,10 @@ def main(argv=None):
 
   lines = [f"### UI8 vs float32 on {machine()}", "",
            f"{datetime.date.today().isoformat()}; {versions()}; median of {repeats} timed calls "
-           "after warm-up; `python benchmarks/train_step.py`.", "",
+           "after warm-up, variants interleaved; 1-min load average "
+           f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
+           "(other work on the machine inflates absolute times, less the ratios); "
+           "`python benchmarks/train_step.py`.", "",
            f"QuantConv forward + backward (batch {args.batch}), XLA backend:", "",
            "| layer | input | float32 ms | UI8 ms | UI8 / f32 | UI8 measure step ms |",
            "| --- | --- | ---: | ---: | ---: | ---: |"]
