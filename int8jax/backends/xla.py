@@ -25,6 +25,12 @@ So every product here is an im2col GEMM in the fast layout:
 * depthwise convs (one input feature per group) skip GEMMs: fused
   elementwise multiply-adds over the window offsets in int32.
 
+Known slow spot (ResNet-20's 16-feature stage): the weight gradient's
+transposed patch matrix ``(9 * 16, N * H * W)`` takes XLA:CPU ~20 ms to build
+inside the step while the GEMM on it takes ~5 ms; built by
+``dynamic_update_slice`` in a separate jit it took 7 ms, so the cost comes
+from the layout XLA assigns to it when fused with the GEMM. Not solved yet.
+
 Overflow: a contraction longer than ``chunk_k`` (weight gradients contract over
 batch x height x width) is split into chunks of at most ``chunk_k`` int32
 products; chunk sums are combined exactly (16-bit halves summed in int32,
