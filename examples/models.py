@@ -243,17 +243,16 @@ class MobileNetV2(nnx.Module):
     return self.head(jnp.mean(x, axis=(1, 2)))
 
 
-class VGGSmall(nnx.Module):
-  """VGG-small: (2C)-MP-(4C)x2-MP-(8C)x2-MP, FC (C = width, 64 -> 128/256/512)."""
+class _PlainCNN(nnx.Module):
+  """conv-BN-ReLU layers with 2x2 max-pools after the given layers, GAP, FC."""
 
-  def __init__(self, *, num_classes=10, width=64, in_channels=3, dtype=None,
-               rngs: nnx.Rngs):
-    chans = [2 * width, 2 * width, 4 * width, 4 * width, 8 * width, 8 * width]
+  def __init__(self, chans, pool_after, *, num_classes, in_channels, dtype, rngs: nnx.Rngs):
     convs, bns, cin = [], [], in_channels
     for c in chans:
       convs.append(_conv(cin, c, 3, dtype=dtype, rngs=rngs))
       bns.append(_bn(c, dtype=dtype, rngs=rngs))
       cin = c
+    self.pool_after = tuple(pool_after)
     self.convs = nnx.List(convs)
     self.bns = nnx.List(bns)
     self.head = nnx.Linear(cin, num_classes, dtype=dtype, rngs=rngs)
@@ -261,12 +260,22 @@ class VGGSmall(nnx.Module):
   def __call__(self, x):
     for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
       x = nnx.relu(bn(conv(x)))
-      if i % 2 == 1:
+      if i in self.pool_after:
         x = nnx.max_pool(x, (2, 2), (2, 2))
     return self.head(jnp.mean(x, axis=(1, 2)))
 
 
-class SimpleCNN(nnx.Module):
+class VGGSmall(_PlainCNN):
+  """VGG-small: (2C)-MP-(4C)x2-MP-(8C)x2-MP, FC (C = width, 64 -> 128/256/512)."""
+
+  def __init__(self, *, num_classes=10, width=64, in_channels=3, dtype=None,
+               rngs: nnx.Rngs):
+    super().__init__([2 * width, 2 * width, 4 * width, 4 * width, 8 * width, 8 * width],
+                     (1, 3, 5), num_classes=num_classes, in_channels=in_channels,
+                     dtype=dtype, rngs=rngs)
+
+
+class SimpleCNN(_PlainCNN):
   """Three conv-BN-ReLU stages (C, 2C, 4C; 2x2 max-pool after the first two), GAP, FC.
 
   A quick model for MNIST and for tests (compiles in seconds).
@@ -274,22 +283,8 @@ class SimpleCNN(nnx.Module):
 
   def __init__(self, *, num_classes=10, width=16, in_channels=1, dtype=None,
                rngs: nnx.Rngs):
-    chans = [width, 2 * width, 4 * width]
-    convs, bns, cin = [], [], in_channels
-    for c in chans:
-      convs.append(_conv(cin, c, 3, dtype=dtype, rngs=rngs))
-      bns.append(_bn(c, dtype=dtype, rngs=rngs))
-      cin = c
-    self.convs = nnx.List(convs)
-    self.bns = nnx.List(bns)
-    self.head = nnx.Linear(cin, num_classes, dtype=dtype, rngs=rngs)
-
-  def __call__(self, x):
-    for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
-      x = nnx.relu(bn(conv(x)))
-      if i < 2:
-        x = nnx.max_pool(x, (2, 2), (2, 2))
-    return self.head(jnp.mean(x, axis=(1, 2)))
+    super().__init__([width, 2 * width, 4 * width], (0, 1), num_classes=num_classes,
+                     in_channels=in_channels, dtype=dtype, rngs=rngs)
 
 
 def resnet18(**kw): return ResNet((2, 2, 2, 2), BasicBlock, **kw)

@@ -155,6 +155,16 @@ _qapply.defvjp(_qapply_fwd, _qapply_bwd)
 # Public ops.
 
 
+def _lax_kwargs(preferred_element_type, out_sharding) -> dict:
+  """Optional lax arguments, passed only when set (quantization off)."""
+  kw = {}
+  if preferred_element_type is not None:
+    kw["preferred_element_type"] = preferred_element_type
+  if out_sharding is not None:
+    kw["out_sharding"] = out_sharding
+  return kw
+
+
 def _check_config(config):
   if not isinstance(config, QuantConfig):
     raise TypeError(f"config must be an int8jax.QuantConfig, got {type(config).__name__}")
@@ -226,11 +236,7 @@ def quant_conv_general_dilated(
   spec = make_conv_spec(lhs.shape, rhs.shape, window_strides, padding, lhs_dilation,
                         rhs_dilation, dimension_numbers, feature_group_count)
   if not config.enabled:
-    kw = {}
-    if preferred_element_type is not None:
-      kw["preferred_element_type"] = preferred_element_type
-    if out_sharding is not None:
-      kw["out_sharding"] = out_sharding
+    kw = _lax_kwargs(preferred_element_type, out_sharding)
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                     rhs_dilation, dimension_numbers, feature_group_count,
                                     precision=precision, **kw)
@@ -285,11 +291,7 @@ def quant_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precisi
       raise ValueError(f"lhs dim {a} (size {lhs.shape[a]}) and rhs dim {b} (size "
                        f"{rhs.shape[b]}) must match (dimension_numbers={dimension_numbers!r})")
   if not config.enabled:
-    kw = {}
-    if preferred_element_type is not None:
-      kw["preferred_element_type"] = preferred_element_type
-    if out_sharding is not None:
-      kw["out_sharding"] = out_sharding
+    kw = _lax_kwargs(preferred_element_type, out_sharding)
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, **kw)
   key, grad_state, x_clip, measure = _state_inputs(lhs, key, grad_state, x_clip, measure,
                                                    config)
