@@ -130,13 +130,17 @@ def bench_train(repeats: int, batch: int) -> dict:
   y = jax.random.randint(jax.random.key(1), (batch,), 0, 10)
   sgd = optax.sgd(0.05, momentum=0.9)
 
-  def variant(config, tx):
+  memory = {}
+
+  def variant(name, config, tx):
     model = models.resnet20(num_classes=10, rngs=nnx.Rngs(0))
     wrt = nnx.Param
     if config is not None:
       int8jax.nn.quantize_model(model, config, rngs=nnx.Rngs(1))
       wrt = TRAINABLE
     step, state = _make_step(model, tx, wrt)
+    stats = step.lower(state, x, y).compile().memory_analysis()
+    memory[name] = (stats.temp_size_in_bytes, stats.argument_size_in_bytes)
     _, state = step(state, x, y)  # one step: caches ranges, learns a clip
     holder = {"state": state}
 
@@ -146,14 +150,15 @@ def bench_train(repeats: int, batch: int) -> dict:
     return run
 
   fns = {
-      "float32": variant(None, sgd),
-      "ui8 period 1": variant(int8jax.QuantConfig(period=1), int8jax.optim.ui8(sgd)),
-      "ui8 non-measure": variant(int8jax.QuantConfig(period=1_000_000),
+      "float32": variant("float32", None, sgd),
+      "ui8 period 1": variant("ui8 period 1", int8jax.QuantConfig(period=1),
+                              int8jax.optim.ui8(sgd)),
+      "ui8 non-measure": variant("ui8 non-measure", int8jax.QuantConfig(period=1_000_000),
                                  int8jax.optim.ui8(sgd)),
-      "naive int8": variant(int8jax.QuantConfig(grad_clip="max", period=1_000_000),
+      "naive int8": variant("naive int8", int8jax.QuantConfig(grad_clip="max", period=1_000_000),
                             int8jax.optim.ui8(sgd, scale_lr=False, learn_clip=False)),
   }
-  return timed_rounds(fns, repeats)
+  return timed_rounds(fns, repeats), memory
 
 
 def versions() -> str:
@@ -173,7 +178,7 @@ def main(argv=None):
 
   load_before = os.getloadavg()[0]
   ops = bench_ops(repeats, args.batch)
-  train = bench_train(repeats, args.batch)
+  train, memory = bench_train(repeats, args.batch)
   period = int8jax.QuantConfig().period
   amort = ((period - 1) * train["ui8 non-measure"] + train["ui8 period 1"]) / period
   f32 = train["float32"]
@@ -191,10 +196,18 @@ def main(argv=None):
     lines.append(f"| {r['name']} | {r['shape']} | {r['float32'] * 1e3:.1f} | {r['ui8'] * 1e3:.1f} "
                  f"| {r['ui8'] / r['float32']:.2f}x | {r['ui8 measure'] * 1e3:.1f} |")
   lines += ["", f"ResNet-20 training step (batch {args.batch}, 32x32x3, SGD momentum):", "",
-            "| variant | ms / step | vs float32 |", "| --- | ---: | ---: |"]
+            "| variant | ms / step | vs float32 | step temporaries MiB | arguments MiB |",
+            "| --- | ---: | ---: | ---: | ---: |"]
+  mib = lambda b: b / 2**20
   for k in ("float32", "ui8 non-measure", "ui8 period 1", "naive int8"):
-    lines.append(f"| {k} | {train[k] * 1e3:.0f} | {train[k] / f32:.2f}x |")
-  lines.append(f"| ui8 period {period} (amortised) | {amort * 1e3:.0f} | {amort / f32:.2f}x |")
+    tmp, arg = memory[k]
+    lines.append(f"| {k} | {train[k] * 1e3:.0f} | {train[k] / f32:.2f}x | {mib(tmp):.1f} "
+                 f"| {mib(arg):.1f} |")
+  lines.append(f"| ui8 period {period} (amortised) | {amort * 1e3:.0f} | {amort / f32:.2f}x | | |")
+  lines += ["", "Memory: XLA's buffer assignment for the compiled step "
+            "(`compiled.memory_analysis()`): temporaries are activations kept for the "
+            "backward pass plus scratch; arguments are parameters, optimizer and "
+            "quantization state and the batch."]
   table = "\n".join(lines)
   print(table)
   if not args.quick:
