@@ -204,6 +204,9 @@ def settings(scale: float) -> list[Setting]:
       Setting("mnist1d-mobilenet", "mnist1d", "mobilenet", w(16), 1, e(8), 0.1),
       Setting("mnist-resnet", "mnist", "resnet", w(8), 1, e(3), 0.1),
       Setting("mnist-mobilenet", "mnist", "mobilenet", w(8), 1, e(3), 0.1),
+      # Same nets at batch 32: 4x the steps (batch 128 leaves them undertrained).
+      Setting("mnist-resnet-b32", "mnist", "resnet", w(8), 1, e(3), 0.1, batch_size=32),
+      Setting("mnist-mobilenet-b32", "mnist", "mobilenet", w(8), 1, e(3), 0.1, batch_size=32),
       # Stress: deeper depthwise net, 5x the learning rate.
       Setting("stress-mnist1d-mobilenet", "mnist1d", "mobilenet", w(16), 2, e(6), 0.5,
               variants=("float32", "ui8", "naive"),

@@ -48,7 +48,7 @@ CENTERS = 0.5 * (dg.LOG_BINS[1:] + dg.LOG_BINS[:-1])
 
 def trace(setting, data, steps, seed=0, mode="ui8"):
   """Trains ``setting`` in ``mode`` and captures every quantized layer at ``steps``."""
-  xtr, ytr = data[0][:128], data[1][:128]  # fixed capture batch
+  xtr, ytr = data[0][:setting.batch_size], data[1][:setting.batch_size]  # fixed batch
 
   def loss_fn(m, x, y):
     return acc._ce(m(x), y)  # pylint: disable=protected-access
@@ -102,7 +102,7 @@ def main(argv=None):
   lines = []
 
   # ---- ResNet on MNIST: g vs x vs w, over training, across depth.
-  res = grid["mnist-resnet"]
+  res = grid["mnist-resnet-b32"]
   spe = len(data[0]) // res.batch_size
   total = int(round(res.epochs * spe))
   steps = [0, total // 6, total // 2, total]
@@ -162,7 +162,7 @@ def main(argv=None):
                  f"ratio {stats[path]['clip_ratio']:.3f}) {dl:.5f}")
 
   # ---- MobileNetV2-style on MNIST: depthwise vs pointwise.
-  mob = grid["mnist-mobilenet"]
+  mob = grid["mnist-mobilenet-b32"]
   total_m = int(round(mob.epochs * spe))
   msnaps, _ = trace(mob, data, [total_m])
   mt = msnaps[max(msnaps)]["tensors"]
