@@ -113,8 +113,11 @@ def capture_tensors(model: nnx.Module, loss_fn: Callable[..., jax.Array], *args:
 
   Args:
     model: a model with :class:`~int8jax.nn.QuantConv` / ``QuantDense`` layers
-      (quantized or not; float layers are not captured). It is not modified.
+      (quantized or with ``QuantConfig(enabled=False)``; plain ``nnx.Conv`` /
+      ``nnx.Linear`` layers are not captured). It is not modified.
     loss_fn: ``loss_fn(model, *args) -> scalar`` (e.g. the training loss).
+      The compiled pass is cached per (model structure, ``loss_fn`` object,
+      ``train``): pass the same function object to avoid recompiling.
     *args: the batch, passed to ``loss_fn``.
     train: run the copy in training mode (BatchNorm batch statistics, the
       gradients a training step sees). ``False`` uses eval mode.
