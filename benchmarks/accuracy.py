@@ -412,6 +412,8 @@ def main(argv=None):
   p.add_argument("--variants", default="", help="comma-separated variants (default: each "
                  "setting's own list)")
   p.add_argument("--epochs", type=float, default=None, help="override every setting's epochs")
+  p.add_argument("--period", type=int, default=None,
+                 help="override every setting's measure period (quantized layers)")
   p.add_argument("--out", default=os.path.join(ROOT, "docs", "figures"))
   a = p.parse_args(argv)
 
@@ -428,6 +430,8 @@ def main(argv=None):
             for s in grid]
   if a.epochs is not None:
     grid = [dataclasses.replace(s, epochs=a.epochs) for s in grid]
+  if a.period is not None:
+    grid = [dataclasses.replace(s, period=a.period) for s in grid]
   os.makedirs(a.out, exist_ok=True)
 
   t0 = time.time()
