@@ -55,6 +55,14 @@ def _bn(c, *, dtype, rngs, zero=False):
                                    else nnx.initializers.ones))
 
 
+def _projection(cin, cout, stride, *, dtype, rngs):
+  """1x1 conv + BN shortcut when the block changes shape, else (None, None)."""
+  if stride == 1 and cin == cout:
+    return None, None
+  return (_conv(cin, cout, 1, stride, dtype=dtype, rngs=rngs, padding="VALID"),
+          _bn(cout, dtype=dtype, rngs=rngs))
+
+
 class BasicBlock(nnx.Module):
   """Two 3x3 convs with a residual (ResNet-18/34, CIFAR ResNets)."""
   expansion = 1
@@ -64,11 +72,7 @@ class BasicBlock(nnx.Module):
     self.bn1 = _bn(cout, dtype=dtype, rngs=rngs)
     self.conv2 = _conv(cout, cout, 3, dtype=dtype, rngs=rngs)
     self.bn2 = _bn(cout, dtype=dtype, rngs=rngs, zero=True)
-    if stride != 1 or cin != cout:
-      self.proj = _conv(cin, cout, 1, stride, dtype=dtype, rngs=rngs, padding="VALID")
-      self.proj_bn = _bn(cout, dtype=dtype, rngs=rngs)
-    else:
-      self.proj = self.proj_bn = None
+    self.proj, self.proj_bn = _projection(cin, cout, stride, dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
     y = nnx.relu(self.bn1(self.conv1(x)))
@@ -89,11 +93,7 @@ class Bottleneck(nnx.Module):
     self.bn2 = _bn(mid, dtype=dtype, rngs=rngs)
     self.conv3 = _conv(mid, cout, 1, dtype=dtype, rngs=rngs, padding="VALID")
     self.bn3 = _bn(cout, dtype=dtype, rngs=rngs, zero=True)
-    if stride != 1 or cin != cout:
-      self.proj = _conv(cin, cout, 1, stride, dtype=dtype, rngs=rngs, padding="VALID")
-      self.proj_bn = _bn(cout, dtype=dtype, rngs=rngs)
-    else:
-      self.proj = self.proj_bn = None
+    self.proj, self.proj_bn = _projection(cin, cout, stride, dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
     y = nnx.relu(self.bn1(self.conv1(x)))

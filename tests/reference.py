@@ -13,32 +13,32 @@ def _positions(n, lo, ld):
   return lo + np.arange(n) * ld
 
 
+def _index_maps(spec):
+  """Per spatial dim: (indices into x, positions in the dilated, padded input)."""
+  xs, ps = [], []
+  for n, (lo, _), ld, size in zip(spec.lhs_shape[1:-1], spec.padding, spec.lhs_dilation,
+                                  spec.padded_spatial):
+    pos = _positions(n, lo, ld)
+    keep = (pos >= 0) & (pos < size)
+    xs.append(np.nonzero(keep)[0])
+    ps.append(pos[keep])
+  return (slice(None), *np.ix_(*xs), slice(None)), (slice(None), *np.ix_(*ps), slice(None))
+
+
 def pad_input(x, spec):
   """Dilate by lhs_dilation and pad (lo, hi); negative padding crops."""
   x = np.asarray(x, np.int64)
-  p = spec.padded_spatial
-  out = np.zeros((x.shape[0], *p, x.shape[-1]), np.int64)
-  src, dst = [], []
-  for n, (lo, _), ld, size in zip(x.shape[1:-1], spec.padding, spec.lhs_dilation, p):
-    pos = _positions(n, lo, ld)
-    keep = (pos >= 0) & (pos < size)
-    src.append(np.nonzero(keep)[0])
-    dst.append(pos[keep])
-  out[(slice(None), *np.ix_(*dst), slice(None))] = x[(slice(None), *np.ix_(*src), slice(None))]
+  out = np.zeros((x.shape[0], *spec.padded_spatial, x.shape[-1]), np.int64)
+  xi, pi = _index_maps(spec)
+  out[pi] = x[xi]
   return out
 
 
 def unpad_input(dxp, spec):
   """Transpose of pad_input."""
-  n_sp = spec.lhs_shape[1:-1]
   out = np.zeros(spec.lhs_shape, np.int64)
-  src, dst = [], []
-  for n, (lo, _), ld, size in zip(n_sp, spec.padding, spec.lhs_dilation, spec.padded_spatial):
-    pos = _positions(n, lo, ld)
-    keep = (pos >= 0) & (pos < size)
-    dst.append(np.nonzero(keep)[0])
-    src.append(pos[keep])
-  out[(slice(None), *np.ix_(*dst), slice(None))] = dxp[(slice(None), *np.ix_(*src), slice(None))]
+  xi, pi = _index_maps(spec)
+  out[xi] = dxp[pi]
   return out
 
 
