@@ -86,7 +86,9 @@ class _Op:
 
 
 def _all_finite(x):
-  return jnp.all(jnp.isfinite(x))
+  # One fused float reduction (0 * inf and 0 * nan are nan); jnp.isfinite
+  # followed by jnp.all materialises a boolean tensor on XLA:CPU first.
+  return jnp.isfinite(jnp.sum(x.astype(jnp.float32) * 0.0))
 
 
 def _weight_quant(w, per_channel: bool):
@@ -106,11 +108,16 @@ def _qapply(op: _Op, x, w, x_clip, grad_state, key, measure):
 def _qapply_fwd(op: _Op, x, w, x_clip, grad_state, key, measure):
   per_channel = op.config.weight_granularity == "channel"
   sx = quant.scale_from_clip(x_clip)
-  xq = quant.quantize(x, sx)
+  # The barrier materialises the int8 tensor once: otherwise XLA fuses the
+  # quantization into each consumer (the GEMM's padding, the patches of the
+  # weight gradient) and keeps the float32 x alive as the residual instead.
+  xq = lax.optimization_barrier(quant.quantize(x, sx))
   wq, sw = _weight_quant(w, per_channel)
   y = op.forward(xq, wq, sx * sw)
   ok = _all_finite(x) & _all_finite(w)
-  y = jnp.where(ok, y, jnp.nan).astype(op.x_dtype)
+  # Materialise the float output: otherwise XLA may keep the wider int32
+  # GEMM result alive for the consumers' backward pass and redo the scaling.
+  y = lax.optimization_barrier(jnp.where(ok, y, jnp.nan).astype(op.x_dtype))
   res = (xq, wq, sx, sw, w if per_channel else None, grad_state, key, measure)
   return y, res
 
@@ -134,6 +141,11 @@ def _qapply_bwd(op: _Op, res, gy):
     gq = quant.quantize(g, sg, rounding="stochastic", key=key)
   else:
     gq = quant.quantize(g, sg)
+  # One quantization pass, shared by both GEMMs (see _qapply_fwd); tying xq to
+  # gq also keeps XLA from hoisting the weight gradient's patch building (it
+  # needs only forward residuals) to the start of the backward pass, where the
+  # patch matrices of every layer would be alive at once.
+  gq, xq = lax.optimization_barrier((gq, xq))
   measurement = lax.cond(
       measure,
       lambda: dsgc.measure_gradient(g, quant.dequantize(gq, sg), c),
@@ -192,7 +204,9 @@ def _state_inputs(x, key, grad_state, x_clip, measure, config):
     key = jax.random.key(0)
   if x_clip is None:
     x_clip = quant.absmax(x)
-  x_clip = jnp.asarray(x_clip, jnp.float32)
+  # The clip gets no gradient (its cotangent is zero); stopping it here keeps
+  # JAX from carrying and transposing max|x|'s JVP through the step.
+  x_clip = lax.stop_gradient(jnp.asarray(x_clip, jnp.float32))
   if x_clip.shape != ():
     raise ValueError(f"x_clip must be a scalar, got shape {x_clip.shape}")
   measure = jnp.asarray(measure)

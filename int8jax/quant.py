@@ -3,9 +3,13 @@
 Clip value ``c > 0``, scale ``s = c / 127``, integers in ``[-127, 127]``
 (``-128`` unused, so the grid is symmetric):
 
-* nearest:    ``q = clamp(round(x / s), -127, 127)``
-* stochastic: ``q = clamp(floor(x / s + u), -127, 127)``, ``u ~ U[0, 1)``
+* nearest:    ``q = clamp(round(x * (1/s)), -127, 127)``
+* stochastic: ``q = clamp(floor(x * (1/s) + u), -127, 127)``, ``u ~ U[0, 1)``
 * dequantize: ``x_hat = s * q``
+
+``1/s`` is one float32 scalar: a multiply, unlike a division, lets XLA:CPU
+fuse the whole quantization (scaling, noise, rounding, clamping) into a single
+pass (with ``x / s`` it materialised the scaled float tensor first).
 
 All functions work on any float dtype; scales are float32.
 """
@@ -88,7 +92,7 @@ def quantize(x: jax.Array, scale: jax.Array, *, rounding: str = "nearest",
   """
   if rounding not in ("nearest", "stochastic"):
     raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
-  y = x.astype(jnp.float32) / scale
+  y = x.astype(jnp.float32) * (1.0 / jnp.asarray(scale, jnp.float32))
   if rounding == "nearest":
     y = jnp.round(y)
   else:

@@ -90,7 +90,11 @@ class _QuantMixin:
       measure = (count % cfg.period) == 0
       need = measure | (cached <= 0)
       self.call_count[...] = count + 1
-    fresh = lax.cond(need, lambda: quant.absmax(x), lambda: cached)
+    # The clip is state, not a function of x to differentiate: without the
+    # stop_gradient JAX keeps max|x|'s JVP residuals (a mask and a sign the
+    # size of x, materialised on the non-measuring branch too) and runs their
+    # transpose in the backward pass, only to multiply a zero cotangent.
+    fresh = lax.cond(need, lambda: quant.absmax(lax.stop_gradient(x)), lambda: cached)
     finite = jnp.isfinite(fresh)
     x_clip = jnp.where(finite, fresh, cached)
     if not self.deterministic:
