@@ -1,26 +1,40 @@
-"""Speed of UI8 against float: QuantConv forward+backward and a ResNet-20 step.
+"""Speed and memory of UI8 training against float: per conv layer and per step.
 
     .venv/bin/python benchmarks/train_step.py            # full run, writes RESULTS.md
     .venv/bin/python benchmarks/train_step.py --quick    # fewer repeats, prints only
+    .venv/bin/python benchmarks/train_step.py --models resnet20 --ops resnet20
 
-Per-op: for each distinct ResNet-20 conv (batch 128, CIFAR shapes), one jitted
-forward + backward (gradients w.r.t. input and kernel) of ``nnx.Conv`` and of
-``int8jax.nn.QuantConv`` (XLA backend; a non-measure step and a measure step).
+Per layer (``--ops``): for each distinct quantized conv of ResNet-20 (CIFAR
+shapes) and ResNet-50 (ImageNet 224x224, v1.5: stride on the 3x3), a jitted
+forward and a jitted forward + backward (gradients w.r.t. input and kernel) of
+``flax.nnx.Conv`` (float32; bfloat16 too on a GPU) and of
+``int8jax.nn.QuantConv`` (default backend: XLA on CPU, Pallas on a Hopper
+GPU) on a non-measuring step and on a measuring step. The backward time is
+(forward + backward) - forward.
 
-Training step: ResNet-20 (examples/models.py; first conv and classifier float,
-as in the paper) at batch 128, 32x32x3, SGD with momentum: float32, UI8 with
-period 1 (measures every step), UI8 on a non-measure step, and naive INT8
-(clip at max|g| every step, no LR scaling). The amortised UI8 time for a
-period P is ``((P - 1) * t_non_measure + t_measure) / P``.
+Per training step (``--models``): ResNet-20 (batch 128, 32x32x3) and
+ResNet-50 (224x224x3; batch 256 on a GPU, 16 on a CPU) with SGD + momentum:
+float32, bfloat16 compute (GPU only unless ``--bf16``), UI8 with period 1
+(measures every step), UI8 on a non-measuring step, and naive INT8 (clip at
+``max|g|`` every step, no LR scaling). First conv and classifier stay float
+(``int8jax.nn.quantize_model``'s default, as in the paper). The amortised UI8
+time for the default period P is ``((P - 1) * t_non_measure + t_measure) / P``.
 
-Timing: ``jax.block_until_ready`` after each call, after compilation and
-warm-up; the median of ``--repeats`` calls. All variants run in the same
-process, interleaved round by round, so they see the same machine load.
+Timing: ``jax.block_until_ready`` after each call, after compilation and two
+warm-up calls; the median of ``--repeats`` calls. All variants of a table run
+in the same process, interleaved round by round, so they see the same load.
+
+Memory: XLA's buffer assignment of the compiled step
+(``compiled.memory_analysis()``): temporaries (activations kept for the
+backward pass plus scratch; on CPU XLA allocates them afresh every call, so
+they cost page faults too) and arguments (parameters, optimizer and
+quantization state, the batch).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
@@ -31,7 +45,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -44,17 +57,21 @@ from int8jax.nn import TRAINABLE, QuantConv  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 BEGIN, END = "<!-- train_step.py: begin -->", "<!-- train_step.py: end -->"
 
-# (name, H=W, C_in, C_out, stride) of ResNet-20's distinct 3x3 convs.
-RESNET20_CONVS = [
-    ("stage1 3x3 16->16", 32, 16, 16, 1),
-    ("stage2 3x3 16->32 /2", 32, 16, 32, 2),
-    ("stage2 3x3 32->32", 16, 32, 32, 1),
-    ("stage3 3x3 32->64 /2", 16, 32, 64, 2),
-    ("stage3 3x3 64->64", 8, 64, 64, 1),
-]
+MODELS = {
+    # name: (constructor kwargs, input side, classes)
+    "resnet20": (dict(), 32, 10),
+    "resnet50": (dict(), 224, 1000),
+}
+
+
+def on_gpu() -> bool:
+  return jax.default_backend() == "gpu"
 
 
 def machine() -> str:
+  dev = jax.devices()[0]
+  if dev.platform != "cpu":
+    return dev.device_kind
   cpu = platform.processor() or platform.machine()
   try:
     with open("/proc/cpuinfo") as f:
@@ -62,9 +79,14 @@ def machine() -> str:
       cpu = m.group(1) if m else cpu
   except OSError:
     pass
-  dev = jax.devices()[0]
-  where = f"{dev.device_kind}" if dev.platform != "cpu" else f"CPU: {cpu}, {os.cpu_count()} cores"
-  return where
+  return f"CPU: {cpu}, {os.cpu_count()} cores"
+
+
+def versions() -> str:
+  import flax
+  import jaxlib
+  return (f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, flax {flax.__version__}, "
+          f"optax {optax.__version__}, Python {platform.python_version()}")
 
 
 def timed_rounds(fns: dict, repeats: int) -> dict:
@@ -81,31 +103,102 @@ def timed_rounds(fns: dict, repeats: int) -> dict:
   return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench_ops(repeats: int, batch: int) -> list[dict]:
+# ---------------------------------------------------------------------------
+# The distinct quantized convs of a model, read off the model itself.
+
+
+@contextlib.contextmanager
+def _record_convs(out: list):
+  """Record (input shape, kernel shape, strides, padding) of QuantConv calls."""
+  orig = QuantConv.conv_general_dilated
+
+  def rec(self, lhs, rhs, window_strides, padding, *a, **kw):
+    out.append((tuple(lhs.shape), tuple(rhs.shape), tuple(window_strides), padding))
+    return orig(self, lhs, rhs, window_strides, padding, *a, **kw)
+  QuantConv.conv_general_dilated = rec
+  try:
+    yield
+  finally:
+    QuantConv.conv_general_dilated = orig
+
+
+def distinct_convs(name: str) -> list[tuple]:
+  """``(label, H, W, C_in, C_out, k, stride, padding)`` of every distinct
+  quantized conv of ``name`` (input batch 1), in call order."""
+  kw, side, classes = MODELS[name]
+  model = models.create_model(name, num_classes=classes, rngs=nnx.Rngs(0), **kw)
+  int8jax.nn.quantize_model(model, int8jax.QuantConfig(), rngs=nnx.Rngs(1))
+  calls: list = []
+  with _record_convs(calls):
+    jax.eval_shape(lambda m, x: m(x), model, jax.ShapeDtypeStruct((1, side, side, 3),
+                                                                   jnp.float32))
+  seen, out = set(), []
+  for lhs, rhs, strides, padding in calls:
+    key = (lhs[1:], rhs, strides, str(padding))
+    if key in seen:
+      continue
+    seen.add(key)
+    k, cin, cout = rhs[0], rhs[2], rhs[3]
+    s = strides[0]
+    label = f"{k}x{k} {cin}->{cout}" + (f" /{s}" if s > 1 else "") + f" @{lhs[1]}"
+    out.append((label, lhs[1], lhs[2], cin, cout, k, s, padding))
+  return out
+
+
+# ---------------------------------------------------------------------------
+# Per layer.
+
+
+def bench_ops(name: str, batch: int, repeats: int, bf16: bool) -> list[dict]:
   rows = []
-  for name, hw, cin, cout, stride in RESNET20_CONVS:
-    x = jax.random.normal(jax.random.key(0), (batch, hw, hw, cin))
-    fl = nnx.Conv(cin, cout, (3, 3), strides=stride, use_bias=False, rngs=nnx.Rngs(0))
-    gy = jax.random.normal(jax.random.key(1), fl(x).shape)
+  for label, h, w, cin, cout, k, s, padding in distinct_convs(name):
+    x = jax.random.normal(jax.random.key(0), (batch, h, w, cin))
+    conv_kw = dict(strides=s, padding=padding, use_bias=False)
+    fl = nnx.Conv(cin, cout, (k, k), rngs=nnx.Rngs(0), **conv_kw)
+    gy = jax.random.normal(jax.random.key(1), jax.eval_shape(fl, x).shape)
 
     def quant_conv(period):
-      qc = QuantConv(cin, cout, (3, 3), strides=stride, use_bias=False,
-                     quant=int8jax.QuantConfig(period=period), rngs=nnx.Rngs(0))
+      qc = QuantConv(cin, cout, (k, k), quant=int8jax.QuantConfig(period=period),
+                     rngs=nnx.Rngs(0), **conv_kw)
       qc(x)  # first call measures; with a huge period later calls do not
       return qc
 
-    def fwd_bwd(module, wrt):
+    def programs(module, wrt, xin, g):
       @nnx.jit
-      def f(module, x):
-        return nnx.grad(lambda m, x: jnp.vdot(m(x), gy), argnums=(nnx.DiffState(0, wrt), 1))(
-            module, x)
-      return lambda: f(module, x)
+      def fwd(module, x):
+        return module(x)
 
-    t = timed_rounds({"float32": fwd_bwd(fl, nnx.Param),
-                      "ui8": fwd_bwd(quant_conv(10**9), TRAINABLE),
-                      "ui8 measure": fwd_bwd(quant_conv(1), TRAINABLE)}, repeats)
-    rows.append(dict(name=name, shape=f"{batch}x{hw}x{hw}x{cin}", **t))
+      @nnx.jit
+      def fwd_bwd(module, x):
+        return nnx.grad(lambda m, x: jnp.vdot(m(x), g).real,
+                        argnums=(nnx.DiffState(0, wrt), 1))(module, x)
+      return (lambda: fwd(module, xin)), (lambda: fwd_bwd(module, xin))
+
+    variants = {"float32": programs(fl, nnx.Param, x, gy),
+                "ui8": programs(quant_conv(10**9), TRAINABLE, x, gy)}
+    if bf16:
+      fb = nnx.Conv(cin, cout, (k, k), dtype=jnp.bfloat16, rngs=nnx.Rngs(0), **conv_kw)
+      variants["bf16"] = programs(fb, nnx.Param, x.astype(jnp.bfloat16),
+                                  gy.astype(jnp.bfloat16))
+    fns = {}
+    for v, (f, fb_) in variants.items():
+      fns[f"{v} fwd"], fns[f"{v} fwd+bwd"] = f, fb_
+    fns["ui8 measure fwd+bwd"] = programs(quant_conv(1), TRAINABLE, x, gy)[1]
+    t = timed_rounds(fns, repeats)
+    row = dict(name=label, shape=f"{batch}x{h}x{w}x{cin}")
+    for v in variants:
+      row[f"{v} fwd"] = t[f"{v} fwd"]
+      row[f"{v} bwd"] = max(t[f"{v} fwd+bwd"] - t[f"{v} fwd"], 0.0)
+      row[f"{v} total"] = t[f"{v} fwd+bwd"]
+    row["ui8 measure total"] = t["ui8 measure fwd+bwd"]
+    rows.append(row)
+    print(f"  {name} {label}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in row.items()
+                                           if isinstance(v, float)), flush=True)
   return rows
+
+
+# ---------------------------------------------------------------------------
+# Per training step.
 
 
 def _make_step(model, tx, wrt):
@@ -117,7 +210,8 @@ def _make_step(model, tx, wrt):
     model, opt = nnx.merge(graph, state)
 
     def loss_fn(m):
-      return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+      logits = m(x).astype(jnp.float32)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))(model)
     opt.update(model, grads)
     return loss, nnx.state((model, opt))
@@ -125,89 +219,148 @@ def _make_step(model, tx, wrt):
   return step, state
 
 
-def bench_train(repeats: int, batch: int) -> dict:
-  x = jax.random.normal(jax.random.key(0), (batch, 32, 32, 3))
-  y = jax.random.randint(jax.random.key(1), (batch,), 0, 10)
+def bench_train(name: str, batch: int, repeats: int, bf16: bool):
+  kw, side, classes = MODELS[name]
+  x = jax.random.normal(jax.random.key(0), (batch, side, side, 3))
+  y = jax.random.randint(jax.random.key(1), (batch,), 0, classes)
   sgd = optax.sgd(0.05, momentum=0.9)
-
   memory = {}
 
-  def variant(name, config, tx):
-    model = models.resnet20(num_classes=10, rngs=nnx.Rngs(0))
+  def variant(label, config, tx, dtype=None):
+    model = models.create_model(name, num_classes=classes, dtype=dtype, rngs=nnx.Rngs(0), **kw)
     wrt = nnx.Param
     if config is not None:
       int8jax.nn.quantize_model(model, config, rngs=nnx.Rngs(1))
       wrt = TRAINABLE
     step, state = _make_step(model, tx, wrt)
-    stats = step.lower(state, x, y).compile().memory_analysis()
-    memory[name] = (stats.temp_size_in_bytes, stats.argument_size_in_bytes)
-    _, state = step(state, x, y)  # one step: caches ranges, learns a clip
+    xin = x.astype(dtype) if dtype is not None else x
+    stats = step.lower(state, xin, y).compile().memory_analysis()
+    memory[label] = (stats.temp_size_in_bytes, stats.argument_size_in_bytes)
+    _, state = step(state, xin, y)  # one step: caches ranges, learns a clip
     holder = {"state": state}
 
     def run():
-      loss, holder["state"] = step(holder["state"], x, y)
+      loss, holder["state"] = step(holder["state"], xin, y)
       return loss
     return run
 
-  fns = {
-      "float32": variant("float32", None, sgd),
-      "ui8 period 1": variant("ui8 period 1", int8jax.QuantConfig(period=1),
-                              int8jax.optim.ui8(sgd)),
-      "ui8 non-measure": variant("ui8 non-measure", int8jax.QuantConfig(period=1_000_000),
-                                 int8jax.optim.ui8(sgd)),
-      "naive int8": variant("naive int8", int8jax.QuantConfig(grad_clip="max", period=1_000_000),
-                            int8jax.optim.ui8(sgd, scale_lr=False, learn_clip=False)),
-  }
-  return timed_rounds(fns, repeats), memory
+  fns = {"float32": variant("float32", None, sgd)}
+  if bf16:
+    fns["bf16"] = variant("bf16", None, sgd, dtype=jnp.bfloat16)
+  fns["ui8 period 1"] = variant("ui8 period 1", int8jax.QuantConfig(period=1),
+                                int8jax.optim.ui8(sgd))
+  fns["ui8 non-measure"] = variant("ui8 non-measure", int8jax.QuantConfig(period=1_000_000),
+                                   int8jax.optim.ui8(sgd))
+  fns["naive int8"] = variant(
+      "naive int8", int8jax.QuantConfig(grad_clip="max", period=1_000_000),
+      int8jax.optim.ui8(sgd, scale_lr=False, learn_clip=False))
+  t = timed_rounds(fns, repeats)
+  print(f"  {name} step: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in t.items()), flush=True)
+  return t, memory
 
 
-def versions() -> str:
-  import flax
-  import jaxlib
-  return (f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, flax {flax.__version__}, "
-          f"optax {optax.__version__}, Python {platform.python_version()}")
+# ---------------------------------------------------------------------------
+# Report.
+
+
+def ops_table(name: str, batch: int, rows: list[dict], bf16: bool) -> list[str]:
+  base = "bf16" if bf16 else "float32"
+  cols = ["float32"] + (["bf16"] if bf16 else [])
+  head = ["layer", "input"] + [f"{c} fwd / bwd ms" for c in cols] + [
+      "UI8 fwd / bwd ms", f"UI8 fwd speed-up vs {base}", f"UI8 bwd speed-up vs {base}",
+      "UI8 measure step fwd+bwd ms"]
+  lines = [f"{name}: QuantConv vs nnx.Conv, forward and backward, batch {batch}:", "",
+           "| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + " |"]
+  tot = {k: 0.0 for k in ("bf", "bb", "uf", "ub")}
+  for r in rows:
+    cells = [r["name"], r["shape"]]
+    for c in cols:
+      cells.append(f"{r[f'{c} fwd'] * 1e3:.1f} / {r[f'{c} bwd'] * 1e3:.1f}")
+    cells.append(f"{r['ui8 fwd'] * 1e3:.1f} / {r['ui8 bwd'] * 1e3:.1f}")
+    sf = r[f"{base} fwd"] / r["ui8 fwd"]
+    sb = r[f"{base} bwd"] / r["ui8 bwd"] if r["ui8 bwd"] > 0 else float("nan")
+    cells += [f"{sf:.2f}x", f"{sb:.2f}x", f"{r['ui8 measure total'] * 1e3:.1f}"]
+    lines.append("| " + " | ".join(cells) + " |")
+    tot["bf"] += r[f"{base} fwd"]; tot["bb"] += r[f"{base} bwd"]
+    tot["uf"] += r["ui8 fwd"]; tot["ub"] += r["ui8 bwd"]
+  cells = ["all layers above (one each)", ""] + [""] * len(cols) + [
+      f"{tot['uf'] * 1e3:.1f} / {tot['ub'] * 1e3:.1f}", f"{tot['bf'] / tot['uf']:.2f}x",
+      f"{tot['bb'] / tot['ub']:.2f}x", ""]
+  lines.append("| " + " | ".join(cells) + " |")
+  return lines
+
+
+def train_table(name: str, batch: int, t: dict, memory: dict) -> list[str]:
+  period = int8jax.QuantConfig().period
+  amort = ((period - 1) * t["ui8 non-measure"] + t["ui8 period 1"]) / period
+  f32 = t["float32"]
+  kw, side, _ = MODELS[name]
+  lines = [f"{name} training step (batch {batch}, {side}x{side}x3, SGD momentum):", "",
+           "| variant | ms / step | vs float32 | step temporaries MiB | arguments MiB |",
+           "| --- | ---: | ---: | ---: | ---: |"]
+  mib = lambda b: b / 2**20
+  for k in t:
+    tmp, arg = memory[k]
+    lines.append(f"| {k} | {t[k] * 1e3:.0f} | {t[k] / f32:.2f}x | {mib(tmp):.1f} | {mib(arg):.1f} |")
+  lines.append(f"| ui8 period {period} (amortised) | {amort * 1e3:.0f} | {amort / f32:.2f}x | | |")
+  if "bf16" in t:
+    lines.append(f"\nUI8 (period {period}, amortised) vs bf16: {amort / t['bf16']:.2f}x.")
+  return lines
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--repeats", type=int, default=15, help="timed calls per variant")
-  p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--repeats", type=int, default=None,
+                 help="timed calls per variant (default 15 per layer, 10 per step)")
+  p.add_argument("--models", default="resnet20,resnet50",
+                 help="training steps to time (comma list of resnet20,resnet50; '' for none)")
+  p.add_argument("--ops", default="resnet20,resnet50",
+                 help="models whose distinct convs to time per layer ('' for none)")
+  p.add_argument("--batch20", type=int, default=128, help="ResNet-20 batch (steps and layers)")
+  p.add_argument("--batch50", type=int, default=None,
+                 help="ResNet-50 step batch (default 256 on GPU, 16 on CPU)")
+  p.add_argument("--ops-batch50", type=int, default=None,
+                 help="ResNet-50 per-layer batch (default 256 on GPU, 8 on CPU)")
+  p.add_argument("--bf16", action="store_true", help="also time bf16 on CPU (always on GPU)")
   p.add_argument("--quick", action="store_true", help="5 repeats; print, do not write RESULTS.md")
   args = p.parse_args(argv)
-  repeats = 5 if args.quick else args.repeats
+  for opt in ("models", "ops"):
+    names = [n for n in getattr(args, opt).split(",") if n]
+    bad = [n for n in names if n not in MODELS]
+    if bad:
+      p.error(f"--{opt}: unknown model(s) {bad}; choose from {sorted(MODELS)}")
+    setattr(args, opt, names)
+  gpu = on_gpu()
+  bf16 = gpu or args.bf16
+  batch = {"resnet20": args.batch20,
+           "resnet50": args.batch50 or (256 if gpu else 16)}
+  ops_batch = {"resnet20": args.batch20,
+               "resnet50": args.ops_batch50 or (256 if gpu else 8)}
+  rep_ops = 5 if args.quick else (args.repeats or 15)
+  rep_step = 5 if args.quick else (args.repeats or 10)
 
   load_before = os.getloadavg()[0]
-  ops = bench_ops(repeats, args.batch)
-  train, memory = bench_train(repeats, args.batch)
-  period = int8jax.QuantConfig().period
-  amort = ((period - 1) * train["ui8 non-measure"] + train["ui8 period 1"]) / period
-  f32 = train["float32"]
+  sections = []
+  for name in args.ops:
+    rows = bench_ops(name, ops_batch[name], rep_ops, bf16)
+    sections.append(ops_table(name, ops_batch[name], rows, bf16))
+  for name in args.models:
+    t, memory = bench_train(name, batch[name], rep_step, bf16)
+    sections.append(train_table(name, batch[name], t, memory))
 
-  lines = [f"### UI8 vs float32 on {machine()}", "",
-           f"{datetime.date.today().isoformat()}; {versions()}; median of {repeats} timed calls "
-           "after warm-up, variants interleaved; 1-min load average "
-           f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
-           "(other work on the machine inflates absolute times, less the ratios); "
-           "`python benchmarks/train_step.py`.", "",
-           f"QuantConv forward + backward (batch {args.batch}), XLA backend:", "",
-           "| layer | input | float32 ms | UI8 ms | UI8 / f32 | UI8 measure step ms |",
-           "| --- | --- | ---: | ---: | ---: | ---: |"]
-  for r in ops:
-    lines.append(f"| {r['name']} | {r['shape']} | {r['float32'] * 1e3:.1f} | {r['ui8'] * 1e3:.1f} "
-                 f"| {r['ui8'] / r['float32']:.2f}x | {r['ui8 measure'] * 1e3:.1f} |")
-  lines += ["", f"ResNet-20 training step (batch {args.batch}, 32x32x3, SGD momentum):", "",
-            "| variant | ms / step | vs float32 | step temporaries MiB | arguments MiB |",
-            "| --- | ---: | ---: | ---: | ---: |"]
-  mib = lambda b: b / 2**20
-  for k in ("float32", "ui8 non-measure", "ui8 period 1", "naive int8"):
-    tmp, arg = memory[k]
-    lines.append(f"| {k} | {train[k] * 1e3:.0f} | {train[k] / f32:.2f}x | {mib(tmp):.1f} "
-                 f"| {mib(arg):.1f} |")
-  lines.append(f"| ui8 period {period} (amortised) | {amort * 1e3:.0f} | {amort / f32:.2f}x | | |")
-  lines += ["", "Memory: XLA's buffer assignment for the compiled step "
-            "(`compiled.memory_analysis()`): temporaries are activations kept for the "
-            "backward pass plus scratch; arguments are parameters, optimizer and "
-            "quantization state and the batch."]
+  lines = [f"### UI8 vs float on {machine()}", "",
+           f"{datetime.date.today().isoformat()}; {versions()}; backend "
+           f"{int8jax.backends.resolve(None)}; median of {rep_ops} (layers) / {rep_step} (steps) "
+           "timed calls after warm-up, variants interleaved; 1-min load average "
+           f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after; "
+           f"`python benchmarks/train_step.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
+           .rstrip() + ".", ""]
+  for s in sections:
+    lines += s + [""]
+  lines += ["Backward = (forward + backward) - forward. Memory: XLA's buffer assignment "
+            "for the compiled step (`compiled.memory_analysis()`): temporaries are "
+            "activations kept for the backward pass plus scratch; arguments are "
+            "parameters, optimizer and quantization state and the batch."]
   table = "\n".join(lines)
   print(table)
   if not args.quick:
