@@ -55,7 +55,12 @@ from examples import models  # noqa: E402
 from int8jax.nn import TRAINABLE, QuantConv  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-BEGIN, END = "<!-- train_step.py: begin -->", "<!-- train_step.py: end -->"
+
+
+def markers() -> tuple[str, str]:
+  """RESULTS.md block of this platform (CPU and GPU tables live side by side)."""
+  tag = "" if jax.default_backend() == "cpu" else f" ({jax.default_backend()})"
+  return f"<!-- train_step.py{tag}: begin -->", f"<!-- train_step.py{tag}: end -->"
 
 MODELS = {
     # name: (constructor kwargs, input side, classes)
@@ -149,9 +154,12 @@ def distinct_convs(name: str) -> list[tuple]:
 # Per layer.
 
 
-def bench_ops(name: str, batch: int, repeats: int, bf16: bool) -> list[dict]:
+def bench_ops(name: str, batch: int, repeats: int, bf16: bool,
+              kernels: tuple[int, ...] | None = None) -> list[dict]:
   rows = []
   for label, h, w, cin, cout, k, s, padding in distinct_convs(name):
+    if kernels and k not in kernels:
+      continue
     x = jax.random.normal(jax.random.key(0), (batch, h, w, cin))
     conv_kw = dict(strides=s, padding=padding, use_bias=False)
     fl = nnx.Conv(cin, cout, (k, k), rngs=nnx.Rngs(0), **conv_kw)
@@ -183,9 +191,15 @@ def bench_ops(name: str, batch: int, repeats: int, bf16: bool) -> list[dict]:
     fns = {}
     for v, (f, fb_) in variants.items():
       fns[f"{v} fwd"], fns[f"{v} fwd+bwd"] = f, fb_
-    fns["ui8 measure fwd+bwd"] = programs(quant_conv(1), TRAINABLE, x, gy)[1]
-    t = timed_rounds(fns, repeats)
     row = dict(name=label, shape=f"{batch}x{h}x{w}x{cin}")
+    try:
+      fns["ui8 measure fwd+bwd"] = programs(quant_conv(1), TRAINABLE, x, gy)[1]
+      t = timed_rounds(fns, repeats)
+    except Exception as e:  # reported in the table, not fatal
+      row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+      rows.append(row)
+      print(f"  {name} {label} FAILED: {row['error']}", flush=True)
+      continue
     for v in variants:
       row[f"{v} fwd"] = t[f"{v} fwd"]
       row[f"{v} bwd"] = max(t[f"{v} fwd+bwd"] - t[f"{v} fwd"], 0.0)
@@ -219,7 +233,11 @@ def _make_step(model, tx, wrt):
   return step, state
 
 
-def bench_train(name: str, batch: int, repeats: int, bf16: bool):
+STEP_VARIANTS = ("float32", "bf16", "ui8 period 1", "ui8 non-measure", "naive int8")
+
+
+def bench_train(name: str, batch: int, repeats: int, bf16: bool,
+                only: tuple[str, ...] = STEP_VARIANTS):
   kw, side, classes = MODELS[name]
   x = jax.random.normal(jax.random.key(0), (batch, side, side, 3))
   y = jax.random.randint(jax.random.key(1), (batch,), 0, classes)
@@ -244,19 +262,26 @@ def bench_train(name: str, batch: int, repeats: int, bf16: bool):
       return loss
     return run
 
-  fns = {"float32": variant("float32", None, sgd)}
-  if bf16:
-    fns["bf16"] = variant("bf16", None, sgd, dtype=jnp.bfloat16)
-  fns["ui8 period 1"] = variant("ui8 period 1", int8jax.QuantConfig(period=1),
-                                int8jax.optim.ui8(sgd))
-  fns["ui8 non-measure"] = variant("ui8 non-measure", int8jax.QuantConfig(period=1_000_000),
-                                   int8jax.optim.ui8(sgd))
-  fns["naive int8"] = variant(
-      "naive int8", int8jax.QuantConfig(grad_clip="max", period=1_000_000),
-      int8jax.optim.ui8(sgd, scale_lr=False, learn_clip=False))
+  specs = {
+      "float32": (None, sgd, None),
+      "bf16": (None, sgd, jnp.bfloat16),
+      "ui8 period 1": (int8jax.QuantConfig(period=1), int8jax.optim.ui8(sgd), None),
+      "ui8 non-measure": (int8jax.QuantConfig(period=1_000_000), int8jax.optim.ui8(sgd), None),
+      "naive int8": (int8jax.QuantConfig(grad_clip="max", period=1_000_000),
+                     int8jax.optim.ui8(sgd, scale_lr=False, learn_clip=False), None),
+  }
+  fns, failed = {}, {}
+  for label, (config, tx, dtype) in specs.items():
+    if label not in only or (label == "bf16" and not bf16):
+      continue
+    try:
+      fns[label] = variant(label, config, tx, dtype)
+    except Exception as e:  # a variant that does not compile is reported, not fatal
+      failed[label] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+      print(f"  {name} {label} FAILED: {failed[label]}", flush=True)
   t = timed_rounds(fns, repeats)
   print(f"  {name} step: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in t.items()), flush=True)
-  return t, memory
+  return t, memory, failed
 
 
 # ---------------------------------------------------------------------------
@@ -274,6 +299,9 @@ def ops_table(name: str, batch: int, rows: list[dict], bf16: bool) -> list[str]:
   tot = {k: 0.0 for k in ("bf", "bb", "uf", "ub")}
   for r in rows:
     cells = [r["name"], r["shape"]]
+    if "error" in r:
+      lines.append("| " + " | ".join(cells + [f"failed: {r['error']}"] + [""] * (len(head) - 3)) + " |")
+      continue
     for c in cols:
       cells.append(f"{r[f'{c} fwd'] * 1e3:.1f} / {r[f'{c} bwd'] * 1e3:.1f}")
     cells.append(f"{r['ui8 fwd'] * 1e3:.1f} / {r['ui8 bwd'] * 1e3:.1f}")
@@ -283,28 +311,33 @@ def ops_table(name: str, batch: int, rows: list[dict], bf16: bool) -> list[str]:
     lines.append("| " + " | ".join(cells) + " |")
     tot["bf"] += r[f"{base} fwd"]; tot["bb"] += r[f"{base} bwd"]
     tot["uf"] += r["ui8 fwd"]; tot["ub"] += r["ui8 bwd"]
-  cells = ["all layers above (one each)", ""] + [""] * len(cols) + [
-      f"{tot['uf'] * 1e3:.1f} / {tot['ub'] * 1e3:.1f}", f"{tot['bf'] / tot['uf']:.2f}x",
-      f"{tot['bb'] / tot['ub']:.2f}x", ""]
-  lines.append("| " + " | ".join(cells) + " |")
+  if tot["uf"] > 0 and tot["ub"] > 0:
+    cells = ["all layers above (one each)", ""] + [""] * len(cols) + [
+        f"{tot['uf'] * 1e3:.1f} / {tot['ub'] * 1e3:.1f}", f"{tot['bf'] / tot['uf']:.2f}x",
+        f"{tot['bb'] / tot['ub']:.2f}x", ""]
+    lines.append("| " + " | ".join(cells) + " |")
   return lines
 
 
-def train_table(name: str, batch: int, t: dict, memory: dict) -> list[str]:
+def train_table(name: str, batch: int, t: dict, memory: dict, failed: dict) -> list[str]:
   period = int8jax.QuantConfig().period
-  amort = ((period - 1) * t["ui8 non-measure"] + t["ui8 period 1"]) / period
-  f32 = t["float32"]
+  base = t.get("float32")
   kw, side, _ = MODELS[name]
   lines = [f"{name} training step (batch {batch}, {side}x{side}x3, SGD momentum):", "",
            "| variant | ms / step | vs float32 | step temporaries MiB | arguments MiB |",
            "| --- | ---: | ---: | ---: | ---: |"]
   mib = lambda b: b / 2**20
+  rel = lambda v: f"{v / base:.2f}x" if base else ""
   for k in t:
     tmp, arg = memory[k]
-    lines.append(f"| {k} | {t[k] * 1e3:.0f} | {t[k] / f32:.2f}x | {mib(tmp):.1f} | {mib(arg):.1f} |")
-  lines.append(f"| ui8 period {period} (amortised) | {amort * 1e3:.0f} | {amort / f32:.2f}x | | |")
-  if "bf16" in t:
-    lines.append(f"\nUI8 (period {period}, amortised) vs bf16: {amort / t['bf16']:.2f}x.")
+    lines.append(f"| {k} | {t[k] * 1e3:.0f} | {rel(t[k])} | {mib(tmp):.1f} | {mib(arg):.1f} |")
+  for k, why in failed.items():
+    lines.append(f"| {k} | failed: {why} | | | |")
+  if "ui8 non-measure" in t and "ui8 period 1" in t:
+    amort = ((period - 1) * t["ui8 non-measure"] + t["ui8 period 1"]) / period
+    lines.append(f"| ui8 period {period} (amortised) | {amort * 1e3:.0f} | {rel(amort)} | | |")
+    if "bf16" in t:
+      lines.append(f"\nUI8 (period {period}, amortised) vs bf16: {amort / t['bf16']:.2f}x.")
   return lines
 
 
@@ -323,7 +356,19 @@ def main(argv=None):
                  help="ResNet-50 per-layer batch (default 256 on GPU, 8 on CPU)")
   p.add_argument("--bf16", action="store_true", help="also time bf16 on CPU (always on GPU)")
   p.add_argument("--quick", action="store_true", help="5 repeats; print, do not write RESULTS.md")
+  p.add_argument("--step-variants", default=",".join(STEP_VARIANTS),
+                 help=f"training-step variants to time (comma list of {', '.join(STEP_VARIANTS)})")
+  p.add_argument("--ops-kernels", default="",
+                 help="per-layer table: only convs of these kernel sizes (e.g. '3'; default all)")
   args = p.parse_args(argv)
+  args.step_variants = tuple(v.strip() for v in args.step_variants.split(",") if v.strip())
+  bad = [v for v in args.step_variants if v not in STEP_VARIANTS]
+  if bad:
+    p.error(f"--step-variants: unknown {bad}; choose from {list(STEP_VARIANTS)}")
+  try:
+    kernels = tuple(int(k) for k in args.ops_kernels.split(",") if k.strip())
+  except ValueError:
+    p.error(f"--ops-kernels: expected kernel sizes like '1,3', got {args.ops_kernels!r}")
   for opt in ("models", "ops"):
     names = [n for n in getattr(args, opt).split(",") if n]
     bad = [n for n in names if n not in MODELS]
@@ -341,13 +386,19 @@ def main(argv=None):
 
   load_before = os.getloadavg()[0]
   sections = []
-  for name in args.ops:
-    rows = bench_ops(name, ops_batch[name], rep_ops, bf16)
-    sections.append(ops_table(name, ops_batch[name], rows, bf16))
+  # Steps first, then layers; RESULTS.md is rewritten after every section, so a
+  # run cut short (a time-limited GPU lease) still leaves what it measured.
   for name in args.models:
-    t, memory = bench_train(name, batch[name], rep_step, bf16)
-    sections.append(train_table(name, batch[name], t, memory))
+    t, memory, failed = bench_train(name, batch[name], rep_step, bf16, args.step_variants)
+    sections.append(train_table(name, batch[name], t, memory, failed))
+    report(sections, args, argv, load_before, rep_ops, rep_step)
+  for name in args.ops:
+    rows = bench_ops(name, ops_batch[name], rep_ops, bf16, kernels)
+    sections.append(ops_table(name, ops_batch[name], rows, bf16))
+    report(sections, args, argv, load_before, rep_ops, rep_step)
 
+
+def report(sections, args, argv, load_before, rep_ops, rep_step):
   lines = [f"### UI8 vs float on {machine()}", "",
            f"{datetime.date.today().isoformat()}; {versions()}; backend "
            f"{int8jax.backends.resolve(None)}; median of {rep_ops} (layers) / {rep_step} (steps) "
@@ -362,17 +413,20 @@ def main(argv=None):
             "activations kept for the backward pass plus scratch; arguments are "
             "parameters, optimizer and quantization state and the batch."]
   table = "\n".join(lines)
-  print(table)
+  print(table, flush=True)
   if not args.quick:
+    begin, end = markers()
     text = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n"
-    block = f"{BEGIN}\n{table}\n{END}"
-    if BEGIN in text:
-      text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda m: block, text, flags=re.S)
+    block = f"{begin}\n{table}\n{end}"
+    if begin in text:
+      text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda m: block, text, flags=re.S)
     else:
       text = text.rstrip() + "\n\n" + block + "\n"
-    with open(RESULTS, "w") as f:
+    tmp = RESULTS + ".tmp"
+    with open(tmp, "w") as f:
       f.write(text)
-    print(f"\nwritten to {RESULTS}")
+    os.replace(tmp, RESULTS)
+    print(f"\nwritten to {RESULTS}", flush=True)
 
 
 if __name__ == "__main__":

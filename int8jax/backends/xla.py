@@ -25,11 +25,14 @@ So every product here is an im2col GEMM in the fast layout:
 * depthwise convs (one input feature per group) skip GEMMs: fused
   elementwise multiply-adds over the window offsets in int32.
 
-Known slow spot (ResNet-20's 16-feature stage): the weight gradient's
-transposed patch matrix ``(9 * 16, N * H * W)`` takes XLA:CPU ~20 ms to build
-inside the step while the GEMM on it takes ~5 ms; built by
-``dynamic_update_slice`` in a separate jit it took 7 ms, so the cost comes
-from the layout XLA assigns to it when fused with the GEMM. Not solved yet.
+Memory and scheduling (see docs/performance.md): the op
+(:mod:`int8jax.ops`) hands these functions int8 tensors that were
+materialised once, behind ``lax.optimization_barrier``, and ties the forward
+residual ``xq`` to the output-gradient ``gq`` before the weight gradient, so
+XLA builds each layer's patch matrix when that layer's backward runs (left
+free, it hoisted all of them to the start of the backward pass: 192 MB alive
+at once in a ResNet-20 step). XLA:CPU allocates a step's temporaries afresh
+on every call, so every byte of scratch also costs page faults.
 
 Overflow: a contraction longer than ``chunk_k`` (weight gradients contract over
 batch x height x width) is split into chunks of at most ``chunk_k`` int32
