@@ -33,12 +33,14 @@ class QuantConfig:
     period: measure ranges, the cosine distance and the clip gradient every
       ``period`` calls of the layer (the paper's periodic update, §4.3).
       Calls in between reuse the cached activation range and clip value.
-    backend: ``"xla"`` (``lax`` int8 ops, exact, the CPU default),
-      ``"pallas"`` (Mosaic GPU kernels of :mod:`pallas_kernels`, Hopper only;
-      bit-identical to ``"xla"``; a ``ValueError`` at trace time elsewhere),
+    backend: ``None`` (the default: Pallas on a Hopper GPU, else XLA),
+      ``"xla"`` (``lax`` int8 ops, exact; the CPU backend — refused with a
+      ``ValueError`` when tracing for a GPU, where XLA:GPU gave wrong input
+      gradients, see :mod:`int8jax.backends`), ``"pallas"`` (Mosaic GPU
+      kernels of :mod:`pallas_kernels`, Hopper only; bit-identical to
+      ``"xla"``; a ``ValueError`` at trace time elsewhere) or
       ``"pallas_interpret"`` (the same kernels in Mosaic GPU interpret mode on
-      any machine; slow, for tests) or ``None`` (Pallas where available, else
-      XLA).
+      any machine; slow, for tests).
     chunk_k: largest contraction length accumulated in one int32 sum;
       longer contractions are split and the partial sums combined exactly.
       ``127 * 127 * chunk_k`` must stay below ``2**31``.
@@ -49,7 +51,7 @@ class QuantConfig:
   grad_rounding: str = "stochastic"
   grad_clip: str = "learned"
   period: int = 100
-  backend: str | None = "xla"
+  backend: str | None = None
   chunk_k: int = 131072
 
   def __post_init__(self):

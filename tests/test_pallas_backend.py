@@ -272,10 +272,12 @@ def test_conv_op_lowers_for_cuda(name):
 # GEMM shapes, hence the real kernel configs (128x128 and 128x64 tiles, the
 # int32-output kernel of the chunked weight gradient: K = 256*56*56 = 802,816).
 LOWERING_CASES = {
+    # wgrad (M = 576, N = 64, K = 256*56*56) is a split-K shape: XLA int8.
     "r50_l1_3x3_64": (((256, 56, 56, 64), (3, 3, 64, 64), (1, 1), "SAME", None, None, 1),
-                      3 + 6),   # wgrad: ceil(802816 / 131072) = 7 int32 chunks
+                      2),
+    # strided dgrad: int32-output kernel; wgrad K = 256*28*28 on XLA int8.
     "r50_l2_3x3s2_128": (((256, 56, 56, 128), (3, 3, 128, 128), (2, 2), "SAME", None,
-                          None, 1), 2 + 2),  # wgrad K = 256*28*28: 2 chunks
+                          None, 1), 2),
     "r50_l4_3x3_512": (((256, 7, 7, 512), (3, 3, 512, 512), (1, 1), "SAME", None, None, 1),
                        3),
     "resnext_g2": (((8, 14, 14, 128), (3, 3, 64, 128), (1, 1), "SAME", None, None, 2), 6),
@@ -287,6 +289,23 @@ def test_real_conv_shapes_lower_for_cuda(name):
   case, calls = LOWERING_CASES[name]
   cfg = int8jax.QuantConfig(backend="pallas")
   assert _lower_for_cuda(_conv_fwd_bwd(case, cfg), *_abstract(case)) == calls
+
+
+def test_split_k_wgrad_on_kernel_when_routing_is_off(monkeypatch):
+  """With the split-K routing off, the 802,816-long wgrad runs on the kernel
+  in ceil(802816 / 131072) = 7 int32-output chunks (the kernel config stays
+  covered)."""
+  monkeypatch.setattr(pallas_backend, "SPLIT_K_MIN_K", 2**62)
+  case, calls = LOWERING_CASES["r50_l1_3x3_64"]
+  cfg = int8jax.QuantConfig(backend="pallas")
+  assert _lower_for_cuda(_conv_fwd_bwd(case, cfg), *_abstract(case)) == calls + 7
+
+
+def test_split_k_policy():
+  assert pallas_backend._split_k_shape(576, 64, 802816)        # r50 l1 wgrad
+  assert not pallas_backend._split_k_shape(4608, 512, 802816)  # 36 x 4 = 144 blocks
+  assert not pallas_backend._split_k_shape(576, 64, 4096)      # short K
+  assert not pallas_backend._split_k_shape(802816, 64, 576)    # forward GEMM
 
 
 def test_dense_op_lowers_for_cuda():
@@ -308,29 +327,70 @@ def test_dense_op_lowers_for_cuda():
 # ---------------------------------------------------------------------------
 
 
+def _on_cpu(fn, *args):
+  """``fn(*args)`` computed by XLA:CPU (the exact reference), as numpy."""
+  cpu = jax.devices("cpu")[0]
+  with jax.default_device(cpu):
+    return [np.asarray(a) for a in fn(*jax.device_put(args, cpu))]
+
+
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("name", list(CONV_CASES))
-def test_conv_op_gpu_equals_xla(name):
+def test_conv_op_gpu_equals_cpu_reference(name):
+  """The Pallas backend on the GPU against the XLA backend on the CPU (same
+  integers; 1 ulp for the float dequantization multiply). Narrow groups have
+  no kernel path and are refused on GPUs."""
   case = CONV_CASES[name]
   cfg = int8jax.QuantConfig(backend="pallas", grad_rounding="nearest")
   args = _conv_inputs(case)
+  if not pallas_backend._use_kernel(_spec(case)):
+    with pytest.raises(ValueError, match="feature_group_count"):
+      _conv_fwd_bwd(case, cfg)(*args)
+    return
   got = _conv_fwd_bwd(case, cfg)(*args)
-  want = _conv_fwd_bwd(case, cfg.replace(backend="xla"))(*args)
-  # Same integers; XLA:GPU fuses its own float multiply, so allow 1 ulp.
-  for a, b in zip(got, want):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2.4e-7, atol=0)
+  want = _on_cpu(_conv_fwd_bwd(case, cfg.replace(backend="xla")), *args)
+  for what, a, b in zip(("y", "dx", "dw"), got, want):
+    np.testing.assert_allclose(np.asarray(a), b, rtol=2.4e-7, atol=0, err_msg=what)
 
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("name", ["r50_l4_3x3_512", "resnext_g2"])
-def test_real_conv_shapes_gpu_equal_xla(name):
+def test_xla_backend_refused_on_gpu():
+  case = CONV_CASES["s1_same"]
+  with pytest.raises(ValueError, match="CPU backend"):
+    _conv_fwd_bwd(case, int8jax.QuantConfig(backend="xla"))(*_conv_inputs(case))
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("name", ["r50_l4_3x3_512", "resnext_g2", "r50_l1_3x3_64"])
+def test_real_conv_shapes_gpu_equal_cpu_reference(name, monkeypatch):
+  """Real layer shapes at batch 16; r50_l1's wgrad (K = 16*56*56 = 50,176) is
+  a split-K shape, so it runs on XLA:GPU's int8 dot (SPLIT_K_*)."""
   case, _ = LOWERING_CASES[name]
   case = ((16, *case[0][1:]),) + case[1:]
   cfg = int8jax.QuantConfig(backend="pallas", grad_rounding="nearest")
   args = _conv_inputs(case)
   got = _conv_fwd_bwd(case, cfg)(*args)
-  want = _conv_fwd_bwd(case, cfg.replace(backend="xla"))(*args)
-  for a, b in zip(got, want):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2.4e-7, atol=0)
+  want = _on_cpu(_conv_fwd_bwd(case, cfg.replace(backend="xla")), *args)
+  for what, a, b in zip(("y", "dx", "dw"), got, want):
+    np.testing.assert_allclose(np.asarray(a), b, rtol=2.4e-7, atol=0, err_msg=what)
+
+
+def test_xla_backend_refused_when_tracing_for_gpu(monkeypatch):
+  """No GPU here: pretend the ops are traced for one."""
+  monkeypatch.setattr(backends, "target_platform", lambda: "gpu")
+  case = CONV_CASES["s1_same"]
+  with pytest.raises(ValueError, match="backend='xla' is int8jax's CPU backend"):
+    _conv_fwd_bwd(case, int8jax.QuantConfig(backend="xla"))(*_conv_inputs(case))
+  spec = _spec(CONV_CASES["depthwise"])
+  with pytest.raises(ValueError, match="feature_group_count=5"):
+    pallas_backend._use_kernel(spec, interpret=False)
+  assert not pallas_backend._use_kernel(spec, interpret=True)  # interpret mode: CPU
+
+
+def test_target_platform_follows_default_device():
+  cpu = jax.devices("cpu")[0]
+  with jax.default_device(cpu):
+    assert backends.target_platform() == "cpu"

@@ -72,6 +72,17 @@ name = "pallas"
 # batched XLA dot_generals (see the module doc).
 MIN_GROUP_FEATURES = 64
 
+# Split-K shapes go to XLA's int8 dot_general (cuBLAS int8 on the GPU) instead
+# of the kernel: the kernel has no split-K yet, so a GEMM whose output grid
+# has fewer (128 x 128) blocks than Hopper has multiprocessors (132) runs its
+# whole contraction on a few of them. The weight gradient is that shape: M =
+# window x C_in, N = C_out, K = batch x pixels. Measured on an H200
+# (benchmarks/RESULTS.md, 2026-11-26): ResNet-50's 64x64x802,816 wgrad GEMM
+# took 5.15 ms on the kernel, 0.13 ms through XLA int8. Still int8 x int8 with
+# exact int32 accumulation (chunked like the XLA backend), bit-identical.
+SPLIT_K_MIN_K = 16384
+SPLIT_K_MAX_BLOCKS = 132
+
 
 # ---------------------------------------------------------------------------
 # GEMM helpers: a (M, K) int8, b (N, K) int8, both K-major.
@@ -79,6 +90,12 @@ MIN_GROUP_FEATURES = 64
 
 def _chunk(chunk_k: int) -> int:
   return min(chunk_k, pk.INT32_SAFE_K)
+
+
+def _split_k_shape(m: int, n: int, k: int) -> bool:
+  """True for GEMMs the kernel runs on too few blocks (see SPLIT_K_*)."""
+  blocks = -(-m // 128) * -(-n // 128)
+  return k >= SPLIT_K_MIN_K and blocks < SPLIT_K_MAX_BLOCKS
 
 
 def _int_gemm(a, b, *, chunk_k, interpret):
@@ -97,16 +114,35 @@ def _int_gemm(a, b, *, chunk_k, interpret):
 
 def _gemm(a, b, scale, *, chunk_k, interpret):
   """float32 ``(a @ b.T) * scale``; ``scale`` scalar or (N,)."""
+  if _split_k_shape(a.shape[0], b.shape[0], a.shape[1]):
+    return xla.int8_dot(a, b, (1, 1), chunk_k=chunk_k) * scale
   if a.shape[1] <= _chunk(chunk_k):
     # Single int32 accumulator: dequantization fused in the kernel epilogue.
     return pk.int8_matmul(a, b, b_scale=scale, interpret=interpret)
   return _int_gemm(a, b, chunk_k=chunk_k, interpret=interpret).astype(jnp.float32) * scale
 
 
-def _use_kernel(spec: ConvSpec) -> bool:
+def _use_kernel(spec: ConvSpec, interpret: bool = True) -> bool:
+  """Whether the conv runs on the kernel (else on the XLA backend's functions).
+
+  The XLA fallback (narrow groups, depthwise) gave wrong input gradients when
+  compiled by XLA:GPU (see ``int8jax.backends.XLA_ON_GPU_MESSAGE``), so on a
+  GPU it is refused with a ValueError; in interpret mode (CPU) it runs.
+  """
   g = spec.feature_group_count
   cg, og = spec.rhs_shape[-2], spec.out_features // g
-  return g == 1 or min(cg, og) >= MIN_GROUP_FEATURES
+  if g == 1 or min(cg, og) >= MIN_GROUP_FEATURES:
+    return True
+  if not interpret:
+    from int8jax import backends
+    if backends.target_platform() == "gpu":
+      raise ValueError(
+          f"backend='pallas': grouped convolutions need at least "
+          f"{MIN_GROUP_FEATURES} input and output features per group on the kernel "
+          f"(got feature_group_count={g}, {cg} in / {og} out per group); the XLA "
+          "fallback for narrower groups (depthwise) is refused on GPUs: "
+          + backends.XLA_ON_GPU_MESSAGE)
+  return False
 
 
 def _dims(spec: ConvSpec):
@@ -139,7 +175,7 @@ def _conv(xq, wq, scale, spec: ConvSpec, *, chunk_k, interpret):
 def conv_forward(xq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
                  *, chunk_k: int, interpret: bool = False) -> jax.Array:
   """``conv(xq, wq) * scale`` as an im2col GEMM; ``scale`` scalar or (O,)."""
-  if not _use_kernel(spec):
+  if not _use_kernel(spec, interpret):
     return xla.conv_forward(xq, wq, scale, spec, chunk_k=chunk_k)
   return _conv(xq, wq, scale, spec, chunk_k=chunk_k, interpret=interpret)
 
@@ -155,7 +191,7 @@ def conv_dgrad(gq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
   ``g (pixels, O/G) @ w^T`` to patch space with ``out_dtype=int32`` and
   :func:`xla.col2im` summing exact integers.
   """
-  if not _use_kernel(spec):
+  if not _use_kernel(spec, interpret):
     return xla.conv_dgrad(gq, wq, scale, spec, chunk_k=chunk_k)
   g, kw, cg, og = _dims(spec)
   if all(s == 1 for s in spec.window_strides) or kw * og > chunk_k:
@@ -179,7 +215,7 @@ def conv_wgrad(xq: jax.Array, gq: jax.Array, scale: jax.Array, spec: ConvSpec,
                *, chunk_k: int, interpret: bool = False) -> jax.Array:
   """Kernel gradient ``(*window, C // G, O)``: a GEMM over transposed patches,
   contracting over batch x output pixels (chunked, exact)."""
-  if not _use_kernel(spec):
+  if not _use_kernel(spec, interpret):
     return xla.conv_wgrad(xq, gq, scale, spec, chunk_k=chunk_k)
   g, kw, cg, og = _dims(spec)
   p = xla.patches(xq, spec)

@@ -5,7 +5,9 @@ Every function takes int8 operands in the channel-last form of
 layer), accumulates int8 x int8 products in int32
 (``preferred_element_type=jnp.int32``) and returns float32
 ``exact_sum * scale``. It is the exact integer reference of the library and
-the default on CPU.
+the CPU backend (what ``backend=None`` picks there). Written for XLA:CPU:
+compiled by XLA:GPU its convs gave wrong input gradients (see
+``int8jax.backends.XLA_ON_GPU_MESSAGE``), so it is refused on GPUs.
 
 Speed on XLA:CPU: only some int8 ops get XLA's int8 GEMM kernel. Measured on
 the 2-core development machine (see benchmarks/): an int8 ``dot_general``

@@ -113,7 +113,7 @@ class QuantConv(_QuantMixin, nnx.Conv):
 
   Args: those of :class:`flax.nnx.Conv`, plus
 
-    quant: :class:`int8jax.QuantConfig` (default: UI8 with the XLA backend);
+    quant: :class:`int8jax.QuantConfig` (default: UI8, best available backend);
       ``None`` makes the layer an exact ``nnx.Conv``.
     deterministic: evaluation mode (no counting, no measuring, cached range);
       toggled by ``model.eval()`` / ``model.train()``.
