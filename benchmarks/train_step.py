@@ -69,6 +69,15 @@ MODELS = {
 }
 
 
+# QuantConfig.backend of every UI8 variant (--backend): None = the best
+# available (Pallas kernels on a Hopper GPU, XLA elsewhere).
+BACKEND: str | None = None
+
+
+def qconfig(**kw) -> int8jax.QuantConfig:
+  return int8jax.QuantConfig(backend=BACKEND, **kw)
+
+
 def on_gpu() -> bool:
   return jax.default_backend() == "gpu"
 
@@ -166,7 +175,7 @@ def bench_ops(name: str, batch: int, repeats: int, bf16: bool,
     gy = jax.random.normal(jax.random.key(1), jax.eval_shape(fl, x).shape)
 
     def quant_conv(period):
-      qc = QuantConv(cin, cout, (k, k), quant=int8jax.QuantConfig(period=period),
+      qc = QuantConv(cin, cout, (k, k), quant=qconfig(period=period),
                      rngs=nnx.Rngs(0), **conv_kw)
       qc(x)  # first call measures; with a huge period later calls do not
       return qc
@@ -265,9 +274,9 @@ def bench_train(name: str, batch: int, repeats: int, bf16: bool,
   specs = {
       "float32": (None, sgd, None),
       "bf16": (None, sgd, jnp.bfloat16),
-      "ui8 period 1": (int8jax.QuantConfig(period=1), int8jax.optim.ui8(sgd), None),
-      "ui8 non-measure": (int8jax.QuantConfig(period=1_000_000), int8jax.optim.ui8(sgd), None),
-      "naive int8": (int8jax.QuantConfig(grad_clip="max", period=1_000_000),
+      "ui8 period 1": (qconfig(period=1), int8jax.optim.ui8(sgd), None),
+      "ui8 non-measure": (qconfig(period=1_000_000), int8jax.optim.ui8(sgd), None),
+      "naive int8": (qconfig(grad_clip="max", period=1_000_000),
                      int8jax.optim.ui8(sgd, scale_lr=False, learn_clip=False), None),
   }
   fns, failed = {}, {}
@@ -360,7 +369,11 @@ def main(argv=None):
                  help=f"training-step variants to time (comma list of {', '.join(STEP_VARIANTS)})")
   p.add_argument("--ops-kernels", default="",
                  help="per-layer table: only convs of these kernel sizes (e.g. '3'; default all)")
+  p.add_argument("--backend", default="best", choices=["best", "xla", "pallas"],
+                 help="QuantConfig.backend of the UI8 variants (best: Pallas on Hopper, else XLA)")
   args = p.parse_args(argv)
+  global BACKEND
+  BACKEND = None if args.backend == "best" else args.backend
   args.step_variants = tuple(v.strip() for v in args.step_variants.split(",") if v.strip())
   bad = [v for v in args.step_variants if v not in STEP_VARIANTS]
   if bad:
@@ -401,7 +414,7 @@ def main(argv=None):
 def report(sections, args, argv, load_before, rep_ops, rep_step):
   lines = [f"### UI8 vs float on {machine()}", "",
            f"{datetime.date.today().isoformat()}; {versions()}; backend "
-           f"{int8jax.backends.resolve(None)}; median of {rep_ops} (layers) / {rep_step} (steps) "
+           f"{int8jax.backends.resolve(BACKEND)}; median of {rep_ops} (layers) / {rep_step} (steps) "
            "timed calls after warm-up, variants interleaved; 1-min load average "
            f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after; "
            f"`python benchmarks/train_step.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
