@@ -365,7 +365,7 @@ def test_xla_backend_refused_on_gpu():
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("name", ["r50_l4_3x3_512", "resnext_g2", "r50_l1_3x3_64"])
-def test_real_conv_shapes_gpu_equal_cpu_reference(name, monkeypatch):
+def test_real_conv_shapes_gpu_equal_cpu_reference(name):
   """Real layer shapes at batch 16; r50_l1's wgrad (K = 16*56*56 = 50,176) is
   a split-K shape, so it runs on XLA:GPU's int8 dot (SPLIT_K_*)."""
   case, _ = LOWERING_CASES[name]
