@@ -7,7 +7,9 @@ import dataclasses
 _GRANULARITIES = ("tensor", "channel")
 _ROUNDINGS = ("stochastic", "nearest")
 _GRAD_CLIPS = ("learned", "max")
-_BACKENDS = ("xla", "pallas", "pallas_interpret", None)
+#: The backend names a user may pass (``QuantConfig.backend``, ``--backend``):
+#: ``None`` picks the best available one (see :mod:`int8jax.backends`).
+BACKEND_NAMES = (None, "xla", "pallas", "pallas_interpret")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +69,8 @@ class QuantConfig:
     if self.grad_clip not in _GRAD_CLIPS:
       raise ValueError(f"QuantConfig.grad_clip must be one of {_GRAD_CLIPS}, "
                        f"got {self.grad_clip!r}")
-    if self.backend not in _BACKENDS:
-      raise ValueError(f"QuantConfig.backend must be one of {_BACKENDS}, "
+    if self.backend not in BACKEND_NAMES:
+      raise ValueError(f"QuantConfig.backend must be one of {BACKEND_NAMES}, "
                        f"got {self.backend!r}")
     if (not isinstance(self.period, int) or isinstance(self.period, bool)
         or self.period < 1):
@@ -80,11 +82,6 @@ class QuantConfig:
 
   def replace(self, **changes) -> "QuantConfig":
     return dataclasses.replace(self, **changes)
-
-  @classmethod
-  def naive(cls, **changes) -> "QuantConfig":
-    """Naive INT8: stochastic rounding, clip at ``max|g|``, measured every step."""
-    return cls(grad_clip="max", **changes)
 
 
 # Largest K for which K products of two int8 values in [-127, 127] fit in int32.

@@ -1,0 +1,131 @@
+"""Training modes: the one table of float baselines, UI8 and the paper's ablations.
+
+A :class:`Mode` says everything that differs between the variants a user (or
+a benchmark) compares: whether convs/dense layers are quantized, the
+computation dtype of the float parts, how the gradient is clipped and
+whether the error-sensitive learning rate is on. It yields both halves of a
+training setup from one place, so the layer config and the optimizer cannot
+disagree:
+
+* :meth:`Mode.quant_config` -- the :class:`~int8jax.QuantConfig` of the
+  quantized layers (``None`` for the float modes);
+* :meth:`Mode.optimizer` -- the optax chain around a base optimizer
+  (:func:`int8jax.optim.ui8` for the quantized modes, ``base`` unchanged for
+  the float ones);
+* :attr:`Mode.wrt` -- the ``nnx.Optimizer`` / ``nnx.grad`` filter.
+
+================  ===========  ==========  =================  =========
+mode              quantized    float dtype gradient clip      LR scaling
+================  ===========  ==========  =================  =========
+``float32``       no           float32     --                 --
+``bf16``          no           bfloat16    --                 --
+``ui8``           yes          float32     learned (DSGC)     yes
+``ui8-bf16``      yes          bfloat16    learned (DSGC)     yes
+``naive``         yes          float32     ``max|g|``         no
+``clip-only``     yes          float32     learned (DSGC)     no
+``lr-only``       yes          float32     ``max|g|``         yes
+================  ===========  ==========  =================  =========
+
+Example::
+
+    mode = int8jax.modes.get("ui8")
+    model = build_model(dtype=mode.dtype)
+    if mode.quantized:
+      int8jax.nn.quantize_model(model, mode.quant_config(period=100), rngs=rngs)
+    optimizer = nnx.Optimizer(model, mode.optimizer(optax.sgd(0.1, 0.9)), wrt=mode.wrt)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+import optax
+
+from int8jax import optim
+from int8jax.config import QuantConfig
+
+__all__ = ["Mode", "MODES", "MODE_NAMES", "get"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+  """One training variant (see the module table).
+
+  Attributes:
+    name: the name used on command lines and in result tables.
+    description: one line for ``--help`` and docs.
+    quantized: convs / dense layers run their three GEMMs in INT8.
+    dtype: computation dtype of the float parts (activations, BatchNorm,
+      the layers' outputs); ``None`` is float32. Parameters stay float32.
+    grad_clip: ``"learned"`` (direction-sensitive clipping, UI8 §4.1) or
+      ``"max"`` (clip at ``max|g|``: naive INT8).
+    scale_lr: error-sensitive learning-rate scaling (UI8 §4.2).
+  """
+
+  name: str
+  description: str
+  quantized: bool = False
+  dtype: Any = None
+  grad_clip: str = "learned"
+  scale_lr: bool = True
+
+  def quant_config(self, base: QuantConfig | None = None, **changes) -> QuantConfig | None:
+    """The layers' config: ``base`` (default ``QuantConfig()``) with this mode's
+    clipping and ``changes`` applied; ``None`` for float modes."""
+    if not self.quantized:
+      return None
+    base = QuantConfig() if base is None else base
+    return base.replace(grad_clip=self.grad_clip, **changes)
+
+  def optimizer(self, base: optax.GradientTransformation,
+                **ui8_kwargs) -> optax.GradientTransformation:
+    """``base`` for float modes; :func:`int8jax.optim.ui8` around it otherwise.
+
+    ``ui8_kwargs`` (``clip_learning_rate``, ``alpha``, ``beta``) go to
+    :func:`~int8jax.optim.ui8`; the mode sets ``scale_lr`` and ``learn_clip``.
+    """
+    if not self.quantized:
+      return base
+    return optim.ui8(base, scale_lr=self.scale_lr,
+                     learn_clip=self.grad_clip == "learned", **ui8_kwargs)
+
+  @property
+  def wrt(self):
+    """What the optimizer updates: weights, plus the gradient state when quantized."""
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    from int8jax.nn import TRAINABLE  # pylint: disable=g-import-not-at-top
+    return TRAINABLE if self.quantized else nnx.Param
+
+  @property
+  def compute_dtype(self):
+    """``dtype`` with ``None`` read as float32 (what inputs are cast to)."""
+    return jnp.float32 if self.dtype is None else self.dtype
+
+
+MODES: dict[str, Mode] = {m.name: m for m in (
+    Mode("float32", "float baseline: nnx.Conv / nnx.Linear in float32"),
+    Mode("bf16", "float baseline: bfloat16 compute, float32 parameters", dtype=jnp.bfloat16),
+    Mode("ui8", "UI8: int8 GEMMs, learned gradient clip (DSGC) and error-sensitive LR",
+         quantized=True),
+    Mode("ui8-bf16", "UI8 with bfloat16 float parts (BatchNorm, activations): the GPU "
+         "comparison against bf16", quantized=True, dtype=jnp.bfloat16),
+    Mode("naive", "naive INT8: int8 GEMMs, clip at max|g|, no LR scaling",
+         quantized=True, grad_clip="max", scale_lr=False),
+    Mode("clip-only", "ablation: learned clip (DSGC), no LR scaling",
+         quantized=True, scale_lr=False),
+    Mode("lr-only", "ablation: clip at max|g|, error-sensitive LR",
+         quantized=True, grad_clip="max"),
+)}
+
+#: The mode names, in table order.
+MODE_NAMES: tuple[str, ...] = tuple(MODES)
+
+
+def get(name: str) -> Mode:
+  """The :class:`Mode` called ``name``; ``ValueError`` naming the choices otherwise."""
+  try:
+    return MODES[name]
+  except (KeyError, TypeError):
+    raise ValueError(f"unknown mode {name!r}; choose from {MODE_NAMES}") from None
