@@ -9,6 +9,7 @@ input ``(N, *spatial, C)``, kernel ``(*window, C // G, O)``, output
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -78,9 +79,11 @@ class ConvSpec:
     return (self.lhs_shape[0], *self.out_spatial, self.out_features)
 
   @property
-  def contraction_size(self) -> int:
-    """K of the forward GEMM: ``prod(window) * C // G``."""
-    return int(np.prod(self.rhs_shape[:-1]))
+  def group_dims(self) -> tuple[int, int, int, int]:
+    """``(G, prod(window), C // G, O // G)``: groups, window size, and the
+    input / output features of one group."""
+    g = self.feature_group_count
+    return g, math.prod(self.window), self.rhs_shape[-2], self.out_features // g
 
   @property
   def lax_dimension_numbers(self) -> lax.ConvDimensionNumbers:

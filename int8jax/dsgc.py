@@ -81,10 +81,6 @@ _FIELDS = [f.name for f in dataclasses.fields(GradQuantState)]
 jax.tree_util.register_dataclass(GradQuantState, data_fields=_FIELDS, meta_fields=[])
 
 
-def zeros_like_state() -> GradQuantState:
-  return GradQuantState.initial()
-
-
 def measure_gradient(g: jax.Array, g_hat: jax.Array, clip: jax.Array) -> GradQuantState:
   """The measurement cotangent for one use of a quantized op.
 
@@ -96,7 +92,7 @@ def measure_gradient(g: jax.Array, g_hat: jax.Array, clip: jax.Array) -> GradQua
   Returns:
     A :class:`GradQuantState` read as a measurement (see the module doc).
     Derivative (straight-through rounding, as in learned step-size
-    quantization; DESIGN.md §1): ``d g_hat_i / d c = sign(g_i)`` where
+    quantization; docs/design.md §1): ``d g_hat_i / d c = sign(g_i)`` where
     ``|g_i| >= c`` and ``(g_hat_i - g_i) / c`` inside the range, and
     ``d d / d g_hat = -(g / (|g||g_hat|) - cos * g_hat / |g_hat|^2)``.
     All sums are taken in one pass over ``g``.

@@ -12,7 +12,7 @@ input grad    g (stochastic, clip from ``grad_state``), w  ``s_g * s_w``
 weight grad   x, g                                     ``s_x * s_g``
 ============  =======================================  ===================
 
-with int32 accumulation (chunked, exact; see :mod:`int8jax.backends.xla`).
+with int32 accumulation (chunked, exact; see :mod:`int8jax.exact`).
 
 State in and out (no host callbacks, no global state):
 
@@ -59,7 +59,9 @@ class _Op:
 
   conv:  x (N, *S, C), w (*window, C//G, O), y (N, *S', O)
   dense: x (B, M, K),  w (B, K, N),        y (B, M, N)
-  The weight's output-feature axis is last in both.
+  The weight's output-feature axis is last in both. ``backend`` is a name
+  (hashable); the :class:`~int8jax.backends.Backend` is looked up -- and
+  checked for the platform being traced for -- when the op is traced.
   """
   kind: str
   spec: ConvSpec | None
@@ -68,21 +70,26 @@ class _Op:
   x_dtype: Any
   w_dtype: Any
 
-  def _call(self, which, a, b, scale):
-    mod = backends.get(self.backend)
-    fn = getattr(mod, f"{self.kind}_{which}")
-    if self.kind == "conv":
-      return fn(a, b, scale, self.spec, chunk_k=self.config.chunk_k)
-    return fn(a, b, scale, chunk_k=self.config.chunk_k)
+  def _args(self):
+    impl = backends.get(self.backend)
+    kw = {"chunk_k": self.config.chunk_k}
+    extra = (self.spec,) if self.kind == "conv" else ()
+    return impl, extra, kw
 
   def forward(self, xq, wq, scale):
-    return self._call("forward", xq, wq, scale)
+    impl, extra, kw = self._args()
+    fn = impl.conv_forward if self.kind == "conv" else impl.dense_forward
+    return fn(xq, wq, scale, *extra, **kw)
 
   def dgrad(self, gq, wq, scale):
-    return self._call("dgrad", gq, wq, scale)
+    impl, extra, kw = self._args()
+    fn = impl.conv_dgrad if self.kind == "conv" else impl.dense_dgrad
+    return fn(gq, wq, scale, *extra, **kw)
 
   def wgrad(self, xq, gq, scale):
-    return self._call("wgrad", xq, gq, scale)
+    impl, extra, kw = self._args()
+    fn = impl.conv_wgrad if self.kind == "conv" else impl.dense_wgrad
+    return fn(xq, gq, scale, *extra, **kw)
 
 
 def _all_finite(x):

@@ -1,6 +1,6 @@
 """INT8 GEMM and quantization kernels for Hopper GPUs (Pallas, Mosaic GPU).
 
-The lowest layer of int8jax (see docs/DESIGN.md §2): kernels with their plain
+The lowest layer of int8jax (see docs/design.md §2): kernels with their plain
 XLA references, usable without the rest of the library.
 
 * :func:`int8_matmul` -- ``(a @ b.T) * a_scale[:, None] * b_scale + bias``

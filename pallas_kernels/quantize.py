@@ -15,6 +15,14 @@ The random numbers for stochastic rounding are drawn with
 ``jax.random.uniform(key, x.shape, jnp.float32)`` outside the kernel and read
 by it, so a key gives the same bits in the kernel, in the reference and on any
 backend.
+
+Not used by int8jax's ops, on purpose: there the quantization of an
+activation or gradient is elementwise work that XLA fuses into the fusion
+that *produces* the tensor (BatchNorm-apply + ReLU forward, the BN/ReLU
+backward), so the int8 operand is written once and the float tensor is not
+read again; a separate kernel would add that pass back. This kernel stays as
+a standalone building block (layer 1 of the library, usable without the
+ops) for callers that start from a float tensor in memory.
 """
 
 from __future__ import annotations

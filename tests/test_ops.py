@@ -8,6 +8,7 @@ from jax import lax
 
 import int8jax
 from int8jax import quant
+from int8jax import exact
 from int8jax.backends import xla
 from int8jax.conv_spec import make_conv_spec
 
@@ -229,7 +230,7 @@ def test_no_int32_overflow_long_contraction():
   b[:, 1] = -127
   ref = a.astype(np.int64) @ b.astype(np.int64)
   assert np.abs(ref).max() > 2**31
-  got = xla.int8_dot(jnp.asarray(a), jnp.asarray(b), (1, 0), chunk_k=int8jax.config.MAX_EXACT_K)
+  got = exact.int8_dot(jnp.asarray(a), jnp.asarray(b), (1, 0), chunk_k=int8jax.config.MAX_EXACT_K)
   np.testing.assert_array_equal(np.asarray(got), ref.astype(np.float32))
   # Through the op: x = 1 -> 127, w = +-1 -> +-127; weight gradient over a
   # batch x spatial contraction of 160,000.

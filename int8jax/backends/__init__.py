@@ -1,76 +1,44 @@
-"""GEMM backends of the quantized ops.
+"""GEMM backends of the quantized ops, registered in one place.
 
-A backend is a module with ``conv_forward``, ``conv_dgrad``, ``conv_wgrad``
-(channel-last :class:`int8jax.conv_spec.ConvSpec` form) and ``dense_forward``,
-``dense_dgrad``, ``dense_wgrad`` (``(B, M, K) x (B, K, N)`` form), each taking
-int8 operands plus a float32 dequantization scale and returning float32.
+A backend is a :class:`~int8jax.backends.base.Backend`: a named tuple of six
+functions (conv forward / input gradient / weight gradient in the
+channel-last :class:`int8jax.conv_spec.ConvSpec` form, and the same three for
+``(B, M, K) x (B, K, N)`` dense layers), each taking int8 operands plus a
+float32 dequantization scale and returning float32.
 
-* ``"xla"``: :mod:`int8jax.backends.xla`, ``lax`` int8 ops; exact reference,
-  what ``None`` picks on a CPU; refused when tracing for a GPU (see
-  ``XLA_ON_GPU_MESSAGE``).
-* ``"pallas"``: :mod:`int8jax.backends.pallas`, the Mosaic GPU kernels of
-  :mod:`pallas_kernels` (Hopper only). Bit-identical to ``"xla"``.
-* ``"pallas_interpret"``: the same backend with every kernel run under Mosaic
-  GPU interpret mode — runs on CPU, slowly; for tests without a GPU.
+==================== ===================================================
+name                 backend
+==================== ===================================================
+``"xla"``            :data:`int8jax.backends.xla.BACKEND`: ``lax`` int8 ops;
+                     the exact reference and the CPU backend; refused when
+                     tracing for a GPU (``platform.XLA_ON_GPU_MESSAGE``)
+``"pallas"``         :data:`int8jax.backends.pallas.BACKEND`: the Mosaic
+                     GPU kernels of :mod:`pallas_kernels` (Hopper only);
+                     bit-identical to ``"xla"``
+``"pallas_interpret"`` the same with every kernel in Mosaic GPU interpret
+                     mode -- runs on a CPU, slowly; for tests
+``None``             the best available: ``"pallas"`` on a Hopper GPU,
+                     else ``"xla"``
+==================== ===================================================
+
+The names a user may pass are :data:`int8jax.BACKEND_NAMES`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import threading
+from int8jax.backends import pallas, platform, xla
+from int8jax.backends.base import Backend
+from int8jax.backends.platform import (XLA_ON_GPU_MESSAGE, assume_pallas_available,
+                                       pallas_available, target_platform)
+from int8jax.config import BACKEND_NAMES
 
-_override = threading.local()
+__all__ = ["Backend", "BACKENDS", "resolve", "get", "target_platform", "pallas_available",
+           "assume_pallas_available", "XLA_ON_GPU_MESSAGE"]
 
-
-def pallas_available() -> bool:
-  """True when the Pallas Mosaic GPU backend can run here (a Hopper GPU)."""
-  try:
-    import pallas_kernels
-  except ImportError:
-    return False
-  available = getattr(pallas_kernels, "available", None)
-  return bool(available()) if callable(available) else False
-
-
-@contextlib.contextmanager
-def assume_pallas_available():
-  """Let ``backend="pallas"`` trace on a machine without a Hopper GPU.
-
-  Only for lowering for CUDA from such a host
-  (``jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))``), which
-  runs Mosaic GPU's checks on every kernel config the program uses. Executing
-  the program here fails.
-  """
-  old = getattr(_override, "on", False)
-  _override.on = True
-  try:
-    yield
-  finally:
-    _override.on = old
-
-
-def target_platform() -> str:
-  """Platform the ops are being traced for: the ``jax.default_device`` in
-  effect if one is set, else ``jax.default_backend()``."""
-  import jax
-  dev = jax.config.jax_default_device
-  if dev is not None:
-    return dev if isinstance(dev, str) else dev.platform
-  return jax.default_backend()
-
-
-# Seen on an NVIDIA H200 (jax 0.11.2, 2026-11-26, tests/test_pallas_backend.py
-# ::test_conv_op_gpu_equals_cpu_reference): the XLA backend's convolutions,
-# compiled by XLA:GPU, returned input gradients exactly twice the exact
-# integer result (5 of 7 cases; one case did not compile), and its
-# forward int8 conv is UNIMPLEMENTED there when run op by op. Not understood
-# yet, so it is refused on GPUs rather than risk a wrong gradient.
-XLA_ON_GPU_MESSAGE = (
-    "backend='xla' is int8jax's CPU backend: on a GPU (XLA:GPU, seen on an "
-    "H200 with jax 0.11.2) its quantized convolutions gave wrong input "
-    "gradients (2x), so it is refused there. On a Hopper GPU use "
-    "backend='pallas' or backend=None; other GPUs have no int8 backend yet.")
+#: Every backend by name.
+BACKENDS: dict[str, Backend] = {
+    b.name: b for b in (xla.BACKEND, pallas.BACKEND, pallas.INTERPRETED)}
+assert set(BACKENDS) | {None} == set(BACKEND_NAMES), (BACKENDS, BACKEND_NAMES)
 
 
 def resolve(name: str | None) -> str:
@@ -80,35 +48,26 @@ def resolve(name: str | None) -> str:
   return name
 
 
-def get(name: str | None):
-  """The backend module for ``name`` (see :func:`resolve`).
+def get(name: str | None) -> Backend:
+  """The backend for ``name`` (see :func:`resolve`), checked for this platform.
 
   Raises:
-    ValueError: ``name="pallas"`` where the Pallas backend cannot run (no
-      Hopper GPU, or Mosaic GPU missing). There is no silent fallback: ask for
-      ``backend=None`` to get the best available, or ``"pallas_interpret"``
-      to run the kernels in interpret mode on CPU.
+    ValueError: ``"xla"`` when tracing for a GPU; ``"pallas"`` where the
+      Pallas backend cannot run (no Hopper GPU, or Mosaic GPU missing) --
+      there is no silent fallback: ask for ``backend=None`` to get the best
+      available, or ``"pallas_interpret"`` to run the kernels in interpret
+      mode on a CPU; an unknown name.
   """
   name = resolve(name)
+  if name not in BACKENDS:
+    raise ValueError(f"unknown backend {name!r}; expected one of {BACKEND_NAMES}")
   if name == "xla":
-    if target_platform() == "gpu":
-      raise ValueError(XLA_ON_GPU_MESSAGE + f" (got backend={name!r})")
-    from int8jax.backends import xla
-    return xla
-  if name in ("pallas", "pallas_interpret"):
-    if name == "pallas" and not (getattr(_override, "on", False) or pallas_available()):
-      import jax
-      raise ValueError(
-          "backend='pallas' needs a Hopper GPU (compute capability 9.x) with "
-          f"Mosaic GPU; this machine's jax backend is {jax.default_backend()!r}. "
-          "Use backend='xla', backend=None (best available), or "
-          "backend='pallas_interpret' (kernels in interpret mode on CPU, for tests)")
-    try:
-      pallas = importlib.import_module("int8jax.backends.pallas")
-    except ImportError as e:
-      raise ValueError(
-          f"backend={name!r} is not available here ({e}); use backend='xla', or "
-          "backend=None to pick the best available backend") from None
-    return pallas if name == "pallas" else pallas.interpreted
-  raise ValueError(f"unknown backend {name!r}; expected 'xla', 'pallas', "
-                   "'pallas_interpret' or None")
+    platform.check_xla_allowed(f"backend={name!r}")
+  elif name == "pallas" and not platform.pallas_allowed():
+    import jax  # pylint: disable=g-import-not-at-top
+    raise ValueError(
+        "backend='pallas' needs a Hopper GPU (compute capability 9.x) with "
+        f"Mosaic GPU; this machine's jax backend is {jax.default_backend()!r}. "
+        "Use backend='xla', backend=None (best available), or "
+        "backend='pallas_interpret' (kernels in interpret mode on CPU, for tests)")
+  return BACKENDS[name]

@@ -3,8 +3,8 @@
 
 Same functions, arguments and results as :mod:`int8jax.backends.xla` (the
 exact reference): int8 operands, float32 ``exact_sum * scale`` out. Every
-conv becomes explicit GEMMs over im2col patches (:func:`xla.patches`), with
-both kernel operands K-major:
+conv becomes explicit GEMMs over im2col patches (:func:`~int8jax.conv_geometry.patches`), with
+both kernel operands K-major (geometry from :mod:`int8jax.conv_geometry`):
 
 =======  ===========================  ============================  ==============
 GEMM     a (M, K)                     b (N, K)                      result (M, N)
@@ -18,10 +18,10 @@ dgrad    g (out pixels, O/G)          w (win*C/G, O/G)              int32, col2i
 wgrad    patches^T (win*C/G, pixels)  g^T (O/G, pixels)             dw (win*C/G, O/G)
 =======  ===========================  ============================  ==============
 
-dgrad follows the XLA backend's split (transposed conv via
-:func:`xla.transpose_spec` / :func:`xla.transpose_kernel` when unstrided,
-GEMM + int32 :func:`xla.col2im` when strided) with the GEMMs on the kernel,
-so both backends compute the same integers.
+dgrad follows the split :func:`~int8jax.conv_geometry.dgrad_by_transposed_conv`
+chooses for both backends (the transposed conv when unstrided, GEMM + int32
+col2im when strided) with the GEMMs on the kernel, so both backends compute
+the same integers.
 
 Exactness (bit-identical to the XLA backend, checked in
 ``tests/test_pallas_backend.py``):
@@ -32,7 +32,7 @@ Exactness (bit-identical to the XLA backend, checked in
 * Longer contractions (weight gradients: K = batch x output pixels) are split
   into chunks of ``min(chunk_k, INT32_SAFE_K)``; each chunk runs the kernel
   with ``out_dtype=int32`` (the raw exact accumulator) and the parts are
-  combined with :func:`xla.combine_int32_chunks`, as the XLA backend does
+  combined with :func:`int8jax.exact.combine_int32_chunks`, as the XLA backend does
   (correctly rounded float32 of the exact sum, for <= 256 chunks). The
   kernel's own in-register float32 chunk sum is *not* used: it rounds once
   per chunk and would differ from XLA in the last bits.
@@ -43,12 +43,12 @@ features run one kernel call per group (Python loop; ResNeXt-style). Narrower
 groups (depthwise, G == C) would pad every group's tiny GEMM to a whole
 64/128-wide tile, so they run on the XLA backend's own functions (exact int32 dot_generals / elementwise
 multiply-adds, no grouped ``lax`` conv — int8 grouped convs have a
-wrong-result bug in XLA:GPU/cuDNN, see DESIGN.md §3).
+wrong-result bug in XLA:GPU/cuDNN, see docs/design.md §3).
 
 Dense ``(B, M, K) x (B, K, N)``: one kernel call per batch entry (B is 1 for
 ordinary layers).
 
-``interpret=True`` (backend name ``"pallas_interpret"``, :data:`interpreted`)
+``interpret=True`` (backend name ``"pallas_interpret"``, :data:`INTERPRETED`)
 runs the kernels under ``plgpu.InterpretGPUParams()`` on the CPU, for tests.
 """
 
@@ -56,16 +56,16 @@ from __future__ import annotations
 
 import functools
 import math
-import types
 
 import jax
 import jax.numpy as jnp
 
 import pallas_kernels as pk
-from int8jax.backends import xla
+from int8jax import conv_geometry as geom
+from int8jax import exact
+from int8jax.backends import platform, xla
+from int8jax.backends.base import Backend
 from int8jax.conv_spec import ConvSpec
-
-name = "pallas"
 
 # Grouped convs use the kernel per group only when every group has at least
 # this many input and output features; narrower groups (depthwise) use
@@ -109,13 +109,13 @@ def _int_gemm(a, b, *, chunk_k, interpret):
   parts = [mm(a[:, s:s + c], b[:, s:s + c]) for s in range(0, k, c)]
   if k <= chunk_k:  # INT32_SAFE_K < K <= chunk_k <= MAX_EXACT_K: int32 is safe
     return sum(parts[1:], parts[0])
-  return xla.combine_int32_chunks(jnp.stack(parts), axis=0)
+  return exact.combine_int32_chunks(jnp.stack(parts), axis=0)
 
 
 def _gemm(a, b, scale, *, chunk_k, interpret):
   """float32 ``(a @ b.T) * scale``; ``scale`` scalar or (N,)."""
   if _split_k_shape(a.shape[0], b.shape[0], a.shape[1]):
-    return xla.int8_dot(a, b, (1, 1), chunk_k=chunk_k) * scale
+    return exact.int8_dot(a, b, (1, 1), chunk_k=chunk_k) * scale
   if a.shape[1] <= _chunk(chunk_k):
     # Single int32 accumulator: dequantization fused in the kernel epilogue.
     return pk.int8_matmul(a, b, b_scale=scale, interpret=interpret)
@@ -129,25 +129,18 @@ def _use_kernel(spec: ConvSpec, interpret: bool = True) -> bool:
   compiled by XLA:GPU (see ``int8jax.backends.XLA_ON_GPU_MESSAGE``), so on a
   GPU it is refused with a ValueError; in interpret mode (CPU) it runs.
   """
-  g = spec.feature_group_count
-  cg, og = spec.rhs_shape[-2], spec.out_features // g
+  g, _, cg, og = spec.group_dims
   if g == 1 or min(cg, og) >= MIN_GROUP_FEATURES:
     return True
   if not interpret:
-    from int8jax import backends
-    if backends.target_platform() == "gpu":
+    if platform.target_platform() == "gpu":
       raise ValueError(
           f"backend='pallas': grouped convolutions need at least "
           f"{MIN_GROUP_FEATURES} input and output features per group on the kernel "
           f"(got feature_group_count={g}, {cg} in / {og} out per group); the XLA "
           "fallback for narrower groups (depthwise) is refused on GPUs: "
-          + backends.XLA_ON_GPU_MESSAGE)
+          + platform.XLA_ON_GPU_MESSAGE)
   return False
-
-
-def _dims(spec: ConvSpec):
-  g = spec.feature_group_count
-  return g, math.prod(spec.window), spec.rhs_shape[-2], spec.out_features // g
 
 
 # ---------------------------------------------------------------------------
@@ -156,8 +149,8 @@ def _dims(spec: ConvSpec):
 
 def _conv(xq, wq, scale, spec: ConvSpec, *, chunk_k, interpret):
   """Exact conv as im2col GEMMs on the kernel, one per group; scale fused."""
-  g, kw, cg, og = _dims(spec)
-  p = xla.patches(xq, spec)
+  g, kw, cg, og = spec.group_dims
+  p = geom.patches(xq, spec)
   m = math.prod(p.shape[:-2])
   p = p.reshape(m, kw, g, cg)
   w = wq.reshape(kw, cg, g, og)
@@ -184,18 +177,18 @@ def conv_dgrad(gq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
                *, chunk_k: int, interpret: bool = False) -> jax.Array:
   """Input gradient ``(N, *spatial, C)``, split like the XLA backend's.
 
-  Unstrided: the transposed conv (:func:`xla.transpose_spec`,
-  :func:`xla.transpose_kernel` — JAX's transpose rule) as a forward im2col
+  Unstrided: the transposed conv (:func:`~int8jax.conv_geometry.transpose_spec`,
+  :func:`~int8jax.conv_geometry.transpose_kernel` — JAX's transpose rule) as a forward im2col
   GEMM on the kernel, scale fused. Strided: the transposed conv would run on
   a zero-dilated ``g`` (``prod(strides)`` times the work), so instead
   ``g (pixels, O/G) @ w^T`` to patch space with ``out_dtype=int32`` and
-  :func:`xla.col2im` summing exact integers.
+  :func:`~int8jax.conv_geometry.col2im` summing exact integers.
   """
   if not _use_kernel(spec, interpret):
     return xla.conv_dgrad(gq, wq, scale, spec, chunk_k=chunk_k)
-  g, kw, cg, og = _dims(spec)
-  if all(s == 1 for s in spec.window_strides) or kw * og > chunk_k:
-    return _conv(gq, xla.transpose_kernel(wq, spec), scale, xla.transpose_spec(spec),
+  g, kw, cg, og = spec.group_dims
+  if geom.dgrad_by_transposed_conv(spec, chunk_k):
+    return _conv(gq, geom.transpose_kernel(wq, spec), scale, geom.transpose_spec(spec),
                  chunk_k=chunk_k, interpret=interpret)
   m = math.prod(gq.shape[:-1])
   gm = gq.reshape(m, g, og)
@@ -208,7 +201,7 @@ def conv_dgrad(gq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
     parts.append(dp.reshape(m, kw, 1, cg))
   dp = parts[0] if g == 1 else jnp.concatenate(parts, axis=2)  # (m, kw, G, cg)
   dp = dp.reshape(*gq.shape[:-1], kw, g * cg)
-  return xla.col2im(dp, spec).astype(jnp.float32) * scale
+  return geom.col2im(dp, spec).astype(jnp.float32) * scale
 
 
 def conv_wgrad(xq: jax.Array, gq: jax.Array, scale: jax.Array, spec: ConvSpec,
@@ -217,8 +210,8 @@ def conv_wgrad(xq: jax.Array, gq: jax.Array, scale: jax.Array, spec: ConvSpec,
   contracting over batch x output pixels (chunked, exact)."""
   if not _use_kernel(spec, interpret):
     return xla.conv_wgrad(xq, gq, scale, spec, chunk_k=chunk_k)
-  g, kw, cg, og = _dims(spec)
-  p = xla.patches(xq, spec)
+  g, kw, cg, og = spec.group_dims
+  p = geom.patches(xq, spec)
   m = math.prod(p.shape[:-2])
   p = p.reshape(m, kw, g, cg)
   gm = gq.reshape(m, g, og)
@@ -258,11 +251,10 @@ def dense_wgrad(xq, gq, scale, *, chunk_k, interpret=False):
                                        interpret=interpret), xq, gq)
 
 
-FUNCTIONS = ("conv_forward", "conv_dgrad", "conv_wgrad",
-             "dense_forward", "dense_dgrad", "dense_wgrad")
+BACKEND = Backend("pallas", conv_forward, conv_dgrad, conv_wgrad,
+                  dense_forward, dense_dgrad, dense_wgrad)
 
 # The same backend with every kernel under Mosaic GPU interpret mode (CPU;
 # bit-exact, slow): ``QuantConfig(backend="pallas_interpret")``. For tests.
-interpreted = types.SimpleNamespace(
-    name="pallas_interpret",
-    **{f: functools.partial(globals()[f], interpret=True) for f in FUNCTIONS})
+INTERPRETED = Backend("pallas_interpret", *(functools.partial(f, interpret=True)
+                                            for f in BACKEND[1:]))

@@ -15,7 +15,7 @@ whose ``lhs`` contracts over its *last* axis (``(M, K) @ (K, N)`` or
 ``(M, K) @ (N, K)^T``) runs 1.4-4x faster than float32, while contracting
 over ``lhs`` axis 0 falls onto a generic path ~10x slower; int8 convs with
 fewer than 32 input features (ResNet-20's first stage) run ~12x slower than
-float32, and transposed / dilated int8 convs are slow too (DESIGN.md §3).
+float32, and transposed / dilated int8 convs are slow too (docs/design.md §3).
 So every product here is an im2col GEMM in the fast layout:
 
 * forward: ``patches(x) (M, prod(window)*C) @ w (prod(window)*C, O)``;
@@ -38,119 +38,32 @@ on every call, so every byte of scratch also costs page faults.
 
 Overflow: a contraction longer than ``chunk_k`` (weight gradients contract over
 batch x height x width) is split into chunks of at most ``chunk_k`` int32
-products; chunk sums are combined exactly (16-bit halves summed in int32,
-then one float32 rounding), so the result is the correctly rounded float32 of
-the exact integer sum for up to ``256 * chunk_k`` terms.
+products, combined exactly (:mod:`int8jax.exact`). The patch and transposed
+conv geometry is :mod:`int8jax.conv_geometry`, shared with the Pallas backend.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from int8jax.conv_spec import ConvSpec, make_conv_spec
-
-name = "xla"
-
-
-# ---------------------------------------------------------------------------
-# Exact int32 accumulation over bounded chunks.
-
-
-def combine_int32_chunks(parts: jax.Array, axis: int = 0) -> jax.Array:
-  """Sum int32 partial sums along ``axis`` into float32 with one rounding.
-
-  Each part is split into a signed high half (``>> 16``) and an unsigned low
-  half (``& 0xffff``); the halves are summed in int32 and put together in
-  float32. Exact (correctly rounded) for up to 256 parts.
-  """
-  hi = jnp.sum(jnp.right_shift(parts, 16), axis=axis, dtype=jnp.int32)
-  lo = jnp.sum(jnp.bitwise_and(parts, 0xFFFF), axis=axis, dtype=jnp.int32)
-  return hi.astype(jnp.float32) * 65536.0 + lo.astype(jnp.float32)
-
-
-def int8_dot(a: jax.Array, b: jax.Array, contract: tuple[int, int],
-             batch: tuple[tuple[int, ...], tuple[int, ...]] = ((), ()),
-             *, chunk_k: int) -> jax.Array:
-  """``lax.dot_general`` of int8 ``a`` and ``b`` over one contracting axis each.
-
-  Returns the float32 of the exact integer result (see the module doc), in
-  ``dot_general``'s output order: batch dims, ``a``'s free dims, ``b``'s free
-  dims. Long contractions run as one dot per chunk of ``chunk_k`` (slices,
-  so each keeps the operands' layout and XLA's int8 GEMM kernel).
-  """
-  ca, cb = contract
-  k = a.shape[ca]
-  dims = (((ca,), (cb,)), batch)
-  if k <= chunk_k:
-    return lax.dot_general(a, b, dims, preferred_element_type=jnp.int32).astype(jnp.float32)
-  parts = []
-  for s in range(0, k, chunk_k):
-    e = min(k, s + chunk_k)
-    parts.append(lax.dot_general(lax.slice_in_dim(a, s, e, axis=ca),
-                                 lax.slice_in_dim(b, s, e, axis=cb), dims,
-                                 preferred_element_type=jnp.int32))
-  return combine_int32_chunks(jnp.stack(parts), axis=0)
-
-
-def int32_sum(x: jax.Array, axis: int, *, chunk_k: int) -> jax.Array:
-  """Exact float32 sum of int8 x int8 products ``x`` (int32) along ``axis``."""
-  k = x.shape[axis]
-  if k <= chunk_k:
-    return jnp.sum(x, axis=axis, dtype=jnp.int32).astype(jnp.float32)
-  n = -(-k // chunk_k)
-  x = jnp.moveaxis(x, axis, 0)
-  x = jnp.pad(x, [(0, n * chunk_k - k)] + [(0, 0)] * (x.ndim - 1))
-  x = x.reshape(n, chunk_k, *x.shape[1:])
-  return combine_int32_chunks(jnp.sum(x, axis=1, dtype=jnp.int32), axis=0)
+from int8jax.backends.base import Backend
+from int8jax.conv_geometry import (col2im, dgrad_by_transposed_conv, patch_slices, patches,
+                                   transpose_kernel, transpose_spec)
+from int8jax.conv_spec import ConvSpec
+from int8jax.exact import int8_dot, int32_sum
 
 
 # ---------------------------------------------------------------------------
 # Convolutions (channel-last ConvSpec form).
 
 
-def pad_input(x: jax.Array, spec: ConvSpec) -> jax.Array:
-  """Apply the conv's input dilation and (lo, hi) padding explicitly."""
-  cfg = [(0, 0, 0)]
-  cfg += [(lo, hi, d - 1) for (lo, hi), d in zip(spec.padding, spec.lhs_dilation)]
-  cfg += [(0, 0, 0)]
-  return lax.pad(x, jnp.zeros((), x.dtype), cfg)
-
-
-def patch_slices(x: jax.Array, spec: ConvSpec) -> list[jax.Array]:
-  """One ``(N, *out_spatial, C)`` strided slice of the padded input per window offset."""
-  xp = pad_input(x, spec)
-  n, c = x.shape[0], x.shape[-1]
-  out_sp = spec.out_spatial
-  cols = []
-  for offs in itertools.product(*[range(k) for k in spec.window]):
-    start = [0] + [o * d for o, d in zip(offs, spec.rhs_dilation)] + [0]
-    limit = [n] + [st + (m - 1) * s + 1 if m > 0 else st
-                   for st, m, s in zip(start[1:], out_sp, spec.window_strides)] + [c]
-    cols.append(lax.slice(xp, start, limit, (1, *spec.window_strides, 1)))
-  return cols
-
-
-def patches(x: jax.Array, spec: ConvSpec) -> jax.Array:
-  """im2col: ``(N, *spatial, C)`` -> ``(N, *out_spatial, prod(window), C)``.
-
-  Built from strided slices of the padded input (no conv, no gather).
-  """
-  return jnp.stack(patch_slices(x, spec), axis=-2)
-
-
-def _groups(spec: ConvSpec):
-  g = spec.feature_group_count
-  return g, math.prod(spec.window), spec.rhs_shape[-2], spec.out_features // g
-
-
 def _depthwise(xq, wq, spec: ConvSpec) -> jax.Array:
   """Conv with one input feature per group: int32 multiply-adds per window offset."""
-  g, kw, _, og = _groups(spec)
+  g, kw, _, og = spec.group_dims
   w = wq.reshape(kw, g, og).astype(jnp.int32)
   acc = None
   for i, sl in enumerate(patch_slices(xq, spec)):
@@ -160,7 +73,7 @@ def _depthwise(xq, wq, spec: ConvSpec) -> jax.Array:
 
 
 def _direct_conv_ok(spec: ConvSpec, chunk_k: int) -> bool:
-  g, kw, cg, _ = _groups(spec)
+  g, kw, cg, _ = spec.group_dims
   return (g == 1 and cg >= _DIRECT_MIN_FEATURES and kw * cg <= chunk_k
           and all(d == 1 for d in spec.lhs_dilation))
 
@@ -175,7 +88,7 @@ def conv_exact(xq: jax.Array, wq: jax.Array, spec: ConvSpec, *, chunk_k: int) ->
   padded, 10 ms float32 on the development CPU). Other convs: im2col GEMM;
   depthwise: multiply-adds.
   """
-  g, kw, cg, og = _groups(spec)
+  g, kw, cg, og = spec.group_dims
   if cg == 1 and kw <= chunk_k:
     return _depthwise(xq, wq, spec)
   if _direct_conv_ok(spec, chunk_k):
@@ -203,68 +116,6 @@ _DIRECT_MIN_FEATURES = 8
 _DIRECT_FAST_FEATURES = 32
 
 
-def _dilate(shape, dilation):
-  return [0 if d == 0 else 1 + r * (d - 1) for d, r in zip(shape, dilation)]
-
-
-def transpose_spec(spec: ConvSpec) -> ConvSpec:
-  """The convolution computing the input gradient (JAX's transpose rule).
-
-  Its input is the output gradient ``(N, *out_spatial, O)``, its kernel is
-  :func:`transpose_kernel`, its output has the forward input's shape.
-  """
-  g, _, cg, og = _groups(spec)
-  in_sp = spec.lhs_shape[1:-1]
-  lhs_d = _dilate(in_sp, spec.lhs_dilation)
-  rhs_d = _dilate(spec.window, spec.rhs_dilation)
-  out_d = _dilate(spec.out_spatial, spec.window_strides)
-  before = [r - lo - 1 for r, (lo, _) in zip(rhs_d, spec.padding)]
-  after = [l + r - 1 - o - b for l, r, o, b in zip(lhs_d, rhs_d, out_d, before)]
-  n = spec.nspatial
-  t = make_conv_spec(spec.out_shape, (*spec.window, og, g * cg), spec.lhs_dilation,
-                     list(zip(before, after)), spec.window_strides, spec.rhs_dilation,
-                     _CHANNEL_LAST_DN[n], g)
-  assert t.out_shape == spec.lhs_shape, (t.out_shape, spec.lhs_shape)
-  return t
-
-
-def transpose_kernel(wq: jax.Array, spec: ConvSpec) -> jax.Array:
-  """``(*window, C//G, O)`` -> flipped ``(*window, O//G, C)`` kernel of the dgrad conv."""
-  g, _, cg, og = _groups(spec)
-  n = spec.nspatial
-  w = wq.reshape(*spec.window, cg, g, og)
-  w = jnp.moveaxis(w, (n, n + 1, n + 2), (n + 2, n + 1, n))  # (*window, og, G, cg)
-  return jnp.flip(w.reshape(*spec.window, og, g * cg), axis=tuple(range(n)))
-
-
-def col2im(dp: jax.Array, spec: ConvSpec) -> jax.Array:
-  """Transpose of :func:`patches`: ``(N, *out_spatial, prod(window), C)`` -> input shape.
-
-  Each window offset's slice is scattered back with ``lax.pad`` (interior
-  padding undoes the stride) and summed; then the input padding and dilation
-  are undone. Works for integer and float dtypes (integer sums stay exact).
-  """
-  zero = jnp.zeros((), dp.dtype)
-  padded = spec.padded_spatial
-  out_sp = spec.out_spatial
-  total = None
-  for i, offs in enumerate(itertools.product(*[range(k) for k in spec.window])):
-    cfg = [(0, 0, 0)]
-    for o, d, m, s, p in zip(offs, spec.rhs_dilation, out_sp, spec.window_strides, padded):
-      start = o * d
-      used = (m - 1) * s + 1 if m > 0 else 0
-      cfg.append((start, p - start - used, s - 1 if m > 0 else 0))
-    cfg.append((0, 0, 0))
-    part = lax.pad(dp[..., i, :], zero, cfg)
-    total = part if total is None else total + part
-  # Undo pad_input: negative padding crops what positive padding added, then
-  # take every lhs_dilation-th element.
-  cfg = [(0, 0, 0)] + [(-lo, -hi, 0) for lo, hi in spec.padding] + [(0, 0, 0)]
-  total = lax.pad(total, zero, cfg)
-  strides = (1, *spec.lhs_dilation, 1)
-  return lax.slice(total, (0,) * total.ndim, total.shape, strides)
-
-
 def conv_forward(xq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
                  *, chunk_k: int) -> jax.Array:
   """``conv(xq, wq) * scale`` (``scale`` scalar or per output feature ``(O,)``)."""
@@ -281,8 +132,8 @@ def conv_dgrad(gq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
   convolve a zero-dilated ``g`` (XLA:CPU builds those patches slowly), so
   instead ``g @ w^T`` to patch space in int32, then :func:`col2im`.
   """
-  g, kw, cg, og = _groups(spec)
-  if all(s == 1 for s in spec.window_strides) or kw * og > chunk_k:
+  g, kw, cg, og = spec.group_dims
+  if dgrad_by_transposed_conv(spec, chunk_k):
     t = transpose_spec(spec)
     return conv_exact(gq, transpose_kernel(wq, spec), t, chunk_k=chunk_k) * scale
   m = math.prod(gq.shape[:-1])
@@ -310,7 +161,7 @@ def conv_wgrad(xq: jax.Array, gq: jax.Array, scale: jax.Array, spec: ConvSpec,
   ``M`` = batch x output pixels, so the GEMM contracts over its last axis
   (chunked over ``M``, see the module doc).
   """
-  g, kw, cg, og = _groups(spec)
+  g, kw, cg, og = spec.group_dims
   m = math.prod(gq.shape[:-1])
   slices = patch_slices(xq, spec)
   if cg == 1:  # depthwise: one reduction per window offset
@@ -331,13 +182,6 @@ def conv_wgrad(xq: jax.Array, gq: jax.Array, scale: jax.Array, spec: ConvSpec,
   return dw.reshape(*spec.window, cg, g * og) * scale
 
 
-_CHANNEL_LAST_DN = {
-    1: ("NWC", "WIO", "NWC"),
-    2: ("NHWC", "HWIO", "NHWC"),
-    3: ("NDHWC", "DHWIO", "NDHWC"),
-}
-
-
 # ---------------------------------------------------------------------------
 # Dense: lhs (B, M, K), rhs (B, K, N), out (B, M, N).
 
@@ -356,3 +200,6 @@ def dense_wgrad(xq, gq, scale, *, chunk_k):
   # contracts over its last axis (XLA:CPU's int8 kernel; see the module doc).
   return int8_dot(jnp.swapaxes(xq, 1, 2), gq, (2, 1), ((0,), (0,)), chunk_k=chunk_k) * scale
 
+
+BACKEND = Backend("xla", conv_forward, conv_dgrad, conv_wgrad,
+                  dense_forward, dense_dgrad, dense_wgrad)

@@ -19,17 +19,12 @@ from typing import Any
 from flax import nnx
 
 from int8jax.config import QuantConfig
+from int8jax.nn.layers import QuantConv, QuantDense
 
 __all__ = ["quantize_model", "default_skip", "quantizable_layers"]
 
 PathParts = tuple[Any, ...]
 SkipFn = Callable[[PathParts, nnx.Module], bool]
-
-
-def _quant_classes() -> tuple[type, type]:
-  """The (conv, dense) classes to convert to, from ``int8jax.nn``."""
-  from int8jax.nn.layers import QuantConv, QuantDense  # pylint: disable=g-import-not-at-top
-  return QuantConv, QuantDense
 
 
 # nnx.Conv / nnx.Linear store their GEMM function as an attribute; the quantized
@@ -78,9 +73,8 @@ def quantizable_layers(model: nnx.Module) -> list[tuple[PathParts, nnx.Module]]:
 
   Already quantized layers (``QuantConv`` / ``QuantDense``) are not listed.
   """
-  quant = _quant_classes()
   return [(p, m) for p, _, _, m in _walk(model)
-          if isinstance(m, (nnx.Conv, nnx.Linear)) and not isinstance(m, quant)]
+          if isinstance(m, (nnx.Conv, nnx.Linear)) and not isinstance(m, (QuantConv, QuantDense))]
 
 
 def default_skip(model: nnx.Module) -> SkipFn:
@@ -169,16 +163,15 @@ def quantize_model(model: nnx.Module, config: QuantConfig | None = None, *,
   """
   config = QuantConfig() if config is None else config
   skip = default_skip(model) if skip is None else skip
-  conv_cls, dense_cls = _quant_classes()
   # Collect first, then replace: mutating while walking would revisit nodes.
   todo = []
   for path, parent, key, module in _walk(model):
-    if isinstance(module, (conv_cls, dense_cls)):
+    if isinstance(module, (QuantConv, QuantDense)):
       continue
     if isinstance(module, nnx.Conv):
-      cls = conv_cls
+      cls = QuantConv
     elif isinstance(module, nnx.Linear):
-      cls = dense_cls
+      cls = QuantDense
     else:
       continue
     if not skip(path, module):

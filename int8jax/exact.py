@@ -1,0 +1,66 @@
+"""Exact integer accumulation of int8 x int8 products (shared by the backends).
+
+``127 * 127 * K`` overflows int32 once ``K > MAX_EXACT_K`` (133,144), and a
+weight gradient contracts over batch x output pixels (millions). So every
+contraction runs in int32 over chunks of at most ``chunk_k`` products, and the
+chunk sums are combined *exactly*: each int32 part is split into a signed high
+half (``>> 16``) and an unsigned low half (``& 0xffff``), the halves are
+summed in int32 (no overflow for up to 256 parts) and put together in
+float32 with a single rounding. The result is the correctly rounded float32
+of the exact integer sum, whatever the chunking -- which is why two backends
+that chunk differently still agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = ["combine_int32_chunks", "int8_dot", "int32_sum"]
+
+
+def combine_int32_chunks(parts: jax.Array, axis: int = 0) -> jax.Array:
+  """Sum int32 partial sums along ``axis`` into float32 with one rounding.
+
+  Exact (correctly rounded) for up to 256 parts.
+  """
+  hi = jnp.sum(jnp.right_shift(parts, 16), axis=axis, dtype=jnp.int32)
+  lo = jnp.sum(jnp.bitwise_and(parts, 0xFFFF), axis=axis, dtype=jnp.int32)
+  return hi.astype(jnp.float32) * 65536.0 + lo.astype(jnp.float32)
+
+
+def int8_dot(a: jax.Array, b: jax.Array, contract: tuple[int, int],
+             batch: tuple[tuple[int, ...], tuple[int, ...]] = ((), ()),
+             *, chunk_k: int) -> jax.Array:
+  """``lax.dot_general`` of int8 ``a`` and ``b`` over one contracting axis each.
+
+  Returns the float32 of the exact integer result, in ``dot_general``'s
+  output order: batch dims, ``a``'s free dims, ``b``'s free dims. Long
+  contractions run as one dot per chunk of ``chunk_k`` (slices, so each keeps
+  the operands' layout and XLA's int8 GEMM kernel).
+  """
+  ca, cb = contract
+  k = a.shape[ca]
+  dims = (((ca,), (cb,)), batch)
+  if k <= chunk_k:
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.int32).astype(jnp.float32)
+  parts = []
+  for s in range(0, k, chunk_k):
+    e = min(k, s + chunk_k)
+    parts.append(lax.dot_general(lax.slice_in_dim(a, s, e, axis=ca),
+                                 lax.slice_in_dim(b, s, e, axis=cb), dims,
+                                 preferred_element_type=jnp.int32))
+  return combine_int32_chunks(jnp.stack(parts), axis=0)
+
+
+def int32_sum(x: jax.Array, axis: int, *, chunk_k: int) -> jax.Array:
+  """Exact float32 sum of int8 x int8 products ``x`` (int32) along ``axis``."""
+  k = x.shape[axis]
+  if k <= chunk_k:
+    return jnp.sum(x, axis=axis, dtype=jnp.int32).astype(jnp.float32)
+  n = -(-k // chunk_k)
+  x = jnp.moveaxis(x, axis, 0)
+  x = jnp.pad(x, [(0, n * chunk_k - k)] + [(0, 0)] * (x.ndim - 1))
+  x = x.reshape(n, chunk_k, *x.shape[1:])
+  return combine_int32_chunks(jnp.sum(x, axis=1, dtype=jnp.int32), axis=0)
