@@ -11,7 +11,8 @@ modules (:mod:`int8jax.nn`) -> optax transforms (:mod:`int8jax.optim`).
 """
 
 from int8jax.config import BACKEND_NAMES, MAX_EXACT_K, QuantConfig
-from int8jax.dsgc import GradQuantState, lr_coefficient, measure_gradient, update_grad_state
+from int8jax.dsgc import (GradQuantState, lr_coefficient, measure_gradient, read_measurement,
+                          update_grad_state)
 from int8jax.ops import quant_conv_general_dilated, quant_dot_general
 from int8jax import diagnostics, modes, nn, optim
 from int8jax.quant import absmax, cosine_distance, dequantize, fake_quantize, quantize, scale_from_clip
@@ -20,6 +21,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKEND_NAMES", "MAX_EXACT_K", "QuantConfig", "GradQuantState", "lr_coefficient", "measure_gradient",
-    "update_grad_state", "quant_conv_general_dilated", "quant_dot_general", "absmax",
+    "read_measurement", "update_grad_state", "quant_conv_general_dilated", "quant_dot_general", "absmax",
     "cosine_distance", "dequantize", "fake_quantize", "quantize", "scale_from_clip",
 ]

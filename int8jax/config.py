@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 _GRANULARITIES = ("tensor", "channel")
+_GRAD_GRANULARITIES = ("auto", "tensor", "group")
 _ROUNDINGS = ("stochastic", "nearest")
 _GRAD_CLIPS = ("learned", "max")
 #: The backend names a user may pass (``QuantConfig.backend``, ``--backend``):
@@ -27,6 +28,18 @@ class QuantConfig:
       ``"channel"`` (one scale per output feature). With ``"channel"`` the
       input-gradient GEMM re-quantizes the weight per tensor, since its
       contraction runs over output features.
+    grad_granularity: scales of the output gradient ``g``: ``"tensor"`` (one
+      scale), ``"group"`` (one per feature group: per channel in a depthwise
+      conv) or ``"auto"`` (the default: ``"group"`` for grouped and
+      depthwise convs, ``"tensor"`` for ordinary convs and dense layers). A
+      group's input- and weight-gradient GEMMs are independent of the other
+      groups', so a scale per group multiplies exact int32 results; finer
+      scales inside a group would sit on a contraction axis. Why per group:
+      in depthwise convs a few channels' gradients are hundreds of times
+      larger than the rest, and one scale rounds the others to noise
+      (docs/results.md). With per-group scales each group is clipped at
+      ``clip_ratio`` times its own ``max|g|`` on every step (one reduction
+      over ``g``); the ratio is learned once per layer.
     grad_rounding: rounding of the output gradient ``g``: ``"stochastic"``
       (unbiased, the paper's choice) or ``"nearest"``.
     grad_clip: ``"learned"`` — direction-sensitive gradient clipping: the clip
@@ -50,6 +63,7 @@ class QuantConfig:
 
   enabled: bool = True
   weight_granularity: str = "tensor"
+  grad_granularity: str = "auto"
   grad_rounding: str = "stochastic"
   grad_clip: str = "learned"
   period: int = 100
@@ -63,6 +77,10 @@ class QuantConfig:
       raise ValueError(
           f"QuantConfig.weight_granularity must be one of {_GRANULARITIES}, "
           f"got {self.weight_granularity!r}")
+    if self.grad_granularity not in _GRAD_GRANULARITIES:
+      raise ValueError(
+          f"QuantConfig.grad_granularity must be one of {_GRAD_GRANULARITIES}, "
+          f"got {self.grad_granularity!r}")
     if self.grad_rounding not in _ROUNDINGS:
       raise ValueError(f"QuantConfig.grad_rounding must be one of {_ROUNDINGS}, "
                        f"got {self.grad_rounding!r}")

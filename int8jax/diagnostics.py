@@ -43,7 +43,7 @@ from int8jax.dsgc import lr_coefficient
 from int8jax.nn.layers import QuantConv, QuantDense, quant_layers, quant_stats
 
 __all__ = ["LayerTensors", "Distribution", "layer_stats", "capture_tensors", "distribution",
-           "LOG_BINS"]
+           "LOG_BINS", "QuantizeFusion", "quantize_fusions"]
 
 #: Bin edges of :func:`distribution`: ``log10(|v| / max|v|)`` from -6 to 0.
 LOG_BINS = np.linspace(-6.0, 0.0, 49)
@@ -53,9 +53,13 @@ def layer_stats(model: nnx.Module, alpha: float = 20.0, beta: float = 0.1
                 ) -> dict[str, dict[str, float]]:
   """Per quantized layer (``"a/b/c"`` path): its latest gradient measurement.
 
-  Keys of each entry: ``cosine_distance`` (d), ``clip``, ``grad_absmax``
-  (``max|g|``), ``clip_ratio`` (``clip / max|g|``; 1 means clipping at the
-  max, i.e. naive INT8), ``clipped_fraction``, ``phi``
+  Keys of each entry: ``cosine_distance`` (d, the mean of the per-channel
+  distances: what drives the LR scaling), ``global_cosine_distance`` (the
+  whole tensor's, norm-weighted: the paper's d), ``channel_cosine_distance_max``,
+  ``clip``, ``grad_absmax``
+  (``max|g|``), ``clip_ratio`` (the learned ratio of ``max|g|``; 1 means
+  clipping at the max, i.e. naive INT8), ``best_ratio`` (the best candidate
+  of the latest measurement), ``clipped_fraction``, ``phi``
   (``lr_coefficient(d, alpha, beta)``), ``measurements``, ``nonfinite``.
   Values are Python floats (device arrays are fetched once).
   """
@@ -64,8 +68,12 @@ def layer_stats(model: nnx.Module, alpha: float = 20.0, beta: float = 0.1
   for path, s in stats.items():
     gmax = float(s.grad_absmax)
     out[path] = {
-        "cosine_distance": float(s.deviation), "clip": float(s.clip), "grad_absmax": gmax,
-        "clip_ratio": float(s.clip) / gmax if gmax > 0 else float("nan"),
+        "cosine_distance": float(s.deviation),
+        "global_cosine_distance": float(s.global_deviation),
+        "channel_cosine_distance_max": float(s.channel_deviation_max),
+        "clip": float(s.clip), "grad_absmax": gmax,
+        "clip_ratio": float(s.clip_ratio) if float(s.clip_ratio) > 0 else 1.0,
+        "best_ratio": float(s.best_ratio),
         "clipped_fraction": float(s.clipped_fraction),
         "phi": float(lr_coefficient(float(s.deviation), alpha, beta)),
         "measurements": float(s.measurements), "nonfinite": float(s.nonfinite),
@@ -240,3 +248,76 @@ def distribution(v, bins: np.ndarray = LOG_BINS) -> Distribution:
   kurt = float(np.mean(c ** 4) / var ** 2) if var > 0 else float("nan")
   return Distribution(hist=hist, zero_fraction=float(np.mean(a == 0)) if a.size else 0.0,
                       kurtosis=kurt, below_step=below, absmax=m, size=int(v.size))
+
+
+# ---------------------------------------------------------------------------
+# Where the quantization runs in a compiled program.
+
+# HLO ops a fusion that only quantizes (scale, noise, round, clamp, mark
+# non-finite, convert to int8; layout changes) is made of. A quantizing fusion
+# with any other op also computes the tensor it quantizes: it is fused into
+# the fusion that produces that tensor.
+_QUANTIZE_OPS = frozenset((
+    "add", "bitcast", "broadcast", "clamp", "constant", "convert", "floor", "round-nearest-even",
+    "round-nearest-afz", "is-finite", "multiply", "parameter", "select", "iota", "xor",
+    "shift-right-logical", "slice", "reshape", "copy", "transpose", "reverse", "divide"))
+
+
+@dataclasses.dataclass
+class QuantizeFusion:
+  """One fusion of a compiled XLA program that writes an int8 tensor.
+
+  Attributes:
+    name: the fused computation's name in the HLO text.
+    rounding: ``"stochastic"`` (a ``floor``: gradients) or ``"nearest"``.
+    shape: the int8 result's shape.
+    fused_with_producer: the fusion also computes the float tensor it
+      quantizes (it holds ops other than quantization: BatchNorm, ReLU, their
+      backward). ``False``: a standalone pass that reads a float tensor from
+      memory only to quantize it.
+    ops: the HLO op names in the fusion.
+  """
+
+  name: str
+  rounding: str
+  shape: tuple[int, ...]
+  fused_with_producer: bool
+  ops: tuple[str, ...]
+
+
+def quantize_fusions(hlo_text: str) -> list[QuantizeFusion]:
+  """The int8-producing fusions of a compiled program's HLO text
+  (``jax.jit(f).lower(...).compile().as_text()``), and whether each one is
+  fused into the fusion that produces the tensor it quantizes.
+
+  This is how docs/performance.md shows where the quantization runs; a test
+  guards that, with ``set_measure_mode(model, "never")``, every gradient
+  quantization is fused with the BatchNorm / ReLU backward that produces the
+  gradient.
+  """
+  import re  # pylint: disable=g-import-not-at-top
+  comps: dict[str, list[str]] = {}
+  cur = None
+  for line in hlo_text.splitlines():
+    m = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if m:
+      cur = m.group(1)
+      comps[cur] = []
+    elif cur is not None and line.strip() != "}":
+      comps[cur].append(line)
+  out = []
+  for name, body in comps.items():
+    if not name.startswith("fused_computation") and "fusion" not in name:
+      continue
+    text = "\n".join(body)
+    root = [l for l in body if "ROOT" in l]
+    root_s8 = re.search(r"ROOT [^=]+= s8\[([\d,]*)\]", root[0]) if root else None
+    if root_s8 is None:
+      continue
+    ops = tuple(sorted(set(re.findall(r" ([a-z][a-z0-9\-]*)\(", text))))
+    rounding = "stochastic" if "floor" in ops else "nearest"
+    if "floor" not in ops and not any(o.startswith("round") for o in ops):
+      continue
+    shape = tuple(int(d) for d in root_s8.group(1).split(",") if d)
+    out.append(QuantizeFusion(name, rounding, shape, not set(ops) <= _QUANTIZE_OPS, ops))
+  return out

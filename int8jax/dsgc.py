@@ -1,26 +1,67 @@
-"""Direction-sensitive gradient clipping (DSGC) state and measurement.
+"""Direction-sensitive gradient clipping (DSGC): state, measurement, update.
 
 UI8 (Zhu et al. 2020, §4.1) picks each layer's gradient clip value ``c`` to
 minimise the cosine distance ``d = 1 - cos(g, g_hat)`` between the output
-gradient ``g`` and its quantized version ``g_hat``, by gradient descent on
-``log c``. This module holds the per-layer state (:class:`GradQuantState`),
-the measurement made in the backward pass of a quantized op
-(:func:`measure_gradient`) and the pure state update
+gradient ``g`` and its quantized version ``g_hat``. This module holds the
+per-layer state (:class:`GradQuantState`), the measurement the backward pass
+of a quantized op makes (:func:`measure_gradient`) and the pure state update
 (:func:`update_grad_state`) that :mod:`int8jax.optim` applies.
 
 How the state travels: a quantized op takes a ``GradQuantState`` as an
 ordinary array argument and its backward rule returns the *measurement* of the
 step as that argument's cotangent. The cotangent has the same fields, read as
-sums over the op's uses in the step:
+sums over the op's uses in the step (so a layer called twice, or gradients
+accumulated over micro-batches, average correctly: every field is divided by
+``measurements``):
 
-* ``clip``: ``d(d)/d(log c)`` at the clip value used;
-* ``clip_ratio``: 0 (unused);
-* ``deviation``: the cosine distance ``d``;
-* ``grad_absmax``: ``max|g|``;
-* ``clipped_fraction``: fraction of entries with ``|g| >= c``;
-* ``dlog_clip``: ``d(d)/d(log c)`` again (kept so the state records it);
+* ``deviation``: the mean over output channels of each channel's cosine
+  distance (what drives the error-sensitive LR; see below);
+* ``global_deviation``: the cosine distance of the whole tensor (the paper's
+  ``d``, norm-weighted; what the clip search minimises);
+* ``channel_deviation_max``: the largest per-channel distance;
+* ``grad_absmax``: ``max|g|``; ``clipped_fraction``: share of entries with
+  ``|g| >= c``;
+* ``dlog_clip``: ``d(global d)/d(log c)`` (the paper's descent direction);
+* ``best_ratio``: the clip ratio (of ``max|g|``, per group for per-group
+  scales) with the smallest global distance among the candidates evaluated in
+  the same pass (:data:`CANDIDATE_RATIOS` and a local grid around the current
+  ratio); 1 for ``grad_clip="max"``;
 * ``measurements``: 1 per use on a measure step, 0 otherwise;
-* ``nonfinite``: 1 per use whose gradient held NaN/Inf (its other fields are 0).
+* ``nonfinite``: 1 per use whose gradient held NaN/Inf, on any step (its
+  other fields are then 0);
+* ``clip_ratio``: a check value, ``measurements / 256`` (see below);
+* ``clip``: 0 (unused in a measurement).
+
+The measurement is returned *scaled* by :data:`MEASUREMENT_SCALE`
+(``2^-40``). It travels as the gradient of the layer's state, so optax
+transforms placed before the optimizer see it: at this scale it adds nothing
+to a global norm (``optax.clip_by_global_norm`` clips the weights exactly as
+without it), and since every field is a sum divided by ``measurements``,
+any uniform rescaling (clipping, gradient accumulation's average,
+``optax.scale``) leaves the measurement's meaning unchanged. A transform that
+changes fields unequally (``optax.add_noise``, weight decay added before the
+optimizer) breaks ``clip_ratio == measurements / 256``;
+:func:`measurement_is_consistent` detects it and :mod:`int8jax.optim`
+refuses such a measurement with an error. :func:`read_measurement` gives the
+per-use averages.
+
+Why ``deviation`` is a per-channel mean: the global distance is weighted by
+``|g|``, so a few channels with large gradients hide the others. Measured in
+a depthwise MobileNet (docs/results.md): with one scale per tensor, 7 of 8
+channels fell below one int8 step and their directions were lost
+(per-channel distances 0.72-0.77) while the global distance read 0.001, so
+neither the clip learner nor the LR scaling reacted. The mean over channels
+sees such channels; the global ``d`` is kept beside it.
+
+How the clip is learned (:func:`update_grad_state`): the paper descends on
+``log c`` along ``d(d)/d(log c)``; on real gradients that derivative is
+about ``2 d`` (1e-3), so one step moves the clip by 0.1-2% and the cosine-
+optimal clip (0.6-1.0 of ``max|g|``) was reached only after ~120
+measurements. The default update instead moves to ``best_ratio``: the same
+objective (the global cosine distance between ``g`` and its quantization),
+minimised by direct search over candidate clips evaluated in the measuring
+pass, with the same rounding noise as the real quantization.
+``method="gradient"`` keeps the paper's descent.
 """
 
 from __future__ import annotations
@@ -29,11 +70,26 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from int8jax import quant
 
 #: Smallest learned clip, as a fraction of ``max|g|``.
 MIN_CLIP_RATIO = 1e-3
+
+#: Clip ratios (of ``max|g|``) the measurement always evaluates: a coarse
+#: grid over where the cosine-optimal clip of real gradients lies (0.6-1.0
+#: measured; heavier tails lower).
+CANDIDATE_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05)
+#: ... and these multiples of the current ratio (a local refinement).
+LOCAL_FACTORS = (0.85, 0.92, 0.96, 1.0, 1.04, 1.08, 1.17)
+
+#: The update rules :func:`update_grad_state` knows.
+CLIP_METHODS = ("search", "gradient")
+
+#: The scale at which a quantized op returns its measurement (see the module doc).
+MEASUREMENT_SCALE = 2.0 ** -40
+_CHECK = 256.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,30 +97,35 @@ class GradQuantState:
   """Per-layer gradient-quantization state (all float32 scalars).
 
   Attributes:
-    clip: clip value of the output gradient used between measurements
-      (``clip_ratio * max|g|`` of the latest measurement); 0 means "not
-      measured yet", in which case the op clips at ``max|g|`` of the step.
+    clip: clip value of the output gradient used between measurements with
+      per-tensor scales (``clip_ratio * max|g|`` of the latest measurement);
+      0 means "not measured yet", in which case the op clips at ``max|g|`` of
+      the step. (With per-group scales the op clips each group at
+      ``clip_ratio`` times that group's ``max|g|`` on every step.)
     clip_ratio: the learned clip as a fraction of ``max|g|``, in
-      ``[MIN_CLIP_RATIO, 1]``; 0 means "not learned yet" (ratio 1). On a
-      measure step the op clips at ``clip_ratio * max|g|`` of that step, so
-      the clip follows the gradient's scale as training goes on; the clip
-      learner descends on ``log clip_ratio``.
-    deviation: cosine distance ``d`` at the latest measurement.
+      ``[MIN_CLIP_RATIO, 1]``; 0 means "not learned yet" (ratio 1).
+    deviation: mean per-channel cosine distance at the latest measurement
+      (drives the error-sensitive LR).
+    global_deviation: cosine distance of the whole gradient tensor (paper).
+    channel_deviation_max: largest per-channel cosine distance.
     grad_absmax: ``max|g|`` at the latest measurement.
-    clipped_fraction: fraction of gradient entries at or beyond the clip value
-      at the latest measurement.
-    dlog_clip: ``d(d)/d(log c)`` at the latest measurement.
+    clipped_fraction: fraction of gradient entries at or beyond the clip.
+    dlog_clip: ``d(global_deviation)/d(log c)`` at the latest measurement.
+    best_ratio: the best clip ratio the latest measurement found.
     measurements: number of measurements taken in.
-    nonfinite: number of measure steps skipped because the gradient was not
-      finite (the other fields kept their previous values).
+    nonfinite: number of steps whose gradient was not finite (the stored
+      values were kept).
   """
 
   clip: jax.Array
   clip_ratio: jax.Array
   deviation: jax.Array
+  global_deviation: jax.Array
+  channel_deviation_max: jax.Array
   grad_absmax: jax.Array
   clipped_fraction: jax.Array
   dlog_clip: jax.Array
+  best_ratio: jax.Array
   measurements: jax.Array
   nonfinite: jax.Array
 
@@ -76,112 +137,260 @@ class GradQuantState:
   def replace(self, **changes) -> "GradQuantState":
     return dataclasses.replace(self, **changes)
 
+  def pack(self) -> jax.Array:
+    """The fields as one float32 vector ``(NUM_FIELDS,)`` (field order)."""
+    return jnp.stack([jnp.asarray(getattr(self, f), jnp.float32) for f in _FIELDS])
+
+  @classmethod
+  def unpack(cls, v: jax.Array) -> "GradQuantState":
+    """Inverse of :meth:`pack`."""
+    v = jnp.asarray(v)
+    if v.shape != (NUM_FIELDS,):
+      raise ValueError(f"a packed GradQuantState has shape ({NUM_FIELDS},), got {v.shape}")
+    return cls(*(v[i] for i in range(NUM_FIELDS)))
+
 
 _FIELDS = [f.name for f in dataclasses.fields(GradQuantState)]
 jax.tree_util.register_dataclass(GradQuantState, data_fields=_FIELDS, meta_fields=[])
+#: Length of :meth:`GradQuantState.pack`'s vector.
+NUM_FIELDS = len(_FIELDS)
 
 
-def measure_gradient(g: jax.Array, g_hat: jax.Array, clip: jax.Array) -> GradQuantState:
+def as_state(x) -> GradQuantState:
+  """``x`` as a :class:`GradQuantState` (unpacking a packed vector)."""
+  return x if isinstance(x, GradQuantState) else GradQuantState.unpack(x)
+
+_TINY = float(np.finfo(np.float32).tiny)
+
+
+def candidate_ratios(current: jax.Array) -> jax.Array:
+  """The clip ratios a measurement evaluates (float32 vector).
+
+  :data:`CANDIDATE_RATIOS` plus :data:`LOCAL_FACTORS` times ``current``
+  (``current`` 0 means 1), clamped to ``[MIN_CLIP_RATIO, 1]``.
+  """
+  r = jnp.where(current > 0, current, 1.0).astype(jnp.float32)
+  local = jnp.clip(r * jnp.asarray(LOCAL_FACTORS, jnp.float32), MIN_CLIP_RATIO, 1.0)
+  return jnp.concatenate([jnp.asarray(CANDIDATE_RATIOS, jnp.float32), local])
+
+
+def _cos(sab, saa, sbb):
+  return sab / jnp.maximum(jnp.sqrt(saa) * jnp.sqrt(sbb), _TINY)
+
+
+def _distance(sgh, sgg, shh):
+  # g == 0: nothing to lose, d = 0. g != 0 but g_hat == 0: direction lost, d = 1.
+  return jnp.where(sgg > 0, 1.0 - _cos(sgh, sgg, shh), 0.0)
+
+
+def measure_gradient(g: jax.Array, q: jax.Array, scale: jax.Array, clip: jax.Array, *,
+                     gmax: jax.Array | None = None, ratio: jax.Array | None = None,
+                     noise: jax.Array | None = None,
+                     search: bool = True) -> GradQuantState:
   """The measurement cotangent for one use of a quantized op.
 
   Args:
-    g: the float output gradient.
-    g_hat: its dequantized int8 version (``scale * q``).
-    clip: the clip value ``c`` used to quantize ``g``.
+    g: the float output gradient, channels on its last axis.
+    q: its int8 quantization (what the GEMMs use).
+    scale: the scale of ``q`` (scalar, or broadcastable to ``g``: one per
+      channel for per-group scales).
+    clip: the clip value(s) used (``127 * scale``), same shape as ``scale``.
+    gmax: the ``max|g|`` the clip is a ratio of (scalar or per channel, like
+      ``scale``); default ``max|g|`` of the tensor.
+    ratio: the ratio ``clip / gmax`` in use (the centre of the local search).
+    noise: the uniform ``[0, 1)`` rounding noise used for ``q`` (``None``:
+      nearest rounding); the candidate clips are evaluated with the same.
+    search: evaluate the candidate clips (``False`` for ``grad_clip="max"``:
+      ``best_ratio`` is then 1).
 
   Returns:
     A :class:`GradQuantState` read as a measurement (see the module doc).
-    Derivative (straight-through rounding, as in learned step-size
+    ``dlog_clip`` uses straight-through rounding (as in learned step-size
     quantization; docs/design.md §1): ``d g_hat_i / d c = sign(g_i)`` where
     ``|g_i| >= c`` and ``(g_hat_i - g_i) / c`` inside the range, and
     ``d d / d g_hat = -(g / (|g||g_hat|) - cos * g_hat / |g_hat|^2)``.
-    All sums are taken in one pass over ``g``.
   """
   g = g.astype(jnp.float32)
-  h = g_hat.astype(jnp.float32)
+  scale = jnp.asarray(scale, jnp.float32)
   c = jnp.asarray(clip, jnp.float32)
-  clipped = jnp.abs(g) >= c
-  t = jnp.where(clipped, jnp.sign(g), (h - g) / c)  # d g_hat / d c
-  sgg = jnp.sum(g * g)
-  shh = jnp.sum(h * h)
-  sgh = jnp.sum(g * h)
-  sgt = jnp.sum(g * t)
-  sht = jnp.sum(h * t)
-  gmax = quant.absmax(g)
-  frac = jnp.mean(clipped.astype(jnp.float32))
-  finite = jnp.isfinite(sgg) & jnp.isfinite(shh) & jnp.isfinite(sgh) & jnp.isfinite(c)
+  h = q.astype(jnp.float32) * scale
+  axes = tuple(range(g.ndim - 1))
+  # Per-channel sums (one pass over g, h); totals from them.
+  sgg_c = jnp.sum(g * g, axis=axes)
+  shh_c = jnp.sum(h * h, axis=axes)
+  sgh_c = jnp.sum(g * h, axis=axes)
+  sgg, shh, sgh = sgg_c.sum(), shh_c.sum(), sgh_c.sum()
+  d_c = _distance(sgh_c, sgg_c, shh_c)
+  live = sgg_c > 0
+  d_mean = jnp.sum(jnp.where(live, d_c, 0.0)) / jnp.maximum(jnp.sum(live), 1)
+  d_max = jnp.max(jnp.where(live, d_c, 0.0), initial=0.0)
+  d = _distance(sgh, sgg, shh)
 
-  tiny = jnp.finfo(jnp.float32).tiny
-  ng, nh = jnp.sqrt(sgg), jnp.sqrt(shh)
-  cos = sgh / jnp.maximum(ng * nh, tiny)
-  # g == 0: nothing to lose, d = 0. g != 0 but g_hat == 0: direction lost, d = 1.
-  d = jnp.where(sgg > 0, 1.0 - cos, 0.0)
-  dd_dc = -(sgt / jnp.maximum(ng * nh, tiny)) + cos * sht / jnp.maximum(shh, tiny)
-  dlog = jnp.where((sgg > 0) & (shh > 0), c * dd_dc, 0.0)
+  # Derivative w.r.t. log c (one learned ratio for every channel: d log c_i
+  # = d log r), straight-through rounding.
+  clipped = jnp.abs(g) >= c
+  tc = jnp.where(clipped, jnp.sign(g) * c, h - g)  # c_i * d g_hat_i / d c_i
+  nn_ = jnp.maximum(jnp.sqrt(sgg) * jnp.sqrt(shh), _TINY)
+  dlog = -jnp.sum(g * tc) / nn_ + _cos(sgh, sgg, shh) * jnp.sum(h * tc) / jnp.maximum(shh, _TINY)
+  dlog = jnp.where((sgg > 0) & (shh > 0), dlog, 0.0)
+
+  absmax = quant.absmax(g)
+  finite = (jnp.isfinite(sgg) & jnp.isfinite(shh) & jnp.isfinite(sgh) & jnp.all(jnp.isfinite(c))
+            & jnp.isfinite(absmax))
+  if search:
+    best = _search(g, gmax if gmax is not None else absmax,
+                   jnp.zeros((), jnp.float32) if ratio is None else ratio, noise, sgg)
+  else:
+    best = jnp.ones((), jnp.float32)
 
   def keep(v):
     return jnp.where(finite, v, 0.0).astype(jnp.float32)
 
-  one = jnp.ones((), jnp.float32)
+  zero = jnp.zeros((), jnp.float32)
   return GradQuantState(
-      clip=keep(dlog), clip_ratio=jnp.zeros((), jnp.float32), deviation=keep(d),
-      grad_absmax=keep(gmax),
-      clipped_fraction=keep(frac), dlog_clip=keep(dlog), measurements=one,
+      clip=zero, clip_ratio=zero, deviation=keep(d_mean), global_deviation=keep(d),
+      channel_deviation_max=keep(d_max), grad_absmax=keep(absmax),
+      clipped_fraction=keep(jnp.mean(clipped.astype(jnp.float32))), dlog_clip=keep(dlog),
+      best_ratio=keep(best), measurements=jnp.ones((), jnp.float32),
       nonfinite=jnp.where(finite, 0.0, 1.0).astype(jnp.float32))
+
+
+def _search(g, gmax, ratio, noise, sgg):
+  """The candidate ratio whose quantization of ``g`` is closest in direction.
+
+  All candidates in one fused pass: ``g`` is broadcast against the candidate
+  axis inside the reductions (XLA does not materialise the ``(..., K)``
+  tensor), with the same rounding noise as the real quantization.
+  """
+  cand = candidate_ratios(ratio)  # (K,)
+  inv = quant.QMAX / jnp.maximum(jnp.asarray(gmax, jnp.float32), _TINY)  # scalar or (C,)
+  inv = inv[..., None] if inv.ndim else inv
+  y = g[..., None] * (inv / cand)  # (..., K): g / s_k, s_k = cand_k * gmax / 127
+  u = 0.5 if noise is None else noise[..., None]
+  hk = jnp.clip(jnp.floor(y + u), -quant.QMAX, quant.QMAX) * (cand / inv)
+  axes = tuple(range(g.ndim))
+  sgh = jnp.sum(g[..., None] * hk, axis=axes)
+  shh = jnp.sum(hk * hk, axis=axes)
+  dk = _distance(sgh, sgg, shh)
+  return cand[jnp.argmin(dk)]
+
+
+def as_cotangent(m: GradQuantState) -> GradQuantState:
+  """A measurement (per-use values, ``measurements`` = 1 or 0) in the form the
+  ops return it: scaled by :data:`MEASUREMENT_SCALE`, with the check value."""
+  m = jax.tree.map(lambda v: (v * MEASUREMENT_SCALE).astype(jnp.float32), m)
+  return m.replace(clip=jnp.zeros((), jnp.float32), clip_ratio=m.measurements / _CHECK)
+
+
+def measurement_is_consistent(measured: GradQuantState) -> jax.Array:
+  """Boolean scalar: the measurement's check value still matches (no transform
+  changed its fields unequally; see the module doc)."""
+  n, tag = measured.measurements, measured.clip_ratio * _CHECK
+  return (jnp.abs(tag - n) <= 1e-5 * jnp.abs(n)) & (n >= 0)
+
+
+def read_measurement(measured: GradQuantState) -> GradQuantState:
+  """A measurement as the ops return it, read back: every field the per-use
+  average (the sums divided by ``measurements``, so any uniform rescaling
+  cancels); ``measurements`` and ``nonfinite`` the counts of uses (exact when
+  nothing rescaled the measurement); ``clip`` and ``clip_ratio`` 0. Zeros
+  when there was no measurement."""
+  n = measured.measurements
+  inv = jnp.where(n > 0, 1.0 / jnp.where(n > 0, n, 1.0), 0.0)
+  mean = jax.tree.map(lambda v: (v * inv).astype(jnp.float32), measured)
+  zero = jnp.zeros((), jnp.float32)
+  return mean.replace(clip=zero, clip_ratio=zero, measurements=n / MEASUREMENT_SCALE,
+                      nonfinite=measured.nonfinite / MEASUREMENT_SCALE)
 
 
 def update_grad_state(state: GradQuantState, measured: GradQuantState,
                       learning_rate: jax.typing.ArrayLike = 1.0,
-                      learn_clip: jax.typing.ArrayLike = True) -> GradQuantState:
+                      learn_clip: jax.typing.ArrayLike = True,
+                      method: str = "search") -> GradQuantState:
   """Fold one step's measurement into the state (pure, jit-friendly).
 
-  On a step without measurement (``measured.measurements == 0``) the state is
-  returned unchanged. A measurement with non-finite data only increments
-  ``nonfinite``. Otherwise the clip takes one gradient-descent step on
-  ``log`` of its ratio to ``max|g|`` (UI8 §4.1; the measure step clipped at
-  ``r * max|g|``)::
+  Every field of ``measured`` is a sum over uses; dividing by
+  ``measured.measurements`` makes the update the same after any uniform
+  rescaling of the measurement (gradient accumulation averages it; a clipping
+  transform placed before the optimizer scales it). Without a measurement
+  (``measurements == 0``) only ``nonfinite`` can change. A measurement with
+  non-finite data only increments ``nonfinite``; one whose check value does
+  not match (:func:`measurement_is_consistent`) is ignored. Otherwise the clip ratio
+  ``r`` (``clip_ratio``, 0 meaning 1) moves:
 
-      r = clip_ratio if clip_ratio > 0 else 1      # first measurement: max|g|
-      r_new = clamp(r * exp(-learning_rate * d(d)/d(log c)), MIN_CLIP_RATIO, 1)
-      clip_new = r_new * max|g|
+  * ``method="search"`` (default): towards the best candidate,
+    ``log r_new = log r + learning_rate * (log best_ratio - log r)``
+    (``learning_rate=1`` jumps there);
+  * ``method="gradient"``: the paper's descent,
+    ``r_new = r * exp(-learning_rate * d(d)/d(log c))``;
+
+  clamped to ``[MIN_CLIP_RATIO, 1]``; ``clip = r_new * max|g|``.
 
   Args:
     state: current state.
     measured: the cotangent the quantized op returned for ``state``.
-    learning_rate: step size of the descent on ``log c``.
-    learn_clip: ``False`` sets ``c = max|g|`` (naive INT8; no descent).
+    learning_rate: step size on ``log c``.
+    learn_clip: ``False`` keeps ``r = 1`` (clip at ``max|g|``: naive INT8).
+    method: ``"search"`` or ``"gradient"`` (static).
 
   Returns:
     The new state.
   """
+  if method not in CLIP_METHODS:
+    raise ValueError(f"method must be one of {CLIP_METHODS}, got {method!r}")
   n = measured.measurements
-  bad = (measured.nonfinite > 0) | ~jnp.all(jnp.isfinite(jnp.stack(
-      [measured.deviation, measured.grad_absmax, measured.dlog_clip,
-       measured.clipped_fraction])))
-  ok = (n > 0) & ~bad
-  inv = 1.0 / jnp.maximum(n, 1.0)
-  d = measured.deviation * inv
-  gmax = measured.grad_absmax * inv
-  frac = measured.clipped_fraction * inv
-  dlog = measured.dlog_clip * inv
+  vals = [measured.deviation, measured.global_deviation, measured.grad_absmax,
+          measured.dlog_clip, measured.clipped_fraction, measured.best_ratio,
+          measured.channel_deviation_max]
+  bad = ((measured.nonfinite > 0) | ~jnp.all(jnp.isfinite(jnp.stack(vals)))
+         | ~measurement_is_consistent(measured))
+  inv = jnp.where(n > 0, 1.0 / jnp.where(n > 0, n, 1.0), 0.0)
+  mean = lambda v: v * inv  # noqa: E731
+  gmax = mean(measured.grad_absmax)
   r = jnp.where(state.clip_ratio > 0, state.clip_ratio, 1.0)
   lr = jnp.asarray(learning_rate, jnp.float32)
-  r_new = jnp.where(learn_clip, jnp.clip(r * jnp.exp(-lr * dlog), MIN_CLIP_RATIO, 1.0), 1.0)
+  if method == "search":
+    best = jnp.clip(mean(measured.best_ratio), MIN_CLIP_RATIO, 1.0)
+    r_new = jnp.exp(jnp.log(r) + lr * (jnp.log(best) - jnp.log(r)))
+  else:
+    r_new = r * jnp.exp(-lr * mean(measured.dlog_clip))
+  r_new = jnp.where(learn_clip, jnp.clip(r_new, MIN_CLIP_RATIO, 1.0), 1.0)
   # An all-zero gradient (gmax == 0) carries no information about the clip.
-  ok = ok & (gmax > 0)
-  c_new = r_new * gmax
+  ok = (n > 0) & ~bad & (gmax > 0)
 
   def pick(new, old):
     return jnp.where(ok, new, old).astype(jnp.float32)
 
   return GradQuantState(
-      clip=pick(c_new, state.clip), clip_ratio=pick(r_new, state.clip_ratio),
-      deviation=pick(d, state.deviation),
+      clip=pick(r_new * gmax, state.clip), clip_ratio=pick(r_new, state.clip_ratio),
+      deviation=pick(mean(measured.deviation), state.deviation),
+      global_deviation=pick(mean(measured.global_deviation), state.global_deviation),
+      channel_deviation_max=pick(mean(measured.channel_deviation_max),
+                                 state.channel_deviation_max),
       grad_absmax=pick(gmax, state.grad_absmax),
-      clipped_fraction=pick(frac, state.clipped_fraction),
-      dlog_clip=pick(dlog, state.dlog_clip),
+      clipped_fraction=pick(mean(measured.clipped_fraction), state.clipped_fraction),
+      dlog_clip=pick(mean(measured.dlog_clip), state.dlog_clip),
+      best_ratio=pick(mean(measured.best_ratio), state.best_ratio),
       measurements=(state.measurements + jnp.where(ok, 1.0, 0.0)).astype(jnp.float32),
-      nonfinite=(state.nonfinite + jnp.where((n > 0) & bad, 1.0, 0.0)).astype(jnp.float32))
+      nonfinite=(state.nonfinite + jnp.where(measured.nonfinite > 0, 1.0, 0.0)
+                 ).astype(jnp.float32))
+
+
+def assert_measurement_consistent(measured: GradQuantState, where: str = "") -> None:
+  """Raise (from inside ``jit``, through ``jax.debug.callback``) when a
+  transform changed the measurement's fields unequally; see the module doc."""
+  jax.debug.callback(_raise_if_inconsistent, ~measurement_is_consistent(measured), where)
+
+
+def _raise_if_inconsistent(bad, where):
+  if bool(bad):
+    raise ValueError(
+        f"int8jax: the quantization measurement{' of ' + where if where else ''} was changed "
+        "by a gradient transformation placed before int8jax.optim.ui8 (e.g. optax.add_noise "
+        "or weight decay added to all gradients). Such transforms treat the measurement as "
+        "a gradient; put them inside ui8's base optimizer (ui8(optax.chain(..., base))), "
+        "which sees only the weights' gradients. Uniform rescalings (clip_by_global_norm, "
+        "MultiSteps, scale) are fine where they are.")
 
 
 def lr_coefficient(deviation: jax.typing.ArrayLike, alpha: jax.typing.ArrayLike = 20.0,

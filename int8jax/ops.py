@@ -62,6 +62,11 @@ class _Op:
   The weight's output-feature axis is last in both. ``backend`` is a name
   (hashable); the :class:`~int8jax.backends.Backend` is looked up -- and
   checked for the platform being traced for -- when the op is traced.
+  ``grad_groups``: 1 for one gradient scale per tensor, ``G`` for one per
+  feature group. ``static_measure``: ``None`` when ``measure`` is traced,
+  else the Python bool (no measuring ``lax.cond`` is built).
+  ``stored_clip_only``: non-measuring calls use the stored clip with no
+  fallback to ``max|g|`` (no reduction over ``g`` at all).
   """
   kind: str
   spec: ConvSpec | None
@@ -69,27 +74,34 @@ class _Op:
   backend: str
   x_dtype: Any
   w_dtype: Any
-
-  def _args(self):
-    impl = backends.get(self.backend)
-    kw = {"chunk_k": self.config.chunk_k}
-    extra = (self.spec,) if self.kind == "conv" else ()
-    return impl, extra, kw
+  out_dtype: Any
+  grad_groups: int
+  static_measure: bool | None
+  stored_clip_only: bool = False
 
   def forward(self, xq, wq, scale):
-    impl, extra, kw = self._args()
-    fn = impl.conv_forward if self.kind == "conv" else impl.dense_forward
-    return fn(xq, wq, scale, *extra, **kw)
+    impl = backends.get(self.backend)
+    if self.kind == "conv":
+      return impl.conv_forward(xq, wq, scale, self.spec, chunk_k=self.config.chunk_k,
+                               out_dtype=self.out_dtype)
+    return impl.dense_forward(xq, wq, scale, chunk_k=self.config.chunk_k,
+                              out_dtype=self.out_dtype)
 
   def dgrad(self, gq, wq, scale):
-    impl, extra, kw = self._args()
-    fn = impl.conv_dgrad if self.kind == "conv" else impl.dense_dgrad
-    return fn(gq, wq, scale, *extra, **kw)
+    impl = backends.get(self.backend)
+    if self.kind == "conv":
+      return impl.conv_dgrad(gq, wq, scale, self.spec, chunk_k=self.config.chunk_k,
+                             out_dtype=self.x_dtype)
+    return impl.dense_dgrad(gq, wq, scale, chunk_k=self.config.chunk_k,
+                            out_dtype=self.x_dtype)
 
   def wgrad(self, xq, gq, scale):
-    impl, extra, kw = self._args()
-    fn = impl.conv_wgrad if self.kind == "conv" else impl.dense_wgrad
-    return fn(xq, gq, scale, *extra, **kw)
+    impl = backends.get(self.backend)
+    if self.kind == "conv":
+      return impl.conv_wgrad(xq, gq, scale, self.spec, chunk_k=self.config.chunk_k,
+                             out_dtype=self.w_dtype)
+    return impl.dense_wgrad(xq, gq, scale, chunk_k=self.config.chunk_k,
+                            out_dtype=self.w_dtype)
 
 
 def _all_finite(x):
@@ -98,73 +110,137 @@ def _all_finite(x):
   return jnp.isfinite(jnp.sum(x.astype(jnp.float32) * 0.0))
 
 
-def _weight_quant(w, per_channel: bool):
+def _group_max(v, groups: int):
+  """``max|v|`` per feature group of the last axis, repeated per feature."""
+  n = v.shape[-1]
+  m = quant.absmax(v.reshape(-1, groups, n // groups), axis=(0, 2))  # (G,)
+  return jnp.repeat(m, n // groups)
+
+
+def _weight_quant(w, granularity: str, groups: int = 1):
   """Nearest-rounded int8 weight and its scale (fresh ``max|w|`` each step:
-  one pass over a small tensor; per tensor, or per output feature = last axis)."""
-  axes = tuple(range(w.ndim - 1)) if per_channel else None
-  sw = quant.scale_from_clip(quant.absmax(w, axis=axes))
-  return quant.quantize(w, sw), sw
+  one pass over a small tensor): per ``"tensor"``, per output feature
+  (``"channel"``, the last axis) or per feature ``"group"`` (repeated per
+  output feature). Non-finite entries are marked (:data:`quant.NONFINITE`)."""
+  if granularity == "tensor":
+    clip = quant.absmax(w)
+  elif granularity == "channel":
+    clip = quant.absmax(w, axis=tuple(range(w.ndim - 1)))
+  else:
+    clip = _group_max(w, groups)
+  sw = quant.scale_from_clip(clip)
+  return quant.quantize(w, sw, mark_nonfinite=True), sw
+
+
+def _nan_unless(ok, scale):
+  """``scale``, or NaN where ``ok`` is false: folded into the GEMM's dequantizing
+  multiply, a non-finite operand makes the whole result NaN at no extra pass."""
+  return jnp.where(ok, scale, jnp.nan)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _qapply(op: _Op, x, w, x_clip, grad_state, key, measure):
-  y, _ = _qapply_fwd(op, x, w, x_clip, grad_state, key, measure)
-  return y
+  out, _ = _qapply_fwd(op, x, w, x_clip, grad_state, key, measure)
+  return out
 
 
 def _qapply_fwd(op: _Op, x, w, x_clip, grad_state, key, measure):
-  per_channel = op.config.weight_granularity == "channel"
+  """Returns ``(y, x_finite)`` and the residuals."""
+  wg = op.config.weight_granularity
   sx = quant.scale_from_clip(x_clip)
   # The barrier materialises the int8 tensor once: otherwise XLA fuses the
   # quantization into each consumer (the GEMM's padding, the patches of the
   # weight gradient) and keeps the float32 x alive as the residual instead.
-  xq = lax.optimization_barrier(quant.quantize(x, sx))
-  wq, sw = _weight_quant(w, per_channel)
-  y = op.forward(xq, wq, sx * sw)
-  ok = _all_finite(x) & _all_finite(w)
-  # Materialise the float output: otherwise XLA may keep the wider int32
-  # GEMM result alive for the consumers' backward pass and redo the scaling.
-  y = lax.optimization_barrier(jnp.where(ok, y, jnp.nan).astype(op.x_dtype))
-  res = (xq, wq, sx, sw, w if per_channel else None, grad_state, key, measure)
-  return y, res
+  # The quantization itself stays in the fusion that produces x (BN + ReLU).
+  xq = lax.optimization_barrier(quant.quantize(x, sx, mark_nonfinite=True))
+  wq, sw = _weight_quant(w, wg)
+  x_ok = quant.all_finite_int8(xq)
+  ok = x_ok & quant.all_finite_int8(wq)
+  y = op.forward(xq, wq, _nan_unless(ok, sx * sw))
+  # Materialise the output: otherwise XLA may keep the wider int32 GEMM
+  # result alive for the consumers' backward pass and redo the scaling.
+  y = lax.optimization_barrier(y)
+  res = (xq, wq, sx, sw, w if wg == "channel" else None, grad_state, key, measure)
+  return (y, x_ok), res
 
 
-def _qapply_bwd(op: _Op, res, gy):
+def _grad_clip(op: _Op, g, grad_state, measure):
+  """``(clip, gmax, ratio)`` of the output gradient: clip per tensor (scalar)
+  or per feature (per-group scales, repeated per feature)."""
+  cfg = op.config
+  if cfg.grad_clip == "max":
+    ratio = jnp.ones((), jnp.float32)
+  else:
+    ratio = jnp.where(grad_state.clip_ratio > 0, grad_state.clip_ratio, 1.0)
+  if op.grad_groups > 1:  # fresh per-group max on every step
+    gmax = _group_max(g, op.grad_groups)
+    return ratio * gmax, gmax, ratio
+  if cfg.grad_clip == "max" or op.static_measure is True:
+    gmax = quant.absmax(g)
+    return ratio * gmax, gmax, ratio
+  stored = grad_state.clip
+  if op.static_measure is False and op.stored_clip_only:
+    # No reduction over g: the quantization is g's only reader, so XLA fuses
+    # it into the fusion that produces g. An unmeasured layer (stored == 0)
+    # has no clip: its gradients become NaN (see set_measure_mode).
+    return jnp.where(stored > 0, stored, jnp.nan), stored, ratio
+  # Measure steps clip at the learned ratio of this step's max|g|; other
+  # steps reuse the cached clip and skip the max pass (a layer never measured
+  # clips at max|g|).
+  if op.static_measure is not None:
+    measure = jnp.asarray(op.static_measure)
+  need_max = measure | ~(stored > 0)
+  gmax = lax.cond(need_max, lambda: quant.absmax(g), lambda: jnp.zeros((), jnp.float32))
+  clip = jnp.where(measure, ratio * gmax, jnp.where(stored > 0, stored, gmax))
+  return clip, gmax, ratio
+
+
+def _qapply_bwd(op: _Op, res, cts):
+  gy, _ = cts  # the finiteness flag has no cotangent
   xq, wq, sx, sw, w, grad_state, key, measure = res
   cfg = op.config
   g = gy.astype(jnp.float32)
-  if cfg.grad_clip == "max":
-    c = quant.absmax(g)
-  else:
-    # Measure steps clip at the learned ratio of this step's max|g|; other
-    # steps reuse the cached clip and skip the max pass.
-    stored, ratio = grad_state.clip, grad_state.clip_ratio
-    need_max = measure | ~(stored > 0)
-    gmax = lax.cond(need_max, lambda: quant.absmax(g), lambda: jnp.zeros((), jnp.float32))
-    r = jnp.where(ratio > 0, ratio, 1.0)
-    c = jnp.where(measure, r * gmax, jnp.where(stored > 0, stored, gmax))
-  sg = quant.scale_from_clip(c)
-  if cfg.grad_rounding == "stochastic":
-    gq = quant.quantize(g, sg, rounding="stochastic", key=key)
-  else:
-    gq = quant.quantize(g, sg)
+  clip, gmax, ratio = _grad_clip(op, g, grad_state, measure)
+  sg = quant.scale_from_clip(clip)
+  noise = (quant.uniform_noise(key, g.shape) if cfg.grad_rounding == "stochastic" else None)
+  gq = quant.quantize(g, sg, rounding=cfg.grad_rounding, noise=noise, mark_nonfinite=True)
   # One quantization pass, shared by both GEMMs (see _qapply_fwd); tying xq to
   # gq also keeps XLA from hoisting the weight gradient's patch building (it
   # needs only forward residuals) to the start of the backward pass, where the
   # patch matrices of every layer would be alive at once.
   gq, xq = lax.optimization_barrier((gq, xq))
-  measurement = lax.cond(
-      measure,
-      lambda: dsgc.measure_gradient(g, quant.dequantize(gq, sg), c),
-      dsgc.GradQuantState.initial)
-  if w is not None:  # per-channel forward: contraction over O needs one scale
-    wq, sw = _weight_quant(w, per_channel=False)
-  dx = op.dgrad(gq, wq, sg * sw)
-  dw = op.wgrad(xq, gq, sg * sx)
-  ok = _all_finite(g)
-  dx = jnp.where(ok, dx, jnp.nan).astype(op.x_dtype)
-  dw = jnp.where(ok, dw, jnp.nan).astype(op.w_dtype)
-  return dx, dw, jnp.zeros_like(sx), measurement, None, None
+  ok = quant.all_finite_int8(gq) & jnp.all(jnp.isfinite(clip))
+
+  def measured():
+    return dsgc.measure_gradient(g, gq, sg, clip, gmax=gmax, ratio=ratio, noise=noise,
+                                 search=cfg.grad_clip == "learned")
+
+  if op.static_measure is None:
+    m = lax.cond(measure, measured, dsgc.GradQuantState.initial)
+  elif op.static_measure:
+    m = measured()
+  else:
+    m = dsgc.GradQuantState.initial()
+  # A non-finite gradient is counted on every step; it leaves no measurement.
+  m = jax.tree.map(lambda v: jnp.where(ok, v, 0.0), m)
+  m = dsgc.as_cotangent(m.replace(nonfinite=jnp.where(ok, 0.0, 1.0).astype(jnp.float32)))
+
+  groups = op.grad_groups
+  if groups == 1:
+    if w is not None:  # per-channel forward: the contraction over O needs one scale
+      wq, sw = _weight_quant(w, "tensor")
+    dx_scale, dw_scale = sg * sw, sg * sx
+  else:
+    # Per-group scales multiply whole independent GEMMs (one per group).
+    if w is not None and op.spec.group_dims[3] > 1:  # channel scales inside a group
+      wq, sw = _weight_quant(w, "group", groups)
+    _, _, cg, og = op.spec.group_dims
+    per_group = (sg * sw)[::og] if jnp.ndim(sw) else sg[::og] * sw
+    dx_scale = jnp.repeat(per_group, cg)
+    dw_scale = sg * sx
+  dx = op.dgrad(gq, wq, _nan_unless(ok, dx_scale))
+  dw = op.wgrad(xq, gq, _nan_unless(ok, dw_scale))
+  return dx, dw, jnp.zeros_like(sx), m, None, None
 
 
 _qapply.defvjp(_qapply_fwd, _qapply_bwd)
@@ -198,7 +274,11 @@ def _check_float(name, x):
 
 
 def _state_inputs(x, key, grad_state, x_clip, measure, config):
-  """Defaults and checks for the state arguments shared by both ops."""
+  """Defaults and checks for the state arguments shared by both ops.
+
+  Returns ``(key, grad_state, x_clip, measure, static_measure)``: a Python
+  bool ``measure`` is static (no ``lax.cond``); an array is traced.
+  """
   if grad_state is None:
     grad_state = dsgc.GradQuantState.initial()
   elif not isinstance(grad_state, dsgc.GradQuantState):
@@ -216,10 +296,77 @@ def _state_inputs(x, key, grad_state, x_clip, measure, config):
   x_clip = lax.stop_gradient(jnp.asarray(x_clip, jnp.float32))
   if x_clip.shape != ():
     raise ValueError(f"x_clip must be a scalar, got shape {x_clip.shape}")
+  static = measure if isinstance(measure, (bool, np.bool_)) else None
   measure = jnp.asarray(measure)
   if measure.shape != () or measure.dtype != jnp.bool_:
     raise ValueError(f"measure must be a boolean scalar, got {measure.dtype}{list(measure.shape)}")
-  return key, grad_state, x_clip, measure
+  return key, grad_state, x_clip, measure, None if static is None else bool(static)
+
+
+def _out_dtype(lhs, preferred_element_type):
+  if preferred_element_type is None:
+    return jnp.dtype(lhs.dtype)
+  dt = jnp.dtype(preferred_element_type)
+  if not jnp.issubdtype(dt, jnp.floating):
+    raise TypeError(f"preferred_element_type must be a floating dtype when quantizing "
+                    f"(the dequantized result), got {preferred_element_type!r}")
+  if jnp.finfo(dt).bits < jnp.finfo(lhs.dtype).bits:  # as lax: never narrower
+    raise TypeError(f"preferred_element_type={dt} must not be narrower than the input's "
+                    f"dtype {lhs.dtype} (as in lax)")
+  return dt
+
+
+def _grad_groups(config: QuantConfig, spec: ConvSpec | None) -> int:
+  """Number of gradient scales (see ``QuantConfig.grad_granularity``)."""
+  g = 1 if spec is None else spec.feature_group_count
+  if config.grad_granularity == "tensor":
+    return 1
+  return g  # "group" and "auto" (per group for grouped convs, else per tensor)
+
+
+def quant_conv_general_dilated_with_status(
+    lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+    dimension_numbers=None, feature_group_count: int = 1, *, key=None, grad_state=None,
+    x_clip=None, measure=False, config: QuantConfig = QuantConfig(), precision=None,
+    preferred_element_type=None, out_sharding=None, batch_group_count: int = 1,
+    stored_clip_only: bool = False):
+  """:func:`quant_conv_general_dilated` that also returns whether ``lhs`` was
+  finite: ``(y, lhs_finite)`` (a boolean scalar; ``True`` when quantization
+  is off). What :class:`int8jax.nn.QuantConv` uses to keep non-finite data out
+  of its cached range and to count it.
+
+  ``stored_clip_only=True`` with ``measure=False`` (static): the gradient is
+  quantized with the stored clip and nothing else reads it, so XLA fuses the
+  quantization into the fusion that produces the gradient; a ``grad_state``
+  without a stored clip then gives NaN gradients (counted as non-finite).
+  What :func:`int8jax.nn.set_measure_mode` ``"never"`` uses."""
+  _check_config(config)
+  _check_float("lhs", lhs)
+  _check_float("rhs", rhs)
+  if batch_group_count != 1:
+    raise ValueError(
+        f"batch_group_count={batch_group_count!r} is not supported by the quantized "
+        "convolution (lax uses it to express grouped weight gradients, which the op "
+        "computes itself); use lax.conv_general_dilated for such a conv")
+  spec = make_conv_spec(lhs.shape, rhs.shape, window_strides, padding, lhs_dilation,
+                        rhs_dilation, dimension_numbers, feature_group_count)
+  true = jnp.ones((), jnp.bool_)
+  if not config.enabled or 0 in lhs.shape or 0 in rhs.shape or 0 in spec.out_shape:
+    # Off, or nothing to multiply (an empty operand or output): exactly lax,
+    # which returns an empty array or the all-zero conv of the padding.
+    kw = _lax_kwargs(preferred_element_type, out_sharding)
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
+                                    rhs_dilation, dimension_numbers, feature_group_count,
+                                    precision=precision, **kw), true
+  key, grad_state, x_clip, measure, static = _state_inputs(lhs, key, grad_state, x_clip,
+                                                           measure, config)
+  op = _Op("conv", spec, config, backends.resolve(config.backend), jnp.dtype(lhs.dtype),
+           jnp.dtype(rhs.dtype), _out_dtype(lhs, preferred_element_type),
+           _grad_groups(config, spec), static, bool(stored_clip_only))
+  x = jnp.transpose(lhs, spec.lhs_perm)
+  w = jnp.transpose(rhs, spec.rhs_perm)
+  y, ok = _qapply(op, x, w, x_clip, grad_state, key, measure)
+  return jnp.transpose(y, spec.out_perm), ok
 
 
 def quant_conv_general_dilated(
@@ -228,13 +375,16 @@ def quant_conv_general_dilated(
     key: jax.Array | None = None, grad_state: dsgc.GradQuantState | None = None,
     x_clip: jax.Array | None = None, measure: bool | jax.Array = False,
     config: QuantConfig = QuantConfig(), precision=None,
-    preferred_element_type=None, out_sharding=None) -> jax.Array:
+    preferred_element_type=None, out_sharding=None, batch_group_count: int = 1,
+    stored_clip_only: bool = False) -> jax.Array:
   """INT8 ``lax.conv_general_dilated`` with int8 forward and backward GEMMs.
 
   Takes and returns the same layouts as :func:`jax.lax.conv_general_dilated`
   (any ``dimension_numbers``; Flax passes NHWC/HWIO), with ``window_strides``,
   SAME/VALID/explicit ``padding``, input and kernel dilation and
   ``feature_group_count`` (grouped and depthwise), any number of spatial dims.
+  A conv with an empty operand or output is computed by lax itself (nothing
+  to quantize), forward and backward.
 
   Args:
     lhs, rhs: float input and kernel; quantized inside (nearest rounding).
@@ -243,32 +393,27 @@ def quant_conv_general_dilated(
       initial state, i.e. clip at ``max|g|``). Differentiate w.r.t. it to get
       the step's measurement.
     x_clip: activation clip value (default: ``max|lhs|`` of this call).
-    measure: measure ``d`` and ``d(d)/d(log c)`` in the backward pass.
+    measure: measure the gradient's quantization (cosine distances, the clip
+      search) in the backward pass. A traced boolean picks a ``lax.cond``
+      branch (one compilation for all steps); a Python bool builds only that
+      branch.
     config: :class:`~int8jax.QuantConfig`; ``enabled=False`` is exact float.
-    precision, preferred_element_type, out_sharding: passed to lax when
-      quantization is off; ignored otherwise (the output has ``lhs``'s dtype).
+    precision, out_sharding: passed to lax when quantization is off.
+    preferred_element_type: dtype of the result (default: ``lhs``'s); the
+      dequantizing epilogue writes it directly.
+    batch_group_count: only 1 (a clear ``ValueError`` otherwise).
+    stored_clip_only: see :func:`quant_conv_general_dilated_with_status`.
 
   Returns:
-    The convolution, dtype of ``lhs``.
+    The convolution, dtype ``preferred_element_type`` or that of ``lhs``.
+    Cotangents have the dtypes of ``lhs`` and ``rhs``.
   """
-  _check_config(config)
-  _check_float("lhs", lhs)
-  _check_float("rhs", rhs)
-  spec = make_conv_spec(lhs.shape, rhs.shape, window_strides, padding, lhs_dilation,
-                        rhs_dilation, dimension_numbers, feature_group_count)
-  if not config.enabled:
-    kw = _lax_kwargs(preferred_element_type, out_sharding)
-    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
-                                    rhs_dilation, dimension_numbers, feature_group_count,
-                                    precision=precision, **kw)
-  key, grad_state, x_clip, measure = _state_inputs(lhs, key, grad_state, x_clip, measure,
-                                                   config)
-  op = _Op("conv", spec, config, backends.resolve(config.backend),
-           jnp.dtype(lhs.dtype), jnp.dtype(rhs.dtype))
-  x = jnp.transpose(lhs, spec.lhs_perm)
-  w = jnp.transpose(rhs, spec.rhs_perm)
-  y = _qapply(op, x, w, x_clip, grad_state, key, measure)
-  return jnp.transpose(y, spec.out_perm)
+  return quant_conv_general_dilated_with_status(
+      lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+      feature_group_count, key=key, grad_state=grad_state, x_clip=x_clip, measure=measure,
+      config=config, precision=precision, preferred_element_type=preferred_element_type,
+      out_sharding=out_sharding, batch_group_count=batch_group_count,
+      stored_clip_only=stored_clip_only)[0]
 
 
 def _dense_perms(lhs_ndim, rhs_ndim, dimension_numbers):
@@ -291,18 +436,12 @@ def _dense_perms(lhs_ndim, rhs_ndim, dimension_numbers):
   return lc, rc, lb, rb, lf, rf
 
 
-def quant_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
-                      preferred_element_type=None, *, key: jax.Array | None = None,
-                      grad_state: dsgc.GradQuantState | None = None,
-                      x_clip: jax.Array | None = None, measure: bool | jax.Array = False,
-                      config: QuantConfig = QuantConfig(), out_sharding=None) -> jax.Array:
-  """INT8 ``lax.dot_general`` with int8 forward and backward GEMMs.
-
-  Same arguments and output layout as :func:`jax.lax.dot_general` (batch dims,
-  then ``lhs`` free dims, then ``rhs`` free dims); ``rhs`` is the weight, its
-  free dims are the output features (the per-channel scale axis). State
-  arguments as in :func:`quant_conv_general_dilated`.
-  """
+def quant_dot_general_with_status(lhs, rhs, dimension_numbers, precision=None,
+                                  preferred_element_type=None, *, key=None, grad_state=None,
+                                  x_clip=None, measure=False,
+                                  config: QuantConfig = QuantConfig(), out_sharding=None,
+                                  stored_clip_only: bool = False):
+  """:func:`quant_dot_general` that also returns whether ``lhs`` was finite."""
   _check_config(config)
   _check_float("lhs", lhs)
   _check_float("rhs", rhs)
@@ -311,19 +450,98 @@ def quant_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precisi
     if lhs.shape[a] != rhs.shape[b]:
       raise ValueError(f"lhs dim {a} (size {lhs.shape[a]}) and rhs dim {b} (size "
                        f"{rhs.shape[b]}) must match (dimension_numbers={dimension_numbers!r})")
-  if not config.enabled:
-    kw = _lax_kwargs(preferred_element_type, out_sharding)
-    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, **kw)
-  key, grad_state, x_clip, measure = _state_inputs(lhs, key, grad_state, x_clip, measure,
-                                                   config)
   bshape = tuple(lhs.shape[a] for a in lb)
   lfs = tuple(lhs.shape[a] for a in lf)
   rfs = tuple(rhs.shape[a] for a in rf)
   b, m, n = math.prod(bshape), math.prod(lfs), math.prod(rfs)
   k = math.prod(lhs.shape[a] for a in lc)
+  if not config.enabled or 0 in (b, m, n, k):
+    kw = _lax_kwargs(preferred_element_type, out_sharding)
+    return (lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, **kw),
+            jnp.ones((), jnp.bool_))
+  key, grad_state, x_clip, measure, static = _state_inputs(lhs, key, grad_state, x_clip,
+                                                           measure, config)
   x = jnp.transpose(lhs, lb + lf + lc).reshape(b, m, k)
   w = jnp.transpose(rhs, rb + rc + rf).reshape(b, k, n)
-  op = _Op("dense", None, config, backends.resolve(config.backend),
-           jnp.dtype(lhs.dtype), jnp.dtype(rhs.dtype))
-  y = _qapply(op, x, w, x_clip, grad_state, key, measure)
-  return y.reshape(bshape + lfs + rfs)
+  op = _Op("dense", None, config, backends.resolve(config.backend), jnp.dtype(lhs.dtype),
+           jnp.dtype(rhs.dtype), _out_dtype(lhs, preferred_element_type), 1, static,
+           bool(stored_clip_only))
+  y, ok = _qapply(op, x, w, x_clip, grad_state, key, measure)
+  return y.reshape(bshape + lfs + rfs), ok
+
+
+def quant_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
+                      preferred_element_type=None, *, key: jax.Array | None = None,
+                      grad_state: dsgc.GradQuantState | None = None,
+                      x_clip: jax.Array | None = None, measure: bool | jax.Array = False,
+                      config: QuantConfig = QuantConfig(), out_sharding=None,
+                      stored_clip_only: bool = False) -> jax.Array:
+  """INT8 ``lax.dot_general`` with int8 forward and backward GEMMs.
+
+  Same arguments and output layout as :func:`jax.lax.dot_general` (batch dims,
+  then ``lhs`` free dims, then ``rhs`` free dims); ``rhs`` is the weight, its
+  free dims are the output features (the per-channel scale axis). State
+  arguments and ``preferred_element_type`` as in
+  :func:`quant_conv_general_dilated`; gradients are quantized per tensor.
+  """
+  return quant_dot_general_with_status(
+      lhs, rhs, dimension_numbers, precision, preferred_element_type, key=key,
+      grad_state=grad_state, x_clip=x_clip, measure=measure, config=config,
+      out_sharding=out_sharding, stored_clip_only=stored_clip_only)[0]
+
+
+def _conv_transpose_padding(k: int, s: int, padding) -> tuple[int, int]:
+  """Before/after padding of one dim of a transposed conv, as
+  ``lax.conv_transpose`` computes it (keras Conv2DTranspose conventions)."""
+  if padding == "SAME":
+    pad_len = k + s - 2
+    pad_a = k - 1 if s > k - 1 else int(np.ceil(pad_len / 2))
+  elif padding == "VALID":
+    pad_len = k + s - 2 + max(k - s, 0)
+    pad_a = k - 1
+  else:
+    raise ValueError(f"padding must be 'SAME', 'VALID' or (lo, hi) pairs, got {padding!r}")
+  return pad_a, pad_len - pad_a
+
+
+def quant_conv_transpose_with_status(lhs, rhs, strides, padding, rhs_dilation=None,
+                                     dimension_numbers=None, transpose_kernel: bool = False,
+                                     precision=None, preferred_element_type=None, **quant_kw):
+  """:func:`quant_conv_transpose` that also returns whether ``lhs`` was finite."""
+  if lhs.ndim != rhs.ndim or lhs.ndim < 3:
+    raise ValueError(f"lhs and rhs must have the same rank >= 3, got shapes {lhs.shape} and "
+                     f"{rhs.shape}")
+  n = lhs.ndim - 2
+  if dimension_numbers is None:
+    chans = "HWD"[:n] if n <= 3 else None
+    if chans is None:
+      raise ValueError(f"no default dimension_numbers for {n} spatial dims; pass them")
+    dimension_numbers = (f"N{chans}C", f"{chans}IO", f"N{chans}C")
+  dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  k_sdims = np.take(rhs.shape, dn.rhs_spec)[2:]
+  rd = (1,) * n if rhs_dilation is None else tuple(rhs_dilation)
+  strides = tuple(strides)
+  if isinstance(padding, str):
+    eff = [(k - 1) * r + 1 for k, r in zip(k_sdims, rd)]
+    pads = tuple(_conv_transpose_padding(int(k), s, padding.upper()) for k, s in zip(eff, strides))
+  else:
+    pads = padding
+  if transpose_kernel:  # flip spatial dims and swap input / output channel axes
+    rhs = jnp.flip(rhs, axis=tuple(dn.rhs_spec[2:]))
+    rhs = jnp.swapaxes(rhs, dn.rhs_spec[0], dn.rhs_spec[1])
+  return quant_conv_general_dilated_with_status(
+      lhs, rhs, (1,) * n, pads, strides, rd, dn, precision=precision,
+      preferred_element_type=preferred_element_type, **quant_kw)
+
+
+def quant_conv_transpose(lhs: jax.Array, rhs: jax.Array, strides, padding, rhs_dilation=None,
+                         dimension_numbers=None, transpose_kernel: bool = False,
+                         precision=None, preferred_element_type=None, **quant_kw) -> jax.Array:
+  """INT8 ``lax.conv_transpose``: the fractionally strided convolution, as
+  :func:`quant_conv_general_dilated` with ``lhs_dilation = strides`` (the
+  padding of ``lax.conv_transpose``, optional kernel flip). ``quant_kw`` are
+  the state arguments of :func:`quant_conv_general_dilated` (``key``,
+  ``grad_state``, ``x_clip``, ``measure``, ``config``, ...)."""
+  return quant_conv_transpose_with_status(
+      lhs, rhs, strides, padding, rhs_dilation, dimension_numbers, transpose_kernel,
+      precision, preferred_element_type, **quant_kw)[0]

@@ -36,11 +36,39 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from int8jax.dsgc import GradQuantState, lr_coefficient, update_grad_state
+from int8jax.dsgc import (CLIP_METHODS, NUM_FIELDS, GradQuantState, as_state,
+                          assert_measurement_consistent, lr_coefficient, update_grad_state)
 
 
 def _is_state(x) -> bool:
   return isinstance(x, GradQuantState)
+
+
+def _last_key(path):
+  """The last dict / attribute key of ``path``, skipping the ``.value`` an
+  ``nnx.Variable`` adds when a tree of Variables (``nnx.state(...)``, what
+  ``nnx.Optimizer`` gives ``tx.init``) is flattened."""
+  for k in reversed(path):
+    if isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value":
+      continue
+    return getattr(k, "key", getattr(k, "name", None))
+  return None
+
+
+def is_quant_state(path, x) -> bool:
+  """Whether the leaf ``x`` at ``path`` is a quantized layer's gradient state:
+  a :class:`~int8jax.dsgc.GradQuantState`, or the packed vector a
+  ``QuantConv`` / ``QuantDense`` keeps in its ``grad_quant`` variable
+  (what ``nnx.Optimizer`` hands optax)."""
+  if isinstance(x, GradQuantState):
+    return True
+  return (_last_key(path) == "grad_quant" and getattr(x, "shape", None) == (NUM_FIELDS,)
+          and jnp.issubdtype(x.dtype, jnp.floating))
+
+
+def _like(template, state: GradQuantState):
+  """``state`` in the form of ``template`` (packed if the template is)."""
+  return state if isinstance(template, GradQuantState) else state.pack()
 
 
 def _need_params(params, name):
@@ -50,23 +78,30 @@ def _need_params(params, name):
 
 
 def direction_sensitive_clip(learning_rate: jax.typing.ArrayLike = 1.0,
-                             learn_clip: jax.typing.ArrayLike = True
-                             ) -> optax.GradientTransformation:
-  """Learn each layer's gradient clip value by descent on the cosine distance.
+                             learn_clip: jax.typing.ArrayLike = True,
+                             method: str = "search") -> optax.GradientTransformation:
+  """Learn each layer's gradient clip value by minimising the cosine distance.
 
   For every :class:`~int8jax.dsgc.GradQuantState` leaf, the incoming
   "gradient" is the backward pass's measurement; the outgoing update is
   ``update_grad_state(state, measurement) - state``
-  (:func:`int8jax.dsgc.update_grad_state`): on measure steps the clip takes
-  one step ``log c -= learning_rate * d(d)/d(log c)`` (initialised from
-  ``max|g|`` at the layer's first measurement, kept ``<= max|g|``), and the
-  deviation statistics are recorded; otherwise the update is zero.
-  Non-finite measurements leave the state unchanged. Other leaves pass
-  through untouched.
+  (:func:`int8jax.dsgc.update_grad_state`). On measure steps the clip ratio
+  (of ``max|g|``; 1 at a layer's first measurement) moves towards the
+  candidate clip with the smallest cosine distance between the gradient and
+  its quantization, found in the measuring pass (``method="search"``:
+  ``log r += learning_rate * (log r_best - log r)``), or takes the paper's
+  descent step ``log c -= learning_rate * d(d)/d(log c)``
+  (``method="gradient"``); the deviation statistics are recorded. Both
+  minimise the paper's objective; the search converges in a few
+  measurements where the descent, whose derivative is about ``2 d``
+  (~1e-3), needs ~100 (docs/results.md). Otherwise the update is zero;
+  non-finite measurements leave the state unchanged (only ``nonfinite``
+  counts). Other leaves pass through untouched.
 
   Args:
-    learning_rate: step size on ``log c``.
-    learn_clip: ``False`` records ``c = max|g|`` instead of descending.
+    learning_rate: step size on ``log c`` (1: jump to the best candidate).
+    learn_clip: ``False`` records ``c = max|g|`` instead of learning.
+    method: ``"search"`` (default) or ``"gradient"`` (the paper's descent).
 
   Returns:
     An ``optax.GradientTransformation``; its ``update`` needs ``params``.
@@ -84,14 +119,19 @@ def direction_sensitive_clip(learning_rate: jax.typing.ArrayLike = 1.0,
   def update_fn(updates, state, params=None):
     _need_params(params, "direction_sensitive_clip")
 
-    def one(u, p):
-      if not _is_state(u):
+    def one(path, u, p):
+      if not is_quant_state(path, u):
         return u
-      new = update_grad_state(p, u, learning_rate, learn_clip)
-      return jax.tree.map(lambda a, b: (a - b).astype(b.dtype), new, p)
+      u_s, p_s = as_state(u), as_state(p)
+      assert_measurement_consistent(u_s, jax.tree_util.keystr(path))
+      new = update_grad_state(p_s, u_s, learning_rate, learn_clip, method)
+      delta = jax.tree.map(lambda a, b: (a - b).astype(b.dtype), new, p_s)
+      return _like(u, delta)
 
-    return jax.tree.map(one, updates, params, is_leaf=_is_state), state
+    return jax.tree_util.tree_map_with_path(one, updates, params, is_leaf=_is_state), state
 
+  if method not in CLIP_METHODS:
+    raise ValueError(f"method must be one of {CLIP_METHODS}, got {method!r}")
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
@@ -99,7 +139,10 @@ def error_sensitive_lr(alpha: jax.typing.ArrayLike = 20.0,
                        beta: jax.typing.ArrayLike = 0.1) -> optax.GradientTransformation:
   """Scale each quantized layer's updates by ``max(exp(-alpha * d), beta)``.
 
-  ``d`` is the layer's latest cosine distance, read as ``params + updates`` of
+  ``d`` is the layer's latest ``deviation`` -- the mean of its per-channel
+  cosine distances, so a layer whose small-gradient channels lose their
+  direction is slowed down although its norm-weighted distance is tiny (see
+  :mod:`int8jax.dsgc`) -- read as ``params + updates`` of
   its :class:`~int8jax.dsgc.GradQuantState` leaf — so place this after
   :func:`direction_sensitive_clip` (as :func:`ui8` does) and last in the
   chain. The state leaves themselves are not scaled; leaves of layers without
@@ -133,12 +176,12 @@ def error_sensitive_lr(alpha: jax.typing.ArrayLike = 20.0,
     flat_p = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_state)[0]
     params_at = dict(flat_p)
     for path, u in flat_u:
-      if _is_state(u):
-        d = params_at[path].deviation + u.deviation
+      if is_quant_state(path, u):
+        d = as_state(params_at[path]).deviation + as_state(u).deviation
         phi[path[:-1]] = lr_coefficient(d, alpha, beta)
 
     def scale(path, u):
-      if _is_state(u) or u is None or path[:-1] not in phi:
+      if u is None or is_quant_state(path, u) or path[:-1] not in phi:
         return u
       return (u * phi[path[:-1]]).astype(u.dtype)
 
@@ -148,14 +191,17 @@ def error_sensitive_lr(alpha: jax.typing.ArrayLike = 20.0,
 
 
 def quant_state_labels(params, quant: str = "quant", other: str = "params"):
-  """Label tree (a prefix of ``params``): ``quant`` for GradQuantState nodes."""
-  return jax.tree.map(lambda x: quant if _is_state(x) else other, params, is_leaf=_is_state)
+  """Label tree (a prefix of ``params``): ``quant`` for the quantization
+  states (:func:`is_quant_state`), ``other`` for everything else."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: quant if is_quant_state(path, x) else other, params, is_leaf=_is_state)
 
 
 def ui8(base: optax.GradientTransformation, *,
         clip_learning_rate: jax.typing.ArrayLike = 1.0,
         alpha: jax.typing.ArrayLike = 20.0, beta: jax.typing.ArrayLike = 0.1,
-        scale_lr: bool = True, learn_clip: bool = True) -> optax.GradientTransformation:
+        scale_lr: bool = True, learn_clip: bool = True,
+        clip_method: str = "search") -> optax.GradientTransformation:
   """UI8 around a base optimizer.
 
   ``chain(partition({params: base, quant: direction_sensitive_clip}),
@@ -169,11 +215,15 @@ def ui8(base: optax.GradientTransformation, *,
     alpha, beta: of :func:`error_sensitive_lr`.
     scale_lr: ``False`` leaves out :func:`error_sensitive_lr` (ablation
       "clip learning only").
-    learn_clip: ``False`` records ``c = max|g|`` (use with
-      ``QuantConfig(grad_clip="max")`` for naive INT8 / "LR scaling only").
+    learn_clip: ``False`` records ``c = max|g|`` (layers with
+      ``QuantConfig(grad_clip="max")`` report ratio 1 by themselves, so the
+      modes of :mod:`int8jax.modes` need not set it).
+    clip_method: ``"search"`` or ``"gradient"`` (see
+      :func:`direction_sensitive_clip`).
   """
   tx = optax.partition(
-      {"params": base, "quant": direction_sensitive_clip(clip_learning_rate, learn_clip)},
+      {"params": base,
+       "quant": direction_sensitive_clip(clip_learning_rate, learn_clip, clip_method)},
       quant_state_labels)
   if scale_lr:
     tx = optax.chain(tx, error_sensitive_lr(alpha, beta))

@@ -22,13 +22,19 @@ import jax
 import jax.numpy as jnp
 
 QMAX = 127
+#: The int8 code :func:`quantize` writes for a NaN or infinite input (with
+#: ``mark_nonfinite=True``); the grid never uses it, so
+#: ``min(q) == NONFINITE`` says the float tensor was not finite.
+NONFINITE = -128
 
 
 def absmax(x: jax.Array, axis: int | Sequence[int] | None = None) -> jax.Array:
-  """``max|x|`` as float32 over ``axis`` (all axes by default).
+  """``max|x|`` as float32 over ``axis`` (all axes by default); 0 when empty.
 
-  NaN propagates (so callers can detect non-finite data); an empty reduction
-  gives 0.
+  Do not use it to detect non-finite data: XLA may compile the max so that
+  NaN does not propagate (XLA:CPU did, inside a fused training step). The
+  quantized ops detect non-finite operands from their int8 values instead
+  (:data:`NONFINITE`).
   """
   return jnp.max(jnp.abs(x), axis=axis, initial=0.0).astype(jnp.float32)
 
@@ -73,8 +79,8 @@ def uniform_noise(key: jax.Array, shape) -> jax.Array:
 
 
 def quantize(x: jax.Array, scale: jax.Array, *, rounding: str = "nearest",
-             key: jax.Array | None = None,
-             noise: jax.Array | None = None) -> jax.Array:
+             key: jax.Array | None = None, noise: jax.Array | None = None,
+             mark_nonfinite: bool = False) -> jax.Array:
   """Quantize ``x`` to int8 with ``scale`` (broadcast against ``x``).
 
   Args:
@@ -85,9 +91,13 @@ def quantize(x: jax.Array, scale: jax.Array, *, rounding: str = "nearest",
       are :func:`uniform_noise`.
     noise: alternatively, the uniform ``[0, 1)`` draws themselves (same shape
       as ``x``), so callers can reuse them.
+    mark_nonfinite: write :data:`NONFINITE` (-128) where ``x`` is NaN or
+      infinite (elementwise, in the same pass), so :func:`all_finite_int8`
+      can tell afterwards from the int8 tensor alone.
 
   Returns:
-    int8 array of ``x``'s shape with values in ``[-127, 127]``. Values beyond
+    int8 array of ``x``'s shape with values in ``[-127, 127]`` (and -128 for
+    non-finite entries with ``mark_nonfinite``). Values beyond
     ``±127 * scale`` saturate (this is the clipping).
   """
   if rounding not in ("nearest", "stochastic"):
@@ -101,7 +111,22 @@ def quantize(x: jax.Array, scale: jax.Array, *, rounding: str = "nearest",
         raise ValueError("stochastic rounding needs key= (a PRNG key) or noise=")
       noise = uniform_noise(key, x.shape)
     y = jnp.floor(y + noise)
-  return jnp.clip(y, -QMAX, QMAX).astype(jnp.int8)
+  y = jnp.clip(y, -QMAX, QMAX)
+  if mark_nonfinite:
+    y = jnp.where(jnp.isfinite(x), y, NONFINITE)
+  return y.astype(jnp.int8)
+
+
+def all_finite_int8(q: jax.Array) -> jax.Array:
+  """Boolean scalar: ``q`` (from ``quantize(..., mark_nonfinite=True)``) holds
+  no :data:`NONFINITE` code, i.e. its float source was finite.
+
+  An integer min-reduction over the 1-byte tensor: unlike a float max, it
+  cannot lose a NaN however XLA compiles it, and it lets the float tensor's
+  only reader be the quantization (which XLA then fuses into the fusion that
+  produces the tensor).
+  """
+  return jnp.min(q, initial=QMAX).astype(jnp.int32) > NONFINITE
 
 
 def dequantize(q: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.Array:

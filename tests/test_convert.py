@@ -130,3 +130,28 @@ def test_default_skip_predicate_and_idempotence():
   layers = [l for _, l in int8jax.nn.quant_layers(m)]
   quantize_model(m, rngs=nnx.Rngs(1))  # nothing left to convert except the skipped ones
   assert [l for _, l in int8jax.nn.quant_layers(m)] == layers
+
+
+def test_convtranspose_converted_and_unsupported_layers_named():
+  import warnings
+  from int8jax.nn import QuantConvTranspose
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.stem = nnx.Conv(3, 4, (3, 3), rngs=rngs)
+      self.up = nnx.ConvTranspose(4, 4, (3, 3), strides=2, rngs=rngs)
+      self.mix = nnx.LinearGeneral(4, 4, rngs=rngs)
+      self.fc = nnx.Linear(4, 2, rngs=rngs)
+
+    def __call__(self, x):
+      return self.fc(self.mix(self.up(self.stem(x))).mean((1, 2)))
+
+  m = Net(nnx.Rngs(0))
+  x = jnp.ones((2, 5, 5, 3))
+  y0 = m(x)
+  with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    quantize_model(m, rngs=nnx.Rngs(1))
+  assert isinstance(m.up, QuantConvTranspose) and type(m.stem) is nnx.Conv
+  assert any("mix (LinearGeneral)" in str(i.message) for i in w)
+  assert float(jnp.abs(m(x) - y0).max()) < 0.05 * float(jnp.abs(y0).max())

@@ -88,7 +88,9 @@ def test_state_lives_in_own_variable_types():
   assert set(nnx.state(q, ActRange).keys()) == {"act_range"}
   assert set(nnx.state(q, GradQuant).keys()) == {"grad_quant"}
   assert set(nnx.state(q, QuantCounter).keys()) == {"call_count", "act_nonfinite"}
-  assert isinstance(q.grad_quant.get_value(), int8jax.GradQuantState)
+  # packed into one vector (survives optax/NNX optimizer-state round trips)
+  assert q.grad_quant[...].shape == (int8jax.dsgc.NUM_FIELDS,)
+  assert isinstance(q.grad_quant.state, int8jax.GradQuantState)
 
 
 def test_bad_module_arguments():
@@ -115,7 +117,8 @@ def test_periodic_measurement_without_recompiling():
   for i in range(7):
     x = jax.random.normal(jax.random.key(i), (2, 6, 6, 2)) * (i + 1)
     g = step(q, x)
-    measured.append(float(g["grad_quant"].get_value().measurements))
+    measured.append(float(int8jax.read_measurement(
+        int8jax.GradQuantState.unpack(g["grad_quant"][...])).measurements))
     ranges.append(float(q.act_range[...]))
     if i % 3 == 0:
       assert ranges[-1] == float(int8jax.absmax(x))
@@ -210,3 +213,113 @@ def test_small_cnn_trains_with_ui8():
     assert float(s.measurements) == 12  # 24 steps, period 2
     assert 0 < float(s.clip) <= float(s.grad_absmax)
     assert 0 <= float(s.deviation) < 1
+
+
+class _StemNet(nnx.Module):
+  """The README's network: float stem -> QuantConv -> float head (no ReLU
+  after the QuantConv, so a NaN loss reaches its output gradient)."""
+
+  def __init__(self, rngs, period=1):
+    self.stem = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+    self.bn = nnx.BatchNorm(8, rngs=rngs)
+    self.conv = QuantConv(8, 8, (3, 3), quant=int8jax.QuantConfig(period=period), rngs=rngs)
+    self.head = nnx.Linear(8, 10, rngs=rngs)
+
+  def __call__(self, x):
+    x = self.conv(nnx.relu(self.bn(self.stem(x))))
+    return self.head(x.mean((1, 2)))
+
+
+def _readme_step(model, opt, x, y):
+  def loss_fn(m):
+    return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+  loss, g = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, TRAINABLE))(model)
+  opt.update(model, g)
+  return loss
+
+
+def test_nan_pixel_in_a_jitted_ui8_step_is_counted_and_never_stored():
+  """One NaN pixel through a float stem (BatchNorm spreads it everywhere):
+  inside the fused jitted step max|x| may come out finite, but the cached
+  range and clip must stay, and both counters must count."""
+  model = _StemNet(nnx.Rngs(0, quant=1))
+  opt = nnx.Optimizer(model, int8jax.optim.ui8(optax.sgd(0.01)), wrt=TRAINABLE)
+  step = nnx.jit(_readme_step)
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+  y = jnp.arange(4) % 10
+  step(model, opt, x, y)  # a finite step: range and clip are stored
+  r, st = float(model.conv.act_range[...]), model.conv.grad_quant.state
+  assert r > 0 and float(st.clip) > 0
+  step(model, opt, x.at[1, 2, 3, 0].set(jnp.nan), y)
+  assert float(model.conv.act_range[...]) == r
+  assert int(model.conv.act_nonfinite[...]) == 1
+  new = model.conv.grad_quant.state
+  assert float(new.nonfinite) == 1.0
+  assert float(new.clip) == float(st.clip) and float(new.clip_ratio) == float(st.clip_ratio)
+  assert float(new.measurements) == float(st.measurements)
+
+
+def test_quantconv_bf16_float_parts():
+  """dtype=bfloat16 as nnx.Conv: bf16 activations in and out, bf16 input
+  cotangent, float32 master weights and their gradients."""
+  q = QuantConv(4, 6, (3, 3), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  ref = nnx.Conv(4, 6, (3, 3), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4), jnp.bfloat16)
+  y = q(x)
+  assert y.dtype == ref(x).dtype == jnp.bfloat16
+  assert q.kernel[...].dtype == jnp.float32
+  err = float(jnp.linalg.norm((y - ref(x)).astype(jnp.float32))
+              / jnp.linalg.norm(ref(x).astype(jnp.float32)))
+  assert err < 0.03, err
+  dx = nnx.grad(lambda m, a: m(a).astype(jnp.float32).sum(), argnums=1)(q, x)
+  assert dx.dtype == jnp.bfloat16
+  g = nnx.grad(lambda m: m(x).astype(jnp.float32).sum())(q)
+  assert g["kernel"][...].dtype == jnp.float32
+  # preferred_element_type is honoured like nnx.Conv's
+  kw = dict(dtype=jnp.bfloat16, preferred_element_type=jnp.float32, use_bias=False,
+            rngs=nnx.Rngs(0))
+  assert QuantConv(4, 6, (3, 3), **kw)(x).dtype == nnx.Conv(4, 6, (3, 3), **kw)(x).dtype \
+      == jnp.float32
+
+
+def test_measure_mode_never_and_always():
+  """'always' measures every call, 'never' none (and reuses the stored clip);
+  a layer never measured gives NaN gradients in 'never' mode, counted."""
+  q = QuantConv(2, 4, (3, 3), quant=int8jax.QuantConfig(period=1000), rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 2))
+  grad = nnx.grad(lambda m: (m(x) ** 2).sum(), argnums=nnx.DiffState(0, TRAINABLE))
+  count = lambda g: float(int8jax.read_measurement(
+      int8jax.GradQuantState.unpack(g["grad_quant"][...])).measurements)
+  int8jax.nn.set_measure_mode(q, "never")
+  g = grad(q)
+  assert count(g) == 0 and bool(jnp.all(jnp.isnan(g["kernel"][...])))
+  assert float(int8jax.read_measurement(
+      int8jax.GradQuantState.unpack(g["grad_quant"][...])).nonfinite) == 1
+  int8jax.nn.set_measure_mode(q, "always")
+  assert count(grad(q)) == 1 and count(grad(q)) == 1
+  with pytest.raises(ValueError, match="mode must be one of"):
+    int8jax.nn.set_measure_mode(q, "sometimes")
+
+
+CONVT_KW = [
+    dict(strides=2), dict(strides=2, padding="VALID"), dict(strides=(2, 1), padding="CIRCULAR"),
+    dict(strides=2, transpose_kernel=True), dict(strides=3, padding=((1, 2), (0, 1)),
+                                                 kernel_dilation=2),
+]
+
+
+@pytest.mark.parametrize("kw", CONVT_KW)
+def test_quantconvtranspose_matches_nnx_convtranspose(kw):
+  """Off: bit-equal to nnx.ConvTranspose (forward and gradients); on: close."""
+  from int8jax.nn import QuantConvTranspose
+  x = jax.random.normal(jax.random.key(0), (2, 5, 6, 3))
+  ref = nnx.ConvTranspose(3, 4, (3, 3), rngs=nnx.Rngs(0), **kw)
+  off = QuantConvTranspose(3, 4, (3, 3), quant=None, rngs=nnx.Rngs(0), **kw)
+  q = QuantConvTranspose(3, 4, (3, 3), rngs=nnx.Rngs(0), **kw)
+  np.testing.assert_array_equal(off(x), ref(x))
+  want, got = ref(x), q(x)
+  assert got.shape == want.shape
+  assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 0.03
+  loss = lambda m: (m(x) ** 2).sum()
+  g, g_ref = nnx.grad(loss)(q)["kernel"][...], nnx.grad(loss)(ref)["kernel"][...]
+  assert float(jnp.linalg.norm(g - g_ref) / jnp.linalg.norm(g_ref)) < 0.08

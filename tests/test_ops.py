@@ -99,7 +99,7 @@ def test_conv_op_exact_and_close_to_float64(case):
   kx, kw, kg, kr = jax.random.split(jax.random.key(len(str(case))), 4)
   x = jax.random.normal(kx, x_shape, jnp.float32)
   w = jax.random.normal(kw, w_shape, jnp.float32) * 0.3
-  cfg = int8jax.QuantConfig(grad_rounding="nearest")
+  cfg = int8jax.QuantConfig(grad_rounding="nearest", grad_granularity="tensor")
   f = _conv_op(case, cfg, key=kr)
   y, vjp = jax.vjp(jax.jit(f), x, w)
   gy = jax.random.normal(kg, y.shape, jnp.float32)
@@ -276,20 +276,42 @@ def test_measurement_cotangent_and_state_update():
                                               key=key, grad_state=st, measure=measure)
 
   _, vjp = jax.vjp(lambda st: f(x, w, st, True), st)
-  (m,) = vjp(gy)
+  (raw,) = vjp(gy)
+  m = int8jax.read_measurement(raw)  # per-use values (the op returns them scaled)
   c = quant.absmax(gy)  # initial state: clip at max|g|
   sg = quant.scale_from_clip(c)
   gh = quant.dequantize(quant.quantize(gy, sg, rounding="stochastic", key=key), sg)
   assert float(m.measurements) == 1.0 and float(m.nonfinite) == 0.0
-  np.testing.assert_allclose(m.deviation, quant.cosine_distance(gy, gh), rtol=1e-3, atol=2e-6)
+  np.testing.assert_allclose(m.global_deviation, quant.cosine_distance(gy, gh), rtol=1e-3,
+                             atol=2e-6)
+  # deviation: the mean over output channels of each channel's distance.
+  g64, h64 = (np.asarray(a, np.float64).reshape(-1, 5) for a in (gy, gh))
+  per_ch = 1 - (g64 * h64).sum(0) / np.sqrt((g64 ** 2).sum(0) * (h64 ** 2).sum(0))
+  np.testing.assert_allclose(m.deviation, per_ch.mean(), rtol=1e-3, atol=2e-6)
+  np.testing.assert_allclose(m.channel_deviation_max, per_ch.max(), rtol=1e-3, atol=2e-6)
   assert float(m.grad_absmax) == float(c)
-  assert float(m.dlog_clip) > 0  # heavy tail: lowering the clip lowers d
+  assert float(m.dlog_clip) > 0  # the straight-through derivative says: lower the clip
+  # ... but the measured distances say otherwise: best_ratio is the candidate
+  # whose quantization (same rounding noise) is closest in direction.
+  noise = quant.uniform_noise(key, gy.shape)
+  cands = np.asarray(int8jax.dsgc.candidate_ratios(jnp.float32(0)))
+  dists = [float(quant.cosine_distance(
+      gy, quant.dequantize(quant.quantize(gy, quant.scale_from_clip(r * c), rounding="stochastic",
+                                          noise=noise), quant.scale_from_clip(r * c))))
+           for r in cands]
+  assert float(m.best_ratio) == cands[int(np.argmin(dists))]
   _, vjp = jax.vjp(lambda st: f(x, w, st, False), st)
   (m0,) = vjp(gy)
   assert all(float(v) == 0.0 for v in jax.tree.leaves(m0))
-  new = int8jax.update_grad_state(st, m, learning_rate=0.5)
+  np.testing.assert_allclose(np.asarray(jax.tree.leaves(raw)),  # scaled, check value
+                             np.asarray(jax.tree.leaves(int8jax.dsgc.as_cotangent(m.replace(
+                                 measurements=jnp.float32(1))))), rtol=1e-6)
+  new = int8jax.update_grad_state(st, raw, learning_rate=0.5, method="gradient")
   assert 0 < float(new.clip) < float(c)  # initialised at max|g|, then one step down
+  new = int8jax.update_grad_state(st, raw)  # default: move to the best candidate
+  np.testing.assert_allclose(new.clip, float(m.best_ratio) * float(c), rtol=1e-6)
   assert float(new.deviation) == float(m.deviation) and float(new.measurements) == 1.0
+  assert float(new.global_deviation) == float(m.global_deviation)
   assert int8jax.update_grad_state(new, m0) == new  # no measurement: unchanged
 
 
@@ -305,7 +327,7 @@ def test_nonfinite_never_reaches_state():
   gy = jnp.ones_like(y).at[0, 1, 1, 0].set(jnp.nan)
   dx, dw, m = vjp(gy)
   assert bool(jnp.all(jnp.isnan(dx))) and bool(jnp.all(jnp.isnan(dw)))
-  assert float(m.nonfinite) == 1.0
+  assert float(int8jax.read_measurement(m).nonfinite) == 1.0
   new = int8jax.update_grad_state(st, m)
   assert float(new.clip) == np.float32(0.7) and float(new.nonfinite) == 1.0
   assert float(new.measurements) == 3.0
@@ -374,6 +396,16 @@ def test_zero_tensors_quantize_without_nan():
     (lambda: int8jax.QuantConfig(weight_granularity="row"), ValueError, "weight_granularity"),
     (lambda: int8jax.QuantConfig(backend="triton"), ValueError, "backend"),
     (lambda: int8jax.QuantConfig(chunk_k=200_000), ValueError, "chunk_k"),
+    (lambda: int8jax.QuantConfig(grad_granularity="channel"), ValueError, "grad_granularity"),
+    (lambda: int8jax.quant_conv_general_dilated(jnp.ones((4, 4, 4, 2)), jnp.ones((3, 3, 2, 3)),
+                                                (1, 1), "SAME", dimension_numbers=FLAX_DN,
+                                                key=jax.random.key(0), batch_group_count=2),
+     ValueError, "batch_group_count=2"),
+    (lambda: int8jax.quant_conv_general_dilated(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 3)),
+                                                (1, 1), "SAME", dimension_numbers=FLAX_DN,
+                                                key=jax.random.key(0),
+                                                preferred_element_type=jnp.int32),
+     TypeError, "preferred_element_type"),
 ])
 def test_bad_input_errors(call, exc, match):
   with pytest.raises(exc, match=match):
@@ -388,3 +420,166 @@ def test_disabled_config_is_exact_lax():
                                            config=off)
   want = lax.conv_general_dilated(x, w, (2, 1), "SAME", None, (1, 2), FLAX_DN, 2)
   np.testing.assert_array_equal(got, want)
+
+
+# ---------------------------------------------------------------------------
+# Per-group gradient scales (QuantConfig.grad_granularity).
+
+GROUPED_CASES = [c for c in CONV_CASES if c[6] > 1]
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas_interpret"])
+@pytest.mark.parametrize("case", GROUPED_CASES, ids=_ids)
+def test_per_group_gradient_scales_are_exact(case, backend):
+  """One gradient scale per feature group: dx and dw are the exact integer
+  GEMMs of the per-group-quantized g, scaled per group (no tolerance on the
+  integers), on both backends."""
+  spec = _spec(case)
+  x_shape, w_shape, s, p, ld, rd, g = case
+  kx, kw, kg = jax.random.split(jax.random.key(11), 3)
+  x = jax.random.normal(kx, x_shape, jnp.float32)
+  w = jax.random.normal(kw, w_shape, jnp.float32)
+  cfg = int8jax.QuantConfig(grad_rounding="nearest", backend=backend)  # "auto": per group
+  y, vjp = jax.vjp(jax.jit(_conv_op(case, cfg)), x, w)
+  o = y.shape[-1]
+  # channel scales spread over 3 orders of magnitude (what depthwise layers see)
+  spread = jnp.logspace(-3, 0, o, dtype=jnp.float32)
+  gy = jax.random.normal(kg, y.shape, jnp.float32) * spread
+  dx, dw = vjp(gy)
+  og, cg = o // g, spec.rhs_shape[-2]
+  sg = quant.scale_from_clip(quant.absmax(gy.reshape(-1, g, og), axis=(0, 2)))  # (G,)
+  sx = quant.scale_from_clip(quant.absmax(x))
+  sw = quant.scale_from_clip(quant.absmax(w))
+  gq = np.asarray(quant.quantize(gy, jnp.repeat(sg, og)))
+  xq, wq = (np.asarray(quant.quantize(a, sc)) for a, sc in ((x, sx), (w, sw)))
+  for got, ref, sc in ((dx, reference.conv_dgrad(gq, wq, spec), np.repeat(sg * sw, cg)),
+                       (dw, reference.conv_wgrad(xq, gq, spec), np.repeat(sg * sx, og))):
+    got = np.asarray(got)
+    np.testing.assert_array_equal(np.rint(got.astype(np.float64) / sc), ref)
+    np.testing.assert_allclose(got, ref.astype(np.float32) * sc.astype(np.float32),
+                               rtol=2.4e-7, atol=0)
+  # per tensor, the small channels' gradients are lost: dw error is larger
+  cfg_t = cfg.replace(grad_granularity="tensor")
+  _, vjp_t = jax.vjp(jax.jit(_conv_op(case, cfg_t)), x, w)
+  with jax.enable_x64():
+    f64 = lambda a, b: lax.conv_general_dilated(a, b, s, p, ld, rd, _dn(len(x_shape)), g)
+    _, vjp64 = jax.vjp(f64, *(jnp.asarray(np.asarray(a), jnp.float64) for a in (x, w)))
+    dw64 = np.asarray(vjp64(jnp.asarray(np.asarray(gy), jnp.float64))[1])
+  small = np.arange(o) < o // 3  # the smallest channels
+  err = lambda d: np.linalg.norm((np.asarray(d) - dw64)[..., small]) / np.linalg.norm(
+      dw64[..., small])
+  assert err(dw) < 0.05 < err(vjp_t(gy)[1]), (err(dw), err(vjp_t(gy)[1]))
+
+
+def test_per_group_measurement_sees_small_channels():
+  """A depthwise conv whose channels' gradients differ 1000x: per tensor,
+  the mean per-channel distance is large while the global one is tiny;
+  per group both are small."""
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 6))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 1, 6))
+  gy = jax.random.normal(jax.random.key(2), (4, 8, 8, 6)) * jnp.array(
+      [1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1.0])
+
+  def measure(granularity):
+    cfg = int8jax.QuantConfig(grad_granularity=granularity)
+    f = lambda st: int8jax.quant_conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=FLAX_DN, feature_group_count=6,
+        key=jax.random.key(3), grad_state=st, measure=True, config=cfg)
+    _, vjp = jax.vjp(f, int8jax.GradQuantState.initial())
+    return int8jax.read_measurement(vjp(gy)[0])
+
+  t, g = measure("tensor"), measure("auto")
+  assert float(t.global_deviation) < 0.01 < 0.3 < float(t.deviation)
+  assert float(t.channel_deviation_max) > 0.3
+  assert float(g.deviation) < 0.01 and float(g.channel_deviation_max) < 0.01
+
+
+# ---------------------------------------------------------------------------
+# Output dtypes (bf16 float parts).
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas_interpret"])
+def test_bf16_activations_and_preferred_element_type(backend):
+  """bf16 in: bf16 out and bf16 input cotangent; the kernel's cotangent keeps
+  its dtype; the result is the float32 dequantization rounded to bf16 once."""
+  case = CONV_CASES[1]
+  x = jax.random.normal(jax.random.key(0), case[0], jnp.float32)
+  w = jax.random.normal(jax.random.key(1), case[1], jnp.float32)
+  cfg = int8jax.QuantConfig(grad_rounding="nearest", backend=backend)
+  f32 = _conv_op(case, cfg)
+  y32, vjp32 = jax.vjp(f32, x.astype(jnp.bfloat16).astype(jnp.float32), w)
+  y, vjp = jax.vjp(_conv_op(case, cfg), x.astype(jnp.bfloat16), w)
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(y, np.float32),
+                                np.asarray(y32.astype(jnp.bfloat16), np.float32))
+  dx, dw = vjp(jnp.ones_like(y))
+  assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+  dx32, dw32 = vjp32(jnp.ones_like(y32))
+  np.testing.assert_array_equal(np.asarray(dw), np.asarray(dw32))
+  np.testing.assert_array_equal(np.asarray(dx, np.float32),
+                                np.asarray(dx32.astype(jnp.bfloat16), np.float32))
+  # preferred_element_type is honoured (it was ignored when quantizing):
+  # bf16 in, float32 out -- the float32 dequantization itself
+  xb = x.astype(jnp.bfloat16)
+  yp = _conv_op(case, cfg, preferred_element_type=jnp.float32)(xb, w)
+  assert yp.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(yp), np.asarray(f32(xb.astype(jnp.float32), w)))
+  with pytest.raises(TypeError, match="narrower"):  # as lax
+    _conv_op(case, cfg, preferred_element_type=jnp.bfloat16)(x, w)
+
+
+# ---------------------------------------------------------------------------
+# Empty convolutions (what lax returns).
+
+EMPTY_CASES = [
+    # lhs NCHW (2,2,9,10), rhs HWIO (4,5,2,2): the case a user hit
+    ((2, 2, 9, 10), (4, 5, 2, 2), (2, 1), ((1, 2), (2, 0)), (1, 4), ("NCHW", "HWIO", "NCHW")),
+    ((2, 0, 5, 3), (3, 3, 3, 4), (1, 1), "VALID", (1, 1), FLAX_DN),  # zero-height input
+    ((2, 0, 5, 3), (3, 3, 3, 4), (1, 1), ((1, 1), (1, 1)), (1, 1), FLAX_DN),  # padding only
+    ((0, 6, 5, 3), (3, 3, 3, 4), (1, 1), "SAME", (1, 1), FLAX_DN),  # empty batch
+]
+
+
+@pytest.mark.parametrize("case", EMPTY_CASES)
+def test_empty_convolutions_return_what_lax_returns(case):
+  x_shape, w_shape, s, p, rd, dn = case
+  x = jnp.ones(x_shape)
+  w = jnp.ones(w_shape)
+  f = lambda a, b: int8jax.quant_conv_general_dilated(a, b, s, p, None, rd, dn,
+                                                      key=jax.random.key(0))
+  g = lambda a, b: lax.conv_general_dilated(a, b, s, p, None, rd, dn)
+  y, vjp = jax.vjp(f, x, w)
+  y_ref, vjp_ref = jax.vjp(g, x, w)
+  assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
+  np.testing.assert_array_equal(y, y_ref)
+  for a, b in zip(vjp(jnp.ones_like(y)), vjp_ref(jnp.ones_like(y_ref))):
+    assert a.shape == b.shape
+    np.testing.assert_array_equal(a, b)
+
+
+def test_static_measure_flag_needs_no_cond():
+  """measure=True/False as Python bools: the same results as the traced flag,
+  and no conditional in the program (no lax.cond)."""
+  case = CONV_CASES[0]
+  x = jax.random.normal(jax.random.key(0), case[0])
+  w = jax.random.normal(jax.random.key(1), case[1])
+  gy = jax.random.normal(jax.random.key(2), (2, 7, 9, 6))
+  st = int8jax.GradQuantState.initial().replace(clip=jnp.float32(1.5), clip_ratio=jnp.float32(.7))
+
+  def grads(measure, **kw):
+    f = lambda a, b, st: _conv_op(case, int8jax.QuantConfig(), key=jax.random.key(3),
+                                  grad_state=st, measure=measure, **kw)(a, b)
+    _, vjp = jax.vjp(f, x, w, st)
+    return vjp(gy), jax.make_jaxpr(lambda a, b, st, c: jax.vjp(
+        lambda a, b, st: f(a, b, st), a, b, st)[1](c))(x, w, st, gy)
+
+  for flag in (True, False):
+    (got, jaxpr) = grads(flag)
+    (want, _) = grads(jnp.asarray(flag))
+    np.testing.assert_array_equal(got[0], want[0])  # dx, dw: the same integers
+    np.testing.assert_array_equal(got[1], want[1])
+    for a, b in zip(jax.tree.leaves(got[2]), jax.tree.leaves(want[2])):  # sums: order
+      np.testing.assert_allclose(a, b, rtol=1e-3, atol=0)
+    assert "cond" not in str(jaxpr) or flag is False  # False keeps the max|g| fallback
+  _, jaxpr = grads(False, stored_clip_only=True)
+  assert "cond[" not in str(jaxpr)  # nothing but the quantization reads g

@@ -6,9 +6,12 @@ import numpy as np
 import optax
 import pytest
 
+from flax import nnx
+
 import int8jax
 from int8jax import optim
 from int8jax.dsgc import GradQuantState
+from int8jax.nn import TRAINABLE
 
 
 def _state(**kw):
@@ -23,10 +26,11 @@ def _tree(dtype=jnp.float32, d=0.05):
                                      measurements=3)},
       "fc": {"kernel": jnp.ones((4, 2), dtype)},  # float layer: untouched
   }
-  grads = {
+  grads = {  # a measurement as the ops return it (scaled, with its check value)
       "conv1": {"kernel": jnp.full((3, 3, 2, 4), 0.5, dtype), "bias": jnp.full((4,), 0.5, dtype),
-                "grad_quant": _state(clip=0.01, deviation=d, grad_absmax=2.0, dlog_clip=0.01,
-                                     measurements=1)},
+                "grad_quant": int8jax.dsgc.as_cotangent(_state(
+                    deviation=d, grad_absmax=2.0, dlog_clip=0.01, best_ratio=0.4,
+                    measurements=1))},
       "fc": {"kernel": jnp.full((4, 2), 0.5, dtype)},
   }
   return params, grads
@@ -61,13 +65,16 @@ def test_dtypes_are_kept():
   assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(upd["conv1"]["grad_quant"]))
 
 
-def test_clip_learner_update():
+@pytest.mark.parametrize("method, r", [
+    ("gradient", 0.5 * np.exp(-2.0 * 0.01)),  # the paper: log c -= lr * d(d)/d(log c)
+    ("search", 0.5 * (0.4 / 0.5) ** 2.0),      # log r += lr * (log best - log r)
+])
+def test_clip_learner_update(method, r):
   params, grads = _tree()
-  tx = optim.direction_sensitive_clip(learning_rate=2.0)
+  tx = optim.direction_sensitive_clip(learning_rate=2.0, method=method)
   upd, _ = tx.update(grads, tx.init(params), params)
   new = optax.apply_updates(params, upd)
   gq = new["conv1"]["grad_quant"]
-  r = 0.5 * np.exp(-2.0 * 0.01)
   np.testing.assert_allclose(gq.clip_ratio, r, rtol=1e-6)
   np.testing.assert_allclose(gq.clip, r * 2.0, rtol=1e-6)
   assert float(gq.measurements) == 4
@@ -85,7 +92,7 @@ def test_inject_hyperparams():
                              0.5 * max(np.exp(-10 * 0.05), 0.5), rtol=1e-6)
   assert float(state[1].hyperparams["alpha"]) == 10.0
   new = optax.apply_updates(params, upd)["conv1"]["grad_quant"]
-  np.testing.assert_allclose(new.clip_ratio, 0.5 * np.exp(-2.0 * 0.01), rtol=1e-6)
+  np.testing.assert_allclose(new.clip_ratio, 0.5 * (0.4 / 0.5) ** 2.0, rtol=1e-6)
 
 
 @pytest.mark.parametrize("base", [optax.sgd(0.1, momentum=0.9),
@@ -97,9 +104,9 @@ def test_ui8_base_optimizer_never_sees_quant_state(base):
   upd, state = jax.jit(tx.update)(grads, state, params)
   new = optax.apply_updates(params, upd)
   gq = new["conv1"]["grad_quant"]
-  # exactly the clip learner's result: no momentum, decay or Adam scaling
-  r = 0.5 * np.exp(-1.0 * 0.01)
-  np.testing.assert_allclose(gq.clip, r * 2.0, rtol=1e-6)
+  # exactly the clip learner's result (jump to the best ratio): no momentum,
+  # decay or Adam scaling
+  np.testing.assert_allclose(gq.clip, 0.4 * 2.0, rtol=1e-6)
   np.testing.assert_allclose(gq.deviation, 0.05, rtol=1e-6)
   # the base optimizer's state holds no GradQuantState
   found = []
@@ -133,3 +140,78 @@ def test_params_required():
   tx = optim.error_sensitive_lr()
   with pytest.raises(ValueError, match="params"):
     tx.update(grads, tx.init(params))
+
+
+# ---------------------------------------------------------------------------
+# The optimizer chain a user builds around ui8 (a real model, nnx.Optimizer).
+
+
+class _Net(nnx.Module):
+  def __init__(self, rngs):
+    self.stem = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+    self.conv = int8jax.nn.QuantConv(8, 8, (3, 3), quant=int8jax.QuantConfig(period=1),
+                                     rngs=rngs)
+    self.head = nnx.Linear(8, 10, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(self.conv(nnx.relu(self.stem(x))).mean((1, 2)))
+
+
+_X = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+_Y = jnp.arange(4) % 10
+
+
+def _run(tx, batches):
+  model = _Net(nnx.Rngs(0, quant=1))
+  opt = nnx.Optimizer(model, tx, wrt=TRAINABLE)
+
+  @nnx.jit
+  def step(m, o, x, y):
+    loss_fn = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+    _, g = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, TRAINABLE))(m)
+    o.update(m, g)
+
+  for x, y in batches:
+    step(model, opt, x, y)
+  return model
+
+
+def test_clip_by_global_norm_before_ui8_sees_only_the_weights():
+  """The usual placement. The measurement (scaled by 2^-40) adds nothing to
+  the global norm, and the rescaling it gets leaves it unchanged: the same
+  weights and clip as clipping inside ui8's base, where it sees only weights."""
+  sgd = optax.sgd(0.5)
+  outside = _run(optax.chain(optax.clip_by_global_norm(1e-3), optim.ui8(sgd)), [(_X, _Y)])
+  inside = _run(optim.ui8(optax.chain(optax.clip_by_global_norm(1e-3), sgd)), [(_X, _Y)])
+  np.testing.assert_array_equal(outside.conv.kernel[...], inside.conv.kernel[...])
+  # the measurement read back after a uniform rescaling: equal up to one rounding
+  np.testing.assert_allclose(outside.conv.grad_quant[...], inside.conv.grad_quant[...],
+                             rtol=2.4e-7, atol=0)
+  assert float(outside.conv.grad_quant.state.measurements) == 1
+
+
+def test_gradient_accumulation_with_multisteps():
+  """optax.MultiSteps(ui8(...), 2): two micro-batches, one update; the
+  measurement is the average of the two micro-batches' measurements."""
+  xs = [(_X[:2], _Y[:2]), (_X[2:], _Y[2:])]
+  acc = _run(optax.MultiSteps(optim.ui8(optax.sgd(0.1)), 2), xs)
+  st = acc.conv.grad_quant.state
+  assert float(st.measurements) == 1 and float(st.nonfinite) == 0
+  # the same two micro-batch measurements, averaged by hand
+  model = _Net(nnx.Rngs(0, quant=1))
+  loss_fn = lambda m, x, y: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+  ms = [int8jax.read_measurement(GradQuantState.unpack(
+      nnx.grad(loss_fn, argnums=nnx.DiffState(0, TRAINABLE))(model, x, y)["conv"]["grad_quant"][...]))
+        for x, y in xs]
+  np.testing.assert_allclose(st.deviation, (ms[0].deviation + ms[1].deviation) / 2, rtol=1e-5)
+  np.testing.assert_allclose(st.grad_absmax, (ms[0].grad_absmax + ms[1].grad_absmax) / 2,
+                             rtol=1e-5)
+
+
+def test_a_transform_that_corrupts_the_measurement_is_refused():
+  """optax.add_noise before ui8 changes the measurement's fields unequally:
+  a clear error (from inside the jitted step), and the state is not poisoned."""
+  tx = optax.chain(optax.add_noise(0.1, 0.0, 0), optim.ui8(optax.sgd(0.1)))
+  with pytest.raises(Exception, match="changed by a gradient transformation placed before"):
+    m = _run(tx, [(_X, _Y)])
+    jax.block_until_ready(m.conv.grad_quant[...])

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 import int8jax
+import reference
 import pallas_kernels as pk
 from int8jax import backends
 from int8jax.backends import pallas as pallas_backend
@@ -133,11 +134,31 @@ def test_conv_op_interpret_stochastic_rounding_and_per_channel():
 
 
 @pytest.mark.parametrize("name", ["grouped", "depthwise"])
-def test_conv_op_narrow_groups_use_xla_path(name):
-  """Groups narrower than MIN_GROUP_FEATURES run the XLA backend's functions
-  (no kernel launch at all)."""
+@pytest.mark.parametrize("granularity", ["tensor", "auto"])
+def test_conv_op_narrow_groups_use_the_exact_float_path(name, granularity):
+  """Groups narrower than MIN_GROUP_FEATURES: forward and input gradient as
+  exact bf16 grouped convs (float_exact), weight gradient on int32
+  arithmetic -- no kernel launch; bit-equal to the XLA backend."""
   assert not pallas_backend._use_kernel(_spec(CONV_CASES[name]))
-  _check_against_xla(CONV_CASES[name], expected_calls=0, grad_rounding="nearest")
+  _check_against_xla(CONV_CASES[name], expected_calls=0, grad_rounding="nearest",
+                     grad_granularity=granularity)
+
+
+def test_float_exact_conv_splits_windows_beyond_the_exact_bound():
+  """A window of more than 1,040 products per output is split along its
+  first axis into exact partial convs; all +-127 operands (the worst case)."""
+  from int8jax.backends import float_exact
+  from int8jax.conv_spec import make_conv_spec
+  spec = make_conv_spec((1, 12, 12, 64), (5, 5, 16, 8), (1, 1), "SAME", None, None,
+                        ("NHWC", "HWIO", "NHWC"), 4)  # 25 * 16 = 400 per group: one conv
+  spec_big = make_conv_spec((1, 12, 12, 256), (5, 5, 64, 8), (1, 1), ((2, 2), (1, 3)), None,
+                            None, ("NHWC", "HWIO", "NHWC"), 4)  # 1,600 > 1,040: split
+  rng = np.random.default_rng(0)
+  for sp in (spec, spec_big):
+    xq = rng.choice(np.array([-127, 127], np.int8), size=sp.lhs_shape)
+    wq = rng.choice(np.array([-127, 127], np.int8), size=sp.rhs_shape)
+    got = jax.jit(lambda a, b: float_exact.conv_exact(a, b, sp))(xq, wq)
+    np.testing.assert_array_equal(np.asarray(got), reference.conv(xq, wq, sp).astype(np.float32))
 
 
 @pytest.mark.parametrize("name", ["grouped", "depthwise"])
@@ -302,6 +323,22 @@ def test_split_k_wgrad_on_kernel_when_routing_is_off(monkeypatch):
   assert _lower_for_cuda(_conv_fwd_bwd(case, cfg), *_abstract(case)) == calls + 7
 
 
+def test_depthwise_lowers_for_cuda_as_exact_bf16_convs():
+  """MobileNetV2's depthwise 3x3 (stride 1 and 2) on the Pallas backend: the
+  forward and input gradient are bf16 grouped convs (exact: 9 products per
+  output), no int8 conv; the whole fwd+bwd lowers for CUDA."""
+  for stride in (1, 2):
+    case = ((64, 28, 28, 144), (3, 3, 1, 144), (stride, stride), "SAME", None, None, 144)
+    cfg = int8jax.QuantConfig(backend="pallas")
+    with backends.assume_pallas_available():
+      text = jax.jit(_conv_fwd_bwd(case, cfg)).trace(*_abstract(case)).lower(
+          lowering_platforms=("cuda",)).as_text()
+    convs = re.findall(r"stablehlo.convolution.*", text)
+    assert len(convs) == 2, convs  # forward and input gradient
+    assert all("feature_group_count = 144" in c and "bf16" in c for c in convs)
+    assert not re.search(r"stablehlo.convolution.*xi8", text)
+
+
 def test_split_k_policy():
   assert pallas_backend._split_k_shape(576, 64, 802816)        # r50 l1 wgrad
   assert not pallas_backend._split_k_shape(4608, 512, 802816)  # 36 x 4 = 144 blocks
@@ -340,15 +377,11 @@ def _on_cpu(fn, *args):
 @pytest.mark.parametrize("name", list(CONV_CASES))
 def test_conv_op_gpu_equals_cpu_reference(name):
   """The Pallas backend on the GPU against the XLA backend on the CPU (same
-  integers; 1 ulp for the float dequantization multiply). Narrow groups have
-  no kernel path and are refused on GPUs."""
+  integers; 1 ulp for the float dequantization multiply). Narrow groups
+  (depthwise) run the exact bf16-conv path on the GPU."""
   case = CONV_CASES[name]
   cfg = int8jax.QuantConfig(backend="pallas", grad_rounding="nearest")
   args = _conv_inputs(case)
-  if not pallas_backend._use_kernel(_spec(case)):
-    with pytest.raises(ValueError, match="feature_group_count"):
-      _conv_fwd_bwd(case, cfg)(*args)
-    return
   got = _conv_fwd_bwd(case, cfg)(*args)
   want = _on_cpu(_conv_fwd_bwd(case, cfg.replace(backend="xla")), *args)
   for what, a, b in zip(("y", "dx", "dw"), got, want):
@@ -385,10 +418,6 @@ def test_xla_backend_refused_when_tracing_for_gpu(monkeypatch):
   case = CONV_CASES["s1_same"]
   with pytest.raises(ValueError, match="backend='xla' is int8jax's CPU backend"):
     _conv_fwd_bwd(case, int8jax.QuantConfig(backend="xla"))(*_conv_inputs(case))
-  spec = _spec(CONV_CASES["depthwise"])
-  with pytest.raises(ValueError, match="feature_group_count=5"):
-    pallas_backend._use_kernel(spec, interpret=False)
-  assert not pallas_backend._use_kernel(spec, interpret=True)  # interpret mode: CPU
 
 
 def test_target_platform_follows_default_device():

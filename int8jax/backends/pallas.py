@@ -41,9 +41,12 @@ Groups: ``feature_group_count == 1`` is one GEMM per product. Grouped convs
 whose groups have at least :data:`MIN_GROUP_FEATURES` input and output
 features run one kernel call per group (Python loop; ResNeXt-style). Narrower
 groups (depthwise, G == C) would pad every group's tiny GEMM to a whole
-64/128-wide tile, so they run on the XLA backend's own functions (exact int32 dot_generals / elementwise
-multiply-adds, no grouped ``lax`` conv — int8 grouped convs have a
-wrong-result bug in XLA:GPU/cuDNN, see docs/design.md §3).
+64/128-wide tile: their forward and input gradient run as bf16 grouped
+convolutions over the int8 values with float32 accumulation, exact by the
+bound of :mod:`int8jax.backends.float_exact` (no int8 grouped ``lax`` conv —
+those have a wrong-result bug in XLA:GPU/cuDNN), and their weight gradient
+(a contraction over batch x pixels) on the XLA backend's exact int32
+arithmetic (elementwise multiply-adds and int8 ``dot_general``s).
 
 Dense ``(B, M, K) x (B, K, N)``: one kernel call per batch entry (B is 1 for
 ordinary layers).
@@ -63,7 +66,7 @@ import jax.numpy as jnp
 import pallas_kernels as pk
 from int8jax import conv_geometry as geom
 from int8jax import exact
-from int8jax.backends import platform, xla
+from int8jax.backends import float_exact, xla
 from int8jax.backends.base import Backend
 from int8jax.conv_spec import ConvSpec
 
@@ -112,42 +115,35 @@ def _int_gemm(a, b, *, chunk_k, interpret):
   return exact.combine_int32_chunks(jnp.stack(parts), axis=0)
 
 
-def _gemm(a, b, scale, *, chunk_k, interpret):
-  """float32 ``(a @ b.T) * scale``; ``scale`` scalar or (N,)."""
+_KERNEL_OUT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+
+def _gemm(a, b, scale, *, chunk_k, interpret, out_dtype=jnp.float32):
+  """``(a @ b.T) * scale`` in ``out_dtype``; ``scale`` scalar or (N,)."""
   if _split_k_shape(a.shape[0], b.shape[0], a.shape[1]):
-    return exact.int8_dot(a, b, (1, 1), chunk_k=chunk_k) * scale
-  if a.shape[1] <= _chunk(chunk_k):
-    # Single int32 accumulator: dequantization fused in the kernel epilogue.
-    return pk.int8_matmul(a, b, b_scale=scale, interpret=interpret)
-  return _int_gemm(a, b, chunk_k=chunk_k, interpret=interpret).astype(jnp.float32) * scale
+    return xla.dequant(exact.int8_dot(a, b, (1, 1), chunk_k=chunk_k), scale, out_dtype)
+  if a.shape[1] <= _chunk(chunk_k) and jnp.dtype(out_dtype) in _KERNEL_OUT_DTYPES:
+    # Single int32 accumulator: dequantization (and the cast) fused in the
+    # kernel epilogue, float32(acc) * scale like xla.dequant.
+    return pk.int8_matmul(a, b, b_scale=scale, out_dtype=out_dtype, interpret=interpret)
+  return xla.dequant(_int_gemm(a, b, chunk_k=chunk_k, interpret=interpret), scale, out_dtype)
 
 
-def _use_kernel(spec: ConvSpec, interpret: bool = True) -> bool:
-  """Whether the conv runs on the kernel (else on the XLA backend's functions).
-
-  The XLA fallback (narrow groups, depthwise) gave wrong input gradients when
-  compiled by XLA:GPU (see ``int8jax.backends.XLA_ON_GPU_MESSAGE``), so on a
-  GPU it is refused with a ValueError; in interpret mode (CPU) it runs.
-  """
+def _use_kernel(spec: ConvSpec) -> bool:
+  """Whether the conv's GEMMs run on the kernel: ungrouped, or groups with at
+  least :data:`MIN_GROUP_FEATURES` input and output features. Narrower groups
+  (depthwise) run forward and input gradient as exact bf16 convolutions
+  (:mod:`int8jax.backends.float_exact`) and the weight gradient on exact
+  int32 arithmetic (:func:`int8jax.backends.xla.conv_wgrad`)."""
   g, _, cg, og = spec.group_dims
-  if g == 1 or min(cg, og) >= MIN_GROUP_FEATURES:
-    return True
-  if not interpret:
-    if platform.target_platform() == "gpu":
-      raise ValueError(
-          f"backend='pallas': grouped convolutions need at least "
-          f"{MIN_GROUP_FEATURES} input and output features per group on the kernel "
-          f"(got feature_group_count={g}, {cg} in / {og} out per group); the XLA "
-          "fallback for narrower groups (depthwise) is refused on GPUs: "
-          + platform.XLA_ON_GPU_MESSAGE)
-  return False
+  return g == 1 or min(cg, og) >= MIN_GROUP_FEATURES
 
 
 # ---------------------------------------------------------------------------
 # Convolutions (channel-last ConvSpec form, see int8jax.conv_spec).
 
 
-def _conv(xq, wq, scale, spec: ConvSpec, *, chunk_k, interpret):
+def _conv(xq, wq, scale, spec: ConvSpec, *, chunk_k, interpret, out_dtype):
   """Exact conv as im2col GEMMs on the kernel, one per group; scale fused."""
   g, kw, cg, og = spec.group_dims
   p = geom.patches(xq, spec)
@@ -160,21 +156,24 @@ def _conv(xq, wq, scale, spec: ConvSpec, *, chunk_k, interpret):
     a = p[:, :, i, :].reshape(m, kw * cg)                  # (pixels, win*C/G)
     b = jnp.transpose(w[:, :, i, :].reshape(kw * cg, og))  # (O/G, win*C/G)
     outs.append(_gemm(a, b, scale[i * og:(i + 1) * og], chunk_k=chunk_k,
-                      interpret=interpret))
+                      interpret=interpret, out_dtype=out_dtype))
   y = outs[0] if g == 1 else jnp.concatenate(outs, axis=-1)
   return y.reshape(spec.out_shape)
 
 
 def conv_forward(xq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
-                 *, chunk_k: int, interpret: bool = False) -> jax.Array:
+                 *, chunk_k: int, interpret: bool = False,
+                 out_dtype=jnp.float32) -> jax.Array:
   """``conv(xq, wq) * scale`` as an im2col GEMM; ``scale`` scalar or (O,)."""
-  if not _use_kernel(spec, interpret):
-    return xla.conv_forward(xq, wq, scale, spec, chunk_k=chunk_k)
-  return _conv(xq, wq, scale, spec, chunk_k=chunk_k, interpret=interpret)
+  if not _use_kernel(spec):
+    return xla.dequant(float_exact.conv_exact(xq, wq, spec), scale, out_dtype)
+  return _conv(xq, wq, scale, spec, chunk_k=chunk_k, interpret=interpret,
+               out_dtype=out_dtype)
 
 
 def conv_dgrad(gq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
-               *, chunk_k: int, interpret: bool = False) -> jax.Array:
+               *, chunk_k: int, interpret: bool = False,
+               out_dtype=jnp.float32) -> jax.Array:
   """Input gradient ``(N, *spatial, C)``, split like the XLA backend's.
 
   Unstrided: the transposed conv (:func:`~int8jax.conv_geometry.transpose_spec`,
@@ -184,12 +183,14 @@ def conv_dgrad(gq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
   ``g (pixels, O/G) @ w^T`` to patch space with ``out_dtype=int32`` and
   :func:`~int8jax.conv_geometry.col2im` summing exact integers.
   """
-  if not _use_kernel(spec, interpret):
-    return xla.conv_dgrad(gq, wq, scale, spec, chunk_k=chunk_k)
+  if not _use_kernel(spec):  # the transposed conv, exact in bf16 (float_exact)
+    t = geom.transpose_spec(spec)
+    return xla.dequant(float_exact.conv_exact(gq, geom.transpose_kernel(wq, spec), t),
+                       scale, out_dtype)
   g, kw, cg, og = spec.group_dims
   if geom.dgrad_by_transposed_conv(spec, chunk_k):
     return _conv(gq, geom.transpose_kernel(wq, spec), scale, geom.transpose_spec(spec),
-                 chunk_k=chunk_k, interpret=interpret)
+                 chunk_k=chunk_k, interpret=interpret, out_dtype=out_dtype)
   m = math.prod(gq.shape[:-1])
   gm = gq.reshape(m, g, og)
   w = wq.reshape(kw, cg, g, og)
@@ -201,26 +202,29 @@ def conv_dgrad(gq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
     parts.append(dp.reshape(m, kw, 1, cg))
   dp = parts[0] if g == 1 else jnp.concatenate(parts, axis=2)  # (m, kw, G, cg)
   dp = dp.reshape(*gq.shape[:-1], kw, g * cg)
-  return geom.col2im(dp, spec).astype(jnp.float32) * scale
+  return xla.dequant(geom.col2im(dp, spec), scale, out_dtype)
 
 
 def conv_wgrad(xq: jax.Array, gq: jax.Array, scale: jax.Array, spec: ConvSpec,
-               *, chunk_k: int, interpret: bool = False) -> jax.Array:
+               *, chunk_k: int, interpret: bool = False,
+               out_dtype=jnp.float32) -> jax.Array:
   """Kernel gradient ``(*window, C // G, O)``: a GEMM over transposed patches,
-  contracting over batch x output pixels (chunked, exact)."""
-  if not _use_kernel(spec, interpret):
-    return xla.conv_wgrad(xq, gq, scale, spec, chunk_k=chunk_k)
+  contracting over batch x output pixels (chunked, exact); ``scale`` scalar
+  or (O,)."""
+  if not _use_kernel(spec):
+    return xla.conv_wgrad(xq, gq, scale, spec, chunk_k=chunk_k, out_dtype=out_dtype)
   g, kw, cg, og = spec.group_dims
   p = geom.patches(xq, spec)
   m = math.prod(p.shape[:-2])
   p = p.reshape(m, kw, g, cg)
   gm = gq.reshape(m, g, og)
+  scale = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (spec.out_features,))
   outs = []
   for i in range(g):
     a = jnp.transpose(p[:, :, i, :].reshape(m, kw * cg))  # (win*C/G, pixels)
     b = jnp.transpose(gm[:, i, :])                          # (O/G, pixels)
-    outs.append(_gemm(a, b, scale, chunk_k=chunk_k, interpret=interpret)
-                .reshape(kw, cg, og))
+    outs.append(_gemm(a, b, scale[i * og:(i + 1) * og], chunk_k=chunk_k,
+                      interpret=interpret, out_dtype=out_dtype).reshape(kw, cg, og))
   dw = outs[0] if g == 1 else jnp.concatenate(outs, axis=-1)
   return dw.reshape(*spec.window, cg, g * og)
 
@@ -233,22 +237,22 @@ def _per_batch(fn, *arrays):
   return jnp.stack([fn(*(x[i] for x in arrays)) for i in range(arrays[0].shape[0])])
 
 
-def dense_forward(xq, wq, scale, *, chunk_k, interpret=False):
+def dense_forward(xq, wq, scale, *, chunk_k, interpret=False, out_dtype=jnp.float32):
   """``y[b] = x[b] @ w[b] * scale``; scale scalar or per output feature (N,)."""
-  return _per_batch(lambda x, w: _gemm(x, w.T, scale, chunk_k=chunk_k,
-                                       interpret=interpret), xq, wq)
+  return _per_batch(lambda x, w: _gemm(x, w.T, scale, chunk_k=chunk_k, interpret=interpret,
+                                       out_dtype=out_dtype), xq, wq)
 
 
-def dense_dgrad(gq, wq, scale, *, chunk_k, interpret=False):
+def dense_dgrad(gq, wq, scale, *, chunk_k, interpret=False, out_dtype=jnp.float32):
   """``dx[b] = g[b] @ w[b].T * scale`` (both operands already K-major)."""
-  return _per_batch(lambda g, w: _gemm(g, w, scale, chunk_k=chunk_k,
-                                       interpret=interpret), gq, wq)
+  return _per_batch(lambda g, w: _gemm(g, w, scale, chunk_k=chunk_k, interpret=interpret,
+                                       out_dtype=out_dtype), gq, wq)
 
 
-def dense_wgrad(xq, gq, scale, *, chunk_k, interpret=False):
+def dense_wgrad(xq, gq, scale, *, chunk_k, interpret=False, out_dtype=jnp.float32):
   """``dw[b] = x[b].T @ g[b] * scale``, contracting over M."""
-  return _per_batch(lambda x, g: _gemm(x.T, g.T, scale, chunk_k=chunk_k,
-                                       interpret=interpret), xq, gq)
+  return _per_batch(lambda x, g: _gemm(x.T, g.T, scale, chunk_k=chunk_k, interpret=interpret,
+                                       out_dtype=out_dtype), xq, gq)
 
 
 BACKEND = Backend("pallas", conv_forward, conv_dgrad, conv_wgrad,

@@ -57,6 +57,12 @@ from int8jax.conv_spec import ConvSpec
 from int8jax.exact import int8_dot, int32_sum
 
 
+def dequant(exact: jax.Array, scale, out_dtype=jnp.float32) -> jax.Array:
+  """``float32(exact) * scale`` cast to ``out_dtype`` (the epilogue every
+  backend applies, in this order)."""
+  return (exact.astype(jnp.float32) * scale).astype(out_dtype)
+
+
 # ---------------------------------------------------------------------------
 # Convolutions (channel-last ConvSpec form).
 
@@ -117,13 +123,13 @@ _DIRECT_FAST_FEATURES = 32
 
 
 def conv_forward(xq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
-                 *, chunk_k: int) -> jax.Array:
+                 *, chunk_k: int, out_dtype=jnp.float32) -> jax.Array:
   """``conv(xq, wq) * scale`` (``scale`` scalar or per output feature ``(O,)``)."""
-  return conv_exact(xq, wq, spec, chunk_k=chunk_k) * scale
+  return dequant(conv_exact(xq, wq, spec, chunk_k=chunk_k), scale, out_dtype)
 
 
 def conv_dgrad(gq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
-               *, chunk_k: int) -> jax.Array:
+               *, chunk_k: int, out_dtype=jnp.float32) -> jax.Array:
   """Input gradient ``(N, *spatial, C)``, exact.
 
   Unstrided convs: the transposed conv (JAX's transpose rule: input dilation
@@ -135,7 +141,8 @@ def conv_dgrad(gq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
   g, kw, cg, og = spec.group_dims
   if dgrad_by_transposed_conv(spec, chunk_k):
     t = transpose_spec(spec)
-    return conv_exact(gq, transpose_kernel(wq, spec), t, chunk_k=chunk_k) * scale
+    return dequant(conv_exact(gq, transpose_kernel(wq, spec), t, chunk_k=chunk_k), scale,
+                    out_dtype)
   m = math.prod(gq.shape[:-1])
   gm = gq.reshape(m, g, og)
   w = wq.reshape(kw, cg, g, og)
@@ -150,11 +157,11 @@ def conv_dgrad(gq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
                          (((2,), (2,)), ((0,), (0,))), preferred_element_type=jnp.int32)
     dp = dp.reshape(g, m, kw, cg).transpose(1, 2, 0, 3)  # (m, kw, G, cg)
   dp = dp.reshape(*gq.shape[:-1], kw, g * cg)
-  return col2im(dp, spec).astype(jnp.float32) * scale
+  return dequant(col2im(dp, spec).astype(jnp.float32), scale, out_dtype)
 
 
 def conv_wgrad(xq: jax.Array, gq: jax.Array, scale: jax.Array, spec: ConvSpec,
-               *, chunk_k: int) -> jax.Array:
+               *, chunk_k: int, out_dtype=jnp.float32) -> jax.Array:
   """Kernel gradient ``(*window, C // G, O)``: ``patches^T @ g`` per group.
 
   The patch matrix is built transposed, ``(prod(window) * C//G, M)`` with
@@ -169,36 +176,37 @@ def conv_wgrad(xq: jax.Array, gq: jax.Array, scale: jax.Array, spec: ConvSpec,
     dw = jnp.stack([
         int32_sum(sl.reshape(m, g, 1).astype(jnp.int32) * g32, 0, chunk_k=chunk_k)
         for sl in slices])  # (kw, G, og)
-    return dw.reshape(*spec.window, 1, g * og) * scale
+    return dequant(dw.reshape(*spec.window, 1, g * og), scale, out_dtype)
   pt = jnp.stack(slices).reshape(kw, m, g, cg)
   gm = gq.reshape(m, g, og)
   if g == 1:
     pt = pt.reshape(kw, m, cg).transpose(0, 2, 1).reshape(kw * cg, m)
     dw = int8_dot(pt, gm.reshape(m, og), (1, 0), chunk_k=chunk_k)  # (kw*cg, og)
-    return dw.reshape(*spec.window, cg, og) * scale
+    return dequant(dw.reshape(*spec.window, cg, og), scale, out_dtype)
   pt = pt.transpose(2, 0, 3, 1).reshape(g, kw * cg, m)
   dw = int8_dot(pt, gm.transpose(1, 0, 2), (2, 1), ((0,), (0,)), chunk_k=chunk_k)
   dw = dw.reshape(g, kw, cg, og).transpose(1, 2, 0, 3)
-  return dw.reshape(*spec.window, cg, g * og) * scale
+  return dequant(dw.reshape(*spec.window, cg, g * og), scale, out_dtype)
 
 
 # ---------------------------------------------------------------------------
 # Dense: lhs (B, M, K), rhs (B, K, N), out (B, M, N).
 
 
-def dense_forward(xq, wq, scale, *, chunk_k):
-  return int8_dot(xq, wq, (2, 1), ((0,), (0,)), chunk_k=chunk_k) * scale
+def dense_forward(xq, wq, scale, *, chunk_k, out_dtype=jnp.float32):
+  return dequant(int8_dot(xq, wq, (2, 1), ((0,), (0,)), chunk_k=chunk_k), scale, out_dtype)
 
 
-def dense_dgrad(gq, wq, scale, *, chunk_k):
+def dense_dgrad(gq, wq, scale, *, chunk_k, out_dtype=jnp.float32):
   # dx[b, m, k] = sum_n g[b, m, n] w[b, k, n]
-  return int8_dot(gq, wq, (2, 2), ((0,), (0,)), chunk_k=chunk_k) * scale
+  return dequant(int8_dot(gq, wq, (2, 2), ((0,), (0,)), chunk_k=chunk_k), scale, out_dtype)
 
 
-def dense_wgrad(xq, gq, scale, *, chunk_k):
+def dense_wgrad(xq, gq, scale, *, chunk_k, out_dtype=jnp.float32):
   # dw[b, k, n] = sum_m x[b, m, k] g[b, m, n]; x transposed so the GEMM
   # contracts over its last axis (XLA:CPU's int8 kernel; see the module doc).
-  return int8_dot(jnp.swapaxes(xq, 1, 2), gq, (2, 1), ((0,), (0,)), chunk_k=chunk_k) * scale
+  return dequant(int8_dot(jnp.swapaxes(xq, 1, 2), gq, (2, 1), ((0,), (0,)), chunk_k=chunk_k),
+                  scale, out_dtype)
 
 
 BACKEND = Backend("xla", conv_forward, conv_dgrad, conv_wgrad,

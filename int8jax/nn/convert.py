@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 import inspect
+import warnings
 from typing import Any
 
 from flax import nnx
 
 from int8jax.config import QuantConfig
-from int8jax.nn.layers import QuantConv, QuantDense
+from int8jax.nn.layers import QuantConv, QuantConvTranspose, QuantDense
 
 __all__ = ["quantize_model", "default_skip", "quantizable_layers"]
 
@@ -69,12 +70,13 @@ def _walk(node, path=(), seen=None) -> Iterator[tuple[PathParts, Any, Any, Any]]
 
 
 def quantizable_layers(model: nnx.Module) -> list[tuple[PathParts, nnx.Module]]:
-  """Every ``nnx.Conv`` / ``nnx.Linear`` below ``model``, in definition order.
+  """Every ``nnx.Conv`` / ``nnx.ConvTranspose`` / ``nnx.Linear`` below
+  ``model``, in definition order.
 
-  Already quantized layers (``QuantConv`` / ``QuantDense``) are not listed.
+  Already quantized layers are not listed.
   """
   return [(p, m) for p, _, _, m in _walk(model)
-          if isinstance(m, (nnx.Conv, nnx.Linear)) and not isinstance(m, (QuantConv, QuantDense))]
+          if _quant_class(m) is not None and not isinstance(m, _QUANTIZED)]
 
 
 def default_skip(model: nnx.Module) -> SkipFn:
@@ -135,7 +137,11 @@ def _set_child(parent, key, value):
 
 def quantize_model(model: nnx.Module, config: QuantConfig | None = None, *,
                    skip: SkipFn | None = None, rngs: nnx.Rngs) -> nnx.Module:
-  """Replaces ``nnx.Conv`` / ``nnx.Linear`` layers by ``QuantConv`` / ``QuantDense``.
+  """Replaces ``nnx.Conv`` / ``nnx.ConvTranspose`` / ``nnx.Linear`` layers by
+  ``QuantConv`` / ``QuantConvTranspose`` / ``QuantDense``.
+
+  GEMM layers int8jax cannot quantize (``nnx.LinearGeneral``, ``nnx.Einsum``)
+  stay float with a warning naming them.
 
   The conversion is in place: the model object is modified and returned. Each
   new layer receives the old layer's constructor arguments and its kernel and
@@ -164,18 +170,36 @@ def quantize_model(model: nnx.Module, config: QuantConfig | None = None, *,
   config = QuantConfig() if config is None else config
   skip = default_skip(model) if skip is None else skip
   # Collect first, then replace: mutating while walking would revisit nodes.
-  todo = []
+  todo, unsupported = [], []
   for path, parent, key, module in _walk(model):
-    if isinstance(module, (QuantConv, QuantDense)):
+    if isinstance(module, _QUANTIZED):
       continue
-    if isinstance(module, nnx.Conv):
-      cls = QuantConv
-    elif isinstance(module, nnx.Linear):
-      cls = QuantDense
-    else:
+    cls = _quant_class(module)
+    if cls is None:
+      if isinstance(module, _FLOAT_ONLY):
+        unsupported.append(f"{'/'.join(map(str, path))} ({type(module).__name__})")
       continue
     if not skip(path, module):
       todo.append((parent, key, module, cls))
   for parent, key, module, cls in todo:
     _set_child(parent, key, _convert(module, cls, config, rngs))
+  if unsupported:
+    warnings.warn(
+        "quantize_model: these layers stay float (int8jax has no quantized version of "
+        f"their type): {', '.join(unsupported)}", stacklevel=2)
   return model
+
+
+# What each Flax layer becomes (subclasses of these convert too).
+_CONVERSIONS = ((nnx.Conv, QuantConv), (nnx.ConvTranspose, QuantConvTranspose),
+                (nnx.Linear, QuantDense))
+_QUANTIZED = (QuantConv, QuantConvTranspose, QuantDense)
+# GEMM layers without a quantized counterpart: left float, with a warning.
+_FLOAT_ONLY = (nnx.LinearGeneral, nnx.Einsum)
+
+
+def _quant_class(module):
+  for float_cls, quant_cls in _CONVERSIONS:
+    if isinstance(module, float_cls):
+      return quant_cls
+  return None

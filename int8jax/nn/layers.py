@@ -34,12 +34,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.nnx.nn.linear import canonicalize_padding
 from jax import lax
 
 from int8jax import quant
 from int8jax.config import QuantConfig
 from int8jax.dsgc import GradQuantState
-from int8jax.ops import quant_conv_general_dilated, quant_dot_general
+from int8jax.ops import (quant_conv_general_dilated_with_status, quant_conv_transpose_with_status,
+                         quant_dot_general_with_status)
 
 
 class ActRange(nnx.Variable):
@@ -47,7 +49,19 @@ class ActRange(nnx.Variable):
 
 
 class GradQuant(nnx.Variable):
-  """Gradient quantization state, a :class:`int8jax.dsgc.GradQuantState`."""
+  """Gradient quantization state: a :class:`int8jax.dsgc.GradQuantState`
+  packed into one float32 vector (:meth:`~int8jax.dsgc.GradQuantState.pack`;
+  read it with :attr:`state`).
+
+  Packed because its gradient is the backward pass's measurement and it
+  travels through optax: a plain array leaf survives every optimizer-state
+  round trip (``optax.MultiSteps``' accumulators, NNX's ``Optimizer``), where
+  a dataclass node would be turned into an ``nnx.State`` mapping.
+  """
+
+  @property
+  def state(self) -> GradQuantState:
+    return GradQuantState.unpack(self[...])
 
 
 class QuantCounter(nnx.Variable):
@@ -56,6 +70,10 @@ class QuantCounter(nnx.Variable):
 
 #: Filter of everything a UI8 optimizer updates: weights and gradient state.
 TRAINABLE = nnx.Any(nnx.Param, GradQuant)
+
+
+#: What a quantized layer's ``measure_mode`` may be (see :func:`set_measure_mode`).
+MEASURE_MODES = ("periodic", "always", "never")
 
 
 class _QuantMixin:
@@ -68,8 +86,9 @@ class _QuantMixin:
     self.quant = quant_config
     self.deterministic = deterministic
     self.rng_collection = rng_collection
+    self.measure_mode = "periodic"
     self.act_range = ActRange(jnp.zeros((), jnp.float32))
-    self.grad_quant = GradQuant(GradQuantState.initial())
+    self.grad_quant = GradQuant(GradQuantState.initial().pack())
     self.call_count = QuantCounter(jnp.zeros((), jnp.int32))
     self.act_nonfinite = QuantCounter(jnp.zeros((), jnp.int32))
     self.quant_rngs = rngs[rng_collection].fork()
@@ -78,34 +97,42 @@ class _QuantMixin:
   def quantized(self) -> bool:
     return self.quant is not None and self.quant.enabled
 
-  def _step_inputs(self, x):
-    """(key, grad_state, x_clip, measure) for this call; updates counters/range."""
+  def _quant_call(self, op, x, *args, **kwargs):
+    """Runs the quantized ``op`` (a ``*_with_status`` op) on ``x``; updates the
+    counters and the cached activation range."""
     cfg = self.quant
     cached = self.act_range[...]
     if self.deterministic:
-      measure = jnp.zeros((), bool)
+      measure = False
       need = cached <= 0
     else:
       count = self.call_count[...]
-      measure = (count % cfg.period) == 0
-      need = measure | (cached <= 0)
       self.call_count[...] = count + 1
+      if self.measure_mode == "periodic":
+        measure = (count % cfg.period) == 0  # traced: one compiled step for all
+        need = measure | (cached <= 0)
+      else:
+        measure = self.measure_mode == "always"
+        need = measure | (cached <= 0)
     # The clip is state, not a function of x to differentiate: without the
     # stop_gradient JAX keeps max|x|'s JVP residuals (a mask and a sign the
     # size of x, materialised on the non-measuring branch too) and runs their
     # transpose in the backward pass, only to multiply a zero cotangent.
     fresh = lax.cond(need, lambda: quant.absmax(lax.stop_gradient(x)), lambda: cached)
-    finite = jnp.isfinite(fresh)
-    x_clip = jnp.where(finite, fresh, cached)
-    if not self.deterministic:
-      self.act_range[...] = x_clip
-      self.act_nonfinite[...] += jnp.where(finite, 0, 1).astype(jnp.int32)
     if self.deterministic or cfg.grad_rounding == "nearest":
       key = jax.random.key(0)
     else:
       key = self.quant_rngs()
-    return dict(key=key, grad_state=self.grad_quant.get_value(), x_clip=x_clip,
-                measure=measure, config=cfg)
+    y, x_finite = op(x, *args, key=key, grad_state=self.grad_quant.state,
+                     x_clip=fresh, measure=measure, config=cfg,
+                     stored_clip_only=self.measure_mode == "never", **kwargs)
+    if not self.deterministic:
+      # Non-finite data never reaches the cached range (max|x| itself may
+      # come out finite for a NaN tensor: XLA can compile max without NaN
+      # propagation), and is counted on every step it occurs.
+      self.act_range[...] = jnp.where(x_finite, fresh, cached)
+      self.act_nonfinite[...] += jnp.where(x_finite, 0, 1).astype(jnp.int32)
+    return y
 
 
 class QuantConv(_QuantMixin, nnx.Conv):
@@ -145,9 +172,9 @@ class QuantConv(_QuantMixin, nnx.Conv):
       return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                       rhs_dilation, dimension_numbers, feature_group_count,
                                       precision=precision, **kwargs)
-    return quant_conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-        feature_group_count, **self._step_inputs(lhs))
+    return self._quant_call(quant_conv_general_dilated_with_status, lhs, rhs, window_strides,
+                            padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                            feature_group_count, **kwargs)
 
 
 class QuantDense(_QuantMixin, nnx.Linear):
@@ -172,13 +199,81 @@ class QuantDense(_QuantMixin, nnx.Linear):
   def dot_general(self, lhs, rhs, dimension_numbers, precision=None, **kwargs):
     if not self.quantized:
       return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, **kwargs)
-    return quant_dot_general(lhs, rhs, dimension_numbers, **self._step_inputs(lhs))
+    return self._quant_call(quant_dot_general_with_status, lhs, rhs, dimension_numbers,
+                            **kwargs)
+
+
+class QuantConvTranspose(_QuantMixin, nnx.ConvTranspose):
+  """``nnx.ConvTranspose`` whose three GEMMs run in INT8 (arguments as
+  :class:`QuantConv`): the same constructor, kernel layout, padding rules
+  (``lax.conv_transpose``'s, ``CIRCULAR`` included) and ``transpose_kernel``.
+
+  Example:
+    >>> from flax import nnx
+    >>> from int8jax.nn import QuantConvTranspose
+    >>> QuantConvTranspose(3, 4, (3, 3), strides=2, rngs=nnx.Rngs(0))(jnp.ones((1, 5, 5, 3))).shape
+    (1, 10, 10, 4)
+  """
+
+  def __init__(self, in_features: int, out_features: int, kernel_size, strides=None, *,
+               quant: QuantConfig | None = QuantConfig(), deterministic: bool = False,
+               rng_collection: str = "quant", rngs: nnx.Rngs, **kwargs):
+    super().__init__(in_features, out_features, kernel_size, strides, rngs=rngs, **kwargs)
+    self._init_quant(quant, rng_collection, deterministic, rngs)
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    if not self.quantized:
+      return super().__call__(inputs)
+    n = len(self.kernel_size)
+    bcast = lambda v: (1,) * n if v is None else ((v,) * n if isinstance(v, int) else tuple(v))
+    num_batch = inputs.ndim - (n + 1)
+    batch_shape = inputs.shape[:num_batch]
+    if num_batch != 1:
+      inputs = jnp.reshape(inputs, (-1,) + inputs.shape[num_batch:])
+    strides, kernel_dilation = bcast(self.strides), bcast(self.kernel_dilation)
+    kernel = self.kernel[...]
+    if self.mask is not None:
+      if self.mask.shape != self.kernel_shape:
+        raise ValueError(f"Mask needs to have the same shape as weights. Shapes are: "
+                         f"{self.mask.shape}, {self.kernel_shape}")
+      kernel = kernel * self.mask
+    padding = canonicalize_padding(self.padding, n)
+    bias = self.bias[...] if self.bias is not None else None
+    inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
+    y = self._quant_call(quant_conv_transpose_with_status, inputs, kernel, strides,
+                         "VALID" if padding == "CIRCULAR" else padding,
+                         rhs_dilation=kernel_dilation, transpose_kernel=self.transpose_kernel,
+                         precision=self.precision,
+                         preferred_element_type=self.preferred_element_type)
+    if self.padding == "CIRCULAR":
+      y = _wrap_circular(y, inputs.shape[1:-1], strides, self.transpose_kernel)
+    if self.use_bias:
+      y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    if num_batch != 1:
+      y = jnp.reshape(y, batch_shape + y.shape[1:])
+    return y
+
+
+def _wrap_circular(y, in_spatial, strides, transpose_kernel):
+  """``nnx.ConvTranspose``'s CIRCULAR padding: pad the VALID result to whole
+  periods (input size x stride) and wrap it around each spatial dimension."""
+  periods = [d * s for d, s in zip(in_spatial, strides)]
+  diffs = [-(yd - p) % (2 * p) for yd, p in zip(y.shape[1:-1], periods)]
+  if transpose_kernel:
+    pads = [(d // 2, (d + 1) // 2) for d in diffs]
+  else:
+    pads = [((d + 1) // 2, d // 2) for d in diffs]
+  y = jnp.pad(y, [(0, 0)] + pads + [(0, 0)])
+  for i in range(1, y.ndim - 1):
+    y = y.reshape(y.shape[:i] + (-1, periods[i - 1]) + y.shape[i + 1:]).sum(axis=i)
+  return y
 
 
 def quant_layers(model: nnx.Module):
-  """``(path, layer)`` for every QuantConv / QuantDense in ``model``."""
+  """``(path, layer)`` for every quantized layer (QuantConv, QuantConvTranspose,
+  QuantDense) in ``model``."""
   return [(path, m) for path, m in nnx.iter_graph(model)
-          if isinstance(m, (QuantConv, QuantDense))]
+          if isinstance(m, (QuantConv, QuantConvTranspose, QuantDense))]
 
 
 def quant_stats(model: nnx.Module) -> dict[str, GradQuantState]:
@@ -188,8 +283,34 @@ def quant_stats(model: nnx.Module) -> dict[str, GradQuantState]:
   ``clip`` next to ``grad_absmax``, ``clipped_fraction``; the LR coefficient is
   ``int8jax.lr_coefficient(state.deviation)``.
   """
-  return {"/".join(str(p) for p in path): m.grad_quant.get_value()
+  return {"/".join(str(p) for p in path): m.grad_quant.state
           for path, m in quant_layers(model) if m.quantized}
+
+
+def set_measure_mode(model: nnx.Module, mode: str) -> None:
+  """How every quantized layer of ``model`` selects measure steps.
+
+  * ``"periodic"`` (the default): on calls 0, ``period``, ``2 period``, ...
+    of the layer, chosen by a traced flag (``lax.cond``) -- one compiled
+    step serves every step;
+  * ``"always"`` / ``"never"``: every call measures / none does, with no
+    ``lax.cond``. A loop that compiles two steps -- one on a model in
+    ``"always"`` mode for its measure steps, one in ``"never"`` mode for the
+    others -- gets the non-measuring step without any reader of the float
+    gradient but its quantization, which XLA then fuses into the fusion that
+    produces the gradient (BatchNorm/ReLU backward): the int8 operand is
+    written once and the float gradient never goes to memory. Run a
+    measuring step before the first ``"never"`` step: a layer with no
+    stored clip gives NaN gradients there (counted in
+    ``GradQuantState.nonfinite``).
+
+  The mode is a static attribute: it is part of ``nnx.split``'s graph
+  definition, so set it before splitting / jitting.
+  """
+  if mode not in MEASURE_MODES:
+    raise ValueError(f"mode must be one of {MEASURE_MODES}, got {mode!r}")
+  for _, m in quant_layers(model):
+    m.measure_mode = mode
 
 
 def set_call_count(model: nnx.Module, count: int = 0) -> None:
