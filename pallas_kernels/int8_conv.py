@@ -74,10 +74,11 @@ Bytes, 3x3 stride 1, ResNet-50 layer1 (x: 256x56x56x64 int8 = 51.4 MB): each
 copy is the padded source 256x58x64x64 = 60.8 MB (1.18x x); three copies
 182 MB are written once and read by the kernel (the kh taps of a tile re-read
 the same rows from L2). The im2col patch matrix is 9 x 51.4 = 462 MB written
-and read. Stride 2 (256x56x56x128 -> 28x28): 4 phases of 29x32 = 1.06x x,
+and read. Stride 2 (56x56 -> 28x28): 4 phases of 29x32 = 1.18x x per copy,
 2 copies. 1x1 stride 2: the 1/4 subsample (0.25x). Largest int8
-intermediate: ~1.2x the input (tests/test_int8_conv_kernels.py checks this
-on the traced jaxpr); total int8 intermediates: <= 3.6x for 3x3 stride 1.
+intermediate: ~1.2x the input; int8 bytes the kernel reads: 3.6x (3x3
+stride 1), 2.4x (3x3 stride 2) -- tests/test_int8_conv_kernels.py checks
+both on the traced jaxpr.
 
 Input gradient (:func:`int8_conv_dgrad`)
 ----------------------------------------
@@ -822,9 +823,42 @@ def _conv_kernel(*refs, taps: _Taps, config: Int8ConvConfig, k_chunks: int,
   plgpu.wait_smem_to_gmem(0)
 
 
+def _run_launch_xla(copies, wmat, scale, bias, *, taps: _Taps, m_pad,
+                    out_dtype, has_bias, k_chunks, tile_k):
+  """What one kernel launch computes, in XLA: for tests of the plans.
+
+  Row r of the result is ``sum_t copies[j_t][r + 8*off8_t] @ wmat_t.T``
+  (exact int32), then the epilogue; the kernel's tiles and pipeline aside,
+  the same arithmetic.
+  """
+  cp = k_chunks * tile_k
+  acc = None
+  for t, (j, off8) in enumerate(zip(taps.tap_copy, taps.tap_off8)):
+    rows = lax.slice_in_dim(copies[j], 8 * off8, 8 * off8 + m_pad)
+    part = lax.dot_general(rows, wmat[:, t * cp:(t + 1) * cp],
+                           (((1,), (1,)), ((), ())),
+                           preferred_element_type=jnp.int32)
+    acc = part if acc is None else acc + part
+  if out_dtype == jnp.int32:
+    return acc
+  return _epilogue(acc.astype(jnp.float32), scale, bias if has_bias else None,
+                   out_dtype)
+
+
 def _run_launch(copies, wmat, scale, bias, *, taps: _Taps, m_pad, out_dtype,
-                config: Int8ConvConfig, interpret, has_bias, k_chunks):
-  """One kernel launch: (m_pad, Op) of ``out_dtype``."""
+                config: Int8ConvConfig, launcher, has_bias, k_chunks):
+  """One kernel launch: (m_pad, Op) of ``out_dtype``.
+
+  ``launcher``: "mosaic_gpu" (the compiled kernel), "interpret" (the same
+  kernel under ``plgpu.InterpretGPUParams()``) or "xla"
+  (:func:`_run_launch_xla`, tests of the decomposition only).
+  """
+  if launcher == "xla":
+    return _run_launch_xla(copies, wmat, scale, bias, taps=taps, m_pad=m_pad,
+                           out_dtype=out_dtype, has_bias=has_bias,
+                           k_chunks=k_chunks, tile_k=config.tile_k)
+  if launcher not in ("mosaic_gpu", "interpret"):
+    raise ValueError(f"unknown {launcher=}")
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
   op = wmat.shape[0]
@@ -850,7 +884,8 @@ def _run_launch(copies, wmat, scale, bias, *, taps: _Taps, m_pad, out_dtype,
       ],
       grid=(m_pad // config.tile_m, op // config.tile_n),
       grid_names=("m", "n"),
-      interpret=plgpu.InterpretGPUParams() if interpret else None,
+      interpret=(plgpu.InterpretGPUParams() if launcher == "interpret"
+                 else None),
       kernel_name="int8_conv",
   )
   return kernel(*copies, wmat, scale, bias)
@@ -872,9 +907,9 @@ def _vectors(scale, bias, size, padded):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "strides", "pads", "out_dtype", "config", "interpret"))
+    "strides", "pads", "out_dtype", "config", "launcher"))
 def _int8_conv_impl(x, w, scale, bias, *, strides, pads, out_dtype, config,
-                    interpret):
+                    launcher):
   n, h, wd, c = x.shape
   kh, kw, _, o = w.shape
   cp = _round_up(max(c, 1), config.tile_k)
@@ -888,9 +923,13 @@ def _int8_conv_impl(x, w, scale, bias, *, strides, pads, out_dtype, config,
   wmat = _weight_matrix(jnp.transpose(w, (0, 1, 3, 2)), taps, op, cp)
   scale_p, bias_p = _vectors(scale, bias, o, op)
   out = _run_launch(copies, wmat, scale_p, bias_p, taps=taps, m_pad=plan.m_pad,
-                    out_dtype=out_dtype, config=config, interpret=interpret,
+                    out_dtype=out_dtype, config=config, launcher=launcher,
                     has_bias=bias is not None, k_chunks=cp // config.tile_k)
   return _grid_to_image(out, plan, plan.valid[0], o)
+
+
+def _launcher(interpret):
+  return "interpret" if interpret else "mosaic_gpu"
 
 
 def _empty_or_zero_k(shape, scale, bias, out_dtype):
@@ -949,7 +988,7 @@ def int8_conv(x, w, *, window_strides=(1, 1), padding="VALID", scale=None,
     return _empty_or_zero_k(out_shape, scale, bias, out_dtype)
   return _int8_conv_impl(x, w, scale, bias, strides=strides, pads=pads,
                          out_dtype=out_dtype, config=config,
-                         interpret=bool(interpret))
+                         launcher=_launcher(interpret))
 
 
 # ----------------------------------------------------------------------------
@@ -978,9 +1017,9 @@ def _interleave(parts, shape, strides, dtype):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "input_shape", "strides", "pads", "out_dtype", "config", "interpret"))
+    "input_shape", "strides", "pads", "out_dtype", "config", "launcher"))
 def _int8_conv_dgrad_impl(g, w, scale, bias, *, input_shape, strides, pads,
-                          out_dtype, config, interpret):
+                          out_dtype, config, launcher):
   n, h, wd, c = input_shape
   kh, kw, _, o = w.shape
   kp = _round_up(max(o, 1), config.tile_k)   # contracted: g's channels
@@ -997,7 +1036,7 @@ def _int8_conv_dgrad_impl(g, w, scale, bias, *, input_shape, strides, pads,
     wmat = _weight_matrix(w, taps, np_, kp)  # blocks w[kh, kw]: (C, O)
     out = _run_launch(
         copies, wmat, scale_p, bias_p, taps=taps, m_pad=plan.m_pad,
-        out_dtype=out_dtype, config=config, interpret=interpret,
+        out_dtype=out_dtype, config=config, launcher=launcher,
         has_bias=bias is not None, k_chunks=kp // config.tile_k)
     parts[i0] = _grid_to_image(out, plan, valid, c)
   for i0, (q_h, q_w) in zero:
@@ -1051,4 +1090,4 @@ def int8_conv_dgrad(g, w, *, input_shape, window_strides=(1, 1),
     return _empty_or_zero_k(input_shape, scale, bias, out_dtype)
   return _int8_conv_dgrad_impl(g, w, scale, bias, input_shape=input_shape,
                                strides=strides, pads=pads, out_dtype=out_dtype,
-                               config=config, interpret=bool(interpret))
+                               config=config, launcher=_launcher(interpret))
