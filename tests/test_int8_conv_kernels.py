@@ -569,9 +569,11 @@ GPU_LAYERS = {
 
 
 def _on_cpu(fn, *args, **kwargs):
+  """fn on the CPU backend (XLA:GPU has no int8 backward convs)."""
   cpu = jax.devices("cpu")[0]
-  args = jax.device_put(args, cpu)
-  kwargs = jax.device_put(kwargs, cpu)
+  put = lambda v: jax.device_put(v, cpu) if isinstance(v, jax.Array) else v
+  args = [put(a) for a in args]
+  kwargs = {k: put(v) for k, v in kwargs.items()}
   with jax.default_device(cpu):
     return np.asarray(fn(*args, **kwargs))
 
