@@ -286,10 +286,22 @@ def _out_size(size, k, stride, lo, hi):
   return span // stride + 1 if span >= 0 else 0
 
 
+def _check_shape(name, shape, layout):
+  try:
+    shape = tuple(int(d) for d in shape)
+  except TypeError:
+    shape = None
+  if shape is None or len(shape) != 4 or min(shape) < 0:
+    raise ValueError(f"{name} must be 4 non-negative ints {layout}, got "
+                     f"{name}={shape!r}")
+  return shape
+
+
 def conv_output_shape(input_shape, kernel_shape, window_strides, padding):
   """(N, Ho, Wo, O) of a conv of an NHWC input with an HWIO kernel."""
-  n, h, w, _ = input_shape
-  kh, kw, _, o = kernel_shape
+  n, h, w, _ = _check_shape("input_shape", input_shape, "(N, H, W, C)")
+  kh, kw, _, o = _check_shape("kernel_shape", kernel_shape,
+                              "(KH, KW, C, O)")
   strides = _check_strides(window_strides)
   pads = _check_padding(padding, (h, w), (kh, kw), strides)
   return (n, _out_size(h, kh, strides[0], *pads[0]),
@@ -416,13 +428,8 @@ def _dgrad_pads(size, k, stride, lo, out_size):
 def _check_dgrad_args(g, w, input_shape, window_strides, padding):
   _check_int8("g", g, 4, "NHWC (N, Ho, Wo, O)")
   _check_int8("w", w, 4, "HWIO (KH, KW, C, O)")
-  try:
-    input_shape = tuple(int(d) for d in input_shape)
-  except TypeError:
-    input_shape = None
-  if input_shape is None or len(input_shape) != 4 or min(input_shape) < 0:
-    raise ValueError("input_shape must be the forward input's (N, H, W, C), "
-                     f"got input_shape={input_shape!r}")
+  input_shape = _check_shape("input_shape", input_shape,
+                             "(N, H, W, C) of the forward input")
   n, h, wd, c = input_shape
   kh, kw, c2, o = w.shape
   if c != c2:
@@ -849,17 +856,19 @@ def _run_launch(copies, wmat, scale, bias, *, taps: _Taps, m_pad, out_dtype,
                 config: Int8ConvConfig, launcher, has_bias, k_chunks):
   """One kernel launch: (m_pad, Op) of ``out_dtype``.
 
-  ``launcher``: "mosaic_gpu" (the compiled kernel), "interpret" (the same
-  kernel under ``plgpu.InterpretGPUParams()``) or "xla"
+  ``launcher``: "mosaic_gpu" (the compiled kernel), a
+  ``plgpu.InterpretGPUParams`` (the same kernel in interpret mode) or "xla"
   (:func:`_run_launch_xla`, tests of the decomposition only).
   """
-  if launcher == "xla":
+  if isinstance(launcher, str) and launcher == "xla":
     return _run_launch_xla(copies, wmat, scale, bias, taps=taps, m_pad=m_pad,
                            out_dtype=out_dtype, has_bias=has_bias,
                            k_chunks=k_chunks, tile_k=config.tile_k)
-  if launcher not in ("mosaic_gpu", "interpret"):
-    raise ValueError(f"unknown {launcher=}")
   import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  if not (isinstance(launcher, plgpu.InterpretGPUParams) or
+          launcher == "mosaic_gpu"):
+    raise ValueError(f"unknown {launcher=}")
 
   op = wmat.shape[0]
   transforms = (plgpu.TilingTransform((8, config.swizzle)),
@@ -884,8 +893,7 @@ def _run_launch(copies, wmat, scale, bias, *, taps: _Taps, m_pad, out_dtype,
       ],
       grid=(m_pad // config.tile_m, op // config.tile_n),
       grid_names=("m", "n"),
-      interpret=(plgpu.InterpretGPUParams() if launcher == "interpret"
-                 else None),
+      interpret=None if launcher == "mosaic_gpu" else launcher,
       kernel_name="int8_conv",
   )
   return kernel(*copies, wmat, scale, bias)
@@ -929,7 +937,13 @@ def _int8_conv_impl(x, w, scale, bias, *, strides, pads, out_dtype, config,
 
 
 def _launcher(interpret):
-  return "interpret" if interpret else "mosaic_gpu"
+  """The static launcher for an ``interpret=`` argument (False, True or a
+  ``plgpu.InterpretGPUParams``)."""
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  if isinstance(interpret, plgpu.InterpretGPUParams):
+    return interpret
+  return plgpu.InterpretGPUParams() if interpret else "mosaic_gpu"
 
 
 def _empty_or_zero_k(shape, scale, bias, out_dtype):
@@ -964,8 +978,9 @@ def int8_conv(x, w, *, window_strides=(1, 1), padding="VALID", scale=None,
       bias must be None).
     config: tiling (:class:`Int8ConvConfig`); ``select_conv_config(C, O)`` if
       None.
-    interpret: run under ``plgpu.InterpretGPUParams()`` (CPU, bit-exact,
-      slow; for tests).
+    interpret: True runs the kernel under ``plgpu.InterpretGPUParams()``
+      (CPU, bit-exact, slow; for tests); an ``InterpretGPUParams`` instance
+      is used as given (e.g. ``detect_races=True``).
 
   Returns:
     (N, Ho, Wo, O) of ``out_dtype``, bit-equal to
@@ -982,13 +997,13 @@ def int8_conv(x, w, *, window_strides=(1, 1), padding="VALID", scale=None,
   _check_contraction(kh * kw * c, "this conv")
   if config is None:
     config = select_conv_config(c, o)
-  _check_config(config, out_dtype, interpret)
+  launcher = _launcher(interpret)
+  _check_config(config, out_dtype, launcher != "mosaic_gpu")
   out_shape = conv_output_shape(x.shape, w.shape, strides, pads)
   if min(out_shape) == 0 or c == 0:
     return _empty_or_zero_k(out_shape, scale, bias, out_dtype)
   return _int8_conv_impl(x, w, scale, bias, strides=strides, pads=pads,
-                         out_dtype=out_dtype, config=config,
-                         launcher=_launcher(interpret))
+                         out_dtype=out_dtype, config=config, launcher=launcher)
 
 
 # ----------------------------------------------------------------------------
@@ -1071,7 +1086,7 @@ def int8_conv_dgrad(g, w, *, input_shape, window_strides=(1, 1),
     scale: None, a scalar or (C,) float; bias: None or (C,) float.
     out_dtype: float32, bfloat16 or int32.
     config: tiling; ``select_conv_config(O, C)`` if None.
-    interpret: run the kernels in interpret mode (CPU, tests).
+    interpret: as for :func:`int8_conv`.
 
   Returns:
     (N, H, W, C) of ``out_dtype``, bit-equal to
@@ -1085,9 +1100,10 @@ def int8_conv_dgrad(g, w, *, input_shape, window_strides=(1, 1),
   _check_contraction(kh * kw * o, "this dgrad")
   if config is None:
     config = select_conv_config(o, c)
-  _check_config(config, out_dtype, interpret)
+  launcher = _launcher(interpret)
+  _check_config(config, out_dtype, launcher != "mosaic_gpu")
   if min(input_shape) == 0 or min(g.shape) == 0:
     return _empty_or_zero_k(input_shape, scale, bias, out_dtype)
   return _int8_conv_dgrad_impl(g, w, scale, bias, input_shape=input_shape,
                                strides=strides, pads=pads, out_dtype=out_dtype,
-                               config=config, launcher=_launcher(interpret))
+                               config=config, launcher=launcher)

@@ -158,6 +158,32 @@ def test_forward_interpret_geometries(geometry, epilogue, jit):
   _fwd_case(geometry, epilogue, SMALL_CONFIG, jit=jit)
 
 
+def test_forward_interpret_race_detector(monkeypatch):
+  """The TMA ring (2 slots, wrapping 9 times, 2 shifted copies) has no data
+  race the interpreter's happens-before detector can see, and the detector
+  does see one in the same kernel with its barrier waits removed."""
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+
+  params = plgpu.InterpretGPUParams(detect_races=True)
+  kwargs = dict(window_strides=(2, 2), padding="SAME", out_dtype=jnp.int32,
+                config=SMALL_CONFIG, interpret=params)
+  gpu_callbacks.reset_gpu_interpret_mode_state()
+  x, w = _operands((1, 9, 11, C), (3, 3, C, O))
+  got = pk.int8_conv(x, w, **kwargs)
+  _assert_bits_equal(got, pk.int8_conv_reference(
+      x, w, window_strides=(2, 2), padding="SAME", out_dtype=jnp.int32))
+  assert gpu_callbacks.get_races().races_found is False
+  # A shape no other test uses: the jit cache must not serve this kernel.
+  x, w = _operands((1, 5, 7, C), (3, 3, C, O))
+  monkeypatch.setattr(plgpu, "barrier_wait", lambda barrier: None)
+  try:
+    with pytest.raises(Exception, match="RACE DETECTED"):
+      jax.block_until_ready(pk.int8_conv(x, w, **kwargs))
+  finally:
+    gpu_callbacks.reset_gpu_interpret_mode_state()
+
+
 # name: (input shape, w shape, strides, padding)
 DGRAD_GEOMETRIES = {
     "3x3_s1_7x9_b2": ((2, 7, 9, C), (3, 3, C, O), (1, 1), ((1, 1), (1, 1))),
