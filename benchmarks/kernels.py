@@ -39,7 +39,8 @@ warm-up (the QuantConv is called once first, so its cached activation range
 and call counter make the timed steps non-measuring steps, as in training).
 
 Third section, the implicit-GEMM conv kernels (``pk.int8_conv``,
-``pk.int8_conv_dgrad``: no im2col matrix), for every distinct ResNet-50 3x3
+``pk.int8_conv_dgrad``, ``pk.int8_conv_wgrad``: no im2col matrix), for
+every distinct ResNet-50 3x3
 conv (strides 1 and 2) and the 64-wide 1x1s (plus the 1x1 stride-2
 downsample), batch 256, each timed like the GEMMs (jitted, warm-up,
 ``block_until_ready``, median) against
@@ -50,11 +51,14 @@ downsample), batch 256, each timed like the GEMMs (jitted, warm-up,
                 already laid out (the im2col pass is not timed);
   bf16 conv     ``lax.conv_general_dilated`` in bfloat16 (cuDNN), forward,
                 its VJP w.r.t. x (dgrad) and w.r.t. (x, w) (backward);
-  int8 wgrad    the weight gradient's existing route: explicit int8 im2col
-                and XLA's int8 ``dot_general`` (cuBLAS) over K chunks of
-                131,072 pixels, chunks summed in float32;
-with TOP/s = 2 * B*Ho*Wo*O*KH*KW*C / time (useful MACs). The kernels are
-checked first: int32 outputs at batch 2 equal the CPU reference exactly.
+  int8 wgrad    the weight gradient's existing route (what int8jax runs
+    (XLA)       today): explicit int8 im2col and XLA's int8 ``dot_general``
+                (cuBLAS) over K chunks of 131,072 pixels, chunks summed in
+                float32;
+with TOP/s = 2 * B*Ho*Wo*O*KH*KW*C / time (useful MACs); "bwd" is dgrad +
+wgrad (kernels) against the bf16 VJP w.r.t. (x, w). The kernels are checked
+first: int32 fwd / dgrad outputs and the float32 wgrad (exactly rounded) at
+batch 2 equal the CPU references exactly.
 Rows are printed and appended to RESULTS.md as they finish.
 
 The markdown tables are printed and appended to benchmarks/RESULTS.md with the
@@ -375,6 +379,9 @@ def _implicit_programs(layer, out_dtype):
       programs[name] = (jax.jit(lambda a, b, s: pk.int8_matmul(
           a, b, b_scale=s, out_dtype=out_dtype)),
                         (name + "_a", name + "_b", name + "_s"))
+  programs["wgrad"] = (jax.jit(lambda x, g, s: pk.int8_conv_wgrad(
+      x, g, kernel_shape=w_shape, window_strides=strides, padding=pads,
+      scale=s)), ("x", "g", "s_out"))
   programs["wgrad_int8"] = (jax.jit(functools.partial(
       _wgrad_int8_xla, ks=ks, strides=strides, pads=pads)), ("x", "g"))
 
@@ -392,7 +399,8 @@ def _implicit_programs(layer, out_dtype):
 
 
 def _check_implicit_exact(layer) -> bool:
-  """int32 fwd and dgrad at batch 2 == the CPU reference, exactly."""
+  """fwd, dgrad (int32) and wgrad (float32) at batch 2 == the CPU
+  references, exactly."""
   _, h, w, cin, cout, ks, stride = layer
   x_shape, w_shape, g_shape, strides, pads = _layer_geometry(
       h, w, cin, cout, ks, stride, batch=2)
@@ -403,14 +411,18 @@ def _check_implicit_exact(layer) -> bool:
   got_y = jax.jit(functools.partial(pk.int8_conv, **conv_kw))(x, wt)
   got_dx = jax.jit(functools.partial(pk.int8_conv_dgrad, input_shape=x_shape,
                                      **conv_kw))(g, wt)
+  wgrad_kw = dict(kernel_shape=w_shape, window_strides=strides, padding=pads)
+  got_dw = jax.jit(functools.partial(pk.int8_conv_wgrad, **wgrad_kw))(x, g)
   cpu = jax.devices("cpu")[0]
   xc, wc, gc = jax.device_put((x, wt, g), cpu)
   with jax.default_device(cpu):
     want_y = pk.int8_conv_reference(xc, wc, **conv_kw)
     want_dx = pk.int8_conv_dgrad_reference(gc, wc, input_shape=x_shape,
                                            **conv_kw)
+    want_dw = pk.int8_conv_wgrad_reference(xc, gc, **wgrad_kw)
   return bool(np.array_equal(np.asarray(got_y), np.asarray(want_y)) and
-              np.array_equal(np.asarray(got_dx), np.asarray(want_dx)))
+              np.array_equal(np.asarray(got_dx), np.asarray(want_dx)) and
+              np.array_equal(np.asarray(got_dw), np.asarray(want_dw)))
 
 
 def bench_implicit_layer(layer, warmup, iters, out_dtype):
@@ -437,10 +449,10 @@ IMPLICIT_HEADER = (
     "| layer (batch 256) | GOP | fwd ms | fwd TOP/s | int8_matmul fwd-GEMM ms "
     "| fwd vs matmul | bf16 fwd ms | fwd vs bf16 | dgrad ms | dgrad TOP/s "
     "| int8_matmul dgrad-GEMM ms | dgrad vs matmul | bf16 dgrad ms "
-    "| dgrad vs bf16 | int8 wgrad (XLA) ms | bf16 bwd ms "
-    "| bwd (dgrad+wgrad) vs bf16 | exact |\n"
+    "| dgrad vs bf16 | wgrad ms | wgrad TOP/s | int8 wgrad (XLA) ms "
+    "| wgrad vs XLA | bf16 bwd ms | bwd (dgrad+wgrad) vs bf16 | exact |\n"
     "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:"
-    "|---:|---:|---:|---|")
+    "|---:|---:|---:|---:|---:|---:|---|")
 
 
 def implicit_row(name, r) -> str:
@@ -458,17 +470,18 @@ def implicit_row(name, r) -> str:
     b = r.get(den)
     return f"{a / b:.2f}x" if a is not None and isinstance(b, float) else ""
 
-  bwd = ("dgrad", "wgrad_int8")
+  bwd = ("dgrad", "wgrad")
   bwd_ratio = ""
   if all(isinstance(r.get(k), float) for k in bwd + ("bf16_bwd",)):
-    bwd_ratio = f"{r['bf16_bwd'] / (r['dgrad'] + r['wgrad_int8']):.2f}x"
+    bwd_ratio = f"{r['bf16_bwd'] / (r['dgrad'] + r['wgrad']):.2f}x"
   return (f"| {name} | {r['gop']:.1f} | {ms('fwd')} | {tops('fwd')} "
           f"| {ms('mm_fwd')} | {ratio(('mm_fwd',), 'fwd')} | {ms('bf16_fwd')} "
           f"| {ratio(('bf16_fwd',), 'fwd')} | {ms('dgrad')} | {tops('dgrad')} "
           f"| {ms('mm_dgrad')} | {ratio(('mm_dgrad',), 'dgrad')} "
           f"| {ms('bf16_dgrad')} | {ratio(('bf16_dgrad',), 'dgrad')} "
-          f"| {ms('wgrad_int8')} | {ms('bf16_bwd')} | {bwd_ratio} "
-          f"| {r['exact']} |")
+          f"| {ms('wgrad')} | {tops('wgrad')} | {ms('wgrad_int8')} "
+          f"| {ratio(('wgrad_int8',), 'wgrad')} | {ms('bf16_bwd')} "
+          f"| {bwd_ratio} | {r['exact']} |")
 
 
 def implicit_section(warmup, iters, out_dtype, quick, append_to=None,

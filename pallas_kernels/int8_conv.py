@@ -1,17 +1,20 @@
 """Implicit-GEMM INT8 convolutions with a fused dequantizing epilogue (Hopper).
 
-The forward and input-gradient convolutions of UI8 (Zhu et al., "Towards
-Unified INT8 Training for Convolutional Neural Network", CVPR 2020, §3 and §5
-"fused quantized convolution") as Mosaic GPU kernels that never build the
-im2col patch matrix: every kernel tap (kh, kw) is a *shifted window of rows* of
-a flattened, zero-padded NHWC input, streamed by TMA into shared memory, and
-all taps x input-channel chunks are accumulated into one int32 ``wgmma``
-accumulator (``m64nNk32.s32.s8.s8``), dequantized in registers before the only
-write to memory.
+The three conv GEMMs of UI8 (Zhu et al., "Towards Unified INT8 Training for
+Convolutional Neural Network", CVPR 2020, §3 and §5 "fused quantized
+convolution") -- forward, input gradient, weight gradient -- as Mosaic GPU
+kernels that never build the im2col patch matrix: every kernel tap (kh, kw)
+is a *shifted window of rows* of a flattened, zero-padded NHWC input,
+streamed by TMA into shared memory, and all taps x input-channel chunks are
+accumulated into one int32 ``wgmma`` accumulator (``m64nNk32.s32.s8.s8``),
+dequantized in registers before the only write to memory (wgrad: int32
+partial sums over pixel parts, combined exactly).
 
 Public API: :class:`Int8ConvConfig`, :func:`select_conv_config`,
-:func:`int8_conv`, :func:`int8_conv_reference`, :func:`int8_conv_dgrad`,
-:func:`int8_conv_dgrad_reference`, :func:`conv_output_shape`.
+:func:`select_wgrad_config`, :func:`int8_conv`, :func:`int8_conv_reference`,
+:func:`int8_conv_dgrad`, :func:`int8_conv_dgrad_reference`,
+:func:`int8_conv_wgrad`, :func:`int8_conv_wgrad_reference`,
+:func:`conv_output_shape`.
 
 Layouts and dtypes
 ------------------
@@ -95,21 +98,34 @@ channel-swapped kernel). Phases without taps (1x1 stride 2: the odd pixels)
 are ``epilogue(0)``. No MAC is spent on the zeros a transposed conv of a
 zero-dilated g would multiply.
 
-Weight gradient: not implemented as a kernel here. It contracts over pixels,
-so both int8 operands must be pixel-major (x^T, g^T), and a tap shift then
-moves the *contraction* coordinate, which the tiled TMA splits by the swizzle
-width (64-128 elements) instead of by 8 rows: an implicit wgrad would need a
-copy per residue mod 64/128 (up to one per tap, i.e. im2col). int8jax keeps
-its route (patches^T x g^T through XLA's int8 ``dot_general`` = cuBLAS, which
-ran the 64x64x802,816 wgrad GEMM in 0.13 ms on an H200), exact in K chunks.
+Weight gradient (:func:`int8_conv_wgrad`)
+-----------------------------------------
+``dw[t] = sum_r x_flat[r + off_t] (x) g_grid[r]`` over the forward's grid
+rows r (g zero-padded onto the grid), per tap t. It contracts over pixels,
+so both int8 operands must be pixel-major: XLA transposes the shifted
+copies to (Cp, pixels) and g to (Op, pixels). The tap shift now moves the
+*contraction* coordinate, which the tiled TMA splits by the swizzle width
+instead of by 8 rows: the wgrad configs use swizzle 32, so the copies are
+per residue ``off_t mod 32`` (3 for 3x3 stride 1 with Wg a multiple of 32;
+the cost model may prefer the unrounded pitch and more copies on small
+images, up to one per tap, i.e. a transposed im2col, on 7x7). Split-K: the
+grid is (taps x parts, C tiles, O tiles), each block sums one part of at
+most INT32_SAFE_K pixels into an int32 accumulator and stores it; XLA
+combines the parts exactly (signed high / unsigned low 16-bit halves summed
+in int32, joined in float32: the exact sum rounded once, independent of
+the split, like int8jax's ``combine_int32_chunks``), then ``* scale[o]``.
+At most 256 parts (N*Ho*Wo <= 33.5M pixels).
 
-Exactness: every product of two int8 values is exact in int32; the kernel
-sums K = KH*KW*C (forward) or taps*O (dgrad) products per output in one
-int32 accumulator and refuses K > INT32_SAFE_K = 131,072 (127*127*131,072 <
-2^31), so no sum can overflow; zero padding (channels, pixels, rows) adds
-exact zeros. The references compute the same integers with
-``lax.conv_general_dilated(..., preferred_element_type=jnp.int32)`` and apply
-the same jitted epilogue, so interpret-mode results equal them bit for bit.
+Exactness: every product of two int8 values is exact in int32; the kernels
+sum K = KH*KW*C (forward) or taps*O (dgrad) products per output in one
+int32 accumulator and refuse K > INT32_SAFE_K = 131,072 (127*127*131,072 <
+2^31), so no sum can overflow (no float chunking: ResNet-50's largest K is
+4,608); wgrad parts hold <= INT32_SAFE_K pixels each and are combined
+exactly. Zero padding (channels, pixels, rows) adds exact zeros. The
+references compute the same integers with ``lax.conv_general_dilated(...,
+preferred_element_type=jnp.int32)`` (wgrad: int32 dots over pixel chunks,
+combined the same way) and apply the same jitted epilogue, so
+interpret-mode results equal them bit for bit.
 """
 
 from __future__ import annotations
@@ -132,12 +148,16 @@ from pallas_kernels.int8_matmul import _round_up
 __all__ = [
     "CONV_CONFIGS",
     "Int8ConvConfig",
+    "WGRAD_CONFIGS",
     "conv_output_shape",
     "int8_conv",
     "int8_conv_dgrad",
     "int8_conv_dgrad_reference",
     "int8_conv_reference",
+    "int8_conv_wgrad",
+    "int8_conv_wgrad_reference",
     "select_conv_config",
+    "select_wgrad_config",
 ]
 
 _OUT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16),
@@ -483,22 +503,27 @@ class _Taps:
     weights: (kh, kw) of the kernel tap each step multiplies with.
     residues: shift of each source copy (copy j row r = flat row r + res_j).
     tap_copy: per tap, the copy it reads.
-    tap_off8: per tap, its 8-aligned offset into that copy, divided by 8.
+    tap_offq: per tap, its ``align``-aligned offset into that copy, divided
+      by ``align``.
+    align: 8 (rows: forward / dgrad) or the swizzle width (pixel columns of
+      the transposed copies: wgrad).
   """
   offsets: tuple[int, ...]
   weights: tuple[tuple[int, int], ...]
   residues: tuple[int, ...] = ()
   tap_copy: tuple[int, ...] = ()
-  tap_off8: tuple[int, ...] = ()
+  tap_offq: tuple[int, ...] = ()
+  align: int = 8
 
 
-def _assign_copies(taps_list: Sequence[_Taps], residues):
+def _assign_copies(taps_list: Sequence[_Taps], residues, align=8):
   out = []
   for taps in taps_list:
-    copies = tuple(residues.index(o % 8) for o in taps.offsets)
-    off8 = tuple((o - residues[j]) // 8 for o, j in zip(taps.offsets, copies))
+    copies = tuple(residues.index(o % align) for o in taps.offsets)
+    offq = tuple((o - residues[j]) // align
+                 for o, j in zip(taps.offsets, copies))
     out.append(dataclasses.replace(taps, residues=residues, tap_copy=copies,
-                                   tap_off8=off8))
+                                   tap_offq=offq, align=align))
   return tuple(out)
 
 
@@ -531,8 +556,8 @@ class _Plan:
   @property
   def copy_rows(self) -> int:
     """Rows of each shifted copy: every row any tile of any launch reads."""
-    max_off = max((8 * max(t.tap_off8) for t in self.launches if t.offsets),
-                  default=0)
+    max_off = max((t.align * max(t.tap_offq) for t in self.launches
+                   if t.offsets), default=0)
     return self.m_pad + max_off
 
 
@@ -542,12 +567,13 @@ _MACS_PER_S = 3.0e14
 _BYTES_PER_S = 3.0e12
 
 
-def _pick_pitch(wq, build, macs_per_row, src_row_bytes, out_row_bytes):
-  """The plan of least estimated time over the row pitches Wq and
-  round_up(Wq, 8): MACs on the padded grid plus the bytes of the shifted
-  copies (written once, read once) and of the grid output."""
+def _pick_pitch(wq, build, macs_per_row, src_row_bytes, out_row_bytes,
+                align=8):
+  """The plan of least estimated time over the row pitches Wq, round_up(Wq,
+  8) and round_up(Wq, align): MACs on the padded grid plus the bytes of the
+  shifted copies (written once, read once) and of the grid output."""
   best = None
-  for wg in sorted({wq, _round_up(wq, 8)}):
+  for wg in sorted({wq, _round_up(wq, 8), _round_up(wq, align)}):
     plan = build(wg)
     copy_bytes = 2 * len(plan.residues) * plan.copy_rows * src_row_bytes
     cost = (plan.m_pad * macs_per_row / _MACS_PER_S +
@@ -569,8 +595,12 @@ def _forward_phase_taps(k, stride):
 
 @functools.lru_cache(maxsize=None)
 def _forward_plan(n, h, w, c, kh, kw, o, strides, pads, tile_m, cp, op,
-                  out_bytes):
-  """Phases + flattening + copies of a forward conv (module docstring)."""
+                  out_bytes, align=8):
+  """Phases + flattening + copies of a forward conv (module docstring).
+
+  ``align``: the alignment the kernel's tap windows need (8 rows; wgrad:
+  the swizzle width along the pixels of its transposed copies).
+  """
   sh, sw = strides
   ho = _out_size(h, kh, sh, *pads[0])
   wo = _out_size(w, kw, sw, *pads[1])
@@ -588,14 +618,15 @@ def _forward_plan(n, h, w, c, kh, kw, o, strides, pads, tile_m, cp, op,
         for dw in dws:
           offsets.append(p * base + dh * wg + dw)
           weights.append((sh * dh + a, sw * dw + b))
-    residues = tuple(sorted({off % 8 for off in offsets}))
+    residues = tuple(sorted({off % align for off in offsets}))
     launches = _assign_copies([_Taps(tuple(offsets), tuple(weights))],
-                              residues)
+                              residues, align)
     return _Plan(n=n, hg=hq, wg=wg, src_len=len(phases) * base,
                  residues=residues, launches=launches, valid=((ho, wo),),
                  tile_m=tile_m)
 
-  return _pick_pitch(wq, build, kh * kw * cp * op, cp, op * out_bytes), phases
+  return _pick_pitch(wq, build, kh * kw * cp * op, cp, op * out_bytes,
+                     align), phases
 
 
 @functools.lru_cache(maxsize=None)
@@ -734,60 +765,36 @@ def _select(index, values):
   return out
 
 
-def _conv_kernel(*refs, taps: _Taps, config: Int8ConvConfig, k_chunks: int,
-                 has_bias: bool, int_out: bool):
-  """One (tile_m grid rows, tile_n channels) output tile per block.
+def _copy_from_tap_source(srcs, taps: _Taps, tap, window, dst, barrier):
+  """TMA ``srcs[tap_copy[tap]].at[window]`` -> dst (one ``pl.when`` per
+  source copy when there are several)."""
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
 
-  Refs (GMEM): the shifted source copies (rows, Cp) int8, the weight matrix
-  (Op, taps*Cp) int8, scale (Op,) f32, bias (Op,) f32, out (m_pad, Op).
-  SMEM scratch: the TMA ring (a, b), its barriers, the epilogue vectors,
-  their barrier, the output tile.
+  if len(srcs) == 1:
+    plgpu.copy_gmem_to_smem(srcs[0].at[window], dst, barrier)
+    return
+  copy = _select(tap, taps.tap_copy)
+  for j, src in enumerate(srcs):
+    @pl.when(copy == j)
+    def _(src=src):
+      plgpu.copy_gmem_to_smem(src.at[window], dst, barrier)
+
+
+def _pipelined_accumulate(issue, num_steps, depth, a_smem, b_smem, barriers,
+                          acc_shape):
+  """``sum_step a_smem[step] @ b_smem[step].T`` in an int32 wgmma accumulator.
+
+  ``issue(step, slot)`` starts the two TMA loads of a step into ring slot
+  ``slot`` (both arriving on ``barriers.at[slot]``). A ``depth``-slot ring:
+  the prologue fills it, each step waits for its slot, issues its wgmma,
+  keeps one wgmma group in flight and refills the slot of the step before
+  (whose wgmma is then complete). Returns the accumulator value.
   """
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
-  n_src = len(taps.residues)
-  srcs = refs[:n_src]
-  (w_gmem, scale_gmem, bias_gmem, out_gmem, a_smem, b_smem, barriers,
-   scale_smem, bias_smem, vec_barriers, out_smem) = refs[n_src:]
-  tile_m, tile_n, tile_k = config.tile_m, config.tile_n, config.tile_k
-  m_idx = lax.axis_index("m")
-  n_idx = lax.axis_index("n")
-  n_slice = pl.ds(n_idx * tile_n, tile_n)
-  num_steps = len(taps.offsets) * k_chunks
-  depth = min(config.max_concurrent_steps, num_steps)
   delay = 1 if depth > 1 else 0  # wgmma groups left in flight per step
-
-  if not int_out:
-    plgpu.copy_gmem_to_smem(scale_gmem.at[n_slice], scale_smem,
-                            vec_barriers.at[0])
-    if has_bias:
-      plgpu.copy_gmem_to_smem(bias_gmem.at[n_slice], bias_smem,
-                              vec_barriers.at[1])
-
-  def issue(step, slot):
-    """Starts the TMA loads of pipeline step ``step`` into ring ``slot``."""
-    tap = lax.div(step, jnp.int32(k_chunks))
-    chunk = step - tap * k_chunks
-    off8 = _select(tap, taps.tap_off8)
-    # 8-row-aligned by construction; written as 8 * (...) so Mosaic can
-    # prove it (it refuses TMA windows it cannot prove aligned).
-    row = (m_idx * (tile_m // 8) + off8) * 8
-    cols = pl.ds(chunk * tile_k, tile_k)
-    barrier = barriers.at[slot]
-    if n_src == 1:
-      plgpu.copy_gmem_to_smem(srcs[0].at[pl.ds(row, tile_m), cols],
-                              a_smem.at[slot], barrier)
-    else:
-      copy = _select(tap, taps.tap_copy)
-      for j, src in enumerate(srcs):
-        @pl.when(copy == j)
-        def _(src=src):
-          plgpu.copy_gmem_to_smem(src.at[pl.ds(row, tile_m), cols],
-                                  a_smem.at[slot], barrier)
-    plgpu.copy_gmem_to_smem(w_gmem.at[n_slice, pl.ds(step * tile_k, tile_k)],
-                            b_smem.at[slot], barrier)
-
   for step in range(depth):  # prologue: fill the ring
     issue(jnp.int32(step), step)
 
@@ -810,7 +817,70 @@ def _conv_kernel(*refs, taps: _Taps, config: Int8ConvConfig, k_chunks: int,
     plgpu.wgmma_wait(0)
     return acc_ref[...]
 
-  acc = pl.run_scoped(accumulate, plgpu.ACC((tile_m, tile_n), jnp.int32))
+  return pl.run_scoped(accumulate, plgpu.ACC(acc_shape, jnp.int32))
+
+
+def _ring_scratch(config: Int8ConvConfig, depth):
+  """SMEM of the TMA ring: a (depth, tile_m, tile_k), b (depth, tile_n,
+  tile_k), both (8, swizzle)-tiled and swizzled, and one barrier per slot."""
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  transforms = (plgpu.TilingTransform((8, config.swizzle)),
+                plgpu.SwizzleTransform(config.swizzle))
+  return [
+      plgpu.SMEM((depth, config.tile_m, config.tile_k), jnp.int8,
+                 transforms=transforms),
+      plgpu.SMEM((depth, config.tile_n, config.tile_k), jnp.int8,
+                 transforms=transforms),
+      plgpu.Barrier(num_arrivals=2, num_barriers=depth),
+  ]
+
+
+def _conv_kernel(*refs, taps: _Taps, config: Int8ConvConfig, k_chunks: int,
+                 has_bias: bool, int_out: bool):
+  """One (tile_m grid rows, tile_n channels) output tile per block.
+
+  Refs (GMEM): the shifted source copies (rows, Cp) int8, the weight matrix
+  (Op, taps*Cp) int8, scale (Op,) f32, bias (Op,) f32, out (m_pad, Op).
+  SMEM scratch: the TMA ring (a, b), its barriers, the epilogue vectors,
+  their barrier, the output tile.
+  """
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  n_src = len(taps.residues)
+  srcs = refs[:n_src]
+  (w_gmem, scale_gmem, bias_gmem, out_gmem, a_smem, b_smem, barriers,
+   scale_smem, bias_smem, vec_barriers, out_smem) = refs[n_src:]
+  tile_m, tile_n, tile_k = config.tile_m, config.tile_n, config.tile_k
+  m_idx = lax.axis_index("m")
+  n_idx = lax.axis_index("n")
+  n_slice = pl.ds(n_idx * tile_n, tile_n)
+  num_steps = len(taps.offsets) * k_chunks
+  depth = min(config.max_concurrent_steps, num_steps)
+
+  if not int_out:
+    plgpu.copy_gmem_to_smem(scale_gmem.at[n_slice], scale_smem,
+                            vec_barriers.at[0])
+    if has_bias:
+      plgpu.copy_gmem_to_smem(bias_gmem.at[n_slice], bias_smem,
+                              vec_barriers.at[1])
+
+  def issue(step, slot):
+    """Starts the TMA loads of pipeline step ``step`` into ring ``slot``."""
+    tap = lax.div(step, jnp.int32(k_chunks))
+    chunk = step - tap * k_chunks
+    # 8-row-aligned by construction; written as 8 * (...) so Mosaic can
+    # prove it (it refuses TMA windows it cannot prove aligned).
+    row = (m_idx * (tile_m // 8) + _select(tap, taps.tap_offq)) * 8
+    _copy_from_tap_source(srcs, taps, tap, (pl.ds(row, tile_m),
+                                            pl.ds(chunk * tile_k, tile_k)),
+                          a_smem.at[slot], barriers.at[slot])
+    plgpu.copy_gmem_to_smem(w_gmem.at[n_slice, pl.ds(step * tile_k, tile_k)],
+                            b_smem.at[slot], barriers.at[slot])
+
+  acc = _pipelined_accumulate(issue, num_steps, depth, a_smem, b_smem,
+                              barriers, (tile_m, tile_n))
   out_slice = out_gmem.at[pl.ds(m_idx * tile_m, tile_m), n_slice]
   if int_out:
     out_smem[...] = acc
@@ -834,14 +904,15 @@ def _run_launch_xla(copies, wmat, scale, bias, *, taps: _Taps, m_pad,
                     out_dtype, has_bias, k_chunks, tile_k):
   """What one kernel launch computes, in XLA: for tests of the plans.
 
-  Row r of the result is ``sum_t copies[j_t][r + 8*off8_t] @ wmat_t.T``
+  Row r of the result is ``sum_t copies[j_t][r + 8*offq_t] @ wmat_t.T``
   (exact int32), then the epilogue; the kernel's tiles and pipeline aside,
   the same arithmetic.
   """
   cp = k_chunks * tile_k
   acc = None
-  for t, (j, off8) in enumerate(zip(taps.tap_copy, taps.tap_off8)):
-    rows = lax.slice_in_dim(copies[j], 8 * off8, 8 * off8 + m_pad)
+  for t, (j, offq) in enumerate(zip(taps.tap_copy, taps.tap_offq)):
+    off = taps.align * offq
+    rows = lax.slice_in_dim(copies[j], off, off + m_pad)
     part = lax.dot_general(rows, wmat[:, t * cp:(t + 1) * cp],
                            (((1,), (1,)), ((), ())),
                            preferred_element_type=jnp.int32)
@@ -871,20 +942,13 @@ def _run_launch(copies, wmat, scale, bias, *, taps: _Taps, m_pad, out_dtype,
     raise ValueError(f"unknown {launcher=}")
 
   op = wmat.shape[0]
-  transforms = (plgpu.TilingTransform((8, config.swizzle)),
-                plgpu.SwizzleTransform(config.swizzle))
   depth = min(config.max_concurrent_steps, len(taps.offsets) * k_chunks)
   kernel = plgpu.kernel(
       functools.partial(_conv_kernel, taps=taps, config=config,
                         k_chunks=k_chunks, has_bias=has_bias,
                         int_out=out_dtype == jnp.int32),
       out_type=jax.ShapeDtypeStruct((m_pad, op), out_dtype),
-      scratch_types=[
-          plgpu.SMEM((depth, config.tile_m, config.tile_k), jnp.int8,
-                     transforms=transforms),
-          plgpu.SMEM((depth, config.tile_n, config.tile_k), jnp.int8,
-                     transforms=transforms),
-          plgpu.Barrier(num_arrivals=2, num_barriers=depth),
+      scratch_types=_ring_scratch(config, depth) + [
           plgpu.SMEM((config.tile_n,), jnp.float32),
           plgpu.SMEM((config.tile_n,), jnp.float32),
           plgpu.Barrier(num_barriers=2),
@@ -1105,5 +1169,349 @@ def int8_conv_dgrad(g, w, *, input_shape, window_strides=(1, 1),
   if min(input_shape) == 0 or min(g.shape) == 0:
     return _empty_or_zero_k(input_shape, scale, bias, out_dtype)
   return _int8_conv_dgrad_impl(g, w, scale, bias, input_shape=input_shape,
+                               strides=strides, pads=pads, out_dtype=out_dtype,
+                               config=config, launcher=launcher)
+
+
+# ----------------------------------------------------------------------------
+# Weight gradient.
+# ----------------------------------------------------------------------------
+
+# Parts of at most INT32_SAFE_K products each, combined exactly: the halves'
+# sums stay exact in float32 for up to 256 parts.
+_MAX_PARTS = 256
+# Thread blocks the split-K grid aims for (2 per SM of an H100/H200).
+_TARGET_BLOCKS = 264
+
+
+def _combine_int32_parts(parts, axis=0):
+  """Sum int32 partial sums along ``axis`` into float32 with one rounding.
+
+  The signed high halves (``>> 16``) and unsigned low halves (``& 0xffff``)
+  are summed in int32 and joined in float32 (``hi * 65536`` is exact), so
+  the result is the exact integer sum rounded once -- whatever the split
+  into parts (<= 256 of them). The same formula as int8jax's
+  ``combine_int32_chunks``.
+  """
+  hi = jnp.sum(jnp.right_shift(parts, 16), axis=axis, dtype=jnp.int32)
+  lo = jnp.sum(jnp.bitwise_and(parts, 0xFFFF), axis=axis, dtype=jnp.int32)
+  return hi.astype(jnp.float32) * 65536.0 + lo.astype(jnp.float32)
+
+
+def _check_wgrad_args(x, g, kernel_shape, window_strides, padding):
+  _check_int8("x", x, 4, "NHWC (N, H, W, C)")
+  _check_int8("g", g, 4, "NHWC (N, Ho, Wo, O)")
+  kernel_shape = _check_shape("kernel_shape", kernel_shape, "(KH, KW, C, O)")
+  kh, kw, c, o = kernel_shape
+  if kh < 1 or kw < 1 or c != x.shape[3]:
+    raise ValueError(f"kernel_shape (KH, KW, C, O) must have a non-empty "
+                     f"window and x's C, got {kernel_shape=}, "
+                     f"x.shape={x.shape}")
+  strides = _check_strides(window_strides)
+  pads = _check_padding(padding, x.shape[1:3], (kh, kw), strides)
+  want = conv_output_shape(x.shape, kernel_shape, strides, pads)
+  if tuple(g.shape) != want:
+    raise ValueError(
+        f"g must have the forward output's shape {want} (from x.shape="
+        f"{x.shape}, {kernel_shape=}, window_strides={strides}, padding="
+        f"{pads}), got g.shape={g.shape}")
+  return kernel_shape, strides, pads
+
+
+def _wgrad_epilogue(dw_f32, scale, out_dtype):
+  out = dw_f32 if scale is None else dw_f32 * scale
+  return out.astype(out_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("kernel_shape", "strides", "pads",
+                                             "out_dtype"))
+def _wgrad_reference_impl(x, g, scale, *, kernel_shape, strides, pads,
+                          out_dtype):
+  kh, kw, c, o = kernel_shape
+  n, ho, wo, _ = g.shape
+  xp = lax.pad(x, jnp.int8(0), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0),
+                                (0, 0, 0)))
+  gm = g.reshape(n * ho * wo, o)
+  pixels = n * ho * wo
+  taps = []
+  for i in range(kh):
+    for j in range(kw):
+      win = lax.slice(xp, (0, i, j, 0),
+                      (n, i + strides[0] * (ho - 1) + 1,
+                       j + strides[1] * (wo - 1) + 1, c),
+                      (1, strides[0], strides[1], 1)).reshape(pixels, c)
+      parts = [lax.dot_general(win[s:s + INT32_SAFE_K],
+                               gm[s:s + INT32_SAFE_K],
+                               (((0,), (0,)), ((), ())),
+                               preferred_element_type=jnp.int32)
+               for s in range(0, pixels, INT32_SAFE_K)]
+      taps.append(_combine_int32_parts(jnp.stack(parts)))
+  dw = jnp.stack(taps).reshape(kh, kw, c, o)
+  return _wgrad_epilogue(dw, scale, out_dtype)
+
+
+def _check_wgrad_epilogue(scale, out_dtype, o):
+  try:
+    out_dtype = jnp.dtype(out_dtype)
+  except TypeError:
+    out_dtype = None
+  if out_dtype not in _OUT_DTYPES[:2]:
+    raise TypeError("out_dtype must be float32 or bfloat16 (weight-gradient "
+                    f"sums exceed int32), got {out_dtype}")
+  return _check_vector("scale", scale, o, "O"), out_dtype
+
+
+def _check_wgrad_pixels(pixels):
+  if pixels > _MAX_PARTS * INT32_SAFE_K:
+    raise ValueError(
+        f"the weight gradient sums over N*Ho*Wo={pixels} pixels, more than "
+        f"{_MAX_PARTS} * INT32_SAFE_K = {_MAX_PARTS * INT32_SAFE_K} (the exact "
+        "int32-parts combination); split the batch and add the results")
+
+
+def int8_conv_wgrad_reference(x, g, *, kernel_shape, window_strides=(1, 1),
+                              padding="VALID", scale=None,
+                              out_dtype=jnp.float32):
+  """Exact XLA reference for :func:`int8_conv_wgrad` (same bits).
+
+  Per tap, the strided window of the padded x (explicit slices) contracted
+  with g over the pixels by ``lax.dot_general(..., preferred_element_type=
+  jnp.int32)`` in chunks of INT32_SAFE_K pixels, the int32 chunks combined
+  exactly (:func:`_combine_int32_parts`: one rounding to float32), then
+  ``* scale`` and the cast.
+  """
+  kernel_shape, strides, pads = _check_wgrad_args(x, g, kernel_shape,
+                                                  window_strides, padding)
+  scale, out_dtype = _check_wgrad_epilogue(scale, out_dtype, kernel_shape[3])
+  _check_wgrad_pixels(int(np.prod(g.shape[:3])))
+  if min(g.shape) == 0 or x.shape[3] == 0:
+    return _wgrad_epilogue(jnp.zeros(kernel_shape, jnp.float32), scale,
+                           out_dtype)
+  return _wgrad_reference_impl(x, g, scale, kernel_shape=kernel_shape,
+                               strides=strides, pads=pads, out_dtype=out_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _WgradSplit:
+  """Split-K of the wgrad contraction: ``parts`` parts of ``part_len``
+  grid rows (a multiple of tile_k, <= INT32_SAFE_K) each."""
+  parts: int
+  part_len: int
+
+  @property
+  def k_pad(self):
+    return self.parts * self.part_len
+
+
+def _wgrad_split(grid_rows, blocks_per_part, tile_k):
+  parts = max(-(-_TARGET_BLOCKS // blocks_per_part),
+              -(-grid_rows // INT32_SAFE_K))
+  parts = min(parts, _MAX_PARTS, max(-(-grid_rows // tile_k), 1))
+  part_len = _round_up(-(-grid_rows // parts), tile_k)
+  part_len = min(part_len, INT32_SAFE_K // tile_k * tile_k)
+  parts = -(-grid_rows // part_len)
+  if parts > _MAX_PARTS:
+    raise ValueError(f"wgrad needs {parts} parts of {part_len} pixels, more "
+                     f"than {_MAX_PARTS}")
+  return _WgradSplit(parts=parts, part_len=part_len)
+
+
+def _wgrad_kernel(*refs, taps: _Taps, config: Int8ConvConfig,
+                  split: _WgradSplit):
+  """One (tile_m input channels, tile_n output channels) int32 partial of
+  one tap over one part of the pixels per block.
+
+  Refs (GMEM): the transposed shifted copies (Cp, cols) int8, g^T (Op,
+  k_pad) int8, out (taps * parts, Cp, Op) int32. SMEM: the TMA ring, the
+  output tile.
+  """
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  n_src = len(taps.residues)
+  srcs = refs[:n_src]
+  gt_gmem, out_gmem, a_smem, b_smem, barriers, out_smem = refs[n_src:]
+  tile_m, tile_n, tile_k = config.tile_m, config.tile_n, config.tile_k
+  align = taps.align
+  ks_idx = lax.axis_index("ks")
+  m_idx = lax.axis_index("m")
+  n_idx = lax.axis_index("n")
+  tap = lax.div(ks_idx, jnp.int32(split.parts))
+  part = ks_idx - tap * split.parts
+  offq = _select(tap, taps.tap_offq)
+  num_steps = split.part_len // tile_k
+  depth = min(config.max_concurrent_steps, num_steps)
+  a_rows = pl.ds(m_idx * tile_m, tile_m)
+  b_rows = pl.ds(n_idx * tile_n, tile_n)
+
+  def issue(step, slot):
+    k_step = part * num_steps + step
+    # Pixel columns: align-aligned by construction (align * (...)).
+    col = (k_step * (tile_k // align) + offq) * align
+    _copy_from_tap_source(srcs, taps, tap, (a_rows, pl.ds(col, tile_k)),
+                          a_smem.at[slot], barriers.at[slot])
+    plgpu.copy_gmem_to_smem(gt_gmem.at[b_rows, pl.ds(k_step * tile_k, tile_k)],
+                            b_smem.at[slot], barriers.at[slot])
+
+  acc = _pipelined_accumulate(issue, num_steps, depth, a_smem, b_smem,
+                              barriers, (tile_m, tile_n))
+  out_smem[...] = acc
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[ks_idx, a_rows, b_rows])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _run_wgrad_launch(copies_t, gt, *, taps: _Taps, split: _WgradSplit,
+                      config: Int8ConvConfig, launcher):
+  """(taps * parts, Cp, Op) int32 partial sums."""
+  cp, op = copies_t[0].shape[0], gt.shape[0]
+  n_taps = len(taps.offsets)
+  if isinstance(launcher, str) and launcher == "xla":
+    # The blocks' arithmetic: per tap and part, an exact int32 dot.
+    shape = (-1, split.parts, split.part_len)
+    b = gt.reshape(shape)
+    dims = (((2,), (2,)), ((1,), (1,)))  # batch over parts
+    parts = []
+    for j, offq in zip(taps.tap_copy, taps.tap_offq):
+      start = taps.align * offq
+      a = lax.slice_in_dim(copies_t[j], start, start + split.k_pad, axis=1)
+      parts.append(lax.dot_general(a.reshape(shape), b, dims,
+                                   preferred_element_type=jnp.int32))
+    return jnp.concatenate(parts)  # (taps * parts, Cp, Op), tap-major
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  depth = min(config.max_concurrent_steps, split.part_len // config.tile_k)
+  kernel = plgpu.kernel(
+      functools.partial(_wgrad_kernel, taps=taps, config=config, split=split),
+      out_type=jax.ShapeDtypeStruct((n_taps * split.parts, cp, op), jnp.int32),
+      scratch_types=_ring_scratch(config, depth) + [
+          plgpu.SMEM((config.tile_m, config.tile_n), jnp.int32,
+                     transforms=_out_transforms(config.tile_n, jnp.int32)),
+      ],
+      grid=(n_taps * split.parts, cp // config.tile_m, op // config.tile_n),
+      grid_names=("ks", "m", "n"),
+      interpret=None if launcher == "mosaic_gpu" else launcher,
+      kernel_name="int8_conv_wgrad",
+  )
+  return kernel(*copies_t, gt)
+
+
+@functools.lru_cache(maxsize=None)
+def _wgrad_plan(x_shape, kernel_shape, strides, pads, config):
+  n, h, w, c = x_shape
+  kh, kw, _, o = kernel_shape
+  cp = _round_up(c, config.tile_m)
+  op = _round_up(o, config.tile_n)
+  # The forward plan's phases, flattening and taps, with the copies aligned
+  # to the swizzle width along the pixels (the K of this GEMM); the cost
+  # model sees the pixels as rows of one byte per (C + O) channel.
+  plan, phases = _forward_plan(n, h, w, c, kh, kw, o, strides, pads,
+                               config.tile_k, cp, op, 1, config.swizzle)
+  taps = plan.launches[0]
+  blocks = len(taps.offsets) * (cp // config.tile_m) * (op // config.tile_n)
+  split = _wgrad_split(plan.grid_rows, blocks, config.tile_k)
+  return plan, phases, split, cp, op
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "kernel_shape", "strides", "pads", "out_dtype", "config", "launcher"))
+def _int8_conv_wgrad_impl(x, g, scale, *, kernel_shape, strides, pads,
+                          out_dtype, config, launcher):
+  n, h, w, c = x.shape
+  kh, kw, _, o = kernel_shape
+  plan, phases, split, cp, op = _wgrad_plan(x.shape, kernel_shape, strides,
+                                            pads, config)
+  taps = plan.launches[0]
+  flat = _forward_source(x, plan, phases, strides, pads, cp)
+  cols = split.k_pad + max(taps.align * q for q in taps.tap_offq)
+  copies_t = []
+  for res in plan.residues:  # (Cp, cols): column r = flat row r + res
+    part = flat[res:]
+    part = lax.pad(part, jnp.int8(0), ((0, cols - part.shape[0], 0),
+                                       (0, 0, 0)))
+    copies_t.append(part.T)
+  _, ho, wo, _ = g.shape
+  g_grid = lax.pad(g, jnp.int8(0), ((0, 0, 0), (0, plan.hg - ho, 0),
+                                    (0, plan.wg - wo, 0), (0, op - o, 0)))
+  g_grid = g_grid.reshape(plan.grid_rows, op)
+  gt = lax.pad(g_grid, jnp.int8(0),
+               ((0, split.k_pad - plan.grid_rows, 0), (0, 0, 0))).T
+  parts = _run_wgrad_launch(copies_t, gt, taps=taps, split=split,
+                            config=config, launcher=launcher)
+  dw = _combine_int32_parts(
+      parts.reshape(len(taps.offsets), split.parts, cp, op), axis=1)
+  order = sorted(range(len(taps.weights)),
+                 key=lambda t: taps.weights[t][0] * kw + taps.weights[t][1])
+  dw = jnp.stack([dw[t, :c, :o] for t in order]).reshape(kh, kw, c, o)
+  return _wgrad_epilogue(dw, scale, out_dtype)
+
+
+# Split-K configs of the weight gradient: tile_m input channels x tile_n
+# output channels per block, tile_k pixels per step; swizzle 32 so the tap
+# offsets along the pixels need only be multiples of 32.
+WGRAD_64x64 = Int8ConvConfig(tile_m=64, tile_n=64, tile_k=128, swizzle=32,
+                             max_concurrent_steps=6)
+WGRAD_64x128 = Int8ConvConfig(tile_m=64, tile_n=128, tile_k=128, swizzle=32,
+                              max_concurrent_steps=6)
+WGRAD_128x64 = Int8ConvConfig(tile_m=128, tile_n=64, tile_k=128, swizzle=32,
+                              max_concurrent_steps=6)
+WGRAD_128x128 = Int8ConvConfig(tile_m=128, tile_n=128, tile_k=128, swizzle=32,
+                               max_concurrent_steps=4)
+WGRAD_CONFIGS = (WGRAD_64x64, WGRAD_64x128, WGRAD_128x64, WGRAD_128x128)
+
+
+def select_wgrad_config(c: int, o: int) -> Int8ConvConfig:
+  """The wgrad config for C input and O output channels."""
+  return {(False, False): WGRAD_64x64, (False, True): WGRAD_64x128,
+          (True, False): WGRAD_128x64, (True, True): WGRAD_128x128}[
+              (c > 64, o > 64)]
+
+
+def int8_conv_wgrad(x, g, *, kernel_shape, window_strides=(1, 1),
+                    padding="VALID", scale=None, out_dtype=jnp.float32,
+                    config: Int8ConvConfig | None = None, interpret=False):
+  """Weight gradient of :func:`int8_conv`, implicit split-K GEMM (Hopper).
+
+  ``dw[kh, kw, c, o] = sum_{n, h, w} x[n, sh*h+kh-lo_h, sw*w+kw-lo_w, c] *
+  g[n, h, w, o]`` exactly, rounded once to float32, then ``* scale[o]`` and
+  cast to ``out_dtype``.
+
+  The forward's phases and flattening, with the roles turned: per tap, the
+  GEMM (C x pixels) @ (pixels x O), both operands pixel-major -- x's shifted
+  copies and g on the output grid (zero at the dropped grid rows) are
+  transposed to (C, pixels) / (O, pixels) by XLA, the copies aligned to
+  the swizzle width (32) along the pixels. The kernel's grid is (taps x
+  parts, C tiles, O tiles): each block sums one part of <= INT32_SAFE_K
+  pixels of one tap into an int32 accumulator and stores it; the parts are
+  combined exactly (:func:`_combine_int32_parts`, hi/lo 16-bit halves), so
+  the result does not depend on the split.
+
+  Args:
+    x: (N, H, W, C) int8, the forward input.
+    g: (N, Ho, Wo, O) int8, the gradient of the forward output.
+    kernel_shape: (KH, KW, C, O) of the forward kernel.
+    window_strides, padding: the forward conv's.
+    scale: None, a scalar or (O,) float (e.g. ``s_x * s_g``).
+    out_dtype: float32 or bfloat16.
+    config: tiling; ``select_wgrad_config(C, O)`` if None (tile_m: input
+      channels, tile_n: output channels, tile_k: pixels per step).
+    interpret: as for :func:`int8_conv`.
+
+  Returns:
+    (KH, KW, C, O) of ``out_dtype``, bit-equal to
+    :func:`int8_conv_wgrad_reference`.
+  """
+  kernel_shape, strides, pads = _check_wgrad_args(x, g, kernel_shape,
+                                                  window_strides, padding)
+  scale, out_dtype = _check_wgrad_epilogue(scale, out_dtype, kernel_shape[3])
+  _check_wgrad_pixels(int(np.prod(g.shape[:3])))
+  if config is None:
+    config = select_wgrad_config(kernel_shape[2], kernel_shape[3])
+  launcher = _launcher(interpret)
+  _check_config(config, jnp.int32, launcher != "mosaic_gpu")
+  if min(g.shape) == 0 or x.shape[3] == 0 or kernel_shape[3] == 0:
+    return _wgrad_epilogue(jnp.zeros(kernel_shape, jnp.float32), scale,
+                           out_dtype)
+  return _int8_conv_wgrad_impl(x, g, scale, kernel_shape=kernel_shape,
                                strides=strides, pads=pads, out_dtype=out_dtype,
                                config=config, launcher=launcher)

@@ -1,4 +1,4 @@
-"""Tests of pallas_kernels.int8_conv: implicit-GEMM int8 conv and dgrad.
+"""Tests of pallas_kernels.int8_conv: implicit-GEMM int8 conv, dgrad, wgrad.
 
 On any machine (CPU included):
   * every kernel config, run under Mosaic GPU interpret mode, equals the XLA
@@ -37,6 +37,11 @@ SMALL_CONFIG = pk.Int8ConvConfig(tile_m=64, tile_n=32, tile_k=32, swizzle=32,
                                  max_concurrent_steps=2)
 ALL_CONFIGS = pk.CONV_CONFIGS + (SMALL_CONFIG,)
 CONFIG_IDS = [c.name for c in ALL_CONFIGS]
+# wgrad: tile_m input channels, tile_n output channels, tile_k pixels.
+SMALL_WGRAD = pk.Int8ConvConfig(tile_m=64, tile_n=32, tile_k=64, swizzle=32,
+                                max_concurrent_steps=2)
+ALL_WGRAD = pk.WGRAD_CONFIGS + (SMALL_WGRAD,)
+WGRAD_IDS = [c.name for c in ALL_WGRAD]
 
 needs_gpu = pytest.mark.skipif(not pk.available(),
                                reason="needs a Hopper GPU (sm_90) with Mosaic GPU")
@@ -77,15 +82,35 @@ def _assert_bits_equal(x, y):
   assert mismatches == 0, f"{mismatches} bytes differ"
 
 
+def _numpy_pad(x, pads):
+  """NHWC zero padding with (lo, hi) pairs; negative values crop."""
+  (lo_h, hi_h), (lo_w, hi_w) = pads
+  xp = np.pad(np.asarray(x, np.int64),
+              ((0, 0), (max(lo_h, 0), max(hi_h, 0)),
+               (max(lo_w, 0), max(hi_w, 0)), (0, 0)))
+  return xp[:, max(-lo_h, 0): xp.shape[1] - max(-hi_h, 0),
+            max(-lo_w, 0): xp.shape[2] - max(-hi_w, 0)]
+
+
+def _numpy_wgrad(x, g, kernel_shape, strides, pads):
+  """Exact int64 weight gradient by explicit windows."""
+  xp = _numpy_pad(x, pads)
+  g = np.asarray(g, np.int64)
+  kh, kw = kernel_shape[:2]
+  ho, wo = g.shape[1:3]
+  out = np.zeros(kernel_shape, np.int64)
+  for i in range(kh):
+    for j in range(kw):
+      win = xp[:, i: i + strides[0] * (ho - 1) + 1: strides[0],
+               j: j + strides[1] * (wo - 1) + 1: strides[1]]
+      out[i, j] = np.einsum("nhwc,nhwo->co", win, g)
+  return out
+
+
 def _numpy_conv(x, w, strides, pads):
   """Exact int64 conv by explicit windows (independent of lax)."""
-  x = np.asarray(x, np.int64)
+  xp = _numpy_pad(x, pads)
   w = np.asarray(w, np.int64)
-  (lo_h, hi_h), (lo_w, hi_w) = pads
-  xp = np.pad(x, ((0, 0), (max(lo_h, 0), max(hi_h, 0)),
-                  (max(lo_w, 0), max(hi_w, 0)), (0, 0)))
-  xp = xp[:, max(-lo_h, 0): xp.shape[1] - max(-hi_h, 0),
-          max(-lo_w, 0): xp.shape[2] - max(-hi_w, 0)]
   kh, kw = w.shape[:2]
   ho = (xp.shape[1] - kh) // strides[0] + 1
   wo = (xp.shape[2] - kw) // strides[1] + 1
@@ -211,6 +236,76 @@ def test_dgrad_interpret(geometry, epilogue, config):
 
 
 # ---------------------------------------------------------------------------
+# (a') weight gradient under interpret mode == reference == int64 numpy.
+# ---------------------------------------------------------------------------
+
+WGRAD_GEOMETRIES = {
+    "3x3_s1_7x9_b2": ((2, 7, 9, C), (3, 3, C, O), (1, 1), ((1, 1), (1, 1))),
+    "3x3_s2_9x11": ((1, 9, 11, C), (3, 3, C, O), (2, 2), ((1, 1), (1, 1))),
+    "1x1_s2_9x11_b2": ((2, 9, 11, C), (1, 1, C, O), (2, 2), "VALID"),
+}
+
+
+def _wgrad_case(geometry, config, out_dtype=jnp.float32, scaled=True):
+  x_shape, k_shape, strides, padding = WGRAD_GEOMETRIES[geometry]
+  x = _int8(x_shape, 11)
+  g = _int8(pk.conv_output_shape(x_shape, k_shape, strides, padding), 12)
+  kwargs = dict(kernel_shape=k_shape, window_strides=strides, padding=padding,
+                out_dtype=out_dtype)
+  if scaled:
+    kwargs["scale"] = _epilogue_args(k_shape[3])[0]
+  got = pk.int8_conv_wgrad(x, g, config=config, interpret=True, **kwargs)
+  _assert_bits_equal(got, pk.int8_conv_wgrad_reference(x, g, **kwargs))
+  if not scaled and out_dtype == jnp.float32:
+    pads = ic._check_padding(padding, x_shape[1:3], k_shape[:2], strides)
+    want = _numpy_wgrad(x, g, k_shape, strides, pads).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.mark.parametrize("config", ALL_WGRAD, ids=WGRAD_IDS)
+def test_wgrad_interpret_every_config(config):
+  _wgrad_case("3x3_s1_7x9_b2", config)
+
+
+@pytest.mark.parametrize("geometry, out_dtype, scaled", [
+    ("3x3_s2_9x11", jnp.float32, False),
+    ("1x1_s2_9x11_b2", jnp.bfloat16, True),
+])
+def test_wgrad_interpret_geometries(geometry, out_dtype, scaled):
+  _wgrad_case(geometry, SMALL_WGRAD, out_dtype, scaled)
+
+
+def test_wgrad_parts_combine_exactly_past_int32():
+  """N*Ho*Wo = 140,000 all-127 products per weight: int32 would overflow
+  (127*127*140,000 > 2**31); the parts (<= 131,072 pixels each) are
+  combined exactly, in the reference and in the kernel's plan (XLA
+  launcher: the same parts and combination as the kernel)."""
+  x = jnp.full((1, 350, 400, 2), 127, jnp.int8)
+  g = jnp.full((1, 350, 400, 3), 127, jnp.int8).at[..., 1].set(-127)
+  k_shape = (1, 1, 2, 3)
+  want = np.full(k_shape, np.float32(127 * 127 * 140_000))
+  want[..., 1] *= -1
+  ref = pk.int8_conv_wgrad_reference(x, g, kernel_shape=k_shape)
+  np.testing.assert_array_equal(np.asarray(ref), want)
+  got = ic._int8_conv_wgrad_impl(
+      x, g, None, kernel_shape=k_shape, strides=(1, 1),
+      pads=((0, 0), (0, 0)), out_dtype=jnp.dtype(jnp.float32),
+      config=SMALL_WGRAD, launcher="xla")
+  np.testing.assert_array_equal(np.asarray(got), want)
+  split = ic._wgrad_plan(x.shape, k_shape, (1, 1), ((0, 0), (0, 0)),
+                         SMALL_WGRAD)[2]
+  assert split.parts >= 2 and split.part_len <= pk.INT32_SAFE_K, split
+
+
+def test_combine_int32_parts_is_exact_and_order_free():
+  rng = np.random.default_rng(0)
+  parts = rng.integers(-2**31 + 1, 2**31 - 1, (200, 50), dtype=np.int64)
+  exact = parts.sum(axis=0)
+  got = np.asarray(ic._combine_int32_parts(jnp.asarray(parts, jnp.int32)))
+  np.testing.assert_array_equal(got, exact.astype(np.float32))
+
+
+# ---------------------------------------------------------------------------
 # (b) the decomposition on many geometries (XLA launcher, fast).
 # ---------------------------------------------------------------------------
 
@@ -227,7 +322,8 @@ PLAN_GEOMETRIES = [
 
 @pytest.mark.parametrize("geometry", PLAN_GEOMETRIES, ids=str)
 def test_plans_match_reference_xla_launcher(geometry):
-  """Phases, pitch, copies, taps, sub-pixel dgrad, interleave: all exact."""
+  """Phases, pitch, copies, taps, sub-pixel dgrad, interleave, wgrad's
+  transposed copies and split: all exact."""
   x_shape, w_shape, strides, padding = geometry
   x, w = _operands(x_shape, w_shape, seed=7)
   strides_n, pads = ic._check_conv_args(x, w, strides, padding)
@@ -244,6 +340,13 @@ def test_plans_match_reference_xla_launcher(geometry):
                                       window_strides=strides, padding=padding,
                                       out_dtype=jnp.int32)
   _assert_bits_equal(got, want)
+  got = ic._int8_conv_wgrad_impl(x, g, None, kernel_shape=w_shape,
+                                 strides=strides_n, pads=pads,
+                                 out_dtype=jnp.dtype(jnp.float32),
+                                 config=SMALL_WGRAD, launcher="xla")
+  np.testing.assert_array_equal(
+      np.asarray(got),
+      _numpy_wgrad(x, g, w_shape, strides_n, pads).astype(np.float32))
 
 
 @pytest.mark.parametrize("geometry", PLAN_GEOMETRIES[:5], ids=str)
@@ -327,6 +430,19 @@ def test_dgrad_lowers_for_cuda(config):
   _lower_for_cuda(f, _sds(g_shape), _sds(w_shape), _sds((C,), jnp.float32))
 
 
+@pytest.mark.parametrize("config", ALL_WGRAD, ids=WGRAD_IDS)
+def test_wgrad_lowers_for_cuda(config):
+  for strides in ((1, 1), (2, 2)):
+    x_shape, k_shape = (2, 9, 11, C), (3, 3, C, O)
+    g_shape = pk.conv_output_shape(x_shape, k_shape, strides, "SAME")
+
+    def f(x, g, s, strides=strides):
+      return pk.int8_conv_wgrad(x, g, kernel_shape=k_shape,
+                                window_strides=strides, padding="SAME",
+                                scale=s, config=config)
+    _lower_for_cuda(f, _sds(x_shape), _sds(g_shape), _sds((O,), jnp.float32))
+
+
 RESNET_LAYERS = {
     # name: (input (N, H, W, C), kernel (KH, KW, C, O), strides, padding)
     "3x3_64_56": ((256, 56, 56, 64), (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1))),
@@ -339,9 +455,9 @@ RESNET_LAYERS = {
 
 
 @pytest.mark.parametrize("layer", list(RESNET_LAYERS))
-def test_resnet50_fwd_and_dgrad_lower_for_cuda(layer):
-  """The whole forward + input gradient of a ResNet-50 layer, batch 256,
-  with the default configs (what int8jax would run)."""
+def test_resnet50_fwd_dgrad_wgrad_lower_for_cuda(layer):
+  """The forward, input and weight gradients of a ResNet-50 layer, batch
+  256, with the default configs (what int8jax would run)."""
   x_shape, w_shape, strides, padding = RESNET_LAYERS[layer]
   g_shape = pk.conv_output_shape(x_shape, w_shape, strides, padding)
 
@@ -350,14 +466,16 @@ def test_resnet50_fwd_and_dgrad_lower_for_cuda(layer):
                      scale=s_out, out_dtype=jnp.bfloat16)
     dx = pk.int8_conv_dgrad(g, w, input_shape=x_shape, window_strides=strides,
                             padding=padding, scale=s_in)
-    return y, dx
+    dw = pk.int8_conv_wgrad(x, g, kernel_shape=w_shape, window_strides=strides,
+                            padding=padding, scale=s_out)
+    return y, dx, dw
   text = _lower_for_cuda(f, _sds(x_shape), _sds(w_shape), _sds(g_shape),
                          _sds((w_shape[3],), jnp.float32),
                          _sds((w_shape[2],), jnp.float32))
   launches = text.count("custom_call @mosaic_gpu")
   # forward + one dgrad launch per output phase with taps (1x1 stride 2:
-  # the even pixels only; the other three phases are epilogue(0)).
-  want = {"3x3s2_128_56": 1 + 4}.get(layer, 2)
+  # the even pixels only; the other three phases are epilogue(0)) + wgrad.
+  want = {"3x3s2_128_56": 1 + 4 + 1}.get(layer, 3)
   assert launches == want, (launches, want)
 
 
@@ -434,7 +552,7 @@ def _nbytes(aval):
 
 def _memory_profile(fn, x, w, out_bytes):
   """(largest int8 intermediate, int8 bytes the kernels read, largest other
-  intermediate), relative to the input (int8) and output (float) bytes."""
+  intermediate), relative to the input x (int8) and output (float) bytes."""
   closed = jax.make_jaxpr(fn)(x, w)
   avals = _intermediates(fn, x, w)
   int8 = [_nbytes(a) for a in avals if a.dtype == jnp.int8]
@@ -484,6 +602,16 @@ def test_no_intermediate_near_im2col_size(strides):
         w.transpose(3, 2, 0, 1).reshape(64, -1))
   largest_im2col = _memory_profile(im2col, x, w, out_bytes)[0]
   assert largest_im2col >= 9 / strides[0] ** 2 - 0.01, largest_im2col
+
+  # The weight gradient (x and g int8; the transposed shifted copies).
+  g = _sds(out)
+  wgrad = lambda x, g: pk.int8_conv_wgrad(x, g, kernel_shape=w.shape,
+                                          window_strides=strides,
+                                          padding="SAME")
+  largest, kernel_reads, _ = _memory_profile(wgrad, x, g, 1)
+  # Measured: stride 1: 1.19x, 3.6x (3 copies + g^T); stride 2: 1.19x, 2.4x.
+  assert largest <= 1.25, largest
+  assert kernel_reads <= (4.8 if strides == (1, 1) else 3.0), kernel_reads
 
 
 # ---------------------------------------------------------------------------
@@ -567,6 +695,30 @@ def test_dgrad_bad_arguments(fn):
     fn(g, w, scale=jnp.ones((4,)), **ok)
 
 
+@pytest.mark.parametrize("fn", [pk.int8_conv_wgrad,
+                                pk.int8_conv_wgrad_reference])
+def test_wgrad_bad_arguments(fn):
+  x = _int8((1, 5, 6, 8), 0)
+  g = _int8((1, 3, 3, 4), 1)
+  ok = dict(kernel_shape=(3, 3, 8, 4), window_strides=(2, 2), padding="SAME")
+  run = {"interpret": True} if fn is pk.int8_conv_wgrad else {}
+  assert fn(x, g, **ok, **run).shape == (3, 3, 8, 4)  # the valid baseline
+  with pytest.raises(TypeError, match="x must be an int8 array.*float32"):
+    fn(x.astype(jnp.float32), g, **ok)
+  with pytest.raises(ValueError, match=r"g must have the forward output's "
+                     r"shape \(1, 3, 3, 4\).*\(1, 3, 3, 5\)"):
+    fn(x, _int8((1, 3, 3, 5), 2), **ok)
+  with pytest.raises(ValueError, match=r"kernel_shape.*\(3, 3, 7, 4\)"):
+    fn(x, g, **{**ok, "kernel_shape": (3, 3, 7, 4)})
+  with pytest.raises(ValueError, match=r"kernel_shape.*\(3, 3\)"):
+    fn(x, g, **{**ok, "kernel_shape": (3, 3)})
+  with pytest.raises(TypeError, match="out_dtype must be float32 or bfloat16"
+                     ".*int32"):
+    fn(x, g, out_dtype=jnp.int32, **ok)
+  with pytest.raises(ValueError, match=r"scale.*\(4,\).*\(8,\)"):
+    fn(x, g, scale=jnp.ones((8,)), **ok)
+
+
 def test_empty_and_zero_channel_convs():
   x = jnp.zeros((2, 4, 5, 0), jnp.int8)
   w = jnp.zeros((3, 3, 0, 6), jnp.int8)
@@ -622,6 +774,20 @@ def test_forward_gpu_matches_reference(layer):
   want = _on_cpu(pk.int8_conv_reference, x, w, scale=scale, bias=bias, **kw)
   # The epilogue's FMA may round differently from XLA:CPU by an ulp.
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("layer", list(GPU_LAYERS))
+def test_wgrad_gpu_matches_reference(layer):
+  x_shape, w_shape, strides, padding = GPU_LAYERS[layer]
+  g_shape = pk.conv_output_shape(x_shape, w_shape, strides, padding)
+  x, g = _int8(x_shape, 11), _int8(g_shape, 12)
+  kw = dict(kernel_shape=w_shape, window_strides=strides, padding=padding)
+  got = jax.jit(functools.partial(pk.int8_conv_wgrad, **kw))(x, g)
+  # Unscaled: the exact sum rounded once, on both sides -- bit-equal.
+  np.testing.assert_array_equal(
+      np.asarray(got), _on_cpu(pk.int8_conv_wgrad_reference, x, g, **kw))
 
 
 @pytest.mark.gpu
