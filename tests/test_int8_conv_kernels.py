@@ -165,7 +165,9 @@ def _fwd_case(geometry, epilogue, config, jit=False, interpret=True):
                                   _numpy_conv(x, w, strides, pads))
 
 
-@pytest.mark.parametrize("config", ALL_CONFIGS, ids=CONFIG_IDS)
+# (SMALL_CONFIG runs in the geometry tests below.)
+@pytest.mark.parametrize("config", pk.CONV_CONFIGS,
+                         ids=[c.name for c in pk.CONV_CONFIGS])
 def test_forward_interpret_every_config(config):
   """Each config on a 3x3 stride-1 batch-2 conv with the full epilogue."""
   _fwd_case("3x3_s1_7x9_b2", "f32_channel_scale_bias", config)
@@ -267,7 +269,9 @@ def _wgrad_case(geometry, config, out_dtype=jnp.float32, scaled=True):
     np.testing.assert_array_equal(np.asarray(got), want)
 
 
-@pytest.mark.parametrize("config", ALL_WGRAD, ids=WGRAD_IDS)
+# (SMALL_WGRAD runs in the geometry tests below.)
+@pytest.mark.parametrize("config", pk.WGRAD_CONFIGS,
+                         ids=[c.name for c in pk.WGRAD_CONFIGS])
 def test_wgrad_interpret_every_config(config):
   _wgrad_case("3x3_s1_7x9_b2", config)
 
@@ -686,7 +690,8 @@ def test_dgrad_bad_arguments(fn):
   g = _int8((1, 3, 3, 4), 1)  # forward output of (1, 5, 6, 8), stride 2, SAME
   ok = dict(input_shape=(1, 5, 6, 8), window_strides=(2, 2), padding="SAME")
   run = {"interpret": True} if fn is pk.int8_conv_dgrad else {}
-  assert fn(g, w, **ok, **run).shape == (1, 5, 6, 8)  # the valid baseline
+  # The valid baseline (traced only: the errors below are raised earlier).
+  assert jax.eval_shape(lambda: fn(g, w, **ok, **run)).shape == (1, 5, 6, 8)
   with pytest.raises(TypeError, match="g must be an int8 array.*bfloat16"):
     fn(g.astype(jnp.bfloat16), w, **ok)
   with pytest.raises(ValueError, match=r"g must have the forward output's "
@@ -707,7 +712,8 @@ def test_wgrad_bad_arguments(fn):
   g = _int8((1, 3, 3, 4), 1)
   ok = dict(kernel_shape=(3, 3, 8, 4), window_strides=(2, 2), padding="SAME")
   run = {"interpret": True} if fn is pk.int8_conv_wgrad else {}
-  assert fn(x, g, **ok, **run).shape == (3, 3, 8, 4)  # the valid baseline
+  # The valid baseline (traced only: the errors below are raised earlier).
+  assert jax.eval_shape(lambda: fn(x, g, **ok, **run)).shape == (3, 3, 8, 4)
   with pytest.raises(TypeError, match="x must be an int8 array.*float32"):
     fn(x.astype(jnp.float32), g, **ok)
   with pytest.raises(ValueError, match=r"g must have the forward output's "
