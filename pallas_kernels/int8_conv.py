@@ -22,7 +22,7 @@ Layouts and dtypes
   dilation; g (dgrad): (N, Ho, Wo, O) int8.
 * ``window_strides`` (sh, sw) >= 1 (any; 1 and 2 are what ResNets use);
   ``padding`` ((lo_h, hi_h), (lo_w, hi_w)) of ints (negative crops, as in
-  ``lax.conv_general_dilated``), or "SAME" / "VALID".
+  ``lax.conv_general_dilated``), or "SAME" / "VALID" / "SAME_LOWER".
 * result: (N, Ho, Wo, O) (forward) / (N, H, W, C) (dgrad) of ``out_dtype``:
   float32 or bfloat16 = ``(float32(acc) * scale[ch] + bias[ch]).astype(
   out_dtype)``, evaluated in that order (one multiply, then the add, which
@@ -32,8 +32,9 @@ Layouts and dtypes
   None or per output channel. ``acc`` is the exact int32 sum
   ``sum_{kh,kw,c} x[n, sh*h+kh-lo_h, sw*w+kw-lo_w, c] * w[kh, kw, c, o]``.
 
-The decomposition (all in the wrapper, int8, one fused XLA pass; the kernel
-only ever sees stride-1 "shifted row window" problems)
+The decomposition (in the wrapper: a few cheap int8 XLA passes -- pad, phase
+split, shifted copies; the kernel only ever sees stride-1 "shifted row
+window" problems)
 -----------------------------------------------------------------------------
 1. **Phases** (stride s > 1, forward). The zero-padded input xp (Hp x Wp) is
    split into s*s phase images ``P[a, b] = xp[:, a::s, b::s]`` (space to
@@ -132,7 +133,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Sequence
 
 import jax
