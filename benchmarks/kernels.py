@@ -6,6 +6,8 @@ Usage::
   python benchmarks/kernels.py --quick    # 4096^3, 8192^3 and a few conv GEMMs
   python benchmarks/kernels.py --smoke    # CPU: tiny interpret-mode check
   python benchmarks/kernels.py --convs-only  # only the QuantConv section
+  python benchmarks/kernels.py --implicit-only  # only the implicit-conv section
+  python benchmarks/kernels.py --implicit-only --lower-only  # CPU: lower all
 
 For every GEMM shape (M, N, K) it times, on the device, three programs that
 compute the same (M, N) product of K-major operands:
@@ -36,8 +38,33 @@ w.r.t. the input and the kernel, medians of device-synchronised runs after
 warm-up (the QuantConv is called once first, so its cached activation range
 and call counter make the timed steps non-measuring steps, as in training).
 
+Third section, the implicit-GEMM conv kernels (``pk.int8_conv``,
+``pk.int8_conv_dgrad``, ``pk.int8_conv_wgrad``: no im2col matrix), for
+every distinct ResNet-50 3x3
+conv (strides 1 and 2) and the 64-wide 1x1s (plus the 1x1 stride-2
+downsample), batch 256, each timed like the GEMMs (jitted, warm-up,
+``block_until_ready``, median) against
+  int8_matmul   this package's GEMM on the equivalent GEMM of the same MACs
+                (forward M = B*Ho*Wo, N = O, K = KH*KW*C; dgrad M = B*H*W,
+                N = C, K = KH*KW*O for stride 1, int8jax's col2im GEMM
+                M = B*Ho*Wo, N = KH*KW*C, K = O for strides > 1), operands
+                already laid out (the im2col pass is not timed);
+  bf16 conv     ``lax.conv_general_dilated`` in bfloat16 (cuDNN), forward,
+                its VJP w.r.t. x (dgrad) and w.r.t. (x, w) (backward);
+  int8 wgrad    the weight gradient's existing route (what int8jax runs
+    (XLA)       today): explicit int8 im2col and XLA's int8 ``dot_general``
+                (cuBLAS) over K chunks of 131,072 pixels, chunks summed in
+                float32;
+with TOP/s = 2 * B*Ho*Wo*O*KH*KW*C / time (useful MACs); "bwd" is dgrad +
+wgrad (kernels) against the bf16 VJP w.r.t. (x, w). The kernels are checked
+first: int32 fwd / dgrad outputs and the float32 wgrad (exactly rounded) at
+batch 2 equal the CPU references exactly.
+Rows are printed and appended to RESULTS.md as they finish.
+
 The markdown tables are printed and appended to benchmarks/RESULTS.md with the
-card, date and jax version. Without a GPU the script says so and exits 0.
+card, date and jax version. Without a GPU the script says so and exits 0
+(``--lower-only`` then lowers every timed function of the implicit-conv
+section for CUDA from the CPU instead).
 """
 
 from __future__ import annotations
@@ -244,6 +271,258 @@ def conv_section(warmup, iters):
   return conv_table(rows)
 
 
+# ---------------------------------------------------------------------------
+# Implicit-GEMM conv kernels vs int8_matmul (equivalent GEMM) vs bf16 conv.
+
+# (name, H_in, W_in, C_in, C_out, kernel, stride): every distinct 3x3 conv of
+# ResNet-50 v1.5 (the stride-2 3x3 opens layers 2-4) and the 64-wide 1x1s.
+IMPLICIT_CONV_LAYERS = (
+    ("l1.3x3 64-64", 56, 56, 64, 64, 3, 1),
+    ("l2.3x3/2 128-128", 56, 56, 128, 128, 3, 2),
+    ("l2.3x3 128-128", 28, 28, 128, 128, 3, 1),
+    ("l3.3x3/2 256-256", 28, 28, 256, 256, 3, 2),
+    ("l3.3x3 256-256", 14, 14, 256, 256, 3, 1),
+    ("l4.3x3/2 512-512", 14, 14, 512, 512, 3, 2),
+    ("l4.3x3 512-512", 7, 7, 512, 512, 3, 1),
+    ("l1.1x1a 64-64", 56, 56, 64, 64, 1, 1),
+    ("l1.1x1b 64-256", 56, 56, 64, 256, 1, 1),
+    ("l1.1x1a 256-64", 56, 56, 256, 64, 1, 1),
+    ("l2.down 256-512 /2", 56, 56, 256, 512, 1, 2),
+)
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _layer_geometry(h, w, cin, cout, ks, stride, batch=BATCH):
+  pads = ((ks // 2, ks // 2),) * 2
+  x_shape = (batch, h, w, cin)
+  w_shape = (ks, ks, cin, cout)
+  g_shape = pk.conv_output_shape(x_shape, w_shape, (stride, stride), pads)
+  return x_shape, w_shape, g_shape, (stride, stride), pads
+
+
+def _int8_random(key, shape):
+  return jax.random.randint(key, shape, -127, 128, jnp.int32).astype(jnp.int8)
+
+
+def _random_operands(key, specs):
+  """Arrays for {name: ShapeDtypeStruct}: int8 in [-127, 127], bf16 normal,
+  float32 scales 0.01."""
+  out = {}
+  for k, (name, spec) in zip(jax.random.split(key, len(specs)), specs.items()):
+    if spec.dtype == jnp.int8:
+      out[name] = _int8_random(k, spec.shape)
+    elif spec.dtype == jnp.bfloat16:
+      out[name] = jax.random.normal(k, spec.shape, jnp.bfloat16)
+    else:
+      out[name] = jnp.full(spec.shape, 0.01, spec.dtype)
+  return out
+
+
+def _wgrad_int8_xla(x, g, *, ks, strides, pads, chunk=131072):
+  """dw (KH, KW, C, O) float32 by the existing route: explicit int8 im2col
+  and XLA int8 dot_generals over pixel chunks (exact int32 per chunk)."""
+  n, _, _, c = x.shape
+  _, ho, wo, o = g.shape
+  xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+  cols = [xp[:, i: i + strides[0] * (ho - 1) + 1: strides[0],
+             j: j + strides[1] * (wo - 1) + 1: strides[1]]
+          for i in range(ks) for j in range(ks)]
+  patches = jnp.concatenate(cols, axis=-1).reshape(n * ho * wo, ks * ks * c)
+  gm = g.reshape(n * ho * wo, o)
+  dims = (((0,), (0,)), ((), ()))
+  total = None
+  for start in range(0, patches.shape[0], chunk):
+    part = lax.dot_general(patches[start: start + chunk],
+                           gm[start: start + chunk], dims,
+                           preferred_element_type=jnp.int32)
+    part = part.astype(jnp.float32)
+    total = part if total is None else total + part
+  return total.reshape(ks, ks, c, o)
+
+
+def _implicit_programs(layer, out_dtype):
+  """One layer's timed programs: ({name: (jitted fn, operand names)},
+  {operand name: ShapeDtypeStruct}, useful MACs)."""
+  _, h, w, cin, cout, ks, stride = layer
+  x_shape, w_shape, g_shape, strides, pads = _layer_geometry(
+      h, w, cin, cout, ks, stride)
+  n, ho, wo, _ = g_shape
+  macs = n * ho * wo * cout * ks * ks * cin
+  sds = jax.ShapeDtypeStruct
+  specs = {"x": sds(x_shape, jnp.int8), "w": sds(w_shape, jnp.int8),
+           "g": sds(g_shape, jnp.int8), "s_out": sds((cout,), jnp.float32),
+           "s_in": sds((cin,), jnp.float32),
+           "x16": sds(x_shape, jnp.bfloat16), "w16": sds(w_shape, jnp.bfloat16),
+           "g16": sds(g_shape, jnp.bfloat16)}
+  conv_kw = dict(window_strides=strides, padding=pads, out_dtype=out_dtype)
+  programs = {
+      "fwd": (jax.jit(lambda x, w, s: pk.int8_conv(x, w, scale=s, **conv_kw)),
+              ("x", "w", "s_out")),
+      "dgrad": (jax.jit(lambda g, w, s: pk.int8_conv_dgrad(
+          g, w, input_shape=x_shape, scale=s, **conv_kw)),
+                ("g", "w", "s_in")),
+  }
+  # int8_matmul on the equivalent GEMMs (operands already K-major).
+  fwd_gemm = (n * ho * wo, cout, ks * ks * cin)
+  if stride == 1:
+    dgrad_gemm = (n * h * w, cin, ks * ks * cout)
+  else:  # int8jax's strided dgrad: int32 to patch space (col2im untimed)
+    dgrad_gemm = (n * ho * wo, ks * ks * cin, cout)
+  for name, (m, nn, k) in (("mm_fwd", fwd_gemm), ("mm_dgrad", dgrad_gemm)):
+    specs[name + "_a"] = sds((m, k), jnp.int8)
+    specs[name + "_b"] = sds((nn, k), jnp.int8)
+    if name == "mm_dgrad" and stride > 1:
+      fn = functools.partial(pk.int8_matmul, out_dtype=jnp.int32)
+      programs[name] = (jax.jit(fn), (name + "_a", name + "_b"))
+    else:
+      specs[name + "_s"] = sds((nn,), jnp.float32)
+      programs[name] = (jax.jit(lambda a, b, s: pk.int8_matmul(
+          a, b, b_scale=s, out_dtype=out_dtype)),
+                        (name + "_a", name + "_b", name + "_s"))
+  programs["wgrad"] = (jax.jit(lambda x, g, s: pk.int8_conv_wgrad(
+      x, g, kernel_shape=w_shape, window_strides=strides, padding=pads,
+      scale=s)), ("x", "g", "s_out"))
+  programs["wgrad_int8"] = (jax.jit(functools.partial(
+      _wgrad_int8_xla, ks=ks, strides=strides, pads=pads)), ("x", "g"))
+
+  def conv16(x, w):
+    return lax.conv_general_dilated(x, w, strides, pads,
+                                    dimension_numbers=_NHWC)
+
+  programs["bf16_fwd"] = (jax.jit(conv16), ("x16", "w16"))
+  programs["bf16_dgrad"] = (jax.jit(
+      lambda x, w, gy: jax.vjp(lambda x: conv16(x, w), x)[1](gy)[0]),
+                            ("x16", "w16", "g16"))
+  programs["bf16_bwd"] = (jax.jit(
+      lambda x, w, gy: jax.vjp(conv16, x, w)[1](gy)), ("x16", "w16", "g16"))
+  return programs, specs, macs
+
+
+def _check_implicit_exact(layer) -> bool:
+  """fwd, dgrad (int32) and wgrad (float32) at batch 2 == the CPU
+  references, exactly."""
+  _, h, w, cin, cout, ks, stride = layer
+  x_shape, w_shape, g_shape, strides, pads = _layer_geometry(
+      h, w, cin, cout, ks, stride, batch=2)
+  keys = jax.random.split(jax.random.key(2), 3)
+  x, wt, g = (_int8_random(k, s) for k, s in zip(keys, (x_shape, w_shape,
+                                                         g_shape)))
+  conv_kw = dict(window_strides=strides, padding=pads, out_dtype=jnp.int32)
+  got_y = jax.jit(functools.partial(pk.int8_conv, **conv_kw))(x, wt)
+  got_dx = jax.jit(functools.partial(pk.int8_conv_dgrad, input_shape=x_shape,
+                                     **conv_kw))(g, wt)
+  wgrad_kw = dict(kernel_shape=w_shape, window_strides=strides, padding=pads)
+  got_dw = jax.jit(functools.partial(pk.int8_conv_wgrad, **wgrad_kw))(x, g)
+  cpu = jax.devices("cpu")[0]
+  xc, wc, gc = jax.device_put((x, wt, g), cpu)
+  with jax.default_device(cpu):
+    want_y = pk.int8_conv_reference(xc, wc, **conv_kw)
+    want_dx = pk.int8_conv_dgrad_reference(gc, wc, input_shape=x_shape,
+                                           **conv_kw)
+    want_dw = pk.int8_conv_wgrad_reference(xc, gc, **wgrad_kw)
+  return bool(np.array_equal(np.asarray(got_y), np.asarray(want_y)) and
+              np.array_equal(np.asarray(got_dx), np.asarray(want_dx)) and
+              np.array_equal(np.asarray(got_dw), np.asarray(want_dw)))
+
+
+def bench_implicit_layer(layer, warmup, iters, out_dtype):
+  programs, specs, macs = _implicit_programs(layer, out_dtype)
+  r = {"gop": 2.0 * macs / 1e9}
+  try:
+    r["exact"] = "yes" if _check_implicit_exact(layer) else "NO"
+  except Exception as e:  # pylint: disable=broad-except
+    r["exact"] = f"failed: {type(e).__name__}: {str(e)[:60]}"
+  for i, (name, (fn, operand_names)) in enumerate(programs.items()):
+    try:
+      # Operands per program, freed after it: batch-256 layers stay small.
+      ops = _random_operands(jax.random.key(i),
+                             {k: specs[k] for k in operand_names})
+      r[name] = _time(fn, tuple(ops[k] for k in operand_names), warmup,
+                      iters)
+      del ops
+    except Exception as e:  # pylint: disable=broad-except
+      r[name] = f"failed: {type(e).__name__}: {str(e)[:60]}"
+  return r
+
+
+IMPLICIT_HEADER = (
+    "| layer (batch 256) | GOP | fwd ms | fwd TOP/s | int8_matmul fwd-GEMM ms "
+    "| fwd vs matmul | bf16 fwd ms | fwd vs bf16 | dgrad ms | dgrad TOP/s "
+    "| int8_matmul dgrad-GEMM ms | dgrad vs matmul | bf16 dgrad ms "
+    "| dgrad vs bf16 | wgrad ms | wgrad TOP/s | int8 wgrad (XLA) ms "
+    "| wgrad vs XLA | bf16 bwd ms | bwd (dgrad+wgrad) vs bf16 | exact |\n"
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:"
+    "|---:|---:|---:|---:|---:|---:|---|")
+
+
+def implicit_row(name, r) -> str:
+  def ms(key):
+    v = r.get(key)
+    return f"{v * 1e3:.3f}" if isinstance(v, float) else str(v)
+
+  def tops(key):
+    v = r.get(key)
+    return f"{r['gop'] / v / 1e3:.1f}" if isinstance(v, float) else ""
+
+  def ratio(num, den):  # speed-up of `den` over `num` (time ratio)
+    a = sum(r[k] for k in num) if all(isinstance(r.get(k), float)
+                                      for k in num) else None
+    b = r.get(den)
+    return f"{a / b:.2f}x" if a is not None and isinstance(b, float) else ""
+
+  bwd = ("dgrad", "wgrad")
+  bwd_ratio = ""
+  if all(isinstance(r.get(k), float) for k in bwd + ("bf16_bwd",)):
+    bwd_ratio = f"{r['bf16_bwd'] / (r['dgrad'] + r['wgrad']):.2f}x"
+  return (f"| {name} | {r['gop']:.1f} | {ms('fwd')} | {tops('fwd')} "
+          f"| {ms('mm_fwd')} | {ratio(('mm_fwd',), 'fwd')} | {ms('bf16_fwd')} "
+          f"| {ratio(('bf16_fwd',), 'fwd')} | {ms('dgrad')} | {tops('dgrad')} "
+          f"| {ms('mm_dgrad')} | {ratio(('mm_dgrad',), 'dgrad')} "
+          f"| {ms('bf16_dgrad')} | {ratio(('bf16_dgrad',), 'dgrad')} "
+          f"| {ms('wgrad')} | {tops('wgrad')} | {ms('wgrad_int8')} "
+          f"| {ratio(('wgrad_int8',), 'wgrad')} | {ms('bf16_bwd')} "
+          f"| {bwd_ratio} | {r['exact']} |")
+
+
+def implicit_section(warmup, iters, out_dtype, quick, append_to=None,
+                     title=""):
+  layers = IMPLICIT_CONV_LAYERS[::3] if quick else IMPLICIT_CONV_LAYERS
+  head = (f"\n### {title}\n\n" if title else "") + IMPLICIT_HEADER
+  print(head, flush=True)
+  if append_to:
+    with open(append_to, "a", encoding="utf-8") as f:
+      f.write(head + "\n")
+  rows = []
+  for layer in layers:
+    row = implicit_row(layer[0], bench_implicit_layer(layer, warmup, iters,
+                                                       out_dtype))
+    rows.append(row)
+    print(row, flush=True)
+    if append_to:  # as it goes: a run cut short keeps its rows
+      with open(append_to, "a", encoding="utf-8") as f:
+        f.write(row + "\n")
+  return "\n".join([IMPLICIT_HEADER] + rows)
+
+
+def lower_implicit_section(out_dtype) -> int:
+  """CPU check: every program of the section lowers for CUDA (Mosaic GPU's
+  own checks included), on shapes only; times nothing."""
+  failures = 0
+  for layer in IMPLICIT_CONV_LAYERS:
+    programs, specs, _ = _implicit_programs(layer, out_dtype)
+    for name, (fn, operand_names) in programs.items():
+      try:
+        fn.trace(*(specs[k] for k in operand_names)).lower(
+            lowering_platforms=("cuda",))
+        status = "ok"
+      except Exception as e:  # pylint: disable=broad-except
+        failures += 1
+        status = f"FAILED {type(e).__name__}: {str(e)[:160]}"
+      print(f"{layer[0]:20s} {name:11s} {status}", flush=True)
+  print(f"{failures} failures")
+  return 1 if failures else 0
+
+
 def smoke() -> int:
   """Tiny interpret-mode run: checks the kernel on CPU, times nothing."""
   a = jnp.asarray(np.random.default_rng(0).integers(-127, 128, (130, 200)),
@@ -256,7 +535,14 @@ def smoke() -> int:
   ok = bool(jnp.array_equal(got, pk.int8_matmul_reference(a, b, a_scale=0.5)))
   print(f"interpret-mode smoke test (130x72x200): "
         f"{'bit-exact' if ok else 'MISMATCH'}")
-  return 0 if ok else 1
+  x = _int8_random(jax.random.key(3), (2, 7, 9, 24))
+  w = _int8_random(jax.random.key(4), (3, 3, 24, 40))
+  conv_kw = dict(window_strides=(2, 2), padding="SAME", scale=0.5)
+  got = pk.int8_conv(x, w, interpret=True, **conv_kw)
+  conv_ok = bool(jnp.array_equal(got, pk.int8_conv_reference(x, w, **conv_kw)))
+  print(f"interpret-mode smoke test (int8_conv 2x7x9x24, 3x3/2 -> 40): "
+        f"{'bit-exact' if conv_ok else 'MISMATCH'}")
+  return 0 if ok and conv_ok else 1
 
 
 def main(argv=None) -> int:
@@ -270,8 +556,20 @@ def main(argv=None) -> int:
                       help="only the QuantConv vs nnx.Conv section")
   parser.add_argument("--no-append", action="store_true",
                       help="print the table only, don't touch RESULTS.md")
+  parser.add_argument("--implicit-only", action="store_true",
+                      help="only the implicit-GEMM conv kernel section")
+  parser.add_argument("--conv-out", default="bfloat16",
+                      choices=("bfloat16", "float32"),
+                      help="output dtype of the implicit conv / dgrad and "
+                      "their int8_matmul GEMMs")
+  parser.add_argument("--lower-only", action="store_true",
+                      help="no GPU needed: lower every program of the "
+                      "implicit-conv section for CUDA, time nothing")
   args = parser.parse_args(argv)
+  conv_out = jnp.dtype(args.conv_out)
 
+  if args.lower_only:
+    return lower_implicit_section(conv_out)
   if not pk.available():
     print(f"benchmarks/kernels.py needs a Hopper GPU (sm_90) with Mosaic GPU; "
           f"this machine's jax backend is {jax.default_backend()!r}. "
@@ -279,6 +577,20 @@ def main(argv=None) -> int:
     return smoke() if args.smoke else 0
 
   device = jax.devices()[0]
+  how = (f"Median of {args.iters} device-synchronised runs after "
+         f"{args.warmup} warm-up runs; `python benchmarks/kernels.py"
+         f"{' --quick' if args.quick else ''}"
+         f"{' --convs-only' if args.convs_only else ''}"
+         f"{' --implicit-only' if args.implicit_only else ''}`.\n")
+  when = (f"{device.device_kind}, {datetime.date.today().isoformat()}, "
+          f"jax {jax.__version__}")
+  if args.implicit_only:
+    title = (f"Implicit-GEMM int8 conv kernels vs int8_matmul vs bf16 conv "
+             f"({when}; {args.conv_out} outputs)\n\n{how}")
+    implicit_section(args.warmup, args.iters, conv_out, args.quick,
+                     append_to=None if args.no_append else RESULTS,
+                     title=title)
+    return 0
   rows = []
   for label, m, n, k in ([] if args.convs_only else gemm_shapes(args.quick)):
     try:
@@ -287,12 +599,6 @@ def main(argv=None) -> int:
       r = f"failed: {type(e).__name__}: {str(e)[:80]}"
     rows.append((label, m, n, k, r))
     print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
-  how = (f"Median of {args.iters} device-synchronised runs after "
-         f"{args.warmup} warm-up runs; `python benchmarks/kernels.py"
-         f"{' --quick' if args.quick else ''}"
-         f"{' --convs-only' if args.convs_only else ''}`.\n")
-  when = (f"{device.device_kind}, {datetime.date.today().isoformat()}, "
-          f"jax {jax.__version__}")
   text = ""
   if rows:
     text += (f"### int8_matmul vs XLA ({when})\n\n{how}\n"
@@ -305,6 +611,12 @@ def main(argv=None) -> int:
   if not args.no_append:
     with open(RESULTS, "a", encoding="utf-8") as f:
       f.write("\n" + text)
+  print("\nImplicit-GEMM conv kernels:", flush=True)
+  implicit_section(
+      args.warmup, args.iters, conv_out, args.quick,
+      append_to=None if args.no_append else RESULTS,
+      title=(f"Implicit-GEMM int8 conv kernels vs int8_matmul vs bf16 conv "
+             f"({when}; {args.conv_out} outputs)\n\n{how}"))
   return 0
 
 

@@ -6,6 +6,12 @@ XLA references, usable without the rest of the library.
 * :func:`int8_matmul` -- ``(a @ b.T) * a_scale[:, None] * b_scale + bias``
   with a: (M, K) int8, b: (N, K) int8 (both K-major), exact int32
   accumulation and a fused dequantizing epilogue; :func:`int8_matmul_reference`.
+* :func:`int8_conv` / :func:`int8_conv_dgrad` / :func:`int8_conv_wgrad` --
+  implicit-GEMM int8 conv (NHWC x HWIO), its input and weight gradients:
+  per-tap shifted TMA windows of the padded input, int32 accumulators,
+  fused ``acc * scale + bias`` (wgrad: split-K, parts combined exactly);
+  :func:`int8_conv_reference`, :func:`int8_conv_dgrad_reference`,
+  :func:`int8_conv_wgrad_reference`.
 * :func:`quantize_kmajor` -- float (R, C) -> int8 (R, C) or (C, R), nearest or
   stochastic rounding; :func:`quantize_kmajor_reference`.
 * :func:`available` -- True when the compiled kernels can run here.
@@ -13,6 +19,18 @@ XLA references, usable without the rest of the library.
 Every kernel also runs on CPU with ``interpret=True`` (bit-exact, slow).
 """
 
+from pallas_kernels.int8_conv import CONV_CONFIGS
+from pallas_kernels.int8_conv import Int8ConvConfig
+from pallas_kernels.int8_conv import WGRAD_CONFIGS
+from pallas_kernels.int8_conv import conv_output_shape
+from pallas_kernels.int8_conv import int8_conv
+from pallas_kernels.int8_conv import int8_conv_dgrad
+from pallas_kernels.int8_conv import int8_conv_dgrad_reference
+from pallas_kernels.int8_conv import int8_conv_reference
+from pallas_kernels.int8_conv import int8_conv_wgrad
+from pallas_kernels.int8_conv import int8_conv_wgrad_reference
+from pallas_kernels.int8_conv import select_conv_config
+from pallas_kernels.int8_conv import select_wgrad_config
 from pallas_kernels.int8_matmul import DEFAULT_CONFIG
 from pallas_kernels.int8_matmul import INT32_SAFE_K
 from pallas_kernels.int8_matmul import Int8MatmulConfig
@@ -24,16 +42,28 @@ from pallas_kernels.quantize import quantize_kmajor
 from pallas_kernels.quantize import quantize_kmajor_reference
 
 __all__ = [
+    "CONV_CONFIGS",
     "DEFAULT_CONFIG",
     "INT32_SAFE_K",
+    "Int8ConvConfig",
     "Int8MatmulConfig",
     "LIBRARY_CONFIGS",
+    "WGRAD_CONFIGS",
     "available",
+    "conv_output_shape",
+    "int8_conv",
+    "int8_conv_dgrad",
+    "int8_conv_dgrad_reference",
+    "int8_conv_reference",
+    "int8_conv_wgrad",
+    "int8_conv_wgrad_reference",
     "int8_matmul",
     "int8_matmul_reference",
     "quantize_kmajor",
     "quantize_kmajor_reference",
     "select_config",
+    "select_conv_config",
+    "select_wgrad_config",
 ]
 
 
