@@ -73,13 +73,19 @@ def _conv_inputs(case, seed=0):
   return x, w, gy, jax.random.key(seed + 1)
 
 
+# The jitted launchers of the kernels (int8_matmul; the implicit-GEMM convs):
+# one per GEMM product run on a kernel.
+_KERNEL_FUNCS = ("_int8_matmul_padded", "_int8_conv_impl", "_int8_conv_dgrad_impl",
+                 "_int8_conv_wgrad_impl")
+
+
 def _kernel_calls(fn, *args) -> int:
-  """Number of int8_matmul launches in the jaxpr of ``fn(*args)``."""
+  """Number of GEMM products run on a kernel in the jaxpr of ``fn(*args)``."""
 
   def count(jaxpr):
     n = 0
     for eqn in jaxpr.eqns:
-      if eqn.params.get("name") == "_int8_matmul_padded":
+      if eqn.params.get("name") in _KERNEL_FUNCS:
         n += 1
         continue
       for value in eqn.params.values():
@@ -267,7 +273,7 @@ def _lower_for_cuda(fn, *args) -> int:
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert "custom_call @mosaic_gpu" in text, "no Mosaic GPU kernel in the module"
   # Identical launches share one private function: count the call sites.
-  return len(re.findall(r"call @_int8_matmul_padded(?:_\d+)?\(", text))
+  return len(re.findall(r"call @(?:%s)(?:_\d+)?\(" % "|".join(_KERNEL_FUNCS), text))
 
 
 def _abstract(case, batch=None):
@@ -291,15 +297,14 @@ def test_conv_op_lowers_for_cuda(name):
 
 
 # ResNet-50 3x3 layers at batch 256 (and ResNeXt-style wide groups): the real
-# GEMM shapes, hence the real kernel configs (128x128 and 128x64 tiles, the
-# int32-output kernel of the chunked weight gradient: K = 256*56*56 = 802,816).
+# GEMM shapes, hence the real kernel configs. Ungrouped 2-D convs run all
+# three GEMMs on the implicit-GEMM kernels (IMPLICIT_GEMM); wide groups run
+# the im2col GEMM per group on int8_matmul.
 LOWERING_CASES = {
-    # wgrad (M = 576, N = 64, K = 256*56*56) is a split-K shape: XLA int8.
     "r50_l1_3x3_64": (((256, 56, 56, 64), (3, 3, 64, 64), (1, 1), "SAME", None, None, 1),
-                      2),
-    # strided dgrad: int32-output kernel; wgrad K = 256*28*28 on XLA int8.
+                      3),
     "r50_l2_3x3s2_128": (((256, 56, 56, 128), (3, 3, 128, 128), (2, 2), "SAME", None,
-                          None, 1), 2),
+                          None, 1), 3),
     "r50_l4_3x3_512": (((256, 7, 7, 512), (3, 3, 512, 512), (1, 1), "SAME", None, None, 1),
                        3),
     "resnext_g2": (((8, 14, 14, 128), (3, 3, 64, 128), (1, 1), "SAME", None, None, 2), 6),
@@ -313,14 +318,18 @@ def test_real_conv_shapes_lower_for_cuda(name):
   assert _lower_for_cuda(_conv_fwd_bwd(case, cfg), *_abstract(case)) == calls
 
 
-def test_split_k_wgrad_on_kernel_when_routing_is_off(monkeypatch):
-  """With the split-K routing off, the 802,816-long wgrad runs on the kernel
-  in ceil(802816 / 131072) = 7 int32-output chunks (the kernel config stays
-  covered)."""
-  monkeypatch.setattr(pallas_backend, "SPLIT_K_MIN_K", 2**62)
-  case, calls = LOWERING_CASES["r50_l1_3x3_64"]
+def test_im2col_wgrad_routes(monkeypatch):
+  """The im2col weight gradient (implicit kernels off): its 802,816-long
+  contraction is a split-K shape that runs on XLA's int8 dot (2 kernel
+  GEMMs); with the split-K routing off too, it runs on int8_matmul in
+  ceil(802816 / 131072) = 7 int32-output chunks."""
+  monkeypatch.setattr(pallas_backend, "IMPLICIT_GEMM",
+                      dict.fromkeys(pallas_backend.IMPLICIT_GEMM, False))
+  case, _ = LOWERING_CASES["r50_l1_3x3_64"]
   cfg = int8jax.QuantConfig(backend="pallas")
-  assert _lower_for_cuda(_conv_fwd_bwd(case, cfg), *_abstract(case)) == calls + 7
+  assert _lower_for_cuda(_conv_fwd_bwd(case, cfg), *_abstract(case)) == 2
+  monkeypatch.setattr(pallas_backend, "SPLIT_K_MIN_K", 2**62)
+  assert _lower_for_cuda(_conv_fwd_bwd(case, cfg), *_abstract(case)) == 2 + 7
 
 
 def test_depthwise_lowers_for_cuda_as_exact_bf16_convs():
@@ -337,6 +346,46 @@ def test_depthwise_lowers_for_cuda_as_exact_bf16_convs():
     assert len(convs) == 2, convs  # forward and input gradient
     assert all("feature_group_count = 144" in c and "bf16" in c for c in convs)
     assert not re.search(r"stablehlo.convolution.*xi8", text)
+
+
+def _largest_intermediate(fn, *args) -> int:
+  """Elements of the largest array any equation of ``fn``'s jaxpr produces
+  (nested jaxprs included)."""
+  def walk(jaxpr):
+    n = 0
+    for eqn in jaxpr.eqns:
+      for v in eqn.outvars:
+        n = max(n, int(np.prod(getattr(v.aval, "shape", ()) or (1,))))
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          sub = getattr(sub, "jaxpr", sub)
+          if hasattr(sub, "eqns"):
+            n = max(n, walk(sub))
+    return n
+  return walk(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+@pytest.mark.parametrize("stride, c", [(1, 64), (2, 128)])
+def test_3x3_conv_fwd_bwd_holds_no_patch_matrix(stride, c):
+  """The Pallas backend's ResNet-50 3x3 convs (batch 32, 56x56), forward +
+  backward traced: no tensor above 2.5x the input activation (an im2col
+  patch matrix would be 9x / stride^2). (On tiny images the weight
+  gradient's split-K partial sums, taps x parts x C x O int32, can exceed
+  that; they do not grow with the batch.)"""
+  case = ((32, 56, 56, c), (3, 3, c, c), (stride, stride), "SAME", None, None, 1)
+  args = _abstract(case)
+  with backends.assume_pallas_available():
+    big = _largest_intermediate(_conv_fwd_bwd(case, int8jax.QuantConfig(backend="pallas")),
+                                *args)
+  x_size = int(np.prod(case[0]))
+  assert big <= 2.5 * x_size, big / x_size
+  # ... and the measure can fail: the im2col route holds the 9x patch matrix
+  with backends.assume_pallas_available(), pytest.MonkeyPatch.context() as mp:
+    mp.setattr(pallas_backend, "IMPLICIT_GEMM", dict.fromkeys(pallas_backend.IMPLICIT_GEMM,
+                                                               False))
+    big_im2col = _largest_intermediate(
+        _conv_fwd_bwd(case, int8jax.QuantConfig(backend="pallas")), *args)
+  assert big_im2col >= 9 * x_size / stride ** 2 * 0.99
 
 
 def test_split_k_policy():

@@ -86,6 +86,17 @@ MIN_GROUP_FEATURES = 64
 SPLIT_K_MIN_K = 16384
 SPLIT_K_MAX_BLOCKS = 132
 
+# Which conv GEMMs run on the implicit-GEMM kernels of pallas_kernels.int8_conv
+# (no im2col matrix in memory: per-tap shifted windows of the padded int8
+# input, no intermediate above ~1.2x the input; 3.6x the input's bytes read
+# for a 3x3 conv instead of the patch matrix's 9x) when the conv is 2-D,
+# ungrouped and undilated. The weight gradient's implicit kernel competes
+# with cuBLAS int8 over a patch matrix (the split-K route above): it is on
+# because it keeps the step's memory bounded; benchmarks/kernels.py times
+# both on a GPU, and this table is where a measurement would switch it. Not
+# yet measured on hardware (2026-12-01).
+IMPLICIT_GEMM = {"forward": True, "dgrad": True, "wgrad": True}
+
 
 # ---------------------------------------------------------------------------
 # GEMM helpers: a (M, K) int8, b (N, K) int8, both K-major.
@@ -129,6 +140,17 @@ def _gemm(a, b, scale, *, chunk_k, interpret, out_dtype=jnp.float32):
   return xla.dequant(_int_gemm(a, b, chunk_k=chunk_k, interpret=interpret), scale, out_dtype)
 
 
+def _implicit(spec: ConvSpec, which: str) -> bool:
+  """Whether this conv GEMM runs on the implicit-GEMM kernel (see IMPLICIT_GEMM)."""
+  if not IMPLICIT_GEMM[which] or spec.nspatial != 2 or spec.feature_group_count != 1:
+    return False
+  if any(d != 1 for d in spec.lhs_dilation + spec.rhs_dilation):
+    return False
+  _, kw, cg, og = spec.group_dims
+  k = {"forward": kw * cg, "dgrad": kw * og, "wgrad": 0}[which]
+  return k <= pk.INT32_SAFE_K
+
+
 def _use_kernel(spec: ConvSpec) -> bool:
   """Whether the conv's GEMMs run on the kernel: ungrouped, or groups with at
   least :data:`MIN_GROUP_FEATURES` input and output features. Narrower groups
@@ -167,8 +189,19 @@ def conv_forward(xq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
   """``conv(xq, wq) * scale`` as an im2col GEMM; ``scale`` scalar or (O,)."""
   if not _use_kernel(spec):
     return xla.dequant(float_exact.conv_exact(xq, wq, spec), scale, out_dtype)
+  if _implicit(spec, "forward"):
+    return _implicit_call(pk.int8_conv, xq, wq, scale, out_dtype, interpret,
+                          window_strides=spec.window_strides, padding=spec.padding)
   return _conv(xq, wq, scale, spec, chunk_k=chunk_k, interpret=interpret,
                out_dtype=out_dtype)
+
+
+def _implicit_call(fn, a, b, scale, out_dtype, interpret, **geometry):
+  """An implicit-GEMM conv kernel with the epilogue ``float32(acc) * scale``
+  (cast in the kernel when it can write ``out_dtype``), as xla.dequant."""
+  if jnp.dtype(out_dtype) in _KERNEL_OUT_DTYPES:
+    return fn(a, b, scale=scale, out_dtype=out_dtype, interpret=interpret, **geometry)
+  return xla.dequant(fn(a, b, scale=scale, interpret=interpret, **geometry), 1.0, out_dtype)
 
 
 def conv_dgrad(gq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
@@ -187,6 +220,10 @@ def conv_dgrad(gq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
     t = geom.transpose_spec(spec)
     return xla.dequant(float_exact.conv_exact(gq, geom.transpose_kernel(wq, spec), t),
                        scale, out_dtype)
+  if _implicit(spec, "dgrad"):
+    return _implicit_call(pk.int8_conv_dgrad, gq, wq, scale, out_dtype, interpret,
+                          input_shape=spec.lhs_shape, window_strides=spec.window_strides,
+                          padding=spec.padding)
   g, kw, cg, og = spec.group_dims
   if geom.dgrad_by_transposed_conv(spec, chunk_k):
     return _conv(gq, geom.transpose_kernel(wq, spec), scale, geom.transpose_spec(spec),
@@ -213,6 +250,10 @@ def conv_wgrad(xq: jax.Array, gq: jax.Array, scale: jax.Array, spec: ConvSpec,
   or (O,)."""
   if not _use_kernel(spec):
     return xla.conv_wgrad(xq, gq, scale, spec, chunk_k=chunk_k, out_dtype=out_dtype)
+  if _implicit(spec, "wgrad"):
+    return _implicit_call(pk.int8_conv_wgrad, xq, gq, scale, out_dtype, interpret,
+                          kernel_shape=spec.rhs_shape, window_strides=spec.window_strides,
+                          padding=spec.padding)
   g, kw, cg, og = spec.group_dims
   p = geom.patches(xq, spec)
   m = math.prod(p.shape[:-2])
