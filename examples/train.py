@@ -98,8 +98,8 @@ def setup_logging(level: int = logging.INFO) -> None:
   """
   root = logging.getLogger()
   for h in list(root.handlers):
-    if type(h) is logging.StreamHandler and getattr(h.formatter, "_fmt", None) in (
-        None, logging.BASIC_FORMAT):
+    if (type(h) is logging.StreamHandler and h.stream in (sys.stderr, sys.__stderr__)
+        and getattr(h.formatter, "_fmt", None) in (None, logging.BASIC_FORMAT)):
       root.removeHandler(h)
   if not root.handlers:
     root.addHandler(_StderrHandler())
