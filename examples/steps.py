@@ -27,7 +27,7 @@ from int8jax import modes
 from int8jax.nn.convert import quantize_model
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from examples.config import Config
+from examples.config import Config, backend_from_cli
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +63,13 @@ def update_step(graphdef: nnx.GraphDef, loss_fn: Callable[..., Any], wrt, *,
 
 
 def quant_config(cfg: Config):
-  """The ``int8jax.QuantConfig`` of ``cfg.mode`` with the config's switches (``None``: float)."""
+  """The ``int8jax.QuantConfig`` of ``cfg.mode`` with the config's switches (``None``: float).
+
+  ``cfg.backend`` may use the command line's spelling (``"auto"`` for ``None``).
+  """
   return modes.get(cfg.mode).quant_config(
       weight_granularity=cfg.weight_granularity, grad_rounding=cfg.grad_rounding,
-      period=cfg.period, backend=cfg.backend)
+      period=cfg.period, backend=backend_from_cli(cfg.backend))
 
 
 def quantize(model: nnx.Module, cfg: Config) -> nnx.Module:

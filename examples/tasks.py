@@ -25,10 +25,10 @@ Contract:
   ``train/<k> = sum_k / count`` for every other key.
 * ``eval_step(model, batch, cfg)`` runs inside the jitted eval step (model in
   eval mode) and returns a pytree of arrays (per-example outputs or sums);
-  ``evaluate(spec, results, cfg)`` gets the host copies ``(batch, outputs)``
-  of a whole evaluation pass, in order, as an iterable to walk once (batches
-  are fetched while it is walked, so a large evaluation set is never held in
-  memory: keep what you need), and returns the final metrics, a dict with
+  ``evaluate(spec, results, cfg)`` gets the host copies ``[(batch, outputs),
+  ...]`` of a whole evaluation pass, in order -- each batch without its
+  ``image`` entry, so that a large evaluation set's pixels are not held in
+  memory -- and returns the final metrics, a dict with
   keys starting ``eval_`` (``eval_accuracy``/``eval_loss`` for
   classification, ``eval_mAP``/``eval_mAP50`` for detection); float values
   are also written to TensorBoard as ``eval/<name>``.
@@ -41,6 +41,13 @@ Contract:
 * The loop adds ``index`` (int32, (B,): the record's index in its source;
   -1 for eval padding) to every batch; corrupt records are warned about and
   counted once per record through it.
+* The loop reads these config fields (a task's own config class needs them):
+  the mode's (``mode``, ``period``, ``weight_granularity``, ``grad_rounding``,
+  ``backend``, ``clip_lr``, ``alpha``, ``beta``), the optimizer's
+  (:func:`examples.optimizers.make_optimizer`), ``seed``, ``batch_size``,
+  ``epochs`` / ``steps``, ``workers`` and the run options of
+  :class:`examples.config.Config` (``workdir`` ... ``tensorboard``);
+  ``dataset``, ``model`` and ``histogram_every`` are optional.
 * A task is rebuilt by :func:`examples.load_model` from its import path
   (``module:QualName``, see :func:`task_path`) with no arguments; a task
   whose options live in a :class:`examples.config.Config` subclass names it in
@@ -80,8 +87,8 @@ class Task(Protocol):
   def eval_step(self, model: nnx.Module, batch: dict, cfg: Any) -> Any:
     """Per-batch evaluation outputs (inside jit, eval mode)."""
 
-  def evaluate(self, spec: Any, results: Any, cfg: Any) -> dict[str, float]:
-    """Final ``eval_*`` metrics from the ``(batch, outputs)`` pairs (host, one pass)."""
+  def evaluate(self, spec: Any, results: list, cfg: Any) -> dict[str, float]:
+    """Final ``eval_*`` metrics from ``[(batch, outputs), ...]`` (host; no ``image``)."""
 
   def model_meta(self, spec: Any) -> dict:
     """What ``make_model`` reads from ``spec`` (JSON); optional, see the module doc."""

@@ -263,8 +263,8 @@ class _Run:
         cfg.workdir, total_steps=self.total_steps, initial_step=self.pos.step,
         is_main=self.is_main, tensorboard=cfg.tensorboard, progress=cfg.progress)
     window = metrics_lib.TrainWindow()
-    log.info("%s: training steps %d..%d of %s (%s, %s)", cfg.workdir, self.pos.step + 1,
-             self.total_steps, self.task.name, cfg.model, cfg.mode)
+    log.info("%s: training steps %d..%d of %s (%s)", cfg.workdir, self.pos.step + 1,
+             self.total_steps, self.task.name, cfg.mode)
     while self.pos.step < self.total_steps:
       for batch in data_lib.batches(
           self.spec, train=True, global_batch=cfg.batch_size, seed=cfg.seed,
@@ -299,8 +299,8 @@ class _Run:
     if step % cfg.log_every == 0 or step == self.total_steps:
       self._log(window)
     self.writer.progress(1, {})
-    if (cfg.histogram_every and step % cfg.histogram_every == 0 and self.is_main
-        and self.mode.quantized):
+    every = getattr(cfg, "histogram_every", 0)
+    if every and step % every == 0 and self.is_main and self.mode.quantized:
       self.writer.histograms(step, metrics_lib.layer_tensors(
           nnx.merge(self.graphdef, self.state)[0], self.hist_loss, batch))
     eval_every = (max(1, int(round(cfg.eval_every_epochs * self.spe)))
@@ -332,8 +332,10 @@ class _Run:
         self.spec, train=False, global_batch=cfg.eval_batch_size or cfg.batch_size,
         num_workers=cfg.workers, process_index=jax.process_index(),
         process_count=jax.process_count())
-    results = ((b, jax.device_get(self.eval_step(self.state, steps_lib.to_global(
-        b, self.data_sharding)))) for b in batches)
+    # Host copies without the pixels: what evaluate() reads is labels, ids, boxes.
+    results = [({k: v for k, v in b.items() if k != "image"},
+                jax.device_get(self.eval_step(self.state, steps_lib.to_global(
+                    b, self.data_sharding)))) for b in batches]
     return self.task.evaluate(self.spec, results, cfg)
 
   def _write_eval(self, ev: dict):
@@ -351,7 +353,8 @@ class _Run:
     final_eval = self.evaluate()
     self._write_eval(final_eval)
     summary = {
-        "dataset": cfg.dataset, "model": cfg.model, "mode": cfg.mode, "steps": self.pos.step,
+        "dataset": getattr(cfg, "dataset", None), "model": getattr(cfg, "model", None),
+        "mode": cfg.mode, "steps": self.pos.step,
         "epochs": self.pos.step / self.spe, "batch_size": cfg.batch_size,
         "devices": self.mesh.size, "processes": jax.process_count(),
         **self.last_train, **final_eval,
