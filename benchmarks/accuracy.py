@@ -8,14 +8,15 @@ download:
   (``examples.data.mnist_subset``: 4,000 train / 1,000 test), 2-D nets from
   ``examples.models`` (CIFAR-style ResNet, MobileNetV2 with depthwise convs);
 * ``mnist1d``: MNIST-1D (``mnist1d.data.make_dataset``, generated locally:
-  4,000 train / 1,000 test sequences of length 40), 1-D nets defined below
-  (int8jax quantizes 1-D convs, depthwise included).
+  4,000 train / 1,000 test sequences of length 40), the 1-D nets of
+  ``examples.models`` (``resnet1d``, ``mobilenet1d``; int8jax quantizes 1-D
+  convs, depthwise included).
 
-Variants (identical hyper-parameters; only the mode differs), as in
-``examples/train.py``: ``float32``; ``ui8`` (learned clip + error-sensitive LR);
-``naive`` (clip at max|g|, no LR scaling); ``lr-only``; ``clip-only``. The
-optimizer, schedule and quantization config come from ``examples.train``
-(``Config``, ``quant_config``, ``make_schedule``, ``make_optimizer``); the
+Variants (identical hyper-parameters; only the mode differs) are modes of
+:mod:`int8jax.modes`: ``float32``; ``ui8`` (learned clip + error-sensitive
+LR); ``naive`` (clip at max|g|, no LR scaling); ``lr-only``; ``clip-only``.
+The optimizer, schedule, quantization and training step are the examples'
+(``examples.config.Config``, ``examples.optimizers``, ``examples.steps``); the
 loop itself is a short in-memory one (no grain, no checkpoints) so a few
 dozen runs fit in an hour on a 2-core CPU.
 
@@ -41,7 +42,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
+if __package__ in (None, ""):  # run as a script: make `examples` importable
   sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
@@ -51,13 +52,12 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import int8jax  # noqa: E402
-from int8jax import diagnostics  # noqa: E402
-from int8jax.nn import TRAINABLE  # noqa: E402
-from int8jax.nn.convert import quantize_model  # noqa: E402
+from int8jax import diagnostics, modes  # noqa: E402
 
 from examples import data as data_lib  # noqa: E402
 from examples import models as models_lib  # noqa: E402
-from examples import train as train_lib  # noqa: E402
+from examples import optimizers, steps  # noqa: E402
+from examples.config import Config  # noqa: E402
 
 VARIANTS = ("float32", "ui8", "naive", "lr-only", "clip-only")
 
@@ -83,95 +83,6 @@ def load_data(name: str):
     return (d["x"].astype(np.float32)[..., None], d["y"].astype(np.int32),
             d["x_test"].astype(np.float32)[..., None], d["y_test"].astype(np.int32))
   raise ValueError(f"unknown dataset {name!r}")
-
-
-# ------------------------------------------------------------ 1-D models
-
-
-def _conv1d(cin, cout, k, stride=1, groups=1, *, rngs):
-  return nnx.Conv(cin, cout, (k,), (stride,), padding=[(k // 2, k // 2)],
-                  feature_group_count=groups, use_bias=False,
-                  kernel_init=nnx.initializers.variance_scaling(2.0, "fan_out", "normal"),
-                  rngs=rngs)
-
-
-def _bn(c, rngs, zero=False):
-  return nnx.BatchNorm(c, momentum=0.9, epsilon=1e-5, rngs=rngs,
-                       scale_init=nnx.initializers.zeros if zero else nnx.initializers.ones)
-
-
-class Block1D(nnx.Module):
-  """1-D basic residual block (two k=3 convs)."""
-
-  def __init__(self, cin, cout, stride, *, rngs):
-    self.conv1, self.bn1 = _conv1d(cin, cout, 3, stride, rngs=rngs), _bn(cout, rngs)
-    self.conv2, self.bn2 = _conv1d(cout, cout, 3, rngs=rngs), _bn(cout, rngs, zero=True)
-    if stride != 1 or cin != cout:
-      self.proj, self.proj_bn = _conv1d(cin, cout, 1, stride, rngs=rngs), _bn(cout, rngs)
-    else:
-      self.proj = self.proj_bn = None
-
-  def __call__(self, x):
-    y = self.bn2(self.conv2(nnx.relu(self.bn1(self.conv1(x)))))
-    return nnx.relu(y + (x if self.proj is None else self.proj_bn(self.proj(x))))
-
-
-class ResNet1D(nnx.Module):
-  """k=5 stem, 3 stages (w, 2w, 4w) of ``n`` basic blocks, GAP, linear head."""
-
-  def __init__(self, *, n=1, width=16, num_classes=10, in_channels=1, rngs):
-    self.stem, self.stem_bn = _conv1d(in_channels, width, 5, rngs=rngs), _bn(width, rngs)
-    blocks, cin = [], width
-    for i in range(3):
-      for j in range(n):
-        blocks.append(Block1D(cin, width * 2**i, 2 if (i > 0 and j == 0) else 1, rngs=rngs))
-        cin = width * 2**i
-    self.blocks = nnx.List(blocks)
-    self.head = nnx.Linear(cin, num_classes, rngs=rngs)
-
-  def __call__(self, x):
-    x = nnx.relu(self.stem_bn(self.stem(x)))
-    for b in self.blocks:
-      x = b(x)
-    return self.head(x.mean(1))
-
-
-class InvRes1D(nnx.Module):
-  """1-D MobileNetV2 block: 1x1 expand, k=3 depthwise, 1x1 linear projection."""
-
-  def __init__(self, cin, cout, stride, t, *, rngs):
-    hid = cin * t
-    self.pw = _conv1d(cin, hid, 1, rngs=rngs) if t != 1 else None
-    self.pw_bn = _bn(hid, rngs) if t != 1 else None
-    self.dw, self.dw_bn = _conv1d(hid, hid, 3, stride, groups=hid, rngs=rngs), _bn(hid, rngs)
-    self.pl, self.pl_bn = _conv1d(hid, cout, 1, rngs=rngs), _bn(cout, rngs)
-    self.residual = stride == 1 and cin == cout
-
-  def __call__(self, x):
-    y = x if self.pw is None else nnx.relu6(self.pw_bn(self.pw(x)))
-    y = self.pl_bn(self.pl(nnx.relu6(self.dw_bn(self.dw(y)))))
-    return x + y if self.residual else y
-
-
-class MobileNet1D(nnx.Module):
-  """MobileNetV2-style 1-D net: stem, inverted residuals ``(t, c, n, s)``, 1x1, head."""
-
-  def __init__(self, *, config, stem=16, last=64, num_classes=10, in_channels=1, rngs):
-    self.stem, self.stem_bn = _conv1d(in_channels, stem, 5, rngs=rngs), _bn(stem, rngs)
-    blocks, cin = [], stem
-    for t, c, n, s in config:
-      for j in range(n):
-        blocks.append(InvRes1D(cin, c, s if j == 0 else 1, t, rngs=rngs))
-        cin = c
-    self.blocks = nnx.List(blocks)
-    self.last, self.last_bn = _conv1d(cin, last, 1, rngs=rngs), _bn(last, rngs)
-    self.head = nnx.Linear(last, num_classes, rngs=rngs)
-
-  def __call__(self, x):
-    x = nnx.relu6(self.stem_bn(self.stem(x)))
-    for b in self.blocks:
-      x = b(x)
-    return self.head(nnx.relu6(self.last_bn(self.last(x))).mean(1))
 
 
 # --------------------------------------------------------------- settings
@@ -221,10 +132,10 @@ def make_model(s: Setting, seed: int) -> nnx.Module:
   rngs = nnx.Rngs(params=seed)
   if s.dataset == "mnist1d":
     if s.arch == "resnet":
-      return ResNet1D(n=s.depth, width=s.width, rngs=rngs)
+      return models_lib.resnet1d(n=s.depth, width=s.width, rngs=rngs)
     c = s.width
     cfg = ((1, c, 1, 1), (4, c * 3 // 2, 2 * s.depth, 2), (4, 2 * c, 2 * s.depth, 2))
-    return MobileNet1D(config=cfg, stem=c, last=4 * c, rngs=rngs)
+    return models_lib.mobilenet1d(config=cfg, stem=c, last=4 * c, rngs=rngs)
   if s.arch == "resnet":
     return models_lib.CifarResNet(6 * s.depth + 2, width=s.width, in_channels=1,
                                   num_classes=10, rngs=rngs)
@@ -234,8 +145,8 @@ def make_model(s: Setting, seed: int) -> nnx.Module:
                                 in_channels=1, num_classes=10, rngs=rngs)
 
 
-def train_config(s: Setting, mode: str, seed: int) -> train_lib.Config:
-  return train_lib.Config(mode=mode, lr=s.lr, momentum=0.9, weight_decay=s.weight_decay,
+def train_config(s: Setting, mode: str, seed: int) -> Config:
+  return Config(mode=mode, lr=s.lr, momentum=0.9, weight_decay=s.weight_decay,
                           schedule="cosine", batch_size=s.batch_size, epochs=s.epochs,
                           period=s.period, seed=seed)
 
@@ -248,12 +159,7 @@ def _ce(logits, y):
 
 
 def _build_steps(graphdef, wrt):
-  def train_step(state, x, y):
-    model, opt = nnx.merge(graphdef, state)
-    loss, grads = nnx.value_and_grad(lambda m: _ce(m(x), y),
-                                     argnums=nnx.DiffState(0, wrt))(model)
-    opt.update(model, grads)
-    return nnx.state((model, opt)), loss
+  train_step = steps.update_step(graphdef, lambda m, x, y: _ce(m(x), y), wrt)
 
   def eval_step(state, x, y):
     model, _ = nnx.merge(graphdef, state)
@@ -276,17 +182,13 @@ def run_one(s: Setting, mode: str, seed: int, data, hook=None, hook_steps=()) ->
   cfg = train_config(s, mode, seed)
   spe = len(xtr) // s.batch_size
   total = max(1, int(round(s.epochs * spe)))
-  model = make_model(s, seed)
-  qc = train_lib.quant_config(cfg)
-  if qc is not None:
-    quantize_model(model, qc, rngs=nnx.Rngs(seed + 1, quant=seed + 2))
-  wrt = TRAINABLE if qc is not None else nnx.Param
-  opt = nnx.Optimizer(model, train_lib.make_optimizer(
-      cfg, train_lib.make_schedule(cfg, total, spe)), wrt=wrt)
+  model = steps.quantize(make_model(s, seed), cfg)
+  quantized = modes.get(mode).quantized
+  opt = optimizers.create_optimizer(cfg, model, optimizers.make_schedule(cfg, total, spe))
   graphdef, state = nnx.split((model, opt))
   key = (s, mode)
   if key not in _STEPS:
-    _STEPS[key] = (graphdef, *_build_steps(graphdef, wrt))
+    _STEPS[key] = (graphdef, *_build_steps(graphdef, modes.get(mode).wrt))
   # Later seeds: same state structure and hyper-parameters; only the optimizer's
   # closures are new objects (so GraphDefs compare unequal): reuse the compiled steps.
   graphdef, train_step, eval_step = _STEPS[key]
@@ -314,7 +216,7 @@ def run_one(s: Setting, mode: str, seed: int, data, hook=None, hook_steps=()) ->
     ep_losses = np.asarray(jax.device_get(losses[-spe:]))
     if not np.all(np.isfinite(ep_losses)):
       diverged = True
-    if qc is not None:
+    if quantized:
       m, _ = nnx.merge(graphdef, state)
       st = diagnostics.layer_stats(m)
       layer_d.append({"step": step, **{k: v["cosine_distance"] for k, v in st.items()}})
@@ -322,7 +224,7 @@ def run_one(s: Setting, mode: str, seed: int, data, hook=None, hook_steps=()) ->
   correct = sum(int(eval_step(state, xte[i:i + 500], yte[i:i + 500]))
                 for i in range(0, len(xte), 500))
   final_stats = {}
-  if qc is not None:
+  if quantized:
     m, _ = nnx.merge(graphdef, state)
     final_stats = diagnostics.layer_stats(m)
   return {"setting": s.name, "mode": mode, "seed": seed, "steps": step,

@@ -17,7 +17,7 @@ to ``docs/figures/`` (or ``--out``) and prints the numbers behind them:
 
 Usage::
 
-    python benchmarks/plots.py            # ~3-4 min on a 2-core CPU
+    python benchmarks/plots.py            # ~3-4 min on a 2-core CPU (or python -m benchmarks.plots)
     python benchmarks/plots.py --scale 4  # wider nets / longer (GPU)
 """
 
@@ -29,8 +29,10 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import accuracy as acc  # noqa: E402  (benchmarks/accuracy.py: models, data, loop)
+if __package__ in (None, ""):  # run as a script: make `benchmarks`, `examples` importable
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import accuracy as acc  # noqa: E402  (settings, data, training loop)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -52,6 +52,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import int8jax  # noqa: E402
 from examples import models  # noqa: E402
+from examples.config import BACKEND_CHOICES, backend_from_cli  # noqa: E402
+from examples.steps import update_step  # noqa: E402
+from int8jax import modes  # noqa: E402
 from int8jax.nn import TRAINABLE, QuantConv  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
@@ -74,8 +77,9 @@ MODELS = {
 BACKEND: str | None = None
 
 
-def qconfig(**kw) -> int8jax.QuantConfig:
-  return int8jax.QuantConfig(backend=BACKEND, **kw)
+def qconfig(mode: str = "ui8", **kw) -> int8jax.QuantConfig:
+  """``mode``'s layer config (``int8jax.modes``) on the chosen backend."""
+  return modes.get(mode).quant_config(backend=BACKEND, **kw)
 
 
 def on_gpu() -> bool:
@@ -224,22 +228,15 @@ def bench_ops(name: str, batch: int, repeats: int, bf16: bool,
 # Per training step.
 
 
-def _make_step(model, tx, wrt):
-  opt = nnx.Optimizer(model, tx, wrt=wrt)
+def _loss(m, x, y):
+  logits = m(x).astype(jnp.float32)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def _make_step(model, mode: modes.Mode, base):
+  opt = nnx.Optimizer(model, mode.optimizer(base), wrt=mode.wrt)
   graph, state = nnx.split((model, opt))
-
-  @jax.jit
-  def step(state, x, y):
-    model, opt = nnx.merge(graph, state)
-
-    def loss_fn(m):
-      logits = m(x).astype(jnp.float32)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))(model)
-    opt.update(model, grads)
-    return loss, nnx.state((model, opt))
-
-  return step, state
+  return jax.jit(update_step(graph, _loss, mode.wrt)), state
 
 
 STEP_VARIANTS = ("float32", "bf16", "ui8 period 1", "ui8 non-measure", "naive int8")
@@ -253,38 +250,37 @@ def bench_train(name: str, batch: int, repeats: int, bf16: bool,
   sgd = optax.sgd(0.05, momentum=0.9)
   memory = {}
 
-  def variant(label, config, tx, dtype=None):
-    model = models.create_model(name, num_classes=classes, dtype=dtype, rngs=nnx.Rngs(0), **kw)
-    wrt = nnx.Param
-    if config is not None:
-      int8jax.nn.quantize_model(model, config, rngs=nnx.Rngs(1))
-      wrt = TRAINABLE
-    step, state = _make_step(model, tx, wrt)
-    xin = x.astype(dtype) if dtype is not None else x
+  def variant(label, mode_name, period):
+    mode = modes.get(mode_name)
+    model = models.create_model(name, num_classes=classes, dtype=mode.dtype, rngs=nnx.Rngs(0),
+                                **kw)
+    if mode.quantized:
+      int8jax.nn.quantize_model(model, qconfig(mode_name, period=period), rngs=nnx.Rngs(1))
+    step, state = _make_step(model, mode, sgd)
+    xin = x.astype(mode.compute_dtype)
     stats = step.lower(state, xin, y).compile().memory_analysis()
     memory[label] = (stats.temp_size_in_bytes, stats.argument_size_in_bytes)
-    _, state = step(state, xin, y)  # one step: caches ranges, learns a clip
+    state, _ = step(state, xin, y)  # one step: caches ranges, learns a clip
     holder = {"state": state}
 
     def run():
-      loss, holder["state"] = step(holder["state"], xin, y)
+      holder["state"], loss = step(holder["state"], xin, y)
       return loss
     return run
 
-  specs = {
-      "float32": (None, sgd, None),
-      "bf16": (None, sgd, jnp.bfloat16),
-      "ui8 period 1": (qconfig(period=1), int8jax.optim.ui8(sgd), None),
-      "ui8 non-measure": (qconfig(period=1_000_000), int8jax.optim.ui8(sgd), None),
-      "naive int8": (qconfig(grad_clip="max", period=1_000_000),
-                     int8jax.optim.ui8(sgd, scale_lr=False, learn_clip=False), None),
+  specs = {  # label: (mode of int8jax.modes, measure period)
+      "float32": ("float32", None),
+      "bf16": ("bf16", None),
+      "ui8 period 1": ("ui8", 1),
+      "ui8 non-measure": ("ui8", 1_000_000),
+      "naive int8": ("naive", 1_000_000),
   }
   fns, failed = {}, {}
-  for label, (config, tx, dtype) in specs.items():
+  for label, (mode_name, period) in specs.items():
     if label not in only or (label == "bf16" and not bf16):
       continue
     try:
-      fns[label] = variant(label, config, tx, dtype)
+      fns[label] = variant(label, mode_name, period)
     except Exception as e:  # a variant that does not compile is reported, not fatal
       failed[label] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
       print(f"  {name} {label} FAILED: {failed[label]}", flush=True)
@@ -369,11 +365,12 @@ def main(argv=None):
                  help=f"training-step variants to time (comma list of {', '.join(STEP_VARIANTS)})")
   p.add_argument("--ops-kernels", default="",
                  help="per-layer table: only convs of these kernel sizes (e.g. '3'; default all)")
-  p.add_argument("--backend", default="best", choices=["best", "xla", "pallas"],
-                 help="QuantConfig.backend of the UI8 variants (best: Pallas on Hopper, else XLA)")
+  p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                 help="QuantConfig.backend of the UI8 variants (int8jax.BACKEND_NAMES; auto: "
+                 "the library's best available, Pallas on Hopper, else XLA)")
   args = p.parse_args(argv)
   global BACKEND
-  BACKEND = None if args.backend == "best" else args.backend
+  BACKEND = backend_from_cli(args.backend)
   args.step_variants = tuple(v.strip() for v in args.step_variants.split(",") if v.strip())
   bad = [v for v in args.step_variants if v not in STEP_VARIANTS]
   if bad:

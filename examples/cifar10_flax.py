@@ -4,7 +4,8 @@
       --workdir runs/cifar_r20_ui8
 
 The paper's CIFAR-10 numbers (top-1, FP32 -> UI8): ResNet-20 92.32 -> 91.95,
-MobileNetV2 94.39 -> 93.38. Every option: ``--help`` (see examples/train.py).
+MobileNetV2 94.39 -> 93.38. Every option: ``--help`` (the options that apply to
+this job; all of them: examples/config.py).
 """
 
 import os

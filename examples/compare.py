@@ -5,11 +5,12 @@
     python examples/compare.py --modes ui8 --model resnet20 --width 8
 
 Runs examples/mnist_flax.py's job once per mode (same seed, data and
-hyper-parameters; every other flag of ``examples/train.py`` is passed
-through, see ``python examples/mnist_flax.py --help``), each in
-``<workdir>/<mode>`` (rerunning resumes or re-reports a finished run), then
-prints held-out accuracy and loss per mode and writes
-``<workdir>/compare.json``.
+hyper-parameters; every other flag of the MNIST job is passed through, see
+``python examples/mnist_flax.py --help``), each in ``<workdir>/<mode>``
+(rerunning resumes an interrupted run and re-reports a finished one without
+training), then prints held-out accuracy and loss per mode and writes
+``<workdir>/compare.json``. Each mode's trained model is in
+``<workdir>/<mode>/model`` (``examples.load_model``).
 """
 
 import argparse
@@ -20,31 +21,51 @@ import sys
 if __package__ in (None, ""):  # run as a script: make `examples` importable
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from examples import mnist_flax, train  # pylint: disable=wrong-import-position
+# pylint: disable=wrong-import-position
+from int8jax import modes
+
+from examples import mnist_flax, train
+from examples.config import parse_config
+# pylint: enable=wrong-import-position
+
+
+def _modes(text: str) -> list[str]:
+  names = [m.strip() for m in text.split(",") if m.strip()]
+  bad = [m for m in names if m not in modes.MODE_NAMES]
+  if not names or bad:
+    raise argparse.ArgumentTypeError(
+        f"{text!r}: expected a comma-separated list of {', '.join(modes.MODE_NAMES)}")
+  return names
+
+
+def _cell(v, fmt: str) -> str:
+  return "n/a" if v is None else format(v, fmt)
 
 
 def main(argv=None) -> dict:
+  train.setup_logging()
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--modes", default="float32,ui8",
-                 help="comma-separated modes of examples/train.py (default: float32,ui8)")
+  p.add_argument("--modes", type=_modes, default="float32,ui8",
+                 help=f"comma-separated modes of int8jax.modes ({', '.join(modes.MODE_NAMES)})")
   p.add_argument("--workdir", default="runs/compare", help="one sub-directory per mode")
   args, rest = p.parse_known_args(argv)
-  modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-  if not modes:
-    p.error(f"--modes needs at least one mode, got {args.modes!r}")
   summaries = {}
-  for mode in modes:
+  for mode in args.modes:
     print(f"=== {mode} ===", flush=True)
-    cfg = train.parse_config(rest + ["--mode", mode, "--workdir", os.path.join(args.workdir, mode)],
-                             defaults=mnist_flax.DEFAULTS)
+    cfg = parse_config(rest + ["--mode", mode, "--workdir", os.path.join(args.workdir, mode)],
+                       defaults=mnist_flax.DEFAULTS)
     summaries[mode] = train.train(cfg).summary
-  first = summaries[modes[0]]
+    if "stopped" in summaries[mode]:
+      print(f"{mode}: stopped at step {summaries[mode]['step']} "
+            f"({summaries[mode]['stopped']}); rerun the same command to resume", flush=True)
+      raise SystemExit(train.EXIT_STOPPED if train.stopped_by_signal(summaries[mode]) else 1)
+  first = summaries[args.modes[0]]
   print(f"\n{first['dataset']} ({first['eval_examples']} held-out images), model "
         f"{first['model']}, {first['steps']} steps of batch {first['batch_size']}:")
   print(f"{'mode':10s} {'test accuracy':>14s} {'test loss':>10s} {'train loss':>11s} {'wall s':>8s}")
   for mode, s in summaries.items():
     print(f"{mode:10s} {100 * s['eval_accuracy']:13.2f}% {s['eval_loss']:10.4f} "
-          f"{s['train_loss']:11.4f} {s['wall_s']:8.1f}")
+          f"{_cell(s.get('train_loss'), '11.4f'):>11s} {s['wall_s']:8.1f}")
   os.makedirs(args.workdir, exist_ok=True)
   with open(os.path.join(args.workdir, "compare.json"), "w") as f:
     json.dump(summaries, f, indent=2)

@@ -7,7 +7,8 @@ NumPy arrays, one per *process-local* batch:
   ``label``  int32  (B,);
   ``valid``  float32 (B,)  -- 0 for a corrupt image or eval padding; the
                               training loss and accuracy are weighted by it;
-  ``corrupt`` int32 (B,)   -- 1 where the file could not be decoded.
+  ``corrupt`` int32 (B,)   -- 1 where the file could not be decoded;
+  ``index``  int32 (B,)    -- the record's index in its source (-1: eval padding).
 
 Determinism and resumption: the order of epoch ``e`` is a fixed permutation
 seeded by ``(seed, e)`` and each example's augmentation is seeded by
@@ -16,9 +17,11 @@ same whatever happened before it and however many processes or grain workers
 decode it; a resumed run starts the epoch's ``grain.MapDataset`` at ``index``
 and sees the same batches as an uninterrupted one.
 
-Corrupt or unreadable images never crash a run: the decoder logs the path,
-returns a blank image with ``valid = 0`` and ``corrupt = 1``, and the training
-loop counts and reports them.
+Corrupt or unreadable images never crash a run: the decoder returns a blank
+image with ``valid = 0`` and ``corrupt = 1``; :func:`batches` warns once per
+file (path and error) in the process that iterates, however many epochs or
+grain workers see it, and the training loop counts each file once (by
+``index``).
 
 Sources:
   * ``imagenet(root)``: ``root/train/<class>/*.JPEG`` and ``root/val/<class>/*``
@@ -57,7 +60,7 @@ MNIST_STD = (0.3081,)
 
 __all__ = [
     "DataSpec", "ImageFolderSource", "ArraySource", "imagenet", "cifar10",
-    "mnist_subset", "load_dataset", "batches", "steps_per_epoch",
+    "mnist_subset", "load_dataset", "normalization", "batches", "steps_per_epoch",
 ]
 
 
@@ -180,30 +183,40 @@ class DecodeImage:
   def __call__(self, record, rng: np.random.Generator | None = None) -> dict:
     if record is None:
       return _record(np.zeros((self.size, self.size, 3), np.uint8), 0, False)
-    path, label = record
     try:
-      img = _open_rgb(path, self.size)
-      if self.train:
-        box = _random_resized_crop_box(*img.size, rng)
-        img = img.resize((self.size, self.size), Image.BILINEAR, box=box)
-        if rng.random() < 0.5:
-          img = img.transpose(Image.FLIP_LEFT_RIGHT)
-      else:
-        w, h = img.size
-        short = max(self.size, int(round(self.size / self.crop_fraction)))
-        nw, nh = (short, max(short, round(h * short / w))) if w <= h else (
-            max(short, round(w * short / h)), short)
-        img = img.resize((nw, nh), Image.BILINEAR)
-        x0, y0 = (nw - self.size) // 2, (nh - self.size) // 2
-        img = img.crop((x0, y0, x0 + self.size, y0 + self.size))
-      arr = np.asarray(img, np.uint8)
-      if arr.shape != (self.size, self.size, 3):
-        raise ValueError(f"decoded to shape {arr.shape}")
-      return _record(arr, label, True)
+      return _record(self._decode(record[0], rng), record[1], True)
     except Exception as e:  # pylint: disable=broad-except
-      # Never crash on a bad file: blank image, weight 0, counted by the loop.
-      log.warning("skipping unreadable image %s: %s: %s", path, type(e).__name__, e)
-      return _record(np.zeros((self.size, self.size, 3), np.uint8), label, False, True)
+      # Never crash on a bad file: blank image, weight 0; batches() warns once.
+      log.debug("unreadable image %s: %s: %s", record[0], type(e).__name__, e)
+      return _record(np.zeros((self.size, self.size, 3), np.uint8), record[1], False, True)
+
+  def failure(self, record) -> str:
+    """Why ``record`` does not decode (for the one warning per corrupt file)."""
+    try:
+      self._decode(record[0], np.random.default_rng(0) if self.train else None)
+    except Exception as e:  # pylint: disable=broad-except
+      return f"{record[0]}: {type(e).__name__}: {e}"
+    return f"{record[0]}: failed once, decodes now"
+
+  def _decode(self, path: str, rng) -> np.ndarray:
+    img = _open_rgb(path, self.size)
+    if self.train:
+      box = _random_resized_crop_box(*img.size, rng)
+      img = img.resize((self.size, self.size), Image.BILINEAR, box=box)
+      if rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    else:
+      w, h = img.size
+      short = max(self.size, int(round(self.size / self.crop_fraction)))
+      nw, nh = (short, max(short, round(h * short / w))) if w <= h else (
+          max(short, round(w * short / h)), short)
+      img = img.resize((nw, nh), Image.BILINEAR)
+      x0, y0 = (nw - self.size) // 2, (nh - self.size) // 2
+      img = img.crop((x0, y0, x0 + self.size, y0 + self.size))
+    arr = np.asarray(img, np.uint8)
+    if arr.shape != (self.size, self.size, 3):
+      raise ValueError(f"decoded to shape {arr.shape}")
+    return arr
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,6 +262,8 @@ class DataSpec:
   mean: tuple[float, ...]
   std: tuple[float, ...]
   skipped_files: int = 0  # whole files skipped while loading (CIFAR pickles)
+  #: ``(split, index)`` of the corrupt records already warned about.
+  warned: set = dataclasses.field(default_factory=set, repr=False, compare=False)
 
 
 def imagenet(root: str | os.PathLike, *, image_size: int = 224,
@@ -258,7 +273,7 @@ def imagenet(root: str | os.PathLike, *, image_size: int = 224,
   test = ImageFolderSource(os.path.join(root, val_dir), classes=train.classes)
   return DataSpec("imagenet", train, test, len(train.classes),
                   (image_size, image_size, 3), DecodeImage(image_size, True),
-                  DecodeImage(image_size, False), IMAGENET_MEAN, IMAGENET_STD)
+                  DecodeImage(image_size, False), *normalization("imagenet"))
 
 
 def _load_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -302,7 +317,7 @@ def cifar10(root: str | os.PathLike) -> DataSpec:
   test = load(["test_batch"])
   return DataSpec("cifar10", train, test, 10, (32, 32, 3),
                   AugmentArray(pad=4, flip=True, shape=(32, 32, 3)),
-                  AugmentArray(shape=(32, 32, 3)), CIFAR_MEAN, CIFAR_STD,
+                  AugmentArray(shape=(32, 32, 3)), *normalization("cifar10"),
                   skipped_files=skipped)
 
 
@@ -319,7 +334,19 @@ def mnist_subset(num_test: int = 1000, split_seed: int = 0) -> DataSpec:
   return DataSpec("mnist", ArraySource(x[train_idx], y[train_idx]),
                   ArraySource(x[test_idx], y[test_idx]), 10, (28, 28, 1),
                   AugmentArray(shape=(28, 28, 1)), AugmentArray(shape=(28, 28, 1)),
-                  MNIST_MEAN, MNIST_STD)
+                  *normalization("mnist"))
+
+
+_NORMALIZATION = {"mnist": (MNIST_MEAN, MNIST_STD), "cifar10": (CIFAR_MEAN, CIFAR_STD),
+                  "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
+
+
+def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """``(mean, std)`` per channel (of images in [0, 1]) of dataset ``name``."""
+  try:
+    return _NORMALIZATION[name]
+  except KeyError:
+    raise ValueError(f"unknown dataset {name!r}; choose from {sorted(_NORMALIZATION)}") from None
 
 
 def load_dataset(name: str, data_dir: str | None = None, *, image_size: int = 224) -> DataSpec:
@@ -327,12 +354,12 @@ def load_dataset(name: str, data_dir: str | None = None, *, image_size: int = 22
   if name == "mnist":
     return mnist_subset()
   if data_dir is None:
-    raise ValueError(f"dataset {name!r} needs --data-dir")
+    raise ValueError(f"--dataset {name}: needs --data-dir (the dataset's root directory)")
   if name == "cifar10":
     return cifar10(data_dir)
   if name == "imagenet":
     return imagenet(data_dir, image_size=image_size)
-  raise ValueError(f"unknown dataset {name=}")
+  raise ValueError(f"--dataset {name!r}: choose from mnist, cifar10, imagenet")
 
 
 # ---------------------------------------------------------------- pipeline
@@ -349,7 +376,7 @@ class _EpochView:
 
   def __getitem__(self, j):
     i = int(self.indices[j])
-    return int(self.positions[j]), (self.source[i] if i >= 0 else None)
+    return int(self.positions[j]), i, (self.source[i] if i >= 0 else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,9 +393,9 @@ class _Apply:
   train: bool
 
   def __call__(self, item):
-    pos, record = item
+    pos, index, record = item
     rng = np.random.default_rng([self.seed, self.epoch, pos]) if self.train else None
-    return self.transform(record, rng)
+    return {**self.transform(record, rng), "index": np.int32(index)}
 
 
 def _ensure_absl_flags_parsed():
@@ -377,6 +404,19 @@ def _ensure_absl_flags_parsed():
   from absl import flags  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
+
+
+def _warn_corrupt(spec: DataSpec, split: str, source, transform, batch: dict) -> None:
+  """One warning per corrupt record (path and error), the first time it is seen."""
+  for i in batch["index"][batch["corrupt"] > 0]:
+    key = (split, int(i))
+    if key in spec.warned:
+      continue
+    spec.warned.add(key)
+    failure = getattr(transform, "failure", None)
+    why = failure(source[int(i)]) if failure is not None else repr(source[int(i)])
+    log.warning("skipping unreadable %s record %d (%s); it is skipped in every epoch and "
+                "counted once", split, int(i), why)
 
 
 def steps_per_epoch(spec: DataSpec, global_batch: int) -> int:
@@ -435,7 +475,9 @@ def batches(spec: DataSpec, *, train: bool, global_batch: int, seed: int = 0,
   try:
     for b in it:
       # Own copies: grain's shared-memory buffers are released right away.
-      yield {k: np.array(v) for k, v in b.items()} if num_workers else b
+      b = {k: np.array(v) for k, v in b.items()} if num_workers else b
+      _warn_corrupt(spec, "train" if train else "test", source, transform, b)
+      yield b
   finally:
     close = getattr(it, "close", None)
     if close is not None:

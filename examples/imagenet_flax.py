@@ -6,7 +6,8 @@
 The data directory holds ``train/<class>/*.JPEG`` and ``val/<class>/*.JPEG``.
 Multi-host: launch one process per host with the JAX_COORDINATOR_ADDRESS /
 JAX_NUM_PROCESSES / JAX_PROCESS_ID variables set (or under SLURM); the batch is
-sharded over every device. Every option: ``--help`` (see examples/train.py).
+sharded over every device. Every option: ``--help`` (the options that apply to
+this job; all of them: examples/config.py).
 """
 
 import os

@@ -3,7 +3,8 @@
   python examples/mnist_flax.py --mode float32 --workdir runs/mnist_fp32
   python examples/mnist_flax.py --mode ui8 --workdir runs/mnist_ui8
 
-Every option: ``--help`` (shared with the other examples, see examples/train.py).
+Every option: ``--help`` (the options that apply to this job; all of them:
+examples/config.py).
 """
 
 import os

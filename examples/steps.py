@@ -1,0 +1,149 @@
+"""Training and evaluation steps, the mode's quantization, and the device mesh they run on.
+
+* :func:`update_step` -- the one NNX + optax update every example and
+  benchmark uses: merge ``(model, optimizer)``, ``nnx.value_and_grad`` with
+  respect to the mode's ``wrt`` filter (weights; plus the gradient-quantization
+  state ``int8jax.nn.GradQuant`` for the quantized modes, whose "gradient" is
+  the backward pass's measurement), ``optimizer.update``, split again. A pure
+  function of ``(state, *args)``, ready for ``jax.jit``.
+* :func:`quantize` -- switches a float model to the config's mode
+  (:mod:`int8jax.modes`): ``int8jax.nn.quantize_model`` with the mode's
+  ``QuantConfig`` (first conv and classifier stay float); float modes leave it.
+* :func:`make_steps` -- a :class:`~examples.tasks.Task`'s loss and eval step
+  compiled over a 1-D ``data`` mesh (batch sharded, state replicated).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from int8jax import modes
+from int8jax.nn.convert import quantize_model
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from examples.config import Config, backend_from_cli
+
+log = logging.getLogger(__name__)
+
+__all__ = ["update_step", "quant_config", "quantize", "make_steps", "make_mesh",
+           "maybe_initialize_distributed", "place", "to_global"]
+
+
+def update_step(graphdef: nnx.GraphDef, loss_fn: Callable[..., Any], wrt, *,
+                has_aux: bool = False) -> Callable:
+  """``step(state, *args) -> (state, loss_fn's output)``: one optimizer update.
+
+  Args:
+    graphdef: of the ``(model, optimizer)`` pair (``nnx.split((model, opt))``).
+    loss_fn: ``loss_fn(model, *args) -> loss`` (or ``(loss, aux)`` with
+      ``has_aux``), differentiated with respect to ``wrt``.
+    wrt: the filter of what the optimizer updates (``int8jax.modes.Mode.wrt``:
+      ``nnx.Param`` for float modes, ``int8jax.nn.TRAINABLE`` for quantized ones).
+    has_aux: ``loss_fn`` returns ``(loss, aux)``.
+
+  Returns:
+    A pure function of the state pytree ``nnx.state((model, optimizer))``; the
+    caller jits it (with donation and shardings as it needs).
+  """
+
+  def step(state, *args):
+    model, optimizer = nnx.merge(graphdef, state)
+    out, grads = nnx.value_and_grad(lambda m: loss_fn(m, *args), has_aux=has_aux,
+                                    argnums=nnx.DiffState(0, wrt))(model)
+    optimizer.update(model, grads)
+    return nnx.state((model, optimizer)), out
+
+  return step
+
+
+def quant_config(cfg: Config):
+  """The ``int8jax.QuantConfig`` of ``cfg.mode`` with the config's switches (``None``: float).
+
+  ``cfg.backend`` may use the command line's spelling (``"auto"`` for ``None``).
+  """
+  return modes.get(cfg.mode).quant_config(
+      weight_granularity=cfg.weight_granularity, grad_rounding=cfg.grad_rounding,
+      period=cfg.period, backend=backend_from_cli(cfg.backend))
+
+
+def quantize(model: nnx.Module, cfg: Config) -> nnx.Module:
+  """``model`` (float, built with ``dtype=mode.dtype``) switched to ``cfg.mode`` in place.
+
+  The quantized layers' stochastic-rounding stream is seeded by
+  ``cfg.seed + 2`` (their other state by ``cfg.seed + 1``).
+  """
+  qc = quant_config(cfg)
+  if qc is not None:
+    quantize_model(model, qc, rngs=nnx.Rngs(cfg.seed + 1, quant=cfg.seed + 2))
+  return model
+
+
+def make_steps(task, cfg: Config, graphdef: nnx.GraphDef, state_sharding, data_sharding):
+  """``(train_step, eval_step)`` of ``task``, jit-compiled over the mesh.
+
+  ``train_step(state, batch) -> (state, {"loss": scalar, "sums": task sums})``
+  donates its state; ``eval_step(state, batch) -> task.eval_step(...)`` runs
+  the model in eval mode. Outputs are replicated.
+  """
+  wrt = modes.get(cfg.mode).wrt
+  update = update_step(graphdef, lambda model, batch: task.loss(model, batch, cfg), wrt,
+                       has_aux=True)
+
+  def train_step(state, batch):
+    state, (loss, sums) = update(state, batch)
+    return state, {"loss": loss, "sums": sums}
+
+  def eval_step(state, batch):
+    model, _ = nnx.merge(graphdef, state)
+    model.eval()
+    return task.eval_step(model, batch, cfg)
+
+  repl = NamedSharding(data_sharding.mesh, P())
+  train = jax.jit(train_step, in_shardings=(state_sharding, data_sharding),
+                  out_shardings=(state_sharding, repl), donate_argnums=0)
+  evaluate = jax.jit(eval_step, in_shardings=(state_sharding, data_sharding),
+                     out_shardings=repl)
+  return train, evaluate
+
+
+def maybe_initialize_distributed() -> None:
+  """``jax.distributed.initialize()`` when a multi-host launch is detected."""
+  env = os.environ
+  if any(k in env for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
+                            "JAX_PROCESS_ID")) or int(env.get("SLURM_NTASKS", "1")) > 1:
+    try:
+      jax.distributed.initialize()
+    except RuntimeError as e:  # already initialised
+      log.info("jax.distributed.initialize: %s", e)
+
+
+def make_mesh(num_devices: int | None) -> Mesh:
+  """1-D ``data`` mesh over all devices (or the first ``num_devices`` local ones)."""
+  devices = jax.devices()
+  if num_devices is not None:
+    if jax.process_count() > 1:
+      raise ValueError("--num-devices is for single-process runs")
+    if num_devices > len(devices):
+      raise ValueError(f"--num-devices {num_devices}: only {len(devices)} devices: {devices}")
+    devices = devices[:num_devices]
+  return Mesh(np.array(devices), ("data",))
+
+
+def place(state, sharding):
+  """Copy of ``state`` on ``sharding`` with one buffer per leaf.
+
+  Leaves may share a buffer (e.g. equal initial constants of several layers);
+  the train step donates its state, and XLA refuses to donate a buffer twice.
+  """
+  return jax.tree.map(lambda x: jax.device_put(x, sharding, may_alias=False), state)
+
+
+def to_global(batch: dict, sharding) -> dict:
+  """Process-local host batch -> global arrays sharded over the mesh."""
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
