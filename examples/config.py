@@ -90,7 +90,11 @@ class Config:
   backend: str | None = _option(
       None, "int8 GEMM backend (int8jax.BACKEND_NAMES); auto: the library's best available "
       "(XLA on a CPU, Pallas on a Hopper GPU)", choices=int8jax.BACKEND_NAMES)
-  clip_lr: float = _option(0.5, "learning rate of the clip learner on log(clip)")
+  clip_lr: float = _option(1.0, "step of the clip learner on log(clip) (1: move to the best "
+                                "candidate clip of each measurement)")
+  clip_method: str = _option("search", "clip learner: search (the candidate clip with the "
+                                       "smallest cosine distance) | gradient (the paper's "
+                                       "descent on log(clip))", choices=("search", "gradient"))
   alpha: float = _option(20.0, "error-sensitive LR: phi = max(exp(-alpha d), beta)")
   beta: float = _option(0.1, "error-sensitive LR lower bound")
   # optimization

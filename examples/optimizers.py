@@ -48,7 +48,8 @@ def make_optimizer(cfg, schedule: optax.Schedule) -> optax.GradientTransformatio
     base = optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=_decay_mask)
   else:
     raise ValueError(f"--optimizer {cfg.optimizer!r}: choose from sgd, adamw")
-  return modes.get(cfg.mode).optimizer(base, clip_learning_rate=cfg.clip_lr, alpha=cfg.alpha,
+  return modes.get(cfg.mode).optimizer(base, clip_learning_rate=cfg.clip_lr,
+                                            clip_method=cfg.clip_method, alpha=cfg.alpha,
                                        beta=cfg.beta)
 
 

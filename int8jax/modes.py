@@ -14,17 +14,21 @@ disagree:
   the float ones);
 * :attr:`Mode.wrt` -- the ``nnx.Optimizer`` / ``nnx.grad`` filter.
 
-================  ===========  ==========  =================  =========
-mode              quantized    float dtype gradient clip      LR scaling
-================  ===========  ==========  =================  =========
-``float32``       no           float32     --                 --
-``bf16``          no           bfloat16    --                 --
-``ui8``           yes          float32     learned (DSGC)     yes
-``ui8-bf16``      yes          bfloat16    learned (DSGC)     yes
-``naive``         yes          float32     ``max|g|``         no
-``clip-only``     yes          float32     learned (DSGC)     no
-``lr-only``       yes          float32     ``max|g|``         yes
-================  ===========  ==========  =================  =========
+================  =========  ===========  ===============  ==========  ===========
+mode              quantized  float dtype  gradient clip    LR scaling  grad scales
+================  =========  ===========  ===============  ==========  ===========
+``float32``       no         float32      --               --          --
+``bf16``          no         bfloat16     --               --          --
+``ui8``           yes        float32      learned (DSGC)   yes         auto
+``ui8-bf16``      yes        bfloat16     learned (DSGC)   yes         auto
+``ui8-tensor``    yes        float32      learned (DSGC)   yes         tensor
+``naive``         yes        float32      ``max|g|``       no          tensor
+``clip-only``     yes        float32      learned (DSGC)   no          auto
+``lr-only``       yes        float32      ``max|g|``       yes         auto
+================  =========  ===========  ===============  ==========  ===========
+
+"auto" gradient scales: one per feature group in grouped and depthwise
+convs, one per tensor elsewhere (``QuantConfig.grad_granularity``).
 
 Example::
 
@@ -46,7 +50,7 @@ import optax
 from int8jax import optim
 from int8jax.config import QuantConfig
 
-__all__ = ["Mode", "MODES", "MODE_NAMES", "get"]
+__all__ = ["Mode", "MODES", "MODE_NAMES", "get", "table"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +66,8 @@ class Mode:
     grad_clip: ``"learned"`` (direction-sensitive clipping, UI8 §4.1) or
       ``"max"`` (clip at ``max|g|``: naive INT8).
     scale_lr: error-sensitive learning-rate scaling (UI8 §4.2).
+    grad_granularity: the gradient scales (``QuantConfig.grad_granularity``):
+      ``"auto"`` (per group in grouped / depthwise convs) or ``"tensor"``.
   """
 
   name: str
@@ -70,6 +76,7 @@ class Mode:
   dtype: Any = None
   grad_clip: str = "learned"
   scale_lr: bool = True
+  grad_granularity: str = "auto"
 
   def quant_config(self, base: QuantConfig | None = None, **changes) -> QuantConfig | None:
     """The layers' config: ``base`` (default ``QuantConfig()``) with this mode's
@@ -77,7 +84,8 @@ class Mode:
     if not self.quantized:
       return None
     base = QuantConfig() if base is None else base
-    return base.replace(grad_clip=self.grad_clip, **changes)
+    return base.replace(grad_clip=self.grad_clip, grad_granularity=self.grad_granularity,
+                        **changes)
 
   def optimizer(self, base: optax.GradientTransformation,
                 **ui8_kwargs) -> optax.GradientTransformation:
@@ -111,8 +119,11 @@ MODES: dict[str, Mode] = {m.name: m for m in (
          quantized=True),
     Mode("ui8-bf16", "UI8 with bfloat16 float parts (BatchNorm, activations): the GPU "
          "comparison against bf16", quantized=True, dtype=jnp.bfloat16),
-    Mode("naive", "naive INT8: int8 GEMMs, clip at max|g|, no LR scaling",
-         quantized=True, grad_clip="max", scale_lr=False),
+    Mode("ui8-tensor", "ablation: UI8 with one gradient scale per tensor everywhere (the "
+         "paper's granularity)", quantized=True, grad_granularity="tensor"),
+    Mode("naive", "naive INT8: int8 GEMMs, one gradient scale per tensor, clip at max|g|, "
+         "no LR scaling", quantized=True, grad_clip="max", scale_lr=False,
+         grad_granularity="tensor"),
     Mode("clip-only", "ablation: learned clip (DSGC), no LR scaling",
          quantized=True, scale_lr=False),
     Mode("lr-only", "ablation: clip at max|g|, error-sensitive LR",
@@ -121,6 +132,20 @@ MODES: dict[str, Mode] = {m.name: m for m in (
 
 #: The mode names, in table order.
 MODE_NAMES: tuple[str, ...] = tuple(MODES)
+
+
+def table() -> str:
+  """The modes as a Markdown table (the README quotes it; a test keeps them equal)."""
+  esc = lambda t: t.replace("|", "\\|")  # noqa: E731
+  rows = ["| mode | quantized | float dtype | gradient clip | LR scaling | gradient scales | what |",
+          "| --- | --- | --- | --- | --- | --- | --- |"]
+  for m in MODES.values():
+    q = m.quantized
+    clip = ("learned (DSGC)" if m.grad_clip == "learned" else "`max\\|g\\|`") if q else "--"
+    rows.append(f"| `{m.name}` | {'yes' if q else 'no'} | {jnp.dtype(m.compute_dtype).name} | "
+                f"{clip} | {('yes' if m.scale_lr else 'no') if q else '--'} | "
+                f"{m.grad_granularity if q else '--'} | {esc(m.description)} |")
+  return "\n".join(rows)
 
 
 def get(name: str) -> Mode:
