@@ -60,15 +60,19 @@ from int8jax.nn import TRAINABLE, QuantConv  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
 
-def markers() -> tuple[str, str]:
-  """RESULTS.md block of this platform (CPU and GPU tables live side by side)."""
+def markers(block: str = "") -> tuple[str, str]:
+  """RESULTS.md block of this platform (CPU and GPU tables live side by side;
+  ``--block NAME`` keeps one more block per platform, e.g. steps and layers
+  written by separate time-limited invocations)."""
   tag = "" if jax.default_backend() == "cpu" else f" ({jax.default_backend()})"
+  tag += f" [{block}]" if block else ""
   return f"<!-- train_step.py{tag}: begin -->", f"<!-- train_step.py{tag}: end -->"
 
 MODELS = {
     # name: (constructor kwargs, input side, classes)
     "resnet20": (dict(), 32, 10),
     "resnet50": (dict(), 224, 1000),
+    "mobilenet_v2": (dict(), 224, 1000),
 }
 
 
@@ -236,10 +240,25 @@ def _loss(m, x, y):
 def _make_step(model, mode: modes.Mode, base):
   opt = nnx.Optimizer(model, mode.optimizer(base), wrt=mode.wrt)
   graph, state = nnx.split((model, opt))
-  return jax.jit(update_step(graph, _loss, mode.wrt)), state
+  return jax.jit(update_step(graph, _loss, mode.wrt)), state, graph
 
 
-STEP_VARIANTS = ("float32", "bf16", "ui8 period 1", "ui8 non-measure", "naive int8")
+# label: (mode of int8jax.modes, measure period, measure mode of the layers).
+# "non-measure": the periodic (lax.cond) step on a step that does not measure;
+# "never": the step a loop compiles for its non-measure steps with
+# set_measure_mode(model, "never") -- no measuring cond, the gradient's
+# quantization fused into the fusion that produces it (docs/design.md §4).
+STEP_SPECS = {
+    "float32": ("float32", None, None),
+    "bf16": ("bf16", None, None),
+    "ui8 period 1": ("ui8", 1, "periodic"),
+    "ui8 non-measure": ("ui8", 1_000_000, "periodic"),
+    "ui8 never": ("ui8", 1_000_000, "never"),
+    "ui8-bf16 period 1": ("ui8-bf16", 1, "periodic"),
+    "ui8-bf16 never": ("ui8-bf16", 1_000_000, "never"),
+    "naive int8": ("naive", 1_000_000, "periodic"),
+}
+STEP_VARIANTS = tuple(STEP_SPECS)
 
 
 def bench_train(name: str, batch: int, repeats: int, bf16: bool,
@@ -250,14 +269,22 @@ def bench_train(name: str, batch: int, repeats: int, bf16: bool,
   sgd = optax.sgd(0.05, momentum=0.9)
   memory = {}
 
-  def variant(label, mode_name, period):
+  def variant(label, mode_name, period, measure_mode):
     mode = modes.get(mode_name)
     model = models.create_model(name, num_classes=classes, dtype=mode.dtype, rngs=nnx.Rngs(0),
                                 **kw)
     if mode.quantized:
       int8jax.nn.quantize_model(model, qconfig(mode_name, period=period), rngs=nnx.Rngs(1))
-    step, state = _make_step(model, mode, sgd)
+    step, state, graph = _make_step(model, mode, sgd)
     xin = x.astype(mode.compute_dtype)
+    if measure_mode == "never":
+      # one measuring step first (ranges and clips stored), then the step
+      # compiled without any measuring branch
+      state, _ = step(state, xin, y)
+      model, opt = nnx.merge(graph, state)
+      int8jax.nn.set_measure_mode(model, "never")
+      graph, state = nnx.split((model, opt))
+      step = jax.jit(update_step(graph, _loss, mode.wrt))
     stats = step.lower(state, xin, y).compile().memory_analysis()
     memory[label] = (stats.temp_size_in_bytes, stats.argument_size_in_bytes)
     state, _ = step(state, xin, y)  # one step: caches ranges, learns a clip
@@ -268,19 +295,12 @@ def bench_train(name: str, batch: int, repeats: int, bf16: bool,
       return loss
     return run
 
-  specs = {  # label: (mode of int8jax.modes, measure period)
-      "float32": ("float32", None),
-      "bf16": ("bf16", None),
-      "ui8 period 1": ("ui8", 1),
-      "ui8 non-measure": ("ui8", 1_000_000),
-      "naive int8": ("naive", 1_000_000),
-  }
   fns, failed = {}, {}
-  for label, (mode_name, period) in specs.items():
-    if label not in only or (label == "bf16" and not bf16):
+  for label, spec in STEP_SPECS.items():
+    if label not in only or (STEP_SPECS[label][0].endswith("bf16") and not bf16):
       continue
     try:
-      fns[label] = variant(label, mode_name, period)
+      fns[label] = variant(label, *spec)
     except Exception as e:  # a variant that does not compile is reported, not fatal
       failed[label] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
       print(f"  {name} {label} FAILED: {failed[label]}", flush=True)
@@ -338,11 +358,18 @@ def train_table(name: str, batch: int, t: dict, memory: dict, failed: dict) -> l
     lines.append(f"| {k} | {t[k] * 1e3:.0f} | {rel(t[k])} | {mib(tmp):.1f} | {mib(arg):.1f} |")
   for k, why in failed.items():
     lines.append(f"| {k} | failed: {why} | | | |")
-  if "ui8 non-measure" in t and "ui8 period 1" in t:
-    amort = ((period - 1) * t["ui8 non-measure"] + t["ui8 period 1"]) / period
-    lines.append(f"| ui8 period {period} (amortised) | {amort * 1e3:.0f} | {rel(amort)} | | |")
-    if "bf16" in t:
-      lines.append(f"\nUI8 (period {period}, amortised) vs bf16: {amort / t['bf16']:.2f}x.")
+  for fam, base_name in (("ui8", "float32"), ("ui8-bf16", "bf16")):
+    # amortised over the default period: (P - 1) non-measuring steps (the
+    # split-compiled "never" step when timed, else the periodic one) + 1
+    # measuring step
+    rest = t.get(f"{fam} never", t.get(f"{fam} non-measure"))
+    if rest is None or f"{fam} period 1" not in t:
+      continue
+    amort = ((period - 1) * rest + t[f"{fam} period 1"]) / period
+    lines.append(f"| {fam} period {period} (amortised) | {amort * 1e3:.0f} | {rel(amort)} | | |")
+    if base_name in t and base_name != "float32":
+      lines.append(f"\n{fam} (period {period}, amortised) vs {base_name}: "
+                   f"{amort / t[base_name]:.2f}x.")
   return lines
 
 
@@ -351,7 +378,7 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=None,
                  help="timed calls per variant (default 15 per layer, 10 per step)")
   p.add_argument("--models", default="resnet20,resnet50",
-                 help="training steps to time (comma list of resnet20,resnet50; '' for none)")
+                 help=f"training steps to time (comma list of {','.join(MODELS)}; '' for none)")
   p.add_argument("--ops", default="resnet20,resnet50",
                  help="models whose distinct convs to time per layer ('' for none)")
   p.add_argument("--batch20", type=int, default=128, help="ResNet-20 batch (steps and layers)")
@@ -365,6 +392,8 @@ def main(argv=None):
                  help=f"training-step variants to time (comma list of {', '.join(STEP_VARIANTS)})")
   p.add_argument("--ops-kernels", default="",
                  help="per-layer table: only convs of these kernel sizes (e.g. '3'; default all)")
+  p.add_argument("--block", default="",
+                 help="name of the RESULTS.md block to (re)write (default: the platform's one)")
   p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                  help="QuantConfig.backend of the UI8 variants (int8jax.BACKEND_NAMES; auto: "
                  "the library's best available, Pallas on Hopper, else XLA)")
@@ -388,9 +417,11 @@ def main(argv=None):
   gpu = on_gpu()
   bf16 = gpu or args.bf16
   batch = {"resnet20": args.batch20,
-           "resnet50": args.batch50 or (256 if gpu else 16)}
+           "resnet50": args.batch50 or (256 if gpu else 16),
+           "mobilenet_v2": args.batch50 or (256 if gpu else 16)}
   ops_batch = {"resnet20": args.batch20,
-               "resnet50": args.ops_batch50 or (256 if gpu else 8)}
+               "resnet50": args.ops_batch50 or (256 if gpu else 8),
+               "mobilenet_v2": args.ops_batch50 or (256 if gpu else 8)}
   rep_ops = 5 if args.quick else (args.repeats or 15)
   rep_step = 5 if args.quick else (args.repeats or 10)
 
@@ -425,7 +456,7 @@ def report(sections, args, argv, load_before, rep_ops, rep_step):
   table = "\n".join(lines)
   print(table, flush=True)
   if not args.quick:
-    begin, end = markers()
+    begin, end = markers(args.block)
     text = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n"
     block = f"{begin}\n{table}\n{end}"
     if begin in text:

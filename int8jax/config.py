@@ -56,6 +56,13 @@ class QuantConfig:
       ``"xla"``; a ``ValueError`` at trace time elsewhere) or
       ``"pallas_interpret"`` (the same kernels in Mosaic GPU interpret mode on
       any machine; slow, for tests).
+    data_axis: the mesh axis the batch is sharded over (data parallelism), or
+      ``None``. With the Pallas backend the kernels then run per shard under
+      ``jax.shard_map`` over the mesh in context (``jax.set_mesh(mesh)`` /
+      ``jax.sharding.use_mesh``): forward and input gradient on each device's
+      batch shard, the weight gradient as per-device exact integer halves
+      summed across devices in int32 -- bit-identical to one device. (The
+      XLA backend needs nothing: XLA partitions its ``lax`` ops itself.)
     chunk_k: largest contraction length accumulated in one int32 sum;
       longer contractions are split and the partial sums combined exactly.
       ``127 * 127 * chunk_k`` must stay below ``2**31``.
@@ -68,6 +75,7 @@ class QuantConfig:
   grad_clip: str = "learned"
   period: int = 100
   backend: str | None = None
+  data_axis: str | None = None
   chunk_k: int = 131072
 
   def __post_init__(self):
@@ -93,6 +101,9 @@ class QuantConfig:
     if (not isinstance(self.period, int) or isinstance(self.period, bool)
         or self.period < 1):
       raise ValueError(f"QuantConfig.period must be an int >= 1, got {self.period!r}")
+    if self.data_axis is not None and not isinstance(self.data_axis, str):
+      raise TypeError(f"QuantConfig.data_axis must be a mesh axis name or None, "
+                      f"got {self.data_axis!r}")
     if (not isinstance(self.chunk_k, int) or isinstance(self.chunk_k, bool)
         or not 1 <= self.chunk_k <= MAX_EXACT_K):
       raise ValueError(

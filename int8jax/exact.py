@@ -17,7 +17,30 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["combine_int32_chunks", "int8_dot", "int32_sum"]
+__all__ = ["Halves", "split_halves", "join_halves", "combine_int32_chunks", "int8_dot",
+           "int32_sum"]
+
+#: An exact integer result as two int32 arrays ``(hi, lo)``: the sums of the
+#: signed high halves (``part >> 16``) and of the unsigned low halves
+#: (``part & 0xffff``) of int32 partial sums; the integer is
+#: ``hi * 65536 + lo``. Halves of different partitions of one sum add up
+#: exactly (int32, no overflow while at most 256 parts are combined), which is
+#: how sums computed on different devices combine bit-exactly.
+Halves = tuple
+
+
+def split_halves(parts: jax.Array, axis: int = 0) -> Halves:
+  """The :data:`Halves` of int32 partial sums ``parts`` summed along ``axis``."""
+  hi = jnp.sum(jnp.right_shift(parts, 16), axis=axis, dtype=jnp.int32)
+  lo = jnp.sum(jnp.bitwise_and(parts, 0xFFFF), axis=axis, dtype=jnp.int32)
+  return hi, lo
+
+
+def join_halves(halves: Halves) -> jax.Array:
+  """float32 of ``hi * 65536 + lo`` with one rounding (both halves are below
+  2^24 in magnitude for up to 256 parts, so they convert exactly)."""
+  hi, lo = halves
+  return hi.astype(jnp.float32) * 65536.0 + lo.astype(jnp.float32)
 
 
 def combine_int32_chunks(parts: jax.Array, axis: int = 0) -> jax.Array:
@@ -25,42 +48,50 @@ def combine_int32_chunks(parts: jax.Array, axis: int = 0) -> jax.Array:
 
   Exact (correctly rounded) for up to 256 parts.
   """
-  hi = jnp.sum(jnp.right_shift(parts, 16), axis=axis, dtype=jnp.int32)
-  lo = jnp.sum(jnp.bitwise_and(parts, 0xFFFF), axis=axis, dtype=jnp.int32)
-  return hi.astype(jnp.float32) * 65536.0 + lo.astype(jnp.float32)
+  return join_halves(split_halves(parts, axis))
+
+
+def _result(parts: list, halves: bool):
+  """One int32 part (float32 of it), or many (combined exactly); as
+  :data:`Halves` with ``halves=True``."""
+  if halves:
+    return split_halves(jnp.stack(parts), axis=0)
+  if len(parts) == 1:
+    return parts[0].astype(jnp.float32)
+  return combine_int32_chunks(jnp.stack(parts), axis=0)
 
 
 def int8_dot(a: jax.Array, b: jax.Array, contract: tuple[int, int],
              batch: tuple[tuple[int, ...], tuple[int, ...]] = ((), ()),
-             *, chunk_k: int) -> jax.Array:
+             *, chunk_k: int, halves: bool = False):
   """``lax.dot_general`` of int8 ``a`` and ``b`` over one contracting axis each.
 
-  Returns the float32 of the exact integer result, in ``dot_general``'s
-  output order: batch dims, ``a``'s free dims, ``b``'s free dims. Long
-  contractions run as one dot per chunk of ``chunk_k`` (slices, so each keeps
-  the operands' layout and XLA's int8 GEMM kernel).
+  Returns the float32 of the exact integer result (or its :data:`Halves`), in
+  ``dot_general``'s output order: batch dims, ``a``'s free dims, ``b``'s free
+  dims. Long contractions run as one dot per chunk of ``chunk_k`` (slices, so
+  each keeps the operands' layout and XLA's int8 GEMM kernel).
   """
   ca, cb = contract
   k = a.shape[ca]
   dims = (((ca,), (cb,)), batch)
-  if k <= chunk_k:
-    return lax.dot_general(a, b, dims, preferred_element_type=jnp.int32).astype(jnp.float32)
   parts = []
-  for s in range(0, k, chunk_k):
+  for s in range(0, max(k, 1), chunk_k):
     e = min(k, s + chunk_k)
     parts.append(lax.dot_general(lax.slice_in_dim(a, s, e, axis=ca),
                                  lax.slice_in_dim(b, s, e, axis=cb), dims,
                                  preferred_element_type=jnp.int32))
-  return combine_int32_chunks(jnp.stack(parts), axis=0)
+  return _result(parts, halves)
 
 
-def int32_sum(x: jax.Array, axis: int, *, chunk_k: int) -> jax.Array:
-  """Exact float32 sum of int8 x int8 products ``x`` (int32) along ``axis``."""
+def int32_sum(x: jax.Array, axis: int, *, chunk_k: int, halves: bool = False):
+  """Exact float32 sum (or :data:`Halves`) of int8 x int8 products ``x``
+  (int32) along ``axis``."""
   k = x.shape[axis]
   if k <= chunk_k:
-    return jnp.sum(x, axis=axis, dtype=jnp.int32).astype(jnp.float32)
+    return _result([jnp.sum(x, axis=axis, dtype=jnp.int32)], halves)
   n = -(-k // chunk_k)
   x = jnp.moveaxis(x, axis, 0)
   x = jnp.pad(x, [(0, n * chunk_k - k)] + [(0, 0)] * (x.ndim - 1))
   x = x.reshape(n, chunk_k, *x.shape[1:])
-  return combine_int32_chunks(jnp.sum(x, axis=1, dtype=jnp.int32), axis=0)
+  parts = jnp.sum(x, axis=1, dtype=jnp.int32)
+  return split_halves(parts, axis=0) if halves else combine_int32_chunks(parts, axis=0)

@@ -48,7 +48,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from int8jax import backends, dsgc, quant
+from jax.sharding import PartitionSpec as P
+
+from int8jax import backends, dsgc, exact, quant
+from int8jax.backends import xla as xla_backend
 from int8jax.config import QuantConfig
 from int8jax.conv_spec import ConvSpec, make_conv_spec
 
@@ -79,29 +82,71 @@ class _Op:
   static_measure: bool | None
   stored_clip_only: bool = False
 
+  def _data_parallel(self):
+    """``(mesh, axis, shards)`` when the Pallas kernels must run per batch shard
+    (``QuantConfig.data_axis``), else ``None``."""
+    axis = self.config.data_axis
+    if axis is None or self.backend not in ("pallas", "pallas_interpret"):
+      return None
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or axis not in mesh.axis_names:
+      raise ValueError(
+          f"QuantConfig(data_axis={axis!r}) needs a mesh with that axis in context: trace "
+          f"the step under `with jax.set_mesh(mesh):` (mesh in context: {mesh})")
+    return mesh, axis, mesh.shape[axis]
+
+  def _local_spec(self, shards):
+    n = self.spec.lhs_shape[0]
+    if n % shards:
+      raise ValueError(f"batch {n} is not divisible by the {shards} devices of "
+                       f"data_axis={self.config.data_axis!r}")
+    return dataclasses.replace(self.spec, lhs_shape=(n // shards, *self.spec.lhs_shape[1:]))
+
+  def _batch_spec(self, axis):
+    return P(axis) if self.kind == "conv" else P(None, axis)  # dense rows: (B, M, K)
+
+  def _sharded(self, fn, a, b, scale, out_dtype):
+    """``fn(a, b, scale, [spec])`` per batch shard (forward, input gradient)."""
+    impl_kw = dict(chunk_k=self.config.chunk_k, out_dtype=out_dtype)
+    dp = self._data_parallel()
+    if dp is None:
+      extra = (self.spec,) if self.kind == "conv" else ()
+      return fn(a, b, scale, *extra, **impl_kw)
+    mesh, axis, shards = dp
+    extra = (self._local_spec(shards),) if self.kind == "conv" else ()
+    bs = self._batch_spec(axis)
+    return jax.shard_map(lambda a, b, s: fn(a, b, s, *extra, **impl_kw), mesh=mesh,
+                         in_specs=(bs, P(), P()), out_specs=bs)(a, b, scale)
+
   def forward(self, xq, wq, scale):
     impl = backends.get(self.backend)
-    if self.kind == "conv":
-      return impl.conv_forward(xq, wq, scale, self.spec, chunk_k=self.config.chunk_k,
-                               out_dtype=self.out_dtype)
-    return impl.dense_forward(xq, wq, scale, chunk_k=self.config.chunk_k,
-                              out_dtype=self.out_dtype)
+    fn = impl.conv_forward if self.kind == "conv" else impl.dense_forward
+    return self._sharded(fn, xq, wq, scale, self.out_dtype)
 
   def dgrad(self, gq, wq, scale):
     impl = backends.get(self.backend)
-    if self.kind == "conv":
-      return impl.conv_dgrad(gq, wq, scale, self.spec, chunk_k=self.config.chunk_k,
-                             out_dtype=self.x_dtype)
-    return impl.dense_dgrad(gq, wq, scale, chunk_k=self.config.chunk_k,
-                            out_dtype=self.x_dtype)
+    fn = impl.conv_dgrad if self.kind == "conv" else impl.dense_dgrad
+    return self._sharded(fn, gq, wq, scale, self.x_dtype)
 
   def wgrad(self, xq, gq, scale):
     impl = backends.get(self.backend)
-    if self.kind == "conv":
-      return impl.conv_wgrad(xq, gq, scale, self.spec, chunk_k=self.config.chunk_k,
-                             out_dtype=self.w_dtype)
-    return impl.dense_wgrad(xq, gq, scale, chunk_k=self.config.chunk_k,
-                            out_dtype=self.w_dtype)
+    fn = impl.conv_wgrad if self.kind == "conv" else impl.dense_wgrad
+    dp = self._data_parallel()
+    if dp is None:
+      extra = (self.spec,) if self.kind == "conv" else ()
+      return fn(xq, gq, scale, *extra, chunk_k=self.config.chunk_k, out_dtype=self.w_dtype)
+    # Per device: the exact integer sum over its shard as int32 halves; the
+    # halves add up exactly across devices; one rounding at the end.
+    mesh, axis, shards = dp
+    extra = (self._local_spec(shards),) if self.kind == "conv" else ()
+    bs = self._batch_spec(axis)
+
+    def local(x, g):
+      h = fn(x, g, None, *extra, chunk_k=self.config.chunk_k, halves=True)
+      return jax.tree.map(lambda v: lax.psum(v, axis), h)
+
+    halves = jax.shard_map(local, mesh=mesh, in_specs=(bs, bs), out_specs=(P(), P()))(xq, gq)
+    return xla_backend.dequant(exact.join_halves(halves), scale, self.w_dtype)
 
 
 def _all_finite(x):

@@ -28,6 +28,7 @@ from pallas_kernels.int8_conv import int8_conv_dgrad
 from pallas_kernels.int8_conv import int8_conv_dgrad_reference
 from pallas_kernels.int8_conv import int8_conv_reference
 from pallas_kernels.int8_conv import int8_conv_wgrad
+from pallas_kernels.int8_conv import int8_conv_wgrad_halves
 from pallas_kernels.int8_conv import int8_conv_wgrad_reference
 from pallas_kernels.int8_conv import select_conv_config
 from pallas_kernels.int8_conv import select_wgrad_config
@@ -56,6 +57,7 @@ __all__ = [
     "int8_conv_dgrad_reference",
     "int8_conv_reference",
     "int8_conv_wgrad",
+    "int8_conv_wgrad_halves",
     "int8_conv_wgrad_reference",
     "int8_matmul",
     "int8_matmul_reference",

@@ -155,6 +155,7 @@ __all__ = [
     "int8_conv_dgrad_reference",
     "int8_conv_reference",
     "int8_conv_wgrad",
+    "int8_conv_wgrad_halves",
     "int8_conv_wgrad_reference",
     "select_conv_config",
     "select_wgrad_config",
@@ -1184,6 +1185,19 @@ _MAX_PARTS = 256
 _TARGET_BLOCKS = 264
 
 
+def _int32_halves(parts, axis=0):
+  """The exact sum of int32 partial sums along ``axis`` as two int32 arrays:
+  the sums of the signed high halves (``>> 16``) and of the unsigned low
+  halves (``& 0xffff``); the integer is ``hi * 65536 + lo``."""
+  hi = jnp.sum(jnp.right_shift(parts, 16), axis=axis, dtype=jnp.int32)
+  lo = jnp.sum(jnp.bitwise_and(parts, 0xFFFF), axis=axis, dtype=jnp.int32)
+  return hi, lo
+
+
+def _join_halves(hi, lo):
+  return hi.astype(jnp.float32) * 65536.0 + lo.astype(jnp.float32)
+
+
 def _combine_int32_parts(parts, axis=0):
   """Sum int32 partial sums along ``axis`` into float32 with one rounding.
 
@@ -1193,9 +1207,7 @@ def _combine_int32_parts(parts, axis=0):
   into parts (<= 256 of them). The same formula as int8jax's
   ``combine_int32_chunks``.
   """
-  hi = jnp.sum(jnp.right_shift(parts, 16), axis=axis, dtype=jnp.int32)
-  lo = jnp.sum(jnp.bitwise_and(parts, 0xFFFF), axis=axis, dtype=jnp.int32)
-  return hi.astype(jnp.float32) * 65536.0 + lo.astype(jnp.float32)
+  return _join_halves(*_int32_halves(parts, axis))
 
 
 def _check_wgrad_args(x, g, kernel_shape, window_strides, padding):
@@ -1414,9 +1426,9 @@ def _wgrad_plan(x_shape, kernel_shape, strides, pads, config):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "kernel_shape", "strides", "pads", "out_dtype", "config", "launcher"))
+    "kernel_shape", "strides", "pads", "out_dtype", "config", "launcher", "halves"))
 def _int8_conv_wgrad_impl(x, g, scale, *, kernel_shape, strides, pads,
-                          out_dtype, config, launcher):
+                          out_dtype, config, launcher, halves=False):
   n, h, w, c = x.shape
   kh, kw, _, o = kernel_shape
   plan, phases, split, cp, op = _wgrad_plan(x.shape, kernel_shape, strides,
@@ -1438,12 +1450,13 @@ def _int8_conv_wgrad_impl(x, g, scale, *, kernel_shape, strides, pads,
                ((0, split.k_pad - plan.grid_rows, 0), (0, 0, 0))).T
   parts = _run_wgrad_launch(copies_t, gt, taps=taps, split=split,
                             config=config, launcher=launcher)
-  dw = _combine_int32_parts(
-      parts.reshape(len(taps.offsets), split.parts, cp, op), axis=1)
+  hi, lo = _int32_halves(parts.reshape(len(taps.offsets), split.parts, cp, op), axis=1)
   order = sorted(range(len(taps.weights)),
                  key=lambda t: taps.weights[t][0] * kw + taps.weights[t][1])
-  dw = jnp.stack([dw[t, :c, :o] for t in order]).reshape(kh, kw, c, o)
-  return _wgrad_epilogue(dw, scale, out_dtype)
+  hi, lo = (jnp.stack([v[t, :c, :o] for t in order]).reshape(kh, kw, c, o) for v in (hi, lo))
+  if halves:
+    return hi, lo
+  return _wgrad_epilogue(_join_halves(hi, lo), scale, out_dtype)
 
 
 # Split-K configs of the weight gradient: tile_m input channels x tile_n
@@ -1465,6 +1478,28 @@ def select_wgrad_config(c: int, o: int) -> Int8ConvConfig:
   return {(False, False): WGRAD_64x64, (False, True): WGRAD_64x128,
           (True, False): WGRAD_128x64, (True, True): WGRAD_128x128}[
               (c > 64, o > 64)]
+
+
+def int8_conv_wgrad_halves(x, g, *, kernel_shape, window_strides=(1, 1), padding="VALID",
+                           config: Int8ConvConfig | None = None, interpret=False):
+  """:func:`int8_conv_wgrad`'s exact integer result, not yet rounded: two
+  (KH, KW, C, O) int32 arrays ``(hi, lo)``, the sums of the signed high and
+  unsigned low 16-bit halves of the kernel's int32 parts, the integer being
+  ``hi * 65536 + lo``. Halves of sums over different pixels (e.g. batch
+  shards on different devices) add up exactly in int32, so a sharded weight
+  gradient is bit-equal to the single-device one."""
+  kernel_shape, strides, pads = _check_wgrad_args(x, g, kernel_shape, window_strides, padding)
+  _check_wgrad_pixels(int(np.prod(g.shape[:3])))
+  if config is None:
+    config = select_wgrad_config(kernel_shape[2], kernel_shape[3])
+  launcher = _launcher(interpret)
+  _check_config(config, jnp.int32, launcher != "mosaic_gpu")
+  if min(g.shape) == 0 or x.shape[3] == 0 or kernel_shape[3] == 0:
+    zero = jnp.zeros(kernel_shape, jnp.int32)
+    return zero, zero
+  return _int8_conv_wgrad_impl(x, g, None, kernel_shape=kernel_shape, strides=strides,
+                               pads=pads, out_dtype=jnp.float32, config=config,
+                               launcher=launcher, halves=True)
 
 
 def int8_conv_wgrad(x, g, *, kernel_shape, window_strides=(1, 1),

@@ -1,5 +1,7 @@
 """optax transforms: jit, chain, inject_hyperparams, dtypes, formulas."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -215,3 +217,19 @@ def test_a_transform_that_corrupts_the_measurement_is_refused():
   with pytest.raises(Exception, match="changed by a gradient transformation placed before"):
     m = _run(tx, [(_X, _Y)])
     jax.block_until_ready(m.conv.grad_quant[...])
+
+
+def test_readme_composition_trains():
+  """The README's composition: clipping before ui8, masked weight decay and a
+  schedule inside its base, gradient accumulation around it."""
+  sgd = optax.sgd(optax.cosine_decay_schedule(0.1, 100), momentum=0.9)
+  decay = optax.add_decayed_weights(5e-4, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p))
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optim.ui8(optax.chain(decay, sgd)))
+  tx = optax.MultiSteps(tx, every_k_schedule=2)
+  m = _run(tx, [(_X[:2], _Y[:2]), (_X[2:], _Y[2:])])
+  st = m.conv.grad_quant.state
+  assert float(st.measurements) == 1 and 0 < float(st.clip_ratio) <= 1
+  assert bool(jnp.all(jnp.isfinite(m.conv.kernel[...])))
+  readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+  assert "optax.MultiSteps(tx, every_k_schedule=4)" in readme
+  assert "int8jax.optim.ui8(optax.chain(decay, sgd))" in readme

@@ -112,15 +112,18 @@ def _split_k_shape(m: int, n: int, k: int) -> bool:
   return k >= SPLIT_K_MIN_K and blocks < SPLIT_K_MAX_BLOCKS
 
 
-def _int_gemm(a, b, *, chunk_k, interpret):
+def _int_gemm(a, b, *, chunk_k, interpret, halves=False):
   """``a @ b.T`` exactly: int32 if ``K`` fits one chunk, else the correctly
-  rounded float32 of the exact sum (int32 chunk parts combined exactly)."""
+  rounded float32 of the exact sum (int32 chunk parts combined exactly); the
+  :data:`int8jax.exact.Halves` of the exact sum with ``halves=True``."""
   k = a.shape[1]
   c = _chunk(chunk_k)
   mm = functools.partial(pk.int8_matmul, out_dtype=jnp.int32, interpret=interpret)
-  if k <= c:
-    return mm(a, b)
-  parts = [mm(a[:, s:s + c], b[:, s:s + c]) for s in range(0, k, c)]
+  parts = [mm(a[:, s:s + c], b[:, s:s + c]) for s in range(0, max(k, 1), c)]
+  if halves:
+    return exact.split_halves(jnp.stack(parts), axis=0)
+  if len(parts) == 1:
+    return parts[0]
   if k <= chunk_k:  # INT32_SAFE_K < K <= chunk_k <= MAX_EXACT_K: int32 is safe
     return sum(parts[1:], parts[0])
   return exact.combine_int32_chunks(jnp.stack(parts), axis=0)
@@ -129,8 +132,13 @@ def _int_gemm(a, b, *, chunk_k, interpret):
 _KERNEL_OUT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
-def _gemm(a, b, scale, *, chunk_k, interpret, out_dtype=jnp.float32):
-  """``(a @ b.T) * scale`` in ``out_dtype``; ``scale`` scalar or (N,)."""
+def _gemm(a, b, scale, *, chunk_k, interpret, out_dtype=jnp.float32, halves=False):
+  """``(a @ b.T) * scale`` in ``out_dtype``; ``scale`` scalar or (N,); the
+  exact result's :data:`int8jax.exact.Halves` (no scale) with ``halves``."""
+  if halves:
+    if _split_k_shape(a.shape[0], b.shape[0], a.shape[1]):
+      return exact.int8_dot(a, b, (1, 1), chunk_k=chunk_k, halves=True)
+    return _int_gemm(a, b, chunk_k=chunk_k, interpret=interpret, halves=True)
   if _split_k_shape(a.shape[0], b.shape[0], a.shape[1]):
     return xla.dequant(exact.int8_dot(a, b, (1, 1), chunk_k=chunk_k), scale, out_dtype)
   if a.shape[1] <= _chunk(chunk_k) and jnp.dtype(out_dtype) in _KERNEL_OUT_DTYPES:
@@ -244,30 +252,37 @@ def conv_dgrad(gq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
 
 def conv_wgrad(xq: jax.Array, gq: jax.Array, scale: jax.Array, spec: ConvSpec,
                *, chunk_k: int, interpret: bool = False,
-               out_dtype=jnp.float32) -> jax.Array:
+               out_dtype=jnp.float32, halves: bool = False):
   """Kernel gradient ``(*window, C // G, O)``: a GEMM over transposed patches,
   contracting over batch x output pixels (chunked, exact); ``scale`` scalar
-  or (O,)."""
+  or (O,). ``halves=True``: the exact integer result as
+  :data:`int8jax.exact.Halves` (no scale; see the XLA backend)."""
   if not _use_kernel(spec):
-    return xla.conv_wgrad(xq, gq, scale, spec, chunk_k=chunk_k, out_dtype=out_dtype)
+    return xla.conv_wgrad(xq, gq, scale, spec, chunk_k=chunk_k, out_dtype=out_dtype,
+                          halves=halves)
   if _implicit(spec, "wgrad"):
-    return _implicit_call(pk.int8_conv_wgrad, xq, gq, scale, out_dtype, interpret,
-                          kernel_shape=spec.rhs_shape, window_strides=spec.window_strides,
-                          padding=spec.padding)
+    geometry = dict(kernel_shape=spec.rhs_shape, window_strides=spec.window_strides,
+                    padding=spec.padding)
+    if halves:
+      return pk.int8_conv_wgrad_halves(xq, gq, interpret=interpret, **geometry)
+    return _implicit_call(pk.int8_conv_wgrad, xq, gq, scale, out_dtype, interpret, **geometry)
   g, kw, cg, og = spec.group_dims
   p = geom.patches(xq, spec)
   m = math.prod(p.shape[:-2])
   p = p.reshape(m, kw, g, cg)
   gm = gq.reshape(m, g, og)
-  scale = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (spec.out_features,))
+  scale = jnp.broadcast_to(jnp.asarray(1.0 if halves else scale, jnp.float32),
+                           (spec.out_features,))
   outs = []
   for i in range(g):
     a = jnp.transpose(p[:, :, i, :].reshape(m, kw * cg))  # (win*C/G, pixels)
     b = jnp.transpose(gm[:, i, :])                          # (O/G, pixels)
-    outs.append(_gemm(a, b, scale[i * og:(i + 1) * og], chunk_k=chunk_k,
-                      interpret=interpret, out_dtype=out_dtype).reshape(kw, cg, og))
-  dw = outs[0] if g == 1 else jnp.concatenate(outs, axis=-1)
-  return dw.reshape(*spec.window, cg, g * og)
+    outs.append(jax.tree.map(lambda t: t.reshape(kw, cg, og), _gemm(
+        a, b, scale[i * og:(i + 1) * og], chunk_k=chunk_k, interpret=interpret,
+        out_dtype=out_dtype, halves=halves)))
+  cat = lambda *t: (t[0] if g == 1 else jnp.concatenate(t, axis=-1)).reshape(  # noqa: E731
+      *spec.window, cg, g * og)
+  return jax.tree.map(cat, *outs)
 
 
 # ---------------------------------------------------------------------------
@@ -290,10 +305,13 @@ def dense_dgrad(gq, wq, scale, *, chunk_k, interpret=False, out_dtype=jnp.float3
                                        out_dtype=out_dtype), gq, wq)
 
 
-def dense_wgrad(xq, gq, scale, *, chunk_k, interpret=False, out_dtype=jnp.float32):
-  """``dw[b] = x[b].T @ g[b] * scale``, contracting over M."""
-  return _per_batch(lambda x, g: _gemm(x.T, g.T, scale, chunk_k=chunk_k, interpret=interpret,
-                                       out_dtype=out_dtype), xq, gq)
+def dense_wgrad(xq, gq, scale, *, chunk_k, interpret=False, out_dtype=jnp.float32,
+                halves=False):
+  """``dw[b] = x[b].T @ g[b] * scale``, contracting over M (the exact
+  result's halves, no scale, with ``halves=True``)."""
+  outs = [_gemm(xq[i].T, gq[i].T, scale, chunk_k=chunk_k, interpret=interpret,
+                out_dtype=out_dtype, halves=halves) for i in range(xq.shape[0])]
+  return jax.tree.map(lambda *t: jnp.stack(t), *outs)
 
 
 BACKEND = Backend("pallas", conv_forward, conv_dgrad, conv_wgrad,

@@ -161,32 +161,37 @@ def conv_dgrad(gq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
 
 
 def conv_wgrad(xq: jax.Array, gq: jax.Array, scale: jax.Array, spec: ConvSpec,
-               *, chunk_k: int, out_dtype=jnp.float32) -> jax.Array:
+               *, chunk_k: int, out_dtype=jnp.float32, halves: bool = False):
   """Kernel gradient ``(*window, C // G, O)``: ``patches^T @ g`` per group.
 
   The patch matrix is built transposed, ``(prod(window) * C//G, M)`` with
   ``M`` = batch x output pixels, so the GEMM contracts over its last axis
-  (chunked over ``M``, see the module doc).
+  (chunked over ``M``, see the module doc). ``halves=True``: the exact
+  integer result as :data:`int8jax.exact.Halves` (no scale), for sums
+  combined across devices.
   """
   g, kw, cg, og = spec.group_dims
   m = math.prod(gq.shape[:-1])
   slices = patch_slices(xq, spec)
   if cg == 1:  # depthwise: one reduction per window offset
     g32 = gq.reshape(m, g, og).astype(jnp.int32)
-    dw = jnp.stack([
-        int32_sum(sl.reshape(m, g, 1).astype(jnp.int32) * g32, 0, chunk_k=chunk_k)
-        for sl in slices])  # (kw, G, og)
-    return dequant(dw.reshape(*spec.window, 1, g * og), scale, out_dtype)
-  pt = jnp.stack(slices).reshape(kw, m, g, cg)
-  gm = gq.reshape(m, g, og)
-  if g == 1:
-    pt = pt.reshape(kw, m, cg).transpose(0, 2, 1).reshape(kw * cg, m)
-    dw = int8_dot(pt, gm.reshape(m, og), (1, 0), chunk_k=chunk_k)  # (kw*cg, og)
-    return dequant(dw.reshape(*spec.window, cg, og), scale, out_dtype)
-  pt = pt.transpose(2, 0, 3, 1).reshape(g, kw * cg, m)
-  dw = int8_dot(pt, gm.transpose(1, 0, 2), (2, 1), ((0,), (0,)), chunk_k=chunk_k)
-  dw = dw.reshape(g, kw, cg, og).transpose(1, 2, 0, 3)
-  return dequant(dw.reshape(*spec.window, cg, g * og), scale, out_dtype)
+    per_tap = [int32_sum(sl.reshape(m, g, 1).astype(jnp.int32) * g32, 0, chunk_k=chunk_k,
+                         halves=halves) for sl in slices]  # (G, og) each
+    dw = jax.tree.map(lambda *t: jnp.stack(t).reshape(*spec.window, 1, g * og), *per_tap)
+  else:
+    pt = jnp.stack(slices).reshape(kw, m, g, cg)
+    gm = gq.reshape(m, g, og)
+    if g == 1:
+      pt = pt.reshape(kw, m, cg).transpose(0, 2, 1).reshape(kw * cg, m)
+      dw = int8_dot(pt, gm.reshape(m, og), (1, 0), chunk_k=chunk_k, halves=halves)
+      dw = jax.tree.map(lambda t: t.reshape(*spec.window, cg, og), dw)
+    else:
+      pt = pt.transpose(2, 0, 3, 1).reshape(g, kw * cg, m)
+      dw = int8_dot(pt, gm.transpose(1, 0, 2), (2, 1), ((0,), (0,)), chunk_k=chunk_k,
+                    halves=halves)
+      dw = jax.tree.map(lambda t: t.reshape(g, kw, cg, og).transpose(1, 2, 0, 3).reshape(
+          *spec.window, cg, g * og), dw)
+  return dw if halves else dequant(dw, scale, out_dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -202,11 +207,12 @@ def dense_dgrad(gq, wq, scale, *, chunk_k, out_dtype=jnp.float32):
   return dequant(int8_dot(gq, wq, (2, 2), ((0,), (0,)), chunk_k=chunk_k), scale, out_dtype)
 
 
-def dense_wgrad(xq, gq, scale, *, chunk_k, out_dtype=jnp.float32):
+def dense_wgrad(xq, gq, scale, *, chunk_k, out_dtype=jnp.float32, halves: bool = False):
   # dw[b, k, n] = sum_m x[b, m, k] g[b, m, n]; x transposed so the GEMM
   # contracts over its last axis (XLA:CPU's int8 kernel; see the module doc).
-  return dequant(int8_dot(jnp.swapaxes(xq, 1, 2), gq, (2, 1), ((0,), (0,)), chunk_k=chunk_k),
-                  scale, out_dtype)
+  dw = int8_dot(jnp.swapaxes(xq, 1, 2), gq, (2, 1), ((0,), (0,)), chunk_k=chunk_k,
+                halves=halves)
+  return dw if halves else dequant(dw, scale, out_dtype)
 
 
 BACKEND = Backend("xla", conv_forward, conv_dgrad, conv_wgrad,
