@@ -247,8 +247,12 @@ def _qapply_bwd(op: _Op, res, cts):
   g = gy.astype(jnp.float32)
   clip, gmax, ratio = _grad_clip(op, g, grad_state, measure)
   sg = quant.scale_from_clip(clip)
-  noise = (quant.uniform_noise(key, g.shape) if cfg.grad_rounding == "stochastic" else None)
-  gq = quant.quantize(g, sg, rounding=cfg.grad_rounding, noise=noise, mark_nonfinite=True)
+  stochastic = cfg.grad_rounding == "stochastic"
+  noise = lambda: quant.uniform_noise(key, g.shape)  # noqa: E731
+  # The noise is a hash of the element index: each reader recomputes it in
+  # its own fusion (a shared noise tensor would be materialised).
+  gq = quant.quantize(g, sg, rounding=cfg.grad_rounding, noise=noise() if stochastic else None,
+                      mark_nonfinite=True)
   # One quantization pass, shared by both GEMMs (see _qapply_fwd); tying xq to
   # gq also keeps XLA from hoisting the weight gradient's patch building (it
   # needs only forward residuals) to the start of the backward pass, where the
@@ -257,7 +261,8 @@ def _qapply_bwd(op: _Op, res, cts):
   ok = quant.all_finite_int8(gq) & jnp.all(jnp.isfinite(clip))
 
   def measured():
-    return dsgc.measure_gradient(g, gq, sg, clip, gmax=gmax, ratio=ratio, noise=noise,
+    return dsgc.measure_gradient(g, gq, sg, clip, gmax=gmax, ratio=ratio,
+                                 noise=noise if stochastic else None,
                                  search=cfg.grad_clip == "learned")
 
   if op.static_measure is None:

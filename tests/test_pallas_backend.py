@@ -182,9 +182,15 @@ def test_use_kernel_policy():
   assert pallas_backend._use_kernel(_spec(wide))
 
 
-def test_conv_op_interpret_chunked_contractions():
-  """chunk_k=16: every GEMM's K (forward 36, dgrad 54, wgrad 40) is split;
-  the int32 chunk parts (out_dtype=int32) are combined exactly like XLA's."""
+def test_conv_op_interpret_chunked_contractions(monkeypatch):
+  """chunk_k=16 on the im2col GEMMs (implicit kernels off): every GEMM's K
+  (forward 36, dgrad 54, wgrad 40) is split; the int32 chunk parts
+  (out_dtype=int32) are combined exactly like XLA's. The implicit kernels
+  accumulate each (short) contraction in one int32 sum: the same bits."""
+  _check_against_xla(CONV_CASES["s2_same"], expected_calls=3, grad_rounding="nearest",
+                     chunk_k=16)
+  monkeypatch.setattr(pallas_backend, "IMPLICIT_GEMM",
+                      dict.fromkeys(pallas_backend.IMPLICIT_GEMM, False))
   calls = _check_against_xla(CONV_CASES["s2_same"], grad_rounding="nearest", chunk_k=16)
   # forward ceil(36/16) + wgrad ceil(40/16); strided dgrad with win*O = 54 > 16
   # takes the transposed-conv path: ceil(54/16).
