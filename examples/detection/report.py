@@ -66,7 +66,7 @@ def _mean_std(v):
 def markdown(runs: list[dict]) -> str:
   """Every run, the per-mode mean +- std, and the per-layer cosine distances."""
   lines = ["| mode | seed | mAP@[.5:.95] | mAP@.5 | mAP@.75 | AR@100 | train loss | eval loss "
-           "| steps | s/step | wall time |",
+           "| steps | s/step (training) | wall time (all) |",
            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
   for r in sorted(runs, key=lambda r: (r["mode"], r["seed"])):
     lines.append(
@@ -94,7 +94,7 @@ def markdown(runs: list[dict]) -> str:
     for path in quant[0]["quant_layers"]:
       vals = [r["quant_layers"][path] for r in quant if path in r["quant_layers"]]
       d = [v["cosine_distance"] for v in vals]
-      lines.append(f"| `{path}` | {np.mean(d):.4f} | {min(d):.4f} | {max(d):.4f} | "
+      lines.append(f"| `{path}` | {np.mean(d):.2e} | {min(d):.2e} | {max(d):.2e} | "
                    f"{np.mean([v['clip_ratio'] for v in vals]):.3f} | "
                    f"{np.mean([v['phi'] for v in vals]):.3f} |")
   return "\n".join(lines) + "\n"

@@ -189,7 +189,8 @@ def _normalize(images, mean, std, dtype):
 
 class DetectionTask:
   """RetinaNet on a COCO-format (or VOC) dataset, for the shared loop
-  (:class:`examples.tasks.Task`). Stateless apart from an anchor cache."""
+  (:class:`examples.tasks.Task`). Holds an anchor cache and the spec's
+  normalisation constants (set by ``load_data`` / ``make_model``)."""
 
   name = "detection"
   quantizes_itself = False

@@ -243,6 +243,7 @@ def run(task, cfg) -> train_lib.Result:
           last_train = log_window()
         metrics.progress(1, {})
         if eval_every and step % eval_every == 0 and step < total_steps:
+          jax.block_until_ready(state)  # queued steps are training time, not evaluation
           t = time.time()
           ev = _evaluate(task, eval_step, state, spec, cfg, data_sharding)
           eval_s += time.time() - t
