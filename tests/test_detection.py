@@ -164,6 +164,10 @@ def test_loader_errors_name_the_bad_input(hand_coco, tmp_path):
     DetectionConfig(data_dir=hand_coco, mode="int9")
   with pytest.raises(ValueError, match="levels"):
     DetectionConfig(data_dir=hand_coco, levels="3,x")
+  with pytest.raises(ValueError, match="consecutive"):
+    DetectionConfig(data_dir=hand_coco, levels="3,5")
+  with pytest.raises(ValueError, match="start at"):
+    DetectionConfig(data_dir=hand_coco, levels="6,7")
   with pytest.raises(SystemExit, match="--max-size"):
     make_dataset.main(["--out", str(tmp_path / "g"), "--min-size", "30", "--max-size", "20"])
 

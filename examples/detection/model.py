@@ -36,7 +36,7 @@ from flax import nnx
 from examples import models as models_lib
 from examples.detection.boxes import AnchorConfig, anchors_per_cell
 
-__all__ = ["BACKBONES", "FPN", "Subnet", "RetinaNet", "LevelLayout", "level_layout",
+__all__ = ["BACKBONES", "FPN", "Subnet", "RetinaNet", "check_levels", "LevelLayout", "level_layout",
            "pack_levels", "unpack_levels"]
 
 #: Backbone name -> (blocks per stage, block class) of ``examples.models.ResNet``.
@@ -178,6 +178,17 @@ class Subnet(nnx.Module):
     return self.out(x)
 
 
+def check_levels(levels: Sequence[int]) -> tuple[list[int], list[int]]:
+  """``(backbone levels, extra levels)`` of a pyramid; ``ValueError`` unless the
+  levels are consecutive, start at 2..5 (C2..C5) and go on past 5 only from 5."""
+  levels = list(levels)
+  if not levels or min(levels) < 2 or min(levels) > 5:
+    raise ValueError(f"levels must start at a backbone level 2..5 (C2..C5), got {levels!r}")
+  if levels != list(range(levels[0], levels[0] + len(levels))):
+    raise ValueError(f"levels must be consecutive, got {levels!r}")
+  return [l for l in levels if l <= 5], [l for l in levels if l > 5]
+
+
 class RetinaNet(nnx.Module):
   """ResNet + FPN + shared class / box subnets (Lin et al. 2017).
 
@@ -204,16 +215,7 @@ class RetinaNet(nnx.Module):
     if not 0 < prior_prob < 1:
       raise ValueError(f"prior_prob must be in (0, 1), got {prior_prob!r}")
     levels = anchors.levels
-    if min(levels) < 2:
-      raise ValueError(f"pyramid levels start at 2 (C2, stride 4), got levels={levels!r}")
-    bb_levels = [l for l in levels if l <= 5]
-    extra = [l for l in levels if l > 5]
-    if not bb_levels:
-      raise ValueError(f"levels={levels!r} need at least one backbone level (2..5)")
-    if extra != list(range(6, 6 + len(extra))) or bb_levels[-1] != 5 and extra:
-      raise ValueError(f"levels above 5 must continue from 5 without gaps, got {levels!r}")
-    if bb_levels != list(range(bb_levels[0], bb_levels[-1] + 1)):
-      raise ValueError(f"levels must be consecutive, got {levels!r}")
+    bb_levels, extra = check_levels(levels)
     stage_sizes, block = BACKBONES[backbone]
     n_stages = bb_levels[-1] - 1          # C2 is stage 0
     self.anchor_config = anchors

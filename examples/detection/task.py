@@ -34,7 +34,7 @@ from flax import nnx
 import int8jax
 from examples.detection import boxes as boxes_lib
 from examples.detection import data as det_data
-from examples.detection.model import BACKBONES, RetinaNet
+from examples.detection.model import BACKBONES, RetinaNet, check_levels
 
 log = logging.getLogger("int8jax.examples.detection")
 
@@ -138,7 +138,7 @@ class DetectionConfig:
       if getattr(self, name) not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
     int8jax.modes.get(self.mode)  # ValueError naming the choices
-    self.anchor_config()          # validates levels / anchors
+    check_levels(self.anchor_config().levels)  # validates levels / anchors
 
   def anchor_config(self) -> boxes_lib.AnchorConfig:
     return boxes_lib.AnchorConfig(
