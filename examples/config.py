@@ -60,7 +60,20 @@ def _mode_help() -> str:
 
 @dataclasses.dataclass
 class Config:
-  """Every option of a training job (``--help`` documents each)."""
+  """Every option of a training job (``--help`` documents each).
+
+  A task with options of its own subclasses it (``examples.detection``'s
+  ``DetectionConfig``), overriding defaults by redefining a field, naming the
+  inherited fields that do not apply to it in ``hidden_options`` (not offered
+  on its command line) and the fields a resumed run must share with its
+  checkpoint in ``same_job``.
+  """
+
+  #: Fields not offered on the command line (they keep their defaults).
+  hidden_options: typing.ClassVar[tuple[str, ...]] = ()
+  #: Fields a resumed run must share with its checkpoint (else: another workdir).
+  same_job: typing.ClassVar[tuple[str, ...]] = ("model", "mode", "dataset", "batch_size",
+                                                "seed", "width")
 
   # data
   dataset: str = _option(
@@ -110,6 +123,8 @@ class Config:
   lr_steps: str = _option("0.5,0.75", "step schedule: comma-separated fractions of training "
                                       "where LR *= LR_DECAY")
   lr_decay: float = _option(0.1, "step schedule multiplier")
+  clip_grad_norm: float = _option(0.0, "clip the weight gradient's global norm to this value "
+                                       "before the optimizer (0: off)")
   label_smoothing: float = _option(0.0, "label smoothing of the cross-entropy (0: none)")
   batch_size: int = _option(128, "global batch size (split over devices and processes)")
   epochs: float = _option(10.0, "training length in epochs (ignored when --steps is given)")
@@ -151,7 +166,8 @@ class Config:
     for name in ("steps", "num_devices", "eval_batch_size", "width", "stop_after_steps"):
       _check(name, getattr(self, name), lambda v: v is None or v >= 1, ">= 1")
     for name in ("workers", "checkpoint_every", "histogram_every", "warmup_epochs",
-                 "eval_every_epochs", "weight_decay", "momentum", "label_smoothing"):
+                 "eval_every_epochs", "weight_decay", "momentum", "label_smoothing",
+                 "clip_grad_norm"):
       _check(name, getattr(self, name), lambda v: v >= 0, ">= 0")
     _check("epochs", self.epochs, lambda v: v > 0, "> 0")
     _check("image_size", self.image_size, lambda v: v >= 1, ">= 1")
@@ -211,7 +227,8 @@ def build_parser(defaults: dict[str, Any] | None = None, description: str | None
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   offered = set()
   for f in dataclasses.fields(config_cls):
-    if (f.name == "dataset" and fixed is not None) or not _applies(f, fixed):
+    if ((f.name == "dataset" and fixed is not None) or not _applies(f, fixed)
+        or f.name in config_cls.hidden_options):
       continue
     offered.add(f.name)
     default, help_text = getattr(base, f.name), f.metadata.get("help", "")

@@ -28,7 +28,8 @@ from int8jax import diagnostics
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MetricWriter", "TrainWindow", "quant_scalars", "layer_tensors", "format_summary"]
+__all__ = ["MetricWriter", "TrainWindow", "quant_scalars", "layer_tensors", "format_summary",
+           "format_layer_table"]
 
 
 class MetricWriter:
@@ -129,4 +130,16 @@ def layer_tensors(model: nnx.Module, loss_fn: Callable, batch: dict) -> dict:
 def format_summary(summary: dict) -> str:
   """The ``SUMMARY k=v ...`` line a run prints."""
   return "SUMMARY " + " ".join(
-      f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
+      f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()
+      if not isinstance(v, dict))  # quant_layers: summary.json and the layer table
+
+
+def format_layer_table(layers: dict[str, dict[str, float]]) -> str:
+  """Markdown table of each quantized layer's latest measurement (a summary's ``quant_layers``)."""
+  rows = ["| quantized layer | cosine distance d | clip / max\\|g\\| | clipped fraction | phi "
+          "| measurements |",
+          "| --- | ---: | ---: | ---: | ---: | ---: |"]
+  for path, s in layers.items():
+    rows.append(f"| `{path}` | {s['cosine_distance']:.4f} | {s['clip_ratio']:.3f} | "
+                f"{s['clipped_fraction']:.2e} | {s['phi']:.3f} | {s['measurements']:.0f} |")
+  return "\n".join(rows)

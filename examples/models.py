@@ -114,7 +114,8 @@ class ResNet(nnx.Module):
   Args:
     stage_sizes: blocks per stage, e.g. (2, 2, 2, 2) for ResNet-18.
     block: ``BasicBlock`` or ``Bottleneck``.
-    num_classes: classifier outputs.
+    num_classes: classifier outputs; ``None`` builds no classifier (a
+      backbone: use :meth:`feature_maps`, e.g. for detection).
     width: channels of the stem (64 in the paper); stage ``i`` has
       ``width * 2**i * block.expansion`` output channels.
     in_channels: input channels (3 for RGB).
@@ -130,22 +131,45 @@ class ResNet(nnx.Module):
     else:
       self.stem = _conv(in_channels, width, 7, 2, dtype=dtype, rngs=rngs)
     self.stem_bn = _bn(width, dtype=dtype, rngs=rngs)
-    blocks, cin = [], width
+    blocks, cin, ends, chans = [], width, [], []
     for i, n in enumerate(stage_sizes):
       cout = width * 2**i * block.expansion
       for j in range(n):
         stride = 2 if (i > 0 and j == 0) else 1
         blocks.append(block(cin, cout, stride, dtype=dtype, rngs=rngs))
         cin = cout
+      ends.append(len(blocks) - 1)
+      chans.append(cout)
     self.blocks = nnx.List(blocks)
-    self.head = nnx.Linear(cin, num_classes, dtype=dtype, rngs=rngs)
+    #: index in ``blocks`` of each stage's last block, and each stage's channels.
+    self.stage_ends = tuple(ends)
+    self.stage_channels = tuple(chans)
+    self.head = (nnx.Linear(cin, num_classes, dtype=dtype, rngs=rngs)
+                 if num_classes is not None else None)
 
-  def __call__(self, x):
+  def feature_maps(self, x) -> list[jax.Array]:
+    """The output of every stage, NHWC: ``[C2, C3, C4, C5]`` for 4 stages.
+
+    With the standard stem, stage ``i`` (0-based) has stride ``2**(i + 2)``
+    (C2 at 1/4 of the input, C5 at 1/32) and ``stage_channels[i]`` channels;
+    ``small_input`` divides every stride by 4. Spatial sizes round up
+    (SAME padding): a 64x64 input gives 16, 8, 4, 2.
+    """
     x = nnx.relu(self.stem_bn(self.stem(x)))
     if not self.small_input:
       x = nnx.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
-    for b in self.blocks:
+    feats = []
+    for i, b in enumerate(self.blocks):
       x = b(x)
+      if i in self.stage_ends:
+        feats.append(x)
+    return feats
+
+  def __call__(self, x):
+    if self.head is None:
+      raise ValueError("this ResNet was built with num_classes=None (a backbone); "
+                       "call feature_maps(x)")
+    x = self.feature_maps(x)[-1]
     return self.head(jnp.mean(x, axis=(1, 2)))
 
 

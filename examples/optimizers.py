@@ -48,8 +48,12 @@ def make_optimizer(cfg, schedule: optax.Schedule) -> optax.GradientTransformatio
     base = optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=_decay_mask)
   else:
     raise ValueError(f"--optimizer {cfg.optimizer!r}: choose from sgd, adamw")
+  if getattr(cfg, "clip_grad_norm", 0.0) > 0:
+    # Before the mode's wrapper sees the update: int8jax.optim.ui8 scales
+    # each quantized layer's (clipped) update by its phi afterwards.
+    base = optax.chain(optax.clip_by_global_norm(cfg.clip_grad_norm), base)
   return modes.get(cfg.mode).optimizer(base, clip_learning_rate=cfg.clip_lr,
-                                            clip_method=cfg.clip_method, alpha=cfg.alpha,
+                                       clip_method=cfg.clip_method, alpha=cfg.alpha,
                                        beta=cfg.beta)
 
 

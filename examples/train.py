@@ -47,6 +47,7 @@ if __package__ in (None, ""):  # run as a script: make `examples` importable
 import jax
 import numpy as np
 from flax import nnx
+import int8jax
 from int8jax import modes
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -214,12 +215,15 @@ class _Run:
     latest = self.ckpt.latest_step()
     if latest is None:
       return False
-    state, meta = self.ckpt.restore(latest, self.state)
-    for k in _SAME_JOB:
-      if k in meta.get("config", {}) and meta["config"][k] != getattr(self.cfg, k):
+    # The config first: another model (width, layers) is another state structure,
+    # and restoring it into this one would fail deep inside Orbax.
+    stored = self.ckpt.meta(latest).get("config", {})
+    for k in getattr(self.cfg, "same_job", _SAME_JOB):
+      if k in stored and stored[k] != getattr(self.cfg, k):
         raise ValueError(f"checkpoint in {self.cfg.workdir} was written with {k}="
-                         f"{meta['config'][k]!r}, this run has {getattr(self.cfg, k)!r}; "
+                         f"{stored[k]!r}, this run has {k}={getattr(self.cfg, k)!r}; "
                          "use another --workdir")
+    state, meta = self.ckpt.restore(latest, self.state)
     self.state = steps_lib.place(state, self.state_sharding)
     self.pos = Position(meta["step"], meta["epoch"], meta["index"])
     self.corrupt_ids = set(meta.get("corrupt_ids", ()))
@@ -364,6 +368,11 @@ class _Run:
         "corrupt_images_skipped": len(self.corrupt_ids),
         "corrupt_files_skipped": self.spec.skipped_files,
         "steps_this_run": self.steps_this_run, "workdir": os.path.abspath(cfg.workdir),
+        "jax": jax.__version__, "platform": jax.default_backend(),
+        # Per quantized layer: cosine distance, clip ratio, phi, measurements.
+        "quant_layers": (int8jax.diagnostics.layer_stats(nnx.merge(self.graphdef, self.state)[0],
+                                                         cfg.alpha, cfg.beta)
+                         if self.mode.quantized else {}),
     }
     self.save_model(summary)
     if self.is_main:
@@ -431,6 +440,9 @@ def train(cfg: Config, task=None) -> Result:
 def _report(result: Result, is_main: bool) -> Result:
   if is_main:
     print(metrics_lib.format_summary(result.summary), flush=True)
+    if result.summary.get("quant_layers"):
+      log.info("quantized layers at the end of training:\n%s",
+               metrics_lib.format_layer_table(result.summary["quant_layers"]))
   return result
 
 
