@@ -5,6 +5,7 @@ import math
 import os
 import shutil
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -415,8 +416,7 @@ def test_two_step_ui8_run_evaluation_and_resumption(ui8_run, tiny_dataset, tmp_p
   assert isinstance(loaded, M.RetinaNet)
   want = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   got = nnx.to_pure_dict(nnx.state(loaded, nnx.Param))
-  for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  chex.assert_trees_all_equal(want, got, strict=True)
   # (One test with the resumption below: under pytest-xdist a second test using
   # the module fixture could run in the other worker and pay its compile again.)
   _check_interrupted_run_resumes_to_the_same_state(cfg, res, tiny_dataset, tmp_path)
@@ -435,10 +435,7 @@ def _check_interrupted_run_resumes_to_the_same_state(cfg, full, tiny_dataset, tm
   assert resumed.summary["steps_this_run"] == 1 and resumed.summary["steps"] == 2
   from examples.checkpoint import state_to_pure  # pylint: disable=g-import-not-at-top
   a, b = state_to_pure(full.state), state_to_pure(resumed.state)
-  la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
-  assert [p for p, _ in la] == [p for p, _ in lb]
-  for (path, x), (_, y) in zip(la, lb):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
+  chex.assert_trees_all_equal(a, b, strict=True)  # structure, dtypes and bits
   assert resumed.summary["eval_mAP"] == full.summary["eval_mAP"]
   # ... training moved the parameters, and a changed model is refused before
   # restoring (here one hidden head conv fewer: another state structure).

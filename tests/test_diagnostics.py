@@ -1,5 +1,6 @@
 """Tests of int8jax.diagnostics: layer statistics, tensor capture, distributions."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,7 +73,7 @@ def test_capture_quantized_leaves_model_alone_and_is_repeatable():
   t1 = dg.capture_tensors(model, loss_fn, x, y)
   t2 = dg.capture_tensors(model, loss_fn, x, y)
   after = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.RngState))))
-  jax.tree.map(np.testing.assert_array_equal, before, after)
+  chex.assert_trees_all_equal(before, after, strict=True)
   assert int(model.conv.call_count[...]) == 0
   for k in t1:
     np.testing.assert_array_equal(t1[k].g, t2[k].g)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -75,9 +76,7 @@ def test_export_model_from_a_training_checkpoint(tmp_path):
   assert meta["step"] == 2 and examples.model_info(workdir)["step"] == 2
   a = ckpt_lib.state_to_pure(nnx.state(loaded))
   b = ckpt_lib.state_to_pure(nnx.state(want))
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  chex.assert_trees_all_equal(a, b, strict=True)  # structure, dtypes and bits
   with pytest.raises(ValueError, match="--step 7"):
     examples.export_model(workdir, step=7)
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,10 +35,8 @@ def _cfg(tmp_path, name, **kw):
 
 
 def _assert_trees_equal(a, b):
-  la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
-  assert [p for p, _ in la] == [p for p, _ in lb]
-  for (path, x), (_, y) in zip(la, lb):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
+  # Same structure, shapes, dtypes and bits; the failure names the leaf's path.
+  chex.assert_trees_all_equal(a, b, strict=True)
 
 
 def test_interrupted_then_resumed_run_equals_uninterrupted_run(tmp_path):
