@@ -55,7 +55,7 @@ def layer_stats(model: nnx.Module, alpha: float = 20.0, beta: float = 0.1
 
   Keys of each entry: ``cosine_distance`` (d, the mean of the per-channel
   distances: what drives the LR scaling), ``global_cosine_distance`` (the
-  whole tensor's, norm-weighted: the paper's d), ``channel_cosine_distance_max``,
+  whole tensor's, norm-weighted: the paper's d), ``channel_cosine_distance_max`` and ``_median``,
   ``clip``, ``grad_absmax``
   (``max|g|``), ``clip_ratio`` (the learned ratio of ``max|g|``; 1 means
   clipping at the max, i.e. naive INT8), ``best_ratio`` (the best candidate
@@ -71,6 +71,7 @@ def layer_stats(model: nnx.Module, alpha: float = 20.0, beta: float = 0.1
         "cosine_distance": float(s.deviation),
         "global_cosine_distance": float(s.global_deviation),
         "channel_cosine_distance_max": float(s.channel_deviation_max),
+        "channel_cosine_distance_median": float(s.channel_deviation_median),
         "clip": float(s.clip), "grad_absmax": gmax,
         "clip_ratio": float(s.clip_ratio) if float(s.clip_ratio) > 0 else 1.0,
         "best_ratio": float(s.best_ratio),

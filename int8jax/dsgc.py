@@ -18,7 +18,8 @@ accumulated over micro-batches, average correctly: every field is divided by
   distance (what drives the error-sensitive LR; see below);
 * ``global_deviation``: the cosine distance of the whole tensor (the paper's
   ``d``, norm-weighted; what the clip search minimises);
-* ``channel_deviation_max``: the largest per-channel distance;
+* ``channel_deviation_max`` / ``channel_deviation_median``: the largest and
+  the median per-channel distance (channels with a non-zero gradient);
 * ``grad_absmax``: ``max|g|``; ``clipped_fraction``: share of entries with
   ``|g| >= c``;
 * ``dlog_clip``: ``d(global d)/d(log c)`` (the paper's descent direction);
@@ -108,6 +109,7 @@ class GradQuantState:
       (drives the error-sensitive LR).
     global_deviation: cosine distance of the whole gradient tensor (paper).
     channel_deviation_max: largest per-channel cosine distance.
+    channel_deviation_median: median per-channel cosine distance.
     grad_absmax: ``max|g|`` at the latest measurement.
     clipped_fraction: fraction of gradient entries at or beyond the clip.
     dlog_clip: ``d(global_deviation)/d(log c)`` at the latest measurement.
@@ -122,6 +124,7 @@ class GradQuantState:
   deviation: jax.Array
   global_deviation: jax.Array
   channel_deviation_max: jax.Array
+  channel_deviation_median: jax.Array
   grad_absmax: jax.Array
   clipped_fraction: jax.Array
   dlog_clip: jax.Array
@@ -227,6 +230,7 @@ def measure_gradient(g: jax.Array, q: jax.Array, scale: jax.Array, clip: jax.Arr
   live = sgg_c > 0
   d_mean = jnp.sum(jnp.where(live, d_c, 0.0)) / jnp.maximum(jnp.sum(live), 1)
   d_max = jnp.max(jnp.where(live, d_c, 0.0), initial=0.0)
+  d_median = _live_median(d_c, live)
   d = _distance(sgh, sgg, shh)
 
   # Derivative w.r.t. log c (one learned ratio for every channel: d log c_i
@@ -252,10 +256,20 @@ def measure_gradient(g: jax.Array, q: jax.Array, scale: jax.Array, clip: jax.Arr
   zero = jnp.zeros((), jnp.float32)
   return GradQuantState(
       clip=zero, clip_ratio=zero, deviation=keep(d_mean), global_deviation=keep(d),
-      channel_deviation_max=keep(d_max), grad_absmax=keep(absmax),
+      channel_deviation_max=keep(d_max), channel_deviation_median=keep(d_median),
+      grad_absmax=keep(absmax),
       clipped_fraction=keep(jnp.mean(clipped.astype(jnp.float32))), dlog_clip=keep(dlog),
       best_ratio=keep(best), measurements=jnp.ones((), jnp.float32),
       nonfinite=jnp.where(finite, 0.0, 1.0).astype(jnp.float32))
+
+
+def _live_median(d_c, live):
+  """Median of ``d_c`` over the ``live`` channels (0 when none is)."""
+  n = jnp.sum(live)
+  srt = jnp.sort(jnp.where(live, d_c, jnp.inf))
+  lo = srt[jnp.maximum((n - 1) // 2, 0)]
+  hi = srt[jnp.maximum(n // 2, 0)]
+  return jnp.where(n > 0, 0.5 * (lo + hi), 0.0)
 
 
 def _search(g, gmax, ratio, noise, sgg):
@@ -344,7 +358,7 @@ def update_grad_state(state: GradQuantState, measured: GradQuantState,
   n = measured.measurements
   vals = [measured.deviation, measured.global_deviation, measured.grad_absmax,
           measured.dlog_clip, measured.clipped_fraction, measured.best_ratio,
-          measured.channel_deviation_max]
+          measured.channel_deviation_max, measured.channel_deviation_median]
   bad = ((measured.nonfinite > 0) | ~jnp.all(jnp.isfinite(jnp.stack(vals)))
          | ~measurement_is_consistent(measured))
   inv = jnp.where(n > 0, 1.0 / jnp.where(n > 0, n, 1.0), 0.0)
@@ -370,6 +384,8 @@ def update_grad_state(state: GradQuantState, measured: GradQuantState,
       global_deviation=pick(mean(measured.global_deviation), state.global_deviation),
       channel_deviation_max=pick(mean(measured.channel_deviation_max),
                                  state.channel_deviation_max),
+      channel_deviation_median=pick(mean(measured.channel_deviation_median),
+                                    state.channel_deviation_median),
       grad_absmax=pick(gmax, state.grad_absmax),
       clipped_fraction=pick(mean(measured.clipped_fraction), state.clipped_fraction),
       dlog_clip=pick(mean(measured.dlog_clip), state.dlog_clip),

@@ -289,6 +289,8 @@ def test_measurement_cotangent_and_state_update():
   per_ch = 1 - (g64 * h64).sum(0) / np.sqrt((g64 ** 2).sum(0) * (h64 ** 2).sum(0))
   np.testing.assert_allclose(m.deviation, per_ch.mean(), rtol=1e-3, atol=2e-6)
   np.testing.assert_allclose(m.channel_deviation_max, per_ch.max(), rtol=1e-3, atol=2e-6)
+  np.testing.assert_allclose(m.channel_deviation_median, np.median(per_ch), rtol=1e-3,
+                             atol=2e-6)
   assert float(m.grad_absmax) == float(c)
   assert float(m.dlog_clip) > 0  # the straight-through derivative says: lower the clip
   # ... but the measured distances say otherwise: best_ratio is the candidate
