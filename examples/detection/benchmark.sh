@@ -21,7 +21,7 @@ for seed in 0 1 2; do
     dir="$RUNS/${mode}_s${seed}"
     if [ -f "$dir/summary.json" ]; then echo "done: $dir"; continue; fi
     nice -n 10 $PY -m examples.detection.train "${COMMON[@]}" --mode "$mode" --seed "$seed" \
-      --workdir "$dir" 2>&1 | tee -a "$dir.log" | grep -E "^(step|SUMMARY)"
+      --workdir "$dir" 2>&1 | tee -a "$dir.log" | grep -E "^SUMMARY|resumed|stopping"
   done
 done
 $PY -m examples.detection.report "$RUNS"/*_s? --plot docs/figures/detection_loss.png \
