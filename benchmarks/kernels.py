@@ -225,7 +225,7 @@ def bench_conv_layer(ho, wo, cin, cout, stride, warmup, iters):
   # gradients under XLA:GPU, see int8jax.backends).
   modules["pallas"] = functools.partial(
       QuantConv, **conv_args, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0),
-      quant=QuantConfig(backend="pallas"))
+      config=QuantConfig(backend="pallas"))
   for label, make in modules.items():
     try:
       module = make()

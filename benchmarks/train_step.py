@@ -183,7 +183,7 @@ def bench_ops(name: str, batch: int, repeats: int, bf16: bool,
     gy = jax.random.normal(jax.random.key(1), jax.eval_shape(fl, x).shape)
 
     def quant_conv(period):
-      qc = QuantConv(cin, cout, (k, k), quant=qconfig(period=period),
+      qc = QuantConv(cin, cout, (k, k), config=qconfig(period=period),
                      rngs=nnx.Rngs(0), **conv_kw)
       qc(x)  # first call measures; with a huge period later calls do not
       return qc

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from int8jax.dsgc import lr_coefficient
+from int8jax.optim import lr_coefficient
 from int8jax.nn.layers import QuantConv, QuantDense, quant_layers, quant_stats
 
 __all__ = ["LayerTensors", "Distribution", "layer_stats", "capture_tensors", "distribution",

@@ -410,9 +410,3 @@ def _raise_if_inconsistent(bad, where):
         "a gradient; put them inside ui8's base optimizer (ui8(optax.chain(..., base))), "
         "which sees only the weights' gradients. Uniform rescalings (clip_by_global_norm, "
         "MultiSteps, scale) are fine where they are.")
-
-
-def lr_coefficient(deviation: jax.typing.ArrayLike, alpha: jax.typing.ArrayLike = 20.0,
-                   beta: jax.typing.ArrayLike = 0.1) -> jax.Array:
-  """Error-sensitive learning-rate coefficient ``max(exp(-alpha * d), beta)`` (§4.2)."""
-  return jnp.maximum(jnp.exp(-jnp.asarray(alpha) * deviation), beta)

@@ -32,12 +32,14 @@ References:
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import optax
 
 from int8jax.dsgc import (CLIP_METHODS, NUM_FIELDS, GradQuantState, as_state,
-                          assert_measurement_consistent, lr_coefficient, update_grad_state)
+                          assert_measurement_consistent, update_grad_state)
 
 
 def _is_state(x) -> bool:
@@ -190,11 +192,30 @@ def error_sensitive_lr(alpha: jax.typing.ArrayLike = 20.0,
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-def quant_state_labels(params, quant: str = "quant", other: str = "params"):
-  """Label tree (a prefix of ``params``): ``quant`` for the quantization
-  states (:func:`is_quant_state`), ``other`` for everything else."""
+def lr_coefficient(deviation: jax.typing.ArrayLike, alpha: jax.typing.ArrayLike = 20.0,
+                   beta: jax.typing.ArrayLike = 0.1) -> jax.Array:
+  """Error-sensitive learning-rate coefficient ``max(exp(-alpha * d), beta)`` (§4.2)."""
+  return jnp.maximum(jnp.exp(-jnp.asarray(alpha) * deviation), beta)
+
+
+def quant_state_labels(params, state_label: str = "grad_quant", param_label: str = "params",
+                       **deprecated):
+  """Label tree (a prefix of ``params``): ``state_label`` for the gradient-
+  quantization states (:func:`is_quant_state`), ``param_label`` for the rest.
+
+  (``quant=`` / ``other=`` are the deprecated former names of the two labels.)
+  """
+  unknown = set(deprecated) - {"quant", "other"}
+  if unknown:
+    raise TypeError(f"quant_state_labels: unexpected arguments {sorted(unknown)}")
+  if deprecated:
+    warnings.warn("quant_state_labels(quant=, other=) is deprecated: use state_label=, "
+                  "param_label=", DeprecationWarning, stacklevel=2)
+    state_label = deprecated.get("quant", state_label)
+    param_label = deprecated.get("other", param_label)
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: quant if is_quant_state(path, x) else other, params, is_leaf=_is_state)
+      lambda path, x: state_label if is_quant_state(path, x) else param_label, params,
+      is_leaf=_is_state)
 
 
 def ui8(base: optax.GradientTransformation, *,
@@ -204,7 +225,7 @@ def ui8(base: optax.GradientTransformation, *,
         clip_method: str = "search") -> optax.GradientTransformation:
   """UI8 around a base optimizer.
 
-  ``chain(partition({params: base, quant: direction_sensitive_clip}),
+  ``chain(partition({params: base, grad_quant: direction_sensitive_clip}),
   error_sensitive_lr)``: the base optimizer (SGD with momentum, AdamW, ...)
   updates the weights only; the clip learner updates the quantization state;
   the error-sensitive coefficient scales each quantized layer's final update.
@@ -223,7 +244,7 @@ def ui8(base: optax.GradientTransformation, *,
   """
   tx = optax.partition(
       {"params": base,
-       "quant": direction_sensitive_clip(clip_learning_rate, learn_clip, clip_method)},
+       "grad_quant": direction_sensitive_clip(clip_learning_rate, learn_clip, clip_method)},
       quant_state_labels)
   if scale_lr:
     tx = optax.chain(tx, error_sensitive_lr(alpha, beta))

@@ -70,7 +70,7 @@ def test_keeps_arguments_and_the_same_weight_variables():
                  "feature_group_count", "use_bias", "kernel_dilation", "input_dilation",
                  "dtype", "param_dtype", "precision"):
       assert getattr(new, attr) == getattr(old, attr), attr
-    assert new.quant == int8jax.QuantConfig(period=7)
+    assert new.config == int8jax.QuantConfig(period=7)
 
 
 def test_mobilenet_depthwise_layers_keep_their_groups():

@@ -17,9 +17,9 @@ class Tiny(nnx.Module):
   """conv -> relu -> depthwise conv -> relu -> GAP -> dense (all quantizable)."""
 
   def __init__(self, quant, rngs):
-    self.conv = QuantConv(2, 4, (3, 3), quant=quant, rngs=rngs)
-    self.dw = QuantConv(4, 4, (3, 3), feature_group_count=4, quant=quant, rngs=rngs)
-    self.head = QuantDense(4, 3, quant=quant, rngs=rngs)
+    self.conv = QuantConv(2, 4, (3, 3), config=quant, rngs=rngs)
+    self.dw = QuantConv(4, 4, (3, 3), feature_group_count=4, config=quant, rngs=rngs)
+    self.head = QuantDense(4, 3, config=quant, rngs=rngs)
 
   def __call__(self, x):
     h = nnx.relu(self.conv(x))

@@ -34,7 +34,7 @@ def test_quantconv_off_matches_nnx_conv_exactly(kw):
   x = _input(kw)
   ref = nnx.Conv(**kw, rngs=nnx.Rngs(0))
   for quant in (None, int8jax.QuantConfig(enabled=False)):
-    q = QuantConv(**kw, quant=quant, rngs=nnx.Rngs(0))
+    q = QuantConv(**kw, config=quant, rngs=nnx.Rngs(0))
     np.testing.assert_array_equal(q.kernel[...], ref.kernel[...])
     np.testing.assert_array_equal(q(x), ref(x))
     gq = nnx.grad(lambda m: (m(x) ** 2).sum())(q)
@@ -70,7 +70,7 @@ def test_quantconv_extra_batch_dims_and_dtype():
 def test_quantdense_off_matches_nnx_linear_exactly(quant):
   x = jax.random.normal(jax.random.key(0), (3, 5, 7))
   ref = nnx.Linear(7, 4, rngs=nnx.Rngs(1))
-  q = QuantDense(7, 4, quant=quant, rngs=nnx.Rngs(1))
+  q = QuantDense(7, 4, config=quant, rngs=nnx.Rngs(1))
   np.testing.assert_array_equal(q(x), ref(x))
 
 
@@ -94,8 +94,8 @@ def test_state_lives_in_own_variable_types():
 
 
 def test_bad_module_arguments():
-  with pytest.raises(TypeError, match="quant"):
-    QuantConv(3, 4, (3, 3), quant="int8", rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match="config"):
+    QuantConv(3, 4, (3, 3), config="int8", rngs=nnx.Rngs(0))
   with pytest.raises(TypeError, match="conv_general_dilated"):
     QuantConv(3, 4, (3, 3), conv_general_dilated=jax.lax.conv_general_dilated, rngs=nnx.Rngs(0))
   q = QuantConv(3, 4, (3, 3), rngs=nnx.Rngs(0))
@@ -105,7 +105,7 @@ def test_bad_module_arguments():
 
 def test_periodic_measurement_without_recompiling():
   """Measure on calls 0, 3, 6 (period 3); one compiled step for all steps."""
-  q = QuantConv(2, 4, (3, 3), quant=int8jax.QuantConfig(period=3), rngs=nnx.Rngs(0))
+  q = QuantConv(2, 4, (3, 3), config=int8jax.QuantConfig(period=3), rngs=nnx.Rngs(0))
   traces = []
 
   @nnx.jit
@@ -169,10 +169,10 @@ class SmallCNN(nnx.Module):
   def __init__(self, quant, rngs):
     self.c0 = nnx.Conv(1, 8, (3, 3), rngs=rngs)  # first conv float, as in the paper
     self.bn0 = nnx.BatchNorm(8, rngs=rngs)
-    self.c1 = QuantConv(8, 16, (3, 3), strides=2, quant=quant, rngs=rngs)
+    self.c1 = QuantConv(8, 16, (3, 3), strides=2, config=quant, rngs=rngs)
     self.bn1 = nnx.BatchNorm(16, rngs=rngs)
-    self.c2 = QuantConv(16, 16, (3, 3), feature_group_count=16, quant=quant, rngs=rngs)
-    self.c3 = QuantConv(16, 16, (1, 1), quant=quant, rngs=rngs)
+    self.c2 = QuantConv(16, 16, (3, 3), feature_group_count=16, config=quant, rngs=rngs)
+    self.c3 = QuantConv(16, 16, (1, 1), config=quant, rngs=rngs)
     self.fc = nnx.Linear(16, 10, rngs=rngs)  # classifier float
 
   def __call__(self, x):
@@ -222,7 +222,7 @@ class _StemNet(nnx.Module):
   def __init__(self, rngs, period=1):
     self.stem = nnx.Conv(3, 8, (3, 3), rngs=rngs)
     self.bn = nnx.BatchNorm(8, rngs=rngs)
-    self.conv = QuantConv(8, 8, (3, 3), quant=int8jax.QuantConfig(period=period), rngs=rngs)
+    self.conv = QuantConv(8, 8, (3, 3), config=int8jax.QuantConfig(period=period), rngs=rngs)
     self.head = nnx.Linear(8, 10, rngs=rngs)
 
   def __call__(self, x):
@@ -285,7 +285,7 @@ def test_quantconv_bf16_float_parts():
 def test_measure_mode_never_and_always():
   """'always' measures every call, 'never' none (and reuses the stored clip);
   a layer never measured gives NaN gradients in 'never' mode, counted."""
-  q = QuantConv(2, 4, (3, 3), quant=int8jax.QuantConfig(period=1000), rngs=nnx.Rngs(0))
+  q = QuantConv(2, 4, (3, 3), config=int8jax.QuantConfig(period=1000), rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (2, 6, 6, 2))
   grad = nnx.grad(lambda m: (m(x) ** 2).sum(), argnums=nnx.DiffState(0, TRAINABLE))
   count = lambda g: float(int8jax.read_measurement(
@@ -314,7 +314,7 @@ def test_quantconvtranspose_matches_nnx_convtranspose(kw):
   from int8jax.nn import QuantConvTranspose
   x = jax.random.normal(jax.random.key(0), (2, 5, 6, 3))
   ref = nnx.ConvTranspose(3, 4, (3, 3), rngs=nnx.Rngs(0), **kw)
-  off = QuantConvTranspose(3, 4, (3, 3), quant=None, rngs=nnx.Rngs(0), **kw)
+  off = QuantConvTranspose(3, 4, (3, 3), config=None, rngs=nnx.Rngs(0), **kw)
   q = QuantConvTranspose(3, 4, (3, 3), rngs=nnx.Rngs(0), **kw)
   np.testing.assert_array_equal(off(x), ref(x))
   want, got = ref(x), q(x)
@@ -323,3 +323,19 @@ def test_quantconvtranspose_matches_nnx_convtranspose(kw):
   loss = lambda m: (m(x) ** 2).sum()
   g, g_ref = nnx.grad(loss)(q)["kernel"][...], nnx.grad(loss)(ref)["kernel"][...]
   assert float(jnp.linalg.norm(g - g_ref) / jnp.linalg.norm(g_ref)) < 0.08
+
+
+def test_deprecated_names_still_work_and_warn():
+  """The layer argument ``quant=`` is now ``config=``; the old name warns."""
+  cfg = int8jax.QuantConfig(period=3)
+  with pytest.warns(DeprecationWarning, match="config="):
+    old = QuantConv(2, 4, (3, 3), quant=cfg, rngs=nnx.Rngs(0))
+  new = QuantConv(2, 4, (3, 3), config=cfg, rngs=nnx.Rngs(0))
+  assert old.config == new.config == old.quant == cfg
+  with pytest.raises(TypeError, match="config must be an int8jax.QuantConfig"):
+    QuantConv(2, 4, (3, 3), config="ui8", rngs=nnx.Rngs(0))
+  params = {"w": jnp.zeros(3), "grad_quant": jnp.zeros(int8jax.dsgc.NUM_FIELDS)}
+  assert int8jax.optim.quant_state_labels(params) == {"w": "params", "grad_quant": "grad_quant"}
+  with pytest.warns(DeprecationWarning, match="state_label"):
+    assert int8jax.optim.quant_state_labels(params, quant="q", other="o") == {
+        "w": "o", "grad_quant": "q"}

@@ -151,7 +151,7 @@ def test_params_required():
 class _Net(nnx.Module):
   def __init__(self, rngs):
     self.stem = nnx.Conv(3, 8, (3, 3), rngs=rngs)
-    self.conv = int8jax.nn.QuantConv(8, 8, (3, 3), quant=int8jax.QuantConfig(period=1),
+    self.conv = int8jax.nn.QuantConv(8, 8, (3, 3), config=int8jax.QuantConfig(period=1),
                                      rngs=rngs)
     self.head = nnx.Linear(8, 10, rngs=rngs)
 

@@ -112,7 +112,7 @@ def _constructor_kwargs(old: nnx.Module, cls: type) -> dict[str, Any]:
 
 def _convert(old: nnx.Module, cls: type, config: QuantConfig, rngs: nnx.Rngs):
   kw = _constructor_kwargs(old, cls)
-  new = cls(**kw, quant=config, rngs=rngs)
+  new = cls(**kw, config=config, rngs=rngs)
   for name in ("kernel", "bias"):
     old_v, new_v = getattr(old, name, None), getattr(new, name, None)
     if old_v is None and new_v is None:

@@ -2,8 +2,9 @@
 
 Both are drop-in subclasses of their Flax twins (``nnx.Conv``, ``nnx.Linear``):
 same constructor arguments, layouts (NHWC inputs, HWIO kernels), parameter
-initialisation and names, plus ``quant: QuantConfig | None``. With
-``quant=None`` or ``QuantConfig(enabled=False)`` they compute exactly what the
+initialisation and names, plus ``config: QuantConfig | None`` (the
+quantization config; ``quant=`` is its deprecated former name). With
+``config=None`` or ``QuantConfig(enabled=False)`` they compute exactly what the
 Flax layer computes.
 
 Quantization state (not ``nnx.Param``, so optimizers and filters tell them
@@ -11,9 +12,9 @@ apart, like BatchNorm's ``BatchStat``):
 
 * :class:`ActRange` — cached activation clip value ``max|x|``, written in
   the forward pass on measure steps;
-* :class:`GradQuant` — the gradient state
-  (:class:`int8jax.dsgc.GradQuantState`: learned clip, latest cosine distance,
-  ...). It is differentiable: its gradient is the backward pass's measurement,
+* :class:`GradQuant` — the variable holding the layer's gradient state, whose
+  value is a :class:`int8jax.dsgc.GradQuantState` (learned clip, latest cosine
+  distance, ...) packed into one float32 vector (``.state`` unpacks it). It is differentiable: its gradient is the backward pass's measurement,
   which :func:`int8jax.optim.ui8` turns into the state update. Include it in
   ``nnx.grad`` / ``nnx.Optimizer`` with the filter :data:`TRAINABLE`;
 * :class:`QuantCounter` — the layer's call count (selects measure steps) and
@@ -30,6 +31,8 @@ and ``model.eval()`` stops counting and measuring.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +75,9 @@ class QuantCounter(nnx.Variable):
 TRAINABLE = nnx.Any(nnx.Param, GradQuant)
 
 
+#: Default of the deprecated ``quant=`` argument: not given (``config=`` is used).
+_UNSET = object()
+
 #: What a quantized layer's ``measure_mode`` may be (see :func:`set_measure_mode`).
 MEASURE_MODES = ("periodic", "always", "never")
 
@@ -79,11 +85,15 @@ MEASURE_MODES = ("periodic", "always", "never")
 class _QuantMixin:
   """State and per-call inputs shared by QuantConv and QuantDense."""
 
-  def _init_quant(self, quant_config, rng_collection, deterministic, rngs):
-    if quant_config is not None and not isinstance(quant_config, QuantConfig):
-      raise TypeError(f"quant must be an int8jax.QuantConfig or None, "
-                      f"got {type(quant_config).__name__}")
-    self.quant = quant_config
+  def _init_quant(self, config, quant, rng_collection, deterministic, rngs):
+    if quant is not _UNSET:
+      warnings.warn(f"{type(self).__name__}(quant=...) is deprecated: use config=...",
+                    DeprecationWarning, stacklevel=3)
+      config = quant
+    if config is not None and not isinstance(config, QuantConfig):
+      raise TypeError(f"config must be an int8jax.QuantConfig or None, "
+                      f"got {type(config).__name__}")
+    self.config = config
     self.deterministic = deterministic
     self.rng_collection = rng_collection
     self.measure_mode = "periodic"
@@ -94,13 +104,18 @@ class _QuantMixin:
     self.quant_rngs = rngs[rng_collection].fork()
 
   @property
+  def quant(self) -> QuantConfig | None:
+    """Deprecated name of :attr:`config`."""
+    return self.config
+
+  @property
   def quantized(self) -> bool:
-    return self.quant is not None and self.quant.enabled
+    return self.config is not None and self.config.enabled
 
   def _quant_call(self, op, x, *args, **kwargs):
     """Runs the quantized ``op`` (a ``*_with_status`` op) on ``x``; updates the
     counters and the cached activation range."""
-    cfg = self.quant
+    cfg = self.config
     cached = self.act_range[...]
     if self.deterministic:
       measure = False
@@ -156,14 +171,15 @@ class QuantConv(_QuantMixin, nnx.Conv):
   """
 
   def __init__(self, in_features: int, out_features: int, kernel_size, strides=1, *,
-               quant: QuantConfig | None = QuantConfig(), deterministic: bool = False,
+               config: QuantConfig | None = QuantConfig(), quant=_UNSET,
+               deterministic: bool = False,
                rng_collection: str = "quant", rngs: nnx.Rngs, **conv_kwargs):
     if "conv_general_dilated" in conv_kwargs:
       raise TypeError("QuantConv does not take conv_general_dilated=: it provides its own")
     super().__init__(in_features, out_features, kernel_size, strides, rngs=rngs,
                      **conv_kwargs)
     del self.conv_general_dilated  # nnx.Conv.__call__ now finds the method below
-    self._init_quant(quant, rng_collection, deterministic, rngs)
+    self._init_quant(config, quant, rng_collection, deterministic, rngs)
 
   def conv_general_dilated(self, lhs, rhs, window_strides, padding, lhs_dilation=None,
                            rhs_dilation=None, dimension_numbers=None,
@@ -188,13 +204,14 @@ class QuantDense(_QuantMixin, nnx.Linear):
   """
 
   def __init__(self, in_features: int, out_features: int, *,
-               quant: QuantConfig | None = QuantConfig(), deterministic: bool = False,
+               config: QuantConfig | None = QuantConfig(), quant=_UNSET,
+               deterministic: bool = False,
                rng_collection: str = "quant", rngs: nnx.Rngs, **linear_kwargs):
     if "dot_general" in linear_kwargs:
       raise TypeError("QuantDense does not take dot_general=: it provides its own")
     super().__init__(in_features, out_features, rngs=rngs, **linear_kwargs)
     del self.dot_general
-    self._init_quant(quant, rng_collection, deterministic, rngs)
+    self._init_quant(config, quant, rng_collection, deterministic, rngs)
 
   def dot_general(self, lhs, rhs, dimension_numbers, precision=None, **kwargs):
     if not self.quantized:
@@ -216,10 +233,11 @@ class QuantConvTranspose(_QuantMixin, nnx.ConvTranspose):
   """
 
   def __init__(self, in_features: int, out_features: int, kernel_size, strides=None, *,
-               quant: QuantConfig | None = QuantConfig(), deterministic: bool = False,
+               config: QuantConfig | None = QuantConfig(), quant=_UNSET,
+               deterministic: bool = False,
                rng_collection: str = "quant", rngs: nnx.Rngs, **kwargs):
     super().__init__(in_features, out_features, kernel_size, strides, rngs=rngs, **kwargs)
-    self._init_quant(quant, rng_collection, deterministic, rngs)
+    self._init_quant(config, quant, rng_collection, deterministic, rngs)
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
     if not self.quantized:
