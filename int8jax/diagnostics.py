@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 
 from int8jax.optim import lr_coefficient
-from int8jax.nn.layers import QuantConv, QuantDense, quant_layers, quant_stats
+from int8jax.nn.layers import QuantDense, quant_layers, quant_stats
 
 __all__ = ["LayerTensors", "Distribution", "layer_stats", "capture_tensors", "distribution",
            "LOG_BINS", "QuantizeFusion", "quantize_fusions"]

@@ -1,4 +1,10 @@
-"""int8jax.nn.quantize_model: in-place conversion of nnx.Conv / nnx.Linear."""
+"""int8jax.nn.quantize_model: in-place conversion of nnx.Conv / nnx.Linear.
+
+This library test imports the examples' model zoo on purpose: conversion is
+checked on the real architectures users convert (ResNets with projections,
+MobileNetV2's depthwise convs, VGG), which a tiny model of the test's own
+would not exercise. (tests/test_step_memory.py does the same for ResNet-20.)
+"""
 
 import jax
 import jax.numpy as jnp

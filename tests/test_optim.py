@@ -233,3 +233,11 @@ def test_readme_composition_trains():
   readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
   assert "optax.MultiSteps(tx, every_k_schedule=4)" in readme
   assert "int8jax.optim.ui8(optax.chain(decay, sgd))" in readme
+
+
+def test_lr_coefficient_formula():
+  d = jnp.array([0.0, 0.01, 0.05, 0.1, 0.2, 1.0])
+  np.testing.assert_allclose(int8jax.lr_coefficient(d), np.maximum(np.exp(-20 * d), 0.1),
+                             rtol=1e-6)
+  np.testing.assert_allclose(int8jax.lr_coefficient(d, alpha=5.0, beta=0.5),
+                             np.maximum(np.exp(-5 * d), 0.5), rtol=1e-6)
