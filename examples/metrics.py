@@ -29,7 +29,7 @@ from int8jax import diagnostics
 log = logging.getLogger(__name__)
 
 __all__ = ["MetricWriter", "TrainWindow", "quant_scalars", "layer_tensors", "format_summary",
-           "format_layer_table"]
+           "format_layer_table", "read_scalars"]
 
 
 class MetricWriter:
@@ -143,3 +143,16 @@ def format_layer_table(layers: dict[str, dict[str, float]]) -> str:
     rows.append(f"| `{path}` | {s['cosine_distance']:.4f} | {s['clip_ratio']:.3f} | "
                 f"{s['clipped_fraction']:.2e} | {s['phi']:.3f} | {s['measurements']:.0f} |")
   return "\n".join(rows)
+
+
+def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
+  """``{tag: [(step, value), ...]}`` (sorted by step) of the event files in ``logdir``.
+
+  Read with TensorBoard's own ``EventAccumulator`` (no TensorFlow needed):
+  what ``tensorboard --logdir`` shows.
+  """
+  from tensorboard.backend.event_processing import event_accumulator as ea  # pylint: disable=g-import-not-at-top
+  acc = ea.EventAccumulator(os.fspath(logdir), size_guidance={ea.SCALARS: 0})
+  acc.Reload()
+  return {tag: sorted((int(e.step), float(e.value)) for e in acc.Scalars(tag))
+          for tag in acc.Tags()["scalars"]}

@@ -358,7 +358,7 @@ class _Run:
     self._write_eval(final_eval)
     summary = {
         "dataset": getattr(cfg, "dataset", None), "model": getattr(cfg, "model", None),
-        "mode": cfg.mode, "steps": self.pos.step,
+        "mode": cfg.mode, "seed": cfg.seed, "steps": self.pos.step,
         "epochs": self.pos.step / self.spe, "batch_size": cfg.batch_size,
         "devices": self.mesh.size, "processes": jax.process_count(),
         **self.last_train, **final_eval,

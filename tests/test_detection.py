@@ -446,3 +446,18 @@ def _check_interrupted_run_resumes_to_the_same_state(cfg, full, tiny_dataset, tm
              for x, y in zip(jax.tree.leaves(p0), jax.tree.leaves(p1))) > 0
   with pytest.raises(ValueError, match="head_convs=1"):
     T.run(_cfg(tmp_path, tiny_dataset, "cut", **{**kw, "head_convs": 0}))
+
+
+def test_report_tables_every_run_and_the_mode_means():
+  from examples.detection import report  # pylint: disable=g-import-not-at-top
+  layer = {"cosine_distance": 0.01, "clip_ratio": 0.8, "phi": 0.82}
+  runs = [dict(mode=m, seed=s, eval_mAP=0.3 + 0.01 * s, eval_mAP50=0.6, eval_mAP75=0.3,
+               eval_AR100=0.5, train_loss=0.3, eval_loss=0.4, steps=10, batch_size=32,
+               images_per_s=64.0, wall_s=60.0, quant_layers={"fpn/out": layer} if m == "ui8"
+               else {}) for m in ("float32", "ui8") for s in (0, 1)]
+  md = report.markdown(runs)
+  for m in ("float32", "ui8"):  # every run
+    assert f"| {m} | 0 |" in md and f"| {m} | 1 |" in md
+  assert "| ui8 | 2 | 30.50 ± 0.71 |" in md  # mean ± std (ddof 1) over the seeds
+  assert "| 0.500 |" in md  # s/step = batch / images_per_s
+  assert "`fpn/out`" in md

@@ -12,34 +12,15 @@ by :mod:`examples.detection.train`. Runs are grouped by ``mode``.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
-import struct
 from collections import defaultdict
 
 import numpy as np
 
+from examples.metrics import read_scalars
+
 __all__ = ["read_scalars", "load_runs", "markdown", "plot", "main"]
-
-
-def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
-  """``{tag: [(step, value), ...]}`` of every tensorboardX event file in ``logdir``."""
-  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
-  out: dict[str, list] = defaultdict(list)
-  for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
-    with open(path, "rb") as f:
-      buf = f.read()
-    pos = 0
-    while pos + 12 <= len(buf):  # TFRecord: u64 length, u32 crc, payload, u32 crc
-      (length,) = struct.unpack("<Q", buf[pos:pos + 8])
-      payload = buf[pos + 12:pos + 12 + length]
-      pos += 12 + length + 4
-      ev = event_pb2.Event()
-      ev.ParseFromString(payload)
-      for v in ev.summary.value:
-        out[v.tag].append((int(ev.step), float(v.simple_value)))
-  return {k: sorted(v) for k, v in out.items()}
 
 
 def load_runs(dirs: list[str]) -> list[dict]:
