@@ -349,9 +349,11 @@ def main(argv=None):
       raise SystemExit(f"unknown settings {sorted(unknown)}; have {[s.name for s in grid]}")
     grid = [s for s in grid if s.name in names]
   if a.variants:
-    grid = [dataclasses.replace(s, variants=tuple(v for v in s.variants
-                                                  if v in a.variants.split(",")))
-            for s in grid]
+    chosen = tuple(v for v in a.variants.split(",") if v)
+    unknown = set(chosen) - set(int8jax.modes.MODE_NAMES)
+    if unknown:
+      raise SystemExit(f"unknown variants {sorted(unknown)}; modes: {int8jax.modes.MODE_NAMES}")
+    grid = [dataclasses.replace(s, variants=chosen) for s in grid]
   if a.epochs is not None:
     grid = [dataclasses.replace(s, epochs=a.epochs) for s in grid]
   if a.period is not None:

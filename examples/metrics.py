@@ -29,7 +29,7 @@ from int8jax import diagnostics
 log = logging.getLogger(__name__)
 
 __all__ = ["MetricWriter", "TrainWindow", "quant_scalars", "layer_tensors", "format_summary",
-           "format_layer_table", "read_scalars"]
+           "format_layer_table", "read_scalars", "event_tags"]
 
 
 class MetricWriter:
@@ -145,14 +145,26 @@ def format_layer_table(layers: dict[str, dict[str, float]]) -> str:
   return "\n".join(rows)
 
 
+def _accumulator(logdir: str):
+  from tensorboard.backend.event_processing import event_accumulator as ea  # pylint: disable=g-import-not-at-top
+  acc = ea.EventAccumulator(os.fspath(logdir),
+                            size_guidance={ea.SCALARS: 0, ea.HISTOGRAMS: 0})
+  acc.Reload()
+  return acc
+
+
 def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
   """``{tag: [(step, value), ...]}`` (sorted by step) of the event files in ``logdir``.
 
   Read with TensorBoard's own ``EventAccumulator`` (no TensorFlow needed):
   what ``tensorboard --logdir`` shows.
   """
-  from tensorboard.backend.event_processing import event_accumulator as ea  # pylint: disable=g-import-not-at-top
-  acc = ea.EventAccumulator(os.fspath(logdir), size_guidance={ea.SCALARS: 0})
-  acc.Reload()
+  acc = _accumulator(logdir)
   return {tag: sorted((int(e.step), float(e.value)) for e in acc.Scalars(tag))
           for tag in acc.Tags()["scalars"]}
+
+
+def event_tags(logdir: str) -> set[str]:
+  """Every scalar and histogram tag of the event files in ``logdir``."""
+  tags = _accumulator(logdir).Tags()
+  return set(tags["scalars"]) | set(tags["histograms"])

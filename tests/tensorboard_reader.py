@@ -1,7 +1,7 @@
-"""Test helper: the scalar tags of a run's TensorBoard event files."""
+"""Test helper: the tags of a run's TensorBoard event files (scalars and histograms)."""
 
-from examples.metrics import read_scalars
+from examples.metrics import event_tags
 
 
 def scalar_tags(logdir) -> set[str]:
-  return set(read_scalars(logdir))
+  return event_tags(logdir)
