@@ -157,10 +157,14 @@ def make_model(s: Setting, seed: int) -> nnx.Module:
                                 in_channels=1, num_classes=10, rngs=rngs)
 
 
+#: Library choices every run of this invocation uses (``--lr-deviation``).
+OVERRIDES: dict = {}
+
+
 def train_config(s: Setting, mode: str, seed: int) -> Config:
   return Config(mode=mode, lr=s.lr, momentum=0.9, weight_decay=s.weight_decay,
-                          schedule="cosine", batch_size=s.batch_size, epochs=s.epochs,
-                          period=s.period, seed=seed)
+                schedule="cosine", batch_size=s.batch_size, epochs=s.epochs,
+                period=s.period, seed=seed, **OVERRIDES)
 
 
 # ------------------------------------------------------------------- loop
@@ -230,7 +234,7 @@ def run_one(s: Setting, mode: str, seed: int, data, hook=None, hook_steps=()) ->
       diverged = True
     if quantized:
       m, _ = nnx.merge(graphdef, state)
-      st = diagnostics.layer_stats(m)
+      st = diagnostics.layer_stats(m, lr_deviation=OVERRIDES.get("lr_deviation"))
       layer_d.append({"step": step, **{k: v["cosine_distance"] for k, v in st.items()}})
   losses = [float(v) for v in jax.device_get(losses)]
   correct = sum(int(eval_step(state, xte[i:i + 500], yte[i:i + 500]))
@@ -238,7 +242,7 @@ def run_one(s: Setting, mode: str, seed: int, data, hook=None, hook_steps=()) ->
   final_stats = {}
   if quantized:
     m, _ = nnx.merge(graphdef, state)
-    final_stats = diagnostics.layer_stats(m)
+    final_stats = diagnostics.layer_stats(m, lr_deviation=OVERRIDES.get("lr_deviation"))
   return {"setting": s.name, "mode": mode, "seed": seed, "steps": step,
           "test_accuracy": correct / len(xte), "train_loss": losses,
           "final_train_loss": float(np.mean(losses[-spe:])),
@@ -338,8 +342,13 @@ def main(argv=None):
   p.add_argument("--epochs", type=float, default=None, help="override every setting's epochs")
   p.add_argument("--period", type=int, default=None,
                  help="override every setting's measure period (quantized layers)")
+  p.add_argument("--lr-deviation", default=None, choices=int8jax.optim.LR_DEVIATIONS,
+                 help="the d that drives the error-sensitive LR (default: the library's, "
+                 f"{int8jax.optim.DEFAULT_LR_DEVIATION})")
   p.add_argument("--out", default=os.path.join(ROOT, "docs", "figures"))
   a = p.parse_args(argv)
+  if a.lr_deviation is not None:
+    OVERRIDES["lr_deviation"] = a.lr_deviation
 
   grid = settings(a.scale)
   if a.only:

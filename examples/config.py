@@ -109,6 +109,10 @@ class Config:
                                        "smallest cosine distance) | gradient (the paper's "
                                        "descent on log(clip))", choices=("search", "gradient"))
   alpha: float = _option(20.0, "error-sensitive LR: phi = max(exp(-alpha d), beta)")
+  lr_deviation: str = _option(
+      int8jax.optim.DEFAULT_LR_DEVIATION, "which measured cosine distance d drives the "
+      "error-sensitive LR: mean / median of the per-channel distances, or global (the "
+      "paper's, norm-weighted)", choices=int8jax.optim.LR_DEVIATIONS)
   beta: float = _option(0.1, "error-sensitive LR lower bound")
   # optimization
   optimizer: str = _option("sgd", "sgd (momentum) | adamw", choices=("sgd", "adamw"))

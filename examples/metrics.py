@@ -111,10 +111,11 @@ class TrainWindow:
     return self.images / max(time.time() - self.t, 1e-9)
 
 
-def quant_scalars(model: nnx.Module, alpha: float, beta: float) -> dict[str, float]:
+def quant_scalars(model: nnx.Module, alpha: float, beta: float,
+                  lr_deviation: str | None = None) -> dict[str, float]:
   """``quant/<layer>/<stat>`` of :func:`int8jax.diagnostics.layer_stats`."""
   return {f"quant/{path}/{k}": v
-          for path, stats in diagnostics.layer_stats(model, alpha, beta).items()
+          for path, stats in diagnostics.layer_stats(model, alpha, beta, lr_deviation).items()
           for k, v in stats.items()}
 
 

@@ -54,7 +54,8 @@ def make_optimizer(cfg, schedule: optax.Schedule) -> optax.GradientTransformatio
     base = optax.chain(optax.clip_by_global_norm(cfg.clip_grad_norm), base)
   return modes.get(cfg.mode).optimizer(base, clip_learning_rate=cfg.clip_lr,
                                        clip_method=cfg.clip_method, alpha=cfg.alpha,
-                                       beta=cfg.beta)
+                                       beta=cfg.beta,
+                                       lr_deviation=getattr(cfg, "lr_deviation", "mean"))
 
 
 def create_optimizer(cfg, model, schedule: optax.Schedule):

@@ -323,7 +323,8 @@ class _Run:
             "train/images_per_s": window.images_per_s()}
     if self.mode.quantized and self.is_main:
       vals.update(metrics_lib.quant_scalars(nnx.merge(self.graphdef, self.state)[0],
-                                            self.cfg.alpha, self.cfg.beta))
+                                            self.cfg.alpha, self.cfg.beta,
+                                            getattr(self.cfg, "lr_deviation", None)))
     self.writer.scalars(step, vals)
     self.writer.progress(0, {**{k: f"{v:.4f}" for k, v in means.items()}, "lr": f"{lr:.3g}",
                              "img/s": f"{vals['train/images_per_s']:.0f}"})
@@ -371,7 +372,8 @@ class _Run:
         "jax": jax.__version__, "platform": jax.default_backend(),
         # Per quantized layer: cosine distance, clip ratio, phi, measurements.
         "quant_layers": (int8jax.diagnostics.layer_stats(nnx.merge(self.graphdef, self.state)[0],
-                                                         cfg.alpha, cfg.beta)
+                                                         cfg.alpha, cfg.beta,
+                                                         getattr(cfg, "lr_deviation", None))
                          if self.mode.quantized else {}),
     }
     self.save_model(summary)

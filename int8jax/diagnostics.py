@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from int8jax import optim
 from int8jax.optim import lr_coefficient
 from int8jax.nn.layers import QuantDense, quant_layers, quant_stats
 
@@ -49,8 +50,8 @@ __all__ = ["LayerTensors", "Distribution", "layer_stats", "capture_tensors", "di
 LOG_BINS = np.linspace(-6.0, 0.0, 49)
 
 
-def layer_stats(model: nnx.Module, alpha: float = 20.0, beta: float = 0.1
-                ) -> dict[str, dict[str, float]]:
+def layer_stats(model: nnx.Module, alpha: float = 20.0, beta: float = 0.1,
+                lr_deviation: str | None = None) -> dict[str, dict[str, float]]:
   """Per quantized layer (``"a/b/c"`` path): its latest gradient measurement.
 
   Keys of each entry: ``cosine_distance`` (d, the mean of the per-channel
@@ -76,7 +77,8 @@ def layer_stats(model: nnx.Module, alpha: float = 20.0, beta: float = 0.1
         "clip_ratio": float(s.clip_ratio) if float(s.clip_ratio) > 0 else 1.0,
         "best_ratio": float(s.best_ratio),
         "clipped_fraction": float(s.clipped_fraction),
-        "phi": float(lr_coefficient(float(s.deviation), alpha, beta)),
+        "phi": float(lr_coefficient(float(optim.lr_deviation(
+            s, lr_deviation or optim.DEFAULT_LR_DEVIATION)), alpha, beta)),
         "measurements": float(s.measurements), "nonfinite": float(s.nonfinite),
     }
   return out

@@ -137,14 +137,39 @@ def direction_sensitive_clip(learning_rate: jax.typing.ArrayLike = 1.0,
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
+#: Which measured cosine distance drives the error-sensitive LR (see
+#: :func:`lr_deviation`).
+LR_DEVIATIONS = ("mean", "median", "global")
+DEFAULT_LR_DEVIATION = "mean"
+
+
+def lr_deviation(state: GradQuantState, which: str = DEFAULT_LR_DEVIATION) -> jax.Array:
+  """The ``d`` of ``state`` that scales the layer's learning rate.
+
+  ``"mean"``: the mean of the per-channel cosine distances (``deviation``);
+  ``"median"``: their median; ``"global"``: the whole tensor's, norm-weighted
+  (the paper's). The per-channel ones see channels whose direction is lost
+  although the norm-weighted distance is tiny (docs/results.md).
+  """
+  if which == "mean":
+    return state.deviation
+  if which == "median":
+    return state.channel_deviation_median
+  if which == "global":
+    return state.global_deviation
+  raise ValueError(f"lr deviation must be one of {LR_DEVIATIONS}, got {which!r}")
+
+
 def error_sensitive_lr(alpha: jax.typing.ArrayLike = 20.0,
-                       beta: jax.typing.ArrayLike = 0.1) -> optax.GradientTransformation:
+                       beta: jax.typing.ArrayLike = 0.1,
+                       deviation: str = DEFAULT_LR_DEVIATION) -> optax.GradientTransformation:
   """Scale each quantized layer's updates by ``max(exp(-alpha * d), beta)``.
 
-  ``d`` is the layer's latest ``deviation`` -- the mean of its per-channel
-  cosine distances, so a layer whose small-gradient channels lose their
-  direction is slowed down although its norm-weighted distance is tiny (see
-  :mod:`int8jax.dsgc`) -- read as ``params + updates`` of
+  ``d`` is the layer's latest measured distance chosen by ``deviation``
+  (:func:`lr_deviation`: by default the mean of its per-channel cosine
+  distances, so a layer whose small-gradient channels lose their direction is
+  slowed down although its norm-weighted distance is tiny) -- read as
+  ``params + updates`` of
   its :class:`~int8jax.dsgc.GradQuantState` leaf — so place this after
   :func:`direction_sensitive_clip` (as :func:`ui8` does) and last in the
   chain. The state leaves themselves are not scaled; leaves of layers without
@@ -153,6 +178,7 @@ def error_sensitive_lr(alpha: jax.typing.ArrayLike = 20.0,
   Args:
     alpha: sensitivity (paper: 20).
     beta: lower bound of the coefficient (paper: 0.1).
+    deviation: ``"mean"``, ``"median"`` or ``"global"`` (:func:`lr_deviation`).
 
   Returns:
     An ``optax.GradientTransformation``; its ``update`` needs ``params``.
@@ -171,6 +197,10 @@ def error_sensitive_lr(alpha: jax.typing.ArrayLike = 20.0,
     Zhu et al. 2020, §4.2 (deviation counteractive learning rate scaling).
   """
 
+  if deviation not in LR_DEVIATIONS:
+    raise ValueError(f"error_sensitive_lr: deviation must be one of {LR_DEVIATIONS}, "
+                     f"got {deviation!r}")
+
   def update_fn(updates, state, params=None):
     _need_params(params, "error_sensitive_lr")
     phi = {}
@@ -179,7 +209,8 @@ def error_sensitive_lr(alpha: jax.typing.ArrayLike = 20.0,
     params_at = dict(flat_p)
     for path, u in flat_u:
       if is_quant_state(path, u):
-        d = as_state(params_at[path]).deviation + as_state(u).deviation
+        d = (lr_deviation(as_state(params_at[path]), deviation)
+             + lr_deviation(as_state(u), deviation))
         phi[path[:-1]] = lr_coefficient(d, alpha, beta)
 
     def scale(path, u):
@@ -222,7 +253,8 @@ def ui8(base: optax.GradientTransformation, *,
         clip_learning_rate: jax.typing.ArrayLike = 1.0,
         alpha: jax.typing.ArrayLike = 20.0, beta: jax.typing.ArrayLike = 0.1,
         scale_lr: bool = True, learn_clip: bool = True,
-        clip_method: str = "search") -> optax.GradientTransformation:
+        clip_method: str = "search",
+        lr_deviation: str = DEFAULT_LR_DEVIATION) -> optax.GradientTransformation:
   """UI8 around a base optimizer.
 
   ``chain(partition({params: base, grad_quant: direction_sensitive_clip}),
@@ -241,11 +273,12 @@ def ui8(base: optax.GradientTransformation, *,
       modes of :mod:`int8jax.modes` need not set it).
     clip_method: ``"search"`` or ``"gradient"`` (see
       :func:`direction_sensitive_clip`).
+    lr_deviation: which measured distance drives the LR (:func:`lr_deviation`).
   """
   tx = optax.partition(
       {"params": base,
        "grad_quant": direction_sensitive_clip(clip_learning_rate, learn_clip, clip_method)},
       quant_state_labels)
   if scale_lr:
-    tx = optax.chain(tx, error_sensitive_lr(alpha, beta))
+    tx = optax.chain(tx, error_sensitive_lr(alpha, beta, lr_deviation))
   return tx

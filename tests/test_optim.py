@@ -241,3 +241,21 @@ def test_lr_coefficient_formula():
                              rtol=1e-6)
   np.testing.assert_allclose(int8jax.lr_coefficient(d, alpha=5.0, beta=0.5),
                              np.maximum(np.exp(-5 * d), 0.5), rtol=1e-6)
+
+
+@pytest.mark.parametrize("which,field", [("mean", "deviation"),
+                                         ("median", "channel_deviation_median"),
+                                         ("global", "global_deviation")])
+def test_error_sensitive_lr_reads_the_chosen_distance(which, field):
+  s = int8jax.GradQuantState.initial()
+  params = {"conv": {"kernel": jnp.ones(2), "grad_quant": s}}
+  # Three different distances: only the chosen one may set the coefficient.
+  m = s.replace(deviation=jnp.float32(0.01), channel_deviation_median=jnp.float32(0.02),
+                global_deviation=jnp.float32(0.04))
+  upd = {"conv": {"kernel": jnp.ones(2), "grad_quant": m}}
+  tx = int8jax.optim.error_sensitive_lr(deviation=which)
+  out, _ = tx.update(upd, tx.init(params), params)
+  d = float(getattr(m, field))
+  np.testing.assert_allclose(out["conv"]["kernel"], np.exp(-20 * d), rtol=1e-6)
+  with pytest.raises(ValueError, match="deviation must be one of.*'max'"):
+    int8jax.optim.error_sensitive_lr(deviation="max")
