@@ -137,11 +137,12 @@ def format_summary(summary: dict) -> str:
 
 def format_layer_table(layers: dict[str, dict[str, float]]) -> str:
   """Markdown table of each quantized layer's latest measurement (a summary's ``quant_layers``)."""
-  rows = ["| quantized layer | cosine distance d | clip / max\\|g\\| | clipped fraction | phi "
-          "| measurements |",
-          "| --- | ---: | ---: | ---: | ---: | ---: |"]
+  rows = ["| quantized layer | d (global) | d (channel mean / max) | clip / max\\|g\\| "
+          "| clipped fraction | phi | measurements |",
+          "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
   for path, s in layers.items():
-    rows.append(f"| `{path}` | {s['cosine_distance']:.4f} | {s['clip_ratio']:.3f} | "
+    rows.append(f"| `{path}` | {s['global_cosine_distance']:.4f} | {s['cosine_distance']:.4f} / "
+                f"{s['channel_cosine_distance_max']:.3f} | {s['clip_ratio']:.3f} | "
                 f"{s['clipped_fraction']:.2e} | {s['phi']:.3f} | {s['measurements']:.0f} |")
   return "\n".join(rows)
 

@@ -54,9 +54,10 @@ def layer_stats(model: nnx.Module, alpha: float = 20.0, beta: float = 0.1,
                 lr_deviation: str | None = None) -> dict[str, dict[str, float]]:
   """Per quantized layer (``"a/b/c"`` path): its latest gradient measurement.
 
-  Keys of each entry: ``cosine_distance`` (d, the mean of the per-channel
-  distances: what drives the LR scaling), ``global_cosine_distance`` (the
-  whole tensor's, norm-weighted: the paper's d), ``channel_cosine_distance_max`` and ``_median``,
+  Keys of each entry: ``cosine_distance`` (the mean of the per-channel
+  distances), ``global_cosine_distance`` (the whole tensor's, norm-weighted:
+  the paper's d, which drives the LR scaling by default),
+  ``channel_cosine_distance_max`` and ``_median``,
   ``clip``, ``grad_absmax``
   (``max|g|``), ``clip_ratio`` (the learned ratio of ``max|g|``; 1 means
   clipping at the max, i.e. naive INT8), ``best_ratio`` (the best candidate

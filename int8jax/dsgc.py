@@ -15,9 +15,10 @@ accumulated over micro-batches, average correctly: every field is divided by
 ``measurements``):
 
 * ``deviation``: the mean over output channels of each channel's cosine
-  distance (what drives the error-sensitive LR; see below);
+  distance (see below);
 * ``global_deviation``: the cosine distance of the whole tensor (the paper's
-  ``d``, norm-weighted; what the clip search minimises);
+  ``d``, norm-weighted; what the clip search minimises and, by default, what
+  drives the error-sensitive LR: :func:`int8jax.optim.lr_deviation`);
 * ``channel_deviation_max`` / ``channel_deviation_median``: the largest and
   the median per-channel distance (channels with a non-zero gradient);
 * ``grad_absmax``: ``max|g|``; ``clipped_fraction``: share of entries with
@@ -46,13 +47,16 @@ optimizer) breaks ``clip_ratio == measurements / 256``;
 refuses such a measurement with an error. :func:`read_measurement` gives the
 per-use averages.
 
-Why ``deviation`` is a per-channel mean: the global distance is weighted by
-``|g|``, so a few channels with large gradients hide the others. Measured in
-a depthwise MobileNet (docs/results.md): with one scale per tensor, 7 of 8
+Why the per-channel distances are measured: the global distance is weighted
+by ``|g|``, so a few channels with large gradients hide the others. Measured
+in a depthwise MobileNet (docs/results.md): with one scale per tensor, 7 of 8
 channels fell below one int8 step and their directions were lost
-(per-channel distances 0.72-0.77) while the global distance read 0.001, so
-neither the clip learner nor the LR scaling reacted. The mean over channels
-sees such channels; the global ``d`` is kept beside it.
+(per-channel distances 0.72-0.77) while the global distance read 0.001. The
+mean, median and maximum over channels show such channels (diagnostics,
+TensorBoard). What fixes them is a gradient scale per channel group (the
+op's ``grad_granularity="auto"``), not a smaller learning rate: driving the
+LR by the channel mean cut ResNet convs' LR to ~0.2 and cost 2.9 pp, so the
+LR uses the global distance by default.
 
 How the clip is learned (:func:`update_grad_state`): the paper descends on
 ``log c`` along ``d(d)/d(log c)``; on real gradients that derivative is
@@ -105,9 +109,9 @@ class GradQuantState:
       ``clip_ratio`` times that group's ``max|g|`` on every step.)
     clip_ratio: the learned clip as a fraction of ``max|g|``, in
       ``[MIN_CLIP_RATIO, 1]``; 0 means "not learned yet" (ratio 1).
-    deviation: mean per-channel cosine distance at the latest measurement
-      (drives the error-sensitive LR).
-    global_deviation: cosine distance of the whole gradient tensor (paper).
+    deviation: mean per-channel cosine distance at the latest measurement.
+    global_deviation: cosine distance of the whole gradient tensor (paper;
+      drives the error-sensitive LR by default).
     channel_deviation_max: largest per-channel cosine distance.
     channel_deviation_median: median per-channel cosine distance.
     grad_absmax: ``max|g|`` at the latest measurement.

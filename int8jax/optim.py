@@ -140,7 +140,12 @@ def direction_sensitive_clip(learning_rate: jax.typing.ArrayLike = 1.0,
 #: Which measured cosine distance drives the error-sensitive LR (see
 #: :func:`lr_deviation`).
 LR_DEVIATIONS = ("mean", "median", "global")
-DEFAULT_LR_DEVIATION = "mean"
+#: The paper's global distance: driven by the per-channel mean, the LR of
+#: per-tensor-scaled ResNet convs was cut to phi ~0.2 by a few small channels
+#: whose direction no LR can restore, and accuracy fell 2.9 pp below float32
+#: (docs/results.md, 2026-12-01); lost channels in depthwise convs are
+#: handled by their per-group gradient scales instead.
+DEFAULT_LR_DEVIATION = "global"
 
 
 def lr_deviation(state: GradQuantState, which: str = DEFAULT_LR_DEVIATION) -> jax.Array:
@@ -166,10 +171,10 @@ def error_sensitive_lr(alpha: jax.typing.ArrayLike = 20.0,
   """Scale each quantized layer's updates by ``max(exp(-alpha * d), beta)``.
 
   ``d`` is the layer's latest measured distance chosen by ``deviation``
-  (:func:`lr_deviation`: by default the mean of its per-channel cosine
-  distances, so a layer whose small-gradient channels lose their direction is
-  slowed down although its norm-weighted distance is tiny) -- read as
-  ``params + updates`` of
+  (:func:`lr_deviation`: by default the paper's global, norm-weighted one;
+  ``"mean"`` / ``"median"`` of the per-channel distances slow a layer whose
+  small-gradient channels lose their direction, which measured worse,
+  :data:`DEFAULT_LR_DEVIATION`) -- read as ``params + updates`` of
   its :class:`~int8jax.dsgc.GradQuantState` leaf — so place this after
   :func:`direction_sensitive_clip` (as :func:`ui8` does) and last in the
   chain. The state leaves themselves are not scaled; leaves of layers without
@@ -187,7 +192,8 @@ def error_sensitive_lr(alpha: jax.typing.ArrayLike = 20.0,
     >>> import int8jax, jax.numpy as jnp
     >>> s = int8jax.GradQuantState.initial()
     >>> params = {"conv": {"kernel": jnp.ones(2), "q": s}}
-    >>> upd = {"conv": {"kernel": jnp.ones(2), "q": s.replace(deviation=jnp.float32(0.05))}}
+    >>> upd = {"conv": {"kernel": jnp.ones(2),
+    ...                 "q": s.replace(global_deviation=jnp.float32(0.05))}}
     >>> tx = int8jax.optim.error_sensitive_lr()
     >>> out, _ = tx.update(upd, tx.init(params), params)
     >>> round(float(out["conv"]["kernel"][0]), 4)  # exp(-20 * 0.05)

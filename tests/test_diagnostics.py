@@ -116,7 +116,10 @@ def test_layer_stats_after_ui8_steps():
   for k, s in stats.items():
     assert s["measurements"] == 3
     assert s["cosine_distance"] == pytest.approx(float(raw[k].deviation))
-    assert s["phi"] == pytest.approx(max(np.exp(-20 * s["cosine_distance"]), 0.1), rel=1e-5)
+    assert s["global_cosine_distance"] == pytest.approx(float(raw[k].global_deviation))
+    # phi from the distance that drives the LR (default: the global one).
+    assert s["phi"] == pytest.approx(
+        max(np.exp(-20 * s["global_cosine_distance"]), 0.1), rel=1e-5)
     assert 0 < s["clip_ratio"] <= 1 + 1e-6
     assert s["clip"] == pytest.approx(s["clip_ratio"] * s["grad_absmax"])
     assert 0 <= s["clipped_fraction"] <= 1

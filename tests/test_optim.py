@@ -25,13 +25,14 @@ def _tree(dtype=jnp.float32, d=0.05):
   params = {
       "conv1": {"kernel": jnp.ones((3, 3, 2, 4), dtype), "bias": jnp.ones((4,), dtype),
                 "grad_quant": _state(clip=0.5, clip_ratio=0.5, deviation=0.2,
-                                     measurements=3)},
+                                     global_deviation=0.2, measurements=3)},
       "fc": {"kernel": jnp.ones((4, 2), dtype)},  # float layer: untouched
   }
   grads = {  # a measurement as the ops return it (scaled, with its check value)
       "conv1": {"kernel": jnp.full((3, 3, 2, 4), 0.5, dtype), "bias": jnp.full((4,), 0.5, dtype),
                 "grad_quant": int8jax.dsgc.as_cotangent(_state(
-                    deviation=d, grad_absmax=2.0, dlog_clip=0.01, best_ratio=0.4,
+                    deviation=d, global_deviation=d, grad_absmax=2.0, dlog_clip=0.01,
+                    best_ratio=0.4,
                     measurements=1))},
       "fc": {"kernel": jnp.full((4, 2), 0.5, dtype)},
   }
@@ -47,7 +48,7 @@ def test_error_sensitive_lr_scales_quantized_layers_only():
   np.testing.assert_allclose(upd["conv1"]["bias"], 0.5 * phi, rtol=1e-6)
   np.testing.assert_array_equal(upd["fc"]["kernel"], grads["fc"]["kernel"])
   new = optax.apply_updates(params, upd)["conv1"]["grad_quant"]
-  np.testing.assert_allclose(new.deviation, 0.05, rtol=1e-6)  # latest d used and stored
+  np.testing.assert_allclose(new.global_deviation, 0.05, rtol=1e-6)  # latest d used, stored
 
 
 @pytest.mark.parametrize("d, expected", [(0.0, 1.0), (0.02, np.exp(-0.4)), (0.5, 0.1)])
