@@ -311,6 +311,18 @@ def _check_max_boxes(source: DetectionSource, max_boxes: int, name: str):
                 max_boxes, most)
 
 
+def _spec(name, root, train, test, test_gt, categories, image_size, max_boxes, channels, mean,
+          std) -> DetectionSpec:
+  """The spec of ``(source, split)`` pairs ``train`` / ``test`` (max-boxes checked)."""
+  for src, split in (train, test):
+    _check_max_boxes(src, max_boxes, f"{root} {split}")
+  return DetectionSpec(
+      name, train[0], test[0], len(categories), (image_size, image_size, channels),
+      DetectionTransform(image_size, max_boxes, True, channels),
+      DetectionTransform(image_size, max_boxes, False, channels), tuple(mean), tuple(std),
+      categories=categories, test_gt=test_gt, max_boxes=max_boxes)
+
+
 def coco(root: str, *, image_size: int = 64, max_boxes: int = 16, train_split: str = "train",
          val_split: str = "val", channels: int = 3, ann_dir: str = "annotations",
          mean=IMAGENET_MEAN, std=IMAGENET_STD) -> DetectionSpec:
@@ -325,13 +337,8 @@ def coco(root: str, *, image_size: int = 64, max_boxes: int = 16, train_split: s
   train, _, cats = load_coco_split(ann(train_split), os.path.join(root, train_split))
   test, test_gt, _ = load_coco_split(ann(val_split), os.path.join(root, val_split),
                                      categories=[c for c, _ in cats])
-  for src, s in ((train, train_split), (test, val_split)):
-    _check_max_boxes(src, max_boxes, f"{root} {s}")
-  return DetectionSpec(
-      "coco", train, test, len(cats), (image_size, image_size, channels),
-      DetectionTransform(image_size, max_boxes, True, channels),
-      DetectionTransform(image_size, max_boxes, False, channels), tuple(mean), tuple(std),
-      categories=tuple(cats), test_gt=test_gt, max_boxes=max_boxes)
+  return _spec("coco", root, (train, train_split), (test, val_split), test_gt, tuple(cats),
+               image_size, max_boxes, channels, mean, std)
 
 
 def _voc_int(node, tag, where):
@@ -424,14 +431,9 @@ def voc(root: str, *, image_size: int = 64, max_boxes: int = 16, train_split: st
   classes = voc_class_names(root, (train_split, val_split))
   train, _, _ = load_voc_split(root, train_split, classes=classes)
   test, test_gt, _ = load_voc_split(root, val_split, classes=classes)
-  for src, s in ((train, train_split), (test, val_split)):
-    _check_max_boxes(src, max_boxes, f"{root} {s}")
-  return DetectionSpec(
-      "voc", train, test, len(classes), (image_size, image_size, channels),
-      DetectionTransform(image_size, max_boxes, True, channels),
-      DetectionTransform(image_size, max_boxes, False, channels), tuple(mean), tuple(std),
-      categories=tuple((i + 1, c) for i, c in enumerate(classes)), test_gt=test_gt,
-      max_boxes=max_boxes)
+  return _spec("voc", root, (train, train_split), (test, val_split), test_gt,
+               tuple((i + 1, c) for i, c in enumerate(classes)), image_size, max_boxes,
+               channels, mean, std)
 
 
 # ------------------------------------------------------------- evaluation
