@@ -1480,6 +1480,19 @@ def select_wgrad_config(c: int, o: int) -> Int8ConvConfig:
               (c > 64, o > 64)]
 
 
+def _wgrad_setup(x, g, kernel_shape, window_strides, padding, config, interpret):
+  """Checked arguments of a weight-gradient call: ``(kernel_shape, strides,
+  pads, config, launcher, empty)``; ``empty``: the result is all zeros."""
+  kernel_shape, strides, pads = _check_wgrad_args(x, g, kernel_shape, window_strides, padding)
+  _check_wgrad_pixels(int(np.prod(g.shape[:3])))
+  if config is None:
+    config = select_wgrad_config(kernel_shape[2], kernel_shape[3])
+  launcher = _launcher(interpret)
+  _check_config(config, jnp.int32, launcher != "mosaic_gpu")
+  empty = min(g.shape) == 0 or x.shape[3] == 0 or kernel_shape[3] == 0
+  return kernel_shape, strides, pads, config, launcher, empty
+
+
 def int8_conv_wgrad_halves(x, g, *, kernel_shape, window_strides=(1, 1), padding="VALID",
                            config: Int8ConvConfig | None = None, interpret=False):
   """:func:`int8_conv_wgrad`'s exact integer result, not yet rounded: two
@@ -1488,13 +1501,9 @@ def int8_conv_wgrad_halves(x, g, *, kernel_shape, window_strides=(1, 1), padding
   ``hi * 65536 + lo``. Halves of sums over different pixels (e.g. batch
   shards on different devices) add up exactly in int32, so a sharded weight
   gradient is bit-equal to the single-device one."""
-  kernel_shape, strides, pads = _check_wgrad_args(x, g, kernel_shape, window_strides, padding)
-  _check_wgrad_pixels(int(np.prod(g.shape[:3])))
-  if config is None:
-    config = select_wgrad_config(kernel_shape[2], kernel_shape[3])
-  launcher = _launcher(interpret)
-  _check_config(config, jnp.int32, launcher != "mosaic_gpu")
-  if min(g.shape) == 0 or x.shape[3] == 0 or kernel_shape[3] == 0:
+  kernel_shape, strides, pads, config, launcher, empty = _wgrad_setup(
+      x, g, kernel_shape, window_strides, padding, config, interpret)
+  if empty:
     zero = jnp.zeros(kernel_shape, jnp.int32)
     return zero, zero
   return _int8_conv_wgrad_impl(x, g, None, kernel_shape=kernel_shape, strides=strides,
@@ -1536,15 +1545,10 @@ def int8_conv_wgrad(x, g, *, kernel_shape, window_strides=(1, 1),
     (KH, KW, C, O) of ``out_dtype``, bit-equal to
     :func:`int8_conv_wgrad_reference`.
   """
-  kernel_shape, strides, pads = _check_wgrad_args(x, g, kernel_shape,
-                                                  window_strides, padding)
+  kernel_shape, strides, pads, config, launcher, empty = _wgrad_setup(
+      x, g, kernel_shape, window_strides, padding, config, interpret)
   scale, out_dtype = _check_wgrad_epilogue(scale, out_dtype, kernel_shape[3])
-  _check_wgrad_pixels(int(np.prod(g.shape[:3])))
-  if config is None:
-    config = select_wgrad_config(kernel_shape[2], kernel_shape[3])
-  launcher = _launcher(interpret)
-  _check_config(config, jnp.int32, launcher != "mosaic_gpu")
-  if min(g.shape) == 0 or x.shape[3] == 0 or kernel_shape[3] == 0:
+  if empty:
     return _wgrad_epilogue(jnp.zeros(kernel_shape, jnp.float32), scale,
                            out_dtype)
   return _int8_conv_wgrad_impl(x, g, scale, kernel_shape=kernel_shape,
