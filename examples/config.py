@@ -108,6 +108,10 @@ class Config:
   clip_method: str = _option("search", "clip learner: search (the candidate clip with the "
                                        "smallest cosine distance) | gradient (the paper's "
                                        "descent on log(clip))", choices=("search", "gradient"))
+  clip_noise_weight: float = _option(
+      int8jax.QuantConfig().clip_noise_weight, "clip search: weight of stochastic rounding's "
+      "noise against the clipping bias, in (0, 1] (1: one step's cosine distance, the "
+      "paper's objective; smaller clips less)")
   alpha: float = _option(20.0, "error-sensitive LR: phi = max(exp(-alpha d), beta)")
   lr_deviation: str = _option(
       int8jax.optim.DEFAULT_LR_DEVIATION, "which measured cosine distance d drives the "

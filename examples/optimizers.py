@@ -55,7 +55,7 @@ def make_optimizer(cfg, schedule: optax.Schedule) -> optax.GradientTransformatio
   return modes.get(cfg.mode).optimizer(base, clip_learning_rate=cfg.clip_lr,
                                        clip_method=cfg.clip_method, alpha=cfg.alpha,
                                        beta=cfg.beta,
-                                       lr_deviation=getattr(cfg, "lr_deviation", "mean"))
+                                       lr_deviation=cfg.lr_deviation)
 
 
 def create_optimizer(cfg, model, schedule: optax.Schedule):

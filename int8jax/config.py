@@ -45,6 +45,12 @@ class QuantConfig:
     grad_clip: ``"learned"`` — direction-sensitive gradient clipping: the clip
       value is a learned state updated by :func:`int8jax.optim.direction_sensitive_clip`;
       ``"max"`` — naive INT8: clip at ``max|g|`` of every step.
+    clip_noise_weight: how the clip search (``grad_clip="learned"``) weighs
+      stochastic rounding's noise against the clipping bias, in ``(0, 1]``
+      (:func:`int8jax.dsgc.search_objective`): 1 scores a clip by the cosine
+      distance of one step's quantization (the paper's objective); smaller
+      values count that noise averages out over steps while the bias of a
+      clip repeats every step, so the search clips less.
     period: measure ranges, the cosine distance and the clip gradient every
       ``period`` calls of the layer (the paper's periodic update, §4.3).
       Calls in between reuse the cached activation range and clip value.
@@ -73,6 +79,7 @@ class QuantConfig:
   grad_granularity: str = "auto"
   grad_rounding: str = "stochastic"
   grad_clip: str = "learned"
+  clip_noise_weight: float = 1.0
   period: int = 100
   backend: str | None = None
   data_axis: str | None = None
@@ -95,6 +102,9 @@ class QuantConfig:
     if self.grad_clip not in _GRAD_CLIPS:
       raise ValueError(f"QuantConfig.grad_clip must be one of {_GRAD_CLIPS}, "
                        f"got {self.grad_clip!r}")
+    w = self.clip_noise_weight
+    if (isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 < float(w) <= 1.0):
+      raise ValueError(f"QuantConfig.clip_noise_weight must be a number in (0, 1], got {w!r}")
     if self.backend not in BACKEND_NAMES:
       raise ValueError(f"QuantConfig.backend must be one of {BACKEND_NAMES}, "
                        f"got {self.backend!r}")

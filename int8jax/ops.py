@@ -248,10 +248,10 @@ def _qapply_bwd(op: _Op, res, cts):
   clip, gmax, ratio = _grad_clip(op, g, grad_state, measure)
   sg = quant.scale_from_clip(clip)
   stochastic = cfg.grad_rounding == "stochastic"
-  noise = lambda: quant.uniform_noise(key, g.shape)  # noqa: E731
-  # The noise is a hash of the element index: each reader recomputes it in
-  # its own fusion (a shared noise tensor would be materialised).
-  gq = quant.quantize(g, sg, rounding=cfg.grad_rounding, noise=noise() if stochastic else None,
+  # The noise is a hash of the element index, computed inside the quantizing
+  # fusion (the clip search scores candidates by its exact variance instead).
+  gq = quant.quantize(g, sg, rounding=cfg.grad_rounding,
+                      noise=quant.uniform_noise(key, g.shape) if stochastic else None,
                       mark_nonfinite=True)
   # One quantization pass, shared by both GEMMs (see _qapply_fwd); tying xq to
   # gq also keeps XLA from hoisting the weight gradient's patch building (it
@@ -262,7 +262,7 @@ def _qapply_bwd(op: _Op, res, cts):
 
   def measured():
     return dsgc.measure_gradient(g, gq, sg, clip, gmax=gmax, ratio=ratio,
-                                 noise=noise if stochastic else None,
+                                 stochastic=stochastic, noise_weight=cfg.clip_noise_weight,
                                  search=cfg.grad_clip == "learned")
 
   if op.static_measure is None:
