@@ -274,13 +274,13 @@ def tables(results: list[dict], grid: list[Setting]) -> str:
               f"period {s.period}, {s.seeds} seeds" + (f"; {s.note}" if s.note else "")
               + (f"; collapsed: test accuracy below {s.collapse_below:g}%"
                  if s.collapse_below is not None else ""), "",
-              "| variant | test acc. % (mean ± std) | Δ vs float32 (pp) | per seed | "
+              "| variant | test acc. % (mean ± std) | Δ vs float32 (pp, ± s.e. paired by seed) "
+              "| per seed | "
               "final train loss | mean d (quant. layers) | max channel d | collapsed | "
               "diverged | s/run |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    base = [r["test_accuracy"] for r in rs if r["mode"] == "float32"]
-    bm = np.mean(base) * 100 if base else float("nan")
-    for mode in s.variants:
+    base = {r["seed"]: r["test_accuracy"] * 100 for r in rs if r["mode"] == "float32"}
+    for mode in _table_modes(s, rs):
       rm = [r for r in rs if r["mode"] == mode]
       if not rm:
         continue
@@ -296,7 +296,7 @@ def tables(results: list[dict], grid: list[Setting]) -> str:
       coll = (f"{sum(a < s.collapse_below for a in acc)}/{len(acc)}"
               if s.collapse_below is not None else "–")
       lines.append(
-          f"| {mode} | {m:.2f} ± {sd:.2f} | {m - bm:+.2f} | "
+          f"| {mode} | {m:.2f} ± {sd:.2f} | {paired_delta(rm, base)} | "
           f"{', '.join(f'{a:.1f}' for a in acc)} | "
           f"{np.mean([r['final_train_loss'] for r in rm]):.4f} | {dtxt} | {dmtxt} | {coll} | "
           f"{sum(r['diverged'] for r in rm)}/{len(rm)} | {np.mean([r['wall_s'] for r in rm]):.0f} |")
@@ -304,12 +304,32 @@ def tables(results: list[dict], grid: list[Setting]) -> str:
   return "\n".join(lines)
 
 
+def _table_modes(s: Setting, runs: list[dict]) -> tuple[str, ...]:
+  """``s.variants``, with float32 first when only a ``--baseline`` brought it."""
+  extra = ("float32",) if ("float32" not in s.variants
+                           and any(r["mode"] == "float32" for r in runs)) else ()
+  return extra + tuple(s.variants)
+
+
+def paired_delta(runs: list[dict], base: dict[int, float]) -> str:
+  """Mean difference in test accuracy (pp) to the float32 run of the same
+  seed, ± its standard error over seeds ("–" without float32 runs of those
+  seeds). Runs share a seed's initialisation and data order, so the paired
+  difference is far less noisy than the difference of means."""
+  d = [r["test_accuracy"] * 100 - base[r["seed"]] for r in runs if r["seed"] in base]
+  if not d:
+    return "–"
+  if len(d) == 1:
+    return f"{d[0]:+.2f}"
+  return f"{np.mean(d):+.2f} ± {np.std(d, ddof=1) / np.sqrt(len(d)):.2f}"
+
+
 def plot_losses(results: list[dict], s: Setting, path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(6, 4))
-  for mode in s.variants:
+  for mode in _table_modes(s, [r for r in results if r['setting'] == s.name]):
     rm = [r for r in results if r["setting"] == s.name and r["mode"] == mode]
     if not rm:
       continue
@@ -330,6 +350,20 @@ def plot_losses(results: list[dict], s: Setting, path: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def baseline_runs(path: str, grid: list[Setting]) -> list[dict]:
+  """The float32 runs in results file ``path`` for the settings of ``grid`` that
+  do not run float32 themselves (marked ``"baseline_from": path``)."""
+  with open(path) as f:
+    old = json.load(f)["results"]
+  need = {s.name: s.seeds for s in grid if "float32" not in s.variants}
+  runs = [dict(r, baseline_from=path) for r in old
+          if r["mode"] == "float32" and r["seed"] < need.get(r["setting"], 0)]
+  missing = set(need) - {r["setting"] for r in runs}
+  if missing:
+    raise SystemExit(f"--baseline {path}: no float32 runs of {sorted(missing)}")
+  return runs
 
 
 def _commit() -> str:
@@ -362,6 +396,9 @@ def main(argv=None):
   p.add_argument("--clip-noise-weight", type=float, default=None,
                  help="the clip search's noise weight (QuantConfig.clip_noise_weight; "
                  f"default: the library's, {int8jax.QuantConfig().clip_noise_weight})")
+  p.add_argument("--baseline", default=None, metavar="JSON",
+                 help="an earlier accuracy_results.json whose float32 runs of the chosen "
+                 "settings join the tables (not rerun) when float32 is not among the variants")
   p.add_argument("--out", default=os.path.join(ROOT, "docs", "figures"))
   a = p.parse_args(argv)
   if a.lr_deviation is not None:
@@ -392,6 +429,8 @@ def main(argv=None):
 
   t0 = time.time()
   results, data = [], {}
+  if a.baseline:
+    results += baseline_runs(a.baseline, grid)
   for s in grid:
     if s.dataset not in data:
       data[s.dataset] = load_data(s.dataset)
