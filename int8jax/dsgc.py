@@ -65,8 +65,11 @@ optimal clip (0.6-1.0 of ``max|g|``) was reached only after ~120
 measurements. The default update instead moves to ``best_ratio``: the same
 objective (the global cosine distance between ``g`` and its quantization),
 minimised by direct search over candidate clips evaluated in the measuring
-pass, with the same rounding noise as the real quantization.
-``method="gradient"`` keeps the paper's descent.
+pass. Each candidate is scored by :func:`search_objective`: the clipping bias
+exactly, and stochastic rounding's noise by its exact variance (no sampling
+noise in the comparison of candidates), weighted by
+``QuantConfig.clip_noise_weight`` (1: one step's expected cosine distance,
+the paper's objective). ``method="gradient"`` keeps the paper's descent.
 """
 
 from __future__ import annotations
