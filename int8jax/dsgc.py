@@ -446,13 +446,37 @@ def update_grad_state(state: GradQuantState, measured: GradQuantState,
 def assert_measurement_consistent(measured: GradQuantState, where: str = "") -> None:
   """Raise (from inside ``jit``, through ``jax.debug.callback``) when a
   transform changed the measurement's fields unequally; see the module doc."""
-  jax.debug.callback(_raise_if_inconsistent, ~measurement_is_consistent(measured), where)
+  assert_measurements_consistent([measured], [where])
 
 
-def _raise_if_inconsistent(bad, where):
-  if bool(bad):
+def assert_measurements_consistent(measured, where) -> None:
+  """:func:`assert_measurement_consistent` for many layers at once: one check
+  per step, whose host callback runs only when a measurement is inconsistent
+  (a callback per layer and step cost a MobileNetV2 CPU step ~25%).
+
+  Args:
+    measured: a sequence of measurements (:class:`GradQuantState`).
+    where: the layers' names, same length (named in the error).
+  """
+  measured, where = list(measured), list(where)
+  if len(measured) != len(where):
+    raise ValueError(f"assert_measurements_consistent: {len(measured)} measurements but "
+                     f"{len(where)} names")
+  if not measured:
+    return
+  bad = jnp.stack([~measurement_is_consistent(m) for m in measured])
+  names = tuple(where)
+  jax.lax.cond(jnp.any(bad),
+               lambda b: jax.debug.callback(_raise_if_inconsistent, b, names),
+               lambda b: None, bad)
+
+
+def _raise_if_inconsistent(bad, names):
+  bad_names = [n for n, b in zip(names, np.asarray(bad).reshape(-1)) if b]
+  if bad_names:
+    named = ", ".join(n for n in bad_names if n)
     raise ValueError(
-        f"int8jax: the quantization measurement{' of ' + where if where else ''} was changed "
+        f"int8jax: the quantization measurement{' of ' + named if named else ''} was changed "
         "by a gradient transformation placed before int8jax.optim.ui8 (e.g. optax.add_noise "
         "or weight decay added to all gradients). Such transforms treat the measurement as "
         "a gradient; put them inside ui8's base optimizer (ui8(optax.chain(..., base))), "

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import optax
 
 from int8jax.dsgc import (CLIP_METHODS, NUM_FIELDS, GradQuantState, as_state,
-                          assert_measurement_consistent, update_grad_state)
+                          assert_measurements_consistent, update_grad_state)
 
 
 def _is_state(x) -> bool:
@@ -121,16 +121,21 @@ def direction_sensitive_clip(learning_rate: jax.typing.ArrayLike = 1.0,
   def update_fn(updates, state, params=None):
     _need_params(params, "direction_sensitive_clip")
 
+    checked, names = [], []
+
     def one(path, u, p):
       if not is_quant_state(path, u):
         return u
       u_s, p_s = as_state(u), as_state(p)
-      assert_measurement_consistent(u_s, jax.tree_util.keystr(path))
+      checked.append(u_s)
+      names.append(jax.tree_util.keystr(path))
       new = update_grad_state(p_s, u_s, learning_rate, learn_clip, method)
       delta = jax.tree.map(lambda a, b: (a - b).astype(b.dtype), new, p_s)
       return _like(u, delta)
 
-    return jax.tree_util.tree_map_with_path(one, updates, params, is_leaf=_is_state), state
+    out = jax.tree_util.tree_map_with_path(one, updates, params, is_leaf=_is_state)
+    assert_measurements_consistent(checked, names)  # one check for all layers
+    return out, state
 
   if method not in CLIP_METHODS:
     raise ValueError(f"method must be one of {CLIP_METHODS}, got {method!r}")
