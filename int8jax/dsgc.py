@@ -452,7 +452,8 @@ def assert_measurement_consistent(measured: GradQuantState, where: str = "") -> 
 def assert_measurements_consistent(measured, where) -> None:
   """:func:`assert_measurement_consistent` for many layers at once: one check
   per step, whose host callback runs only when a measurement is inconsistent
-  (a callback per layer and step cost a MobileNetV2 CPU step ~25%).
+  (a callback per layer and step was a large part of the MobileNetV2 CPU step
+  regression, benchmarks/RESULTS.md).
 
   Args:
     measured: a sequence of measurements (:class:`GradQuantState`).

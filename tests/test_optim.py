@@ -223,8 +223,8 @@ def test_a_transform_that_corrupts_the_measurement_is_refused():
 
 def test_consistent_measurements_call_no_host_callback(monkeypatch):
   """The consistency check is one per step and reaches the host only on an
-  inconsistent measurement: a host callback per layer and step cost a
-  MobileNetV2 CPU step ~25% (benchmarks/compare_commits.sh)."""
+  inconsistent measurement (a host callback per layer and step was a large
+  part of the MobileNetV2 CPU step regression, benchmarks/RESULTS.md)."""
   calls = []
   monkeypatch.setattr(int8jax.dsgc, "_raise_if_inconsistent", lambda *a: calls.append(a))
   m = _run(optim.ui8(optax.sgd(0.1)), [(_X, _Y), (_X, _Y)])
