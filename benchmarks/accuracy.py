@@ -329,7 +329,7 @@ def plot_losses(results: list[dict], s: Setting, path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(6, 4))
-  for mode in _table_modes(s, [r for r in results if r['setting'] == s.name]):
+  for mode in _table_modes(s, [r for r in results if r["setting"] == s.name]):
     rm = [r for r in results if r["setting"] == s.name and r["mode"] == mode]
     if not rm:
       continue

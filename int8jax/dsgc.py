@@ -443,17 +443,13 @@ def update_grad_state(state: GradQuantState, measured: GradQuantState,
                  ).astype(jnp.float32))
 
 
-def assert_measurement_consistent(measured: GradQuantState, where: str = "") -> None:
-  """Raise (from inside ``jit``, through ``jax.debug.callback``) when a
-  transform changed the measurement's fields unequally; see the module doc."""
-  assert_measurements_consistent([measured], [where])
-
-
 def assert_measurements_consistent(measured, where) -> None:
-  """:func:`assert_measurement_consistent` for many layers at once: one check
-  per step, whose host callback runs only when a measurement is inconsistent
-  (a callback per layer and step was a large part of the MobileNetV2 CPU step
-  regression, benchmarks/RESULTS.md).
+  """Raise (from inside ``jit``, through ``jax.debug.callback``) when a
+  transform changed a measurement's fields unequally (see the module doc).
+
+  One check per step for all layers, whose host callback runs only when a
+  measurement is inconsistent (a callback per layer and step was a large
+  part of the MobileNetV2 CPU step regression, benchmarks/RESULTS.md).
 
   Args:
     measured: a sequence of measurements (:class:`GradQuantState`).
