@@ -75,6 +75,7 @@ the paper's objective). ``method="gradient"`` keeps the paper's descent.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -443,13 +444,18 @@ def update_grad_state(state: GradQuantState, measured: GradQuantState,
                  ).astype(jnp.float32))
 
 
-def assert_measurements_consistent(measured, where) -> None:
-  """Raise (from inside ``jit``, through ``jax.debug.callback``) when a
-  transform changed a measurement's fields unequally (see the module doc).
+def check_measurements(measured, where) -> jax.Array:
+  """A float32 zero that raises, when computed, if a transform changed a
+  measurement's fields unequally (see the module doc). Add it into the
+  caller's result: a check whose value is unused would be dropped.
 
-  One check per step for all layers, whose host callback runs only when a
-  measurement is inconsistent (a callback per layer and step was a large
-  part of the MobileNetV2 CPU step regression, benchmarks/RESULTS.md).
+  One check per step for all layers. The host is reached only when a
+  measurement is inconsistent (a ``lax.cond`` around a ``jax.pure_callback``
+  that raises). Not ``jax.debug.callback``: a computation with a side effect
+  loses jit's C++ dispatch fast path, and every step then paid ~80 ms of
+  Python argument handling on MobileNetV2's ~900 state leaves (the CPU step
+  regression of benchmarks/RESULTS.md; a callback per layer and step cost
+  more still).
 
   Args:
     measured: a sequence of measurements (:class:`GradQuantState`).
@@ -457,15 +463,24 @@ def assert_measurements_consistent(measured, where) -> None:
   """
   measured, where = list(measured), list(where)
   if len(measured) != len(where):
-    raise ValueError(f"assert_measurements_consistent: {len(measured)} measurements but "
+    raise ValueError(f"check_measurements: {len(measured)} measurements but "
                      f"{len(where)} names")
+  zero = jnp.zeros((), jnp.float32)
   if not measured:
-    return
+    return zero
   bad = jnp.stack([~measurement_is_consistent(m) for m in measured])
   names = tuple(where)
-  jax.lax.cond(jnp.any(bad),
-               lambda b: jax.debug.callback(_raise_if_inconsistent, b, names),
-               lambda b: None, bad)
+
+  def report(b):
+    return jax.pure_callback(functools.partial(_report_inconsistent, names=names),
+                             jax.ShapeDtypeStruct((), jnp.float32), b)
+
+  return jax.lax.cond(jnp.any(bad), report, lambda b: zero, bad)
+
+
+def _report_inconsistent(bad, names):
+  _raise_if_inconsistent(bad, names)
+  return np.zeros((), np.float32)
 
 
 def _raise_if_inconsistent(bad, names):

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import optax
 
 from int8jax.dsgc import (CLIP_METHODS, NUM_FIELDS, GradQuantState, as_state,
-                          assert_measurements_consistent, update_grad_state)
+                          check_measurements, update_grad_state)
 
 
 def _is_state(x) -> bool:
@@ -134,7 +134,13 @@ def direction_sensitive_clip(learning_rate: jax.typing.ArrayLike = 1.0,
       return _like(u, delta)
 
     out = jax.tree_util.tree_map_with_path(one, updates, params, is_leaf=_is_state)
-    assert_measurements_consistent(checked, names)  # one check for all layers
+    if checked:  # one check for all layers, kept alive by adding its zero to the output
+      zero = check_measurements(checked, names)
+      flat, tree = jax.tree_util.tree_flatten_with_path(out, is_leaf=_is_state)
+      first = next(i for i, (path, u) in enumerate(flat) if is_quant_state(path, u))
+      leaves = [u for _, u in flat]
+      leaves[first] = jax.tree.map(lambda v: v + zero.astype(v.dtype), leaves[first])
+      out = jax.tree_util.tree_unflatten(tree, leaves)
     return out, state
 
   if method not in CLIP_METHODS:
