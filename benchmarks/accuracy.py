@@ -396,6 +396,10 @@ def main(argv=None):
   p.add_argument("--clip-noise-weight", type=float, default=None,
                  help="the clip search's noise weight (QuantConfig.clip_noise_weight; "
                  f"default: the library's, {int8jax.QuantConfig().clip_noise_weight})")
+  p.add_argument("--measure-early", choices=("on", "off"), default=None,
+                 help="QuantConfig.measure_early: also measure on calls 1, 2, 4, ... below "
+                 f"the period (default: the library's, "
+                 f"{'on' if int8jax.QuantConfig().measure_early else 'off'})")
   p.add_argument("--baseline", default=None, metavar="JSON",
                  help="an earlier accuracy_results.json whose float32 runs of the chosen "
                  "settings join the tables (not rerun) when float32 is not among the variants")
@@ -405,6 +409,8 @@ def main(argv=None):
     OVERRIDES["lr_deviation"] = a.lr_deviation
   if a.clip_noise_weight is not None:
     OVERRIDES["clip_noise_weight"] = a.clip_noise_weight
+  if a.measure_early is not None:
+    OVERRIDES["measure_early"] = a.measure_early == "on"
 
   grid = settings(a.scale)
   if a.only:

@@ -96,6 +96,9 @@ class Config:
   mode: str = _option("ui8", _mode_help(), choices=modes.MODE_NAMES)
   period: int = _option(100, "quantized layers re-measure ranges, cosine distance and clip "
                              "gradient every PERIOD steps (paper 4.3)")
+  measure_early: bool = _option(
+      int8jax.QuantConfig().measure_early, "quantized layers also measure on steps 1, 2, 4, "
+      "... below PERIOD (int8jax.QuantConfig.measure_early)")
   weight_granularity: str = _option("tensor", "weight quantization scale",
                                     choices=("tensor", "channel"))
   grad_rounding: str = _option("stochastic", "gradient rounding",

@@ -54,6 +54,12 @@ class QuantConfig:
     period: measure ranges, the cosine distance and the clip gradient every
       ``period`` calls of the layer (the paper's periodic update, §4.3).
       Calls in between reuse the cached activation range and clip value.
+    measure_early: also measure on calls 1, 2, 4, 8, ... below ``period``
+      (``log2(period)`` extra measurements per layer): ranges and gradient
+      statistics change fastest at the start of training, and a short run
+      measured only at call 0 uses that call's ranges throughout. Default on:
+      on a 93-step MNIST MobileNet (period 100, 8 seeds) UI8 went from
+      -1.49 +- 0.56 to +0.01 +- 0.82 pp of float32 (docs/results.md).
     backend: ``None`` (the default: Pallas on a Hopper GPU, else XLA),
       ``"xla"`` (``lax`` int8 ops, exact; the CPU backend — refused with a
       ``ValueError`` when tracing for a GPU, where XLA:GPU gave wrong input
@@ -81,6 +87,7 @@ class QuantConfig:
   grad_clip: str = "learned"
   clip_noise_weight: float = 1.0
   period: int = 100
+  measure_early: bool = True
   backend: str | None = None
   data_axis: str | None = None
   chunk_k: int = 131072
@@ -111,6 +118,8 @@ class QuantConfig:
     if (not isinstance(self.period, int) or isinstance(self.period, bool)
         or self.period < 1):
       raise ValueError(f"QuantConfig.period must be an int >= 1, got {self.period!r}")
+    if not isinstance(self.measure_early, bool):
+      raise TypeError(f"QuantConfig.measure_early must be a bool, got {self.measure_early!r}")
     if self.data_axis is not None and not isinstance(self.data_axis, str):
       raise TypeError(f"QuantConfig.data_axis must be a mesh axis name or None, "
                       f"got {self.data_axis!r}")

@@ -104,8 +104,10 @@ def test_bad_module_arguments():
 
 
 def test_periodic_measurement_without_recompiling():
-  """Measure on calls 0, 3, 6 (period 3); one compiled step for all steps."""
-  q = QuantConv(2, 4, (3, 3), config=int8jax.QuantConfig(period=3), rngs=nnx.Rngs(0))
+  """Measure on calls 0, 3, 6 (period 3, no early measurements); one
+  compiled step for all steps."""
+  q = QuantConv(2, 4, (3, 3), config=int8jax.QuantConfig(period=3, measure_early=False),
+                rngs=nnx.Rngs(0))
   traces = []
 
   @nnx.jit
@@ -127,6 +129,35 @@ def test_periodic_measurement_without_recompiling():
   assert measured == [1, 0, 0, 1, 0, 0, 1]
   assert len(traces) == 1
   assert int(q.call_count[...]) == 7
+
+
+@pytest.mark.parametrize("period", [1, 2, 3, 8, 100])
+def test_measure_early_schedule(period):
+  """measure_early (the default): calls 0, 1, 2, 4, ... below the period,
+  then every period; against a plain-Python reference."""
+  counts = jnp.arange(0, 3 * period + 130, dtype=jnp.int32)
+  got = np.asarray(jax.jit(lambda c: int8jax.nn.measure_step(c, period, True))(counts))
+  want = [c % period == 0 or (c < period and c & (c - 1) == 0) for c in range(len(counts))]
+  np.testing.assert_array_equal(got, want)
+  off = np.asarray(int8jax.nn.measure_step(counts, period, False))
+  np.testing.assert_array_equal(off, [c % period == 0 for c in range(len(counts))])
+  assert int8jax.QuantConfig().measure_early is True
+
+
+def test_measure_early_in_a_layer():
+  """A layer with the default config measures on calls 0, 1, 2, 4 of period 8
+  (then 8, 16, ...); the counts reach the state through the optimizer."""
+  q = QuantConv(2, 4, (3, 3), config=int8jax.QuantConfig(period=8), rngs=nnx.Rngs(0))
+  grad = nnx.jit(lambda m, x: nnx.grad(lambda m: (m(x) ** 2).sum(),
+                                       argnums=nnx.DiffState(0, TRAINABLE))(m))
+  measured = []
+  for i in range(10):
+    g = grad(q, jax.random.normal(jax.random.key(i), (2, 6, 6, 2)))
+    measured.append(float(int8jax.read_measurement(
+        int8jax.GradQuantState.unpack(g["grad_quant"][...])).measurements))
+  assert measured == [1, 1, 1, 0, 1, 0, 0, 0, 1, 0]
+  with pytest.raises(TypeError, match=r"measure_early must be a bool, got 1"):
+    int8jax.QuantConfig(measure_early=1)
 
 
 def test_eval_mode_does_not_count_or_measure():
@@ -210,7 +241,7 @@ def test_small_cnn_trains_with_ui8():
   stats = int8jax.nn.quant_stats(model)
   assert set(stats) == {"c1", "c2", "c3"}
   for s in stats.values():
-    assert float(s.measurements) == 12  # 24 steps, period 2
+    assert float(s.measurements) == 13  # 24 steps, period 2: calls 0, 1 (early), 2, 4, ...
     assert 0 < float(s.clip) <= float(s.grad_absmax)
     assert 0 <= float(s.deviation) < 1
 

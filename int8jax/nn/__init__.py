@@ -3,8 +3,8 @@
 from int8jax.nn.convert import default_skip, quantizable_layers, quantize_model
 from int8jax.nn.layers import (MEASURE_MODES, TRAINABLE, ActRange, GradQuant, QuantConv,
                                QuantConvTranspose, QuantCounter, QuantDense, quant_layers, quant_stats,
-                               set_call_count, set_measure_mode)
+                               measure_step, set_call_count, set_measure_mode)
 
 __all__ = ["MEASURE_MODES", "TRAINABLE", "ActRange", "GradQuant", "QuantConv", "QuantConvTranspose", "QuantCounter",
            "QuantDense", "default_skip", "quantizable_layers", "quantize_model", "quant_layers",
-           "quant_stats", "set_call_count", "set_measure_mode"]
+           "measure_step", "quant_stats", "set_call_count", "set_measure_mode"]

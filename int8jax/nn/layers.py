@@ -21,8 +21,10 @@ apart, like BatchNorm's ``BatchStat``):
   the count of measure steps skipped for non-finite activations.
 
 Periodic update (§4.3 of the paper): a layer measures on its calls number
-0, ``period``, ``2 * period``, ... in training mode. ``measure`` is a traced
-value (``count % period == 0``) that picks a ``lax.cond`` branch, so the
+0, ``period``, ``2 * period``, ... in training mode, and by default
+(``QuantConfig.measure_early``) also on calls 1, 2, 4, 8, ... below
+``period``. ``measure`` is a traced value (:func:`measure_step`) that picks a
+``lax.cond`` branch, so the
 compiled step is the same on every step and the extra passes (activation
 ``max|x|``, cosine distance, clip gradient) run only on measure steps. A
 training loop needs to do nothing; ``int8jax.nn.set_call_count(model, n)``
@@ -82,6 +84,17 @@ _UNSET = object()
 MEASURE_MODES = ("periodic", "always", "never")
 
 
+def measure_step(count: jax.Array, period: int, early: bool = False) -> jax.Array:
+  """Whether a layer measures on its call number ``count`` (traced bool):
+  ``count % period == 0``, and with ``early`` also ``count`` a power of two
+  below ``period`` (``QuantConfig.measure_early``). Traced, so one compiled
+  step serves measuring and non-measuring calls."""
+  periodic = (count % period) == 0
+  if not early:
+    return periodic
+  return periodic | ((count < period) & ((count & (count - 1)) == 0))
+
+
 class _QuantMixin:
   """State and per-call inputs shared by QuantConv and QuantDense."""
 
@@ -124,7 +137,7 @@ class _QuantMixin:
       count = self.call_count[...]
       self.call_count[...] = count + 1
       if self.measure_mode == "periodic":
-        measure = (count % cfg.period) == 0  # traced: one compiled step for all
+        measure = measure_step(count, cfg.period, cfg.measure_early)  # traced
         need = measure | (cached <= 0)
       else:
         measure = self.measure_mode == "always"
@@ -309,7 +322,8 @@ def set_measure_mode(model: nnx.Module, mode: str) -> None:
   """How every quantized layer of ``model`` selects measure steps.
 
   * ``"periodic"`` (the default): on calls 0, ``period``, ``2 period``, ...
-    of the layer, chosen by a traced flag (``lax.cond``) -- one compiled
+    of the layer (and 1, 2, 4, ... below ``period`` with
+    ``QuantConfig.measure_early``), chosen by a traced flag (``lax.cond``) -- one compiled
     step serves every step;
   * ``"always"`` / ``"never"``: every call measures / none does, with no
     ``lax.cond``. A loop that compiles two steps -- one on a model in
