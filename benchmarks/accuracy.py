@@ -400,6 +400,10 @@ def main(argv=None):
                  help="QuantConfig.measure_early: also measure on calls 1, 2, 4, ... below "
                  f"the period (default: the library's, "
                  f"{'on' if int8jax.QuantConfig().measure_early else 'off'})")
+  p.add_argument("--clip-warmup", choices=("on", "off"), default=None,
+                 help="QuantConfig.clip_warmup: clip at the learned ratio of each step's "
+                 "max|g| during the first period (default: the library's, "
+                 f"{'on' if int8jax.QuantConfig().clip_warmup else 'off'})")
   p.add_argument("--baseline", default=None, metavar="JSON",
                  help="an earlier accuracy_results.json whose float32 runs of the chosen "
                  "settings join the tables (not rerun) when float32 is not among the variants")
@@ -411,6 +415,8 @@ def main(argv=None):
     OVERRIDES["clip_noise_weight"] = a.clip_noise_weight
   if a.measure_early is not None:
     OVERRIDES["measure_early"] = a.measure_early == "on"
+  if a.clip_warmup is not None:
+    OVERRIDES["clip_warmup"] = a.clip_warmup == "on"
 
   grid = settings(a.scale)
   if a.only:

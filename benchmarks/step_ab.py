@@ -76,10 +76,11 @@ def main(argv=None):
   def build(quantized, period):
     model = models.create_model(a.model, num_classes=a.classes, rngs=nnx.Rngs(0))
     if quantized:
-      # measure_early (since a38e6ef) off where the tree has it: "non-measure"
-      # (period 1e6) must measure on call 0 only
-      early = ({"measure_early": False} if "measure_early" in
-               {f.name for f in dataclasses.fields(int8jax.QuantConfig)} else {})
+      # measure_early (since a38e6ef) and clip_warmup off where the tree has
+      # them: "non-measure" (period 1e6) must measure on call 0 only and use
+      # the cached clip after it
+      fields = {f.name for f in dataclasses.fields(int8jax.QuantConfig)}
+      early = {k: False for k in ("measure_early", "clip_warmup") if k in fields}
       quantize_model(model, int8jax.QuantConfig(period=period, **early),
                      rngs=nnx.Rngs(1, quant=2))
       return model, _step(model, int8jax.optim.ui8(base()), TRAINABLE)

@@ -183,7 +183,8 @@ def bench_ops(name: str, batch: int, repeats: int, bf16: bool,
     gy = jax.random.normal(jax.random.key(1), jax.eval_shape(fl, x).shape)
 
     def quant_conv(period):
-      qc = QuantConv(cin, cout, (k, k), config=qconfig(period=period, measure_early=False),
+      qc = QuantConv(cin, cout, (k, k),
+                     config=qconfig(period=period, measure_early=False, clip_warmup=False),
                      rngs=nnx.Rngs(0), **conv_kw)
       qc(x)  # first call measures; with a huge period later calls do not
       return qc
@@ -274,8 +275,10 @@ def bench_train(name: str, batch: int, repeats: int, bf16: bool,
     model = models.create_model(name, num_classes=classes, dtype=mode.dtype, rngs=nnx.Rngs(0),
                                 **kw)
     if mode.quantized:
-      # measure_early off: a "period 1e6" variant measures on call 0 only
-      int8jax.nn.quantize_model(model, qconfig(mode_name, period=period, measure_early=False),
+      # measure_early and clip_warmup off: a "period 1e6" variant measures on
+      # call 0 only and then uses the cached clip
+      int8jax.nn.quantize_model(model, qconfig(mode_name, period=period, measure_early=False,
+                                               clip_warmup=False),
                                 rngs=nnx.Rngs(1))
     step, state, graph = _make_step(model, mode, sgd)
     xin = x.astype(mode.compute_dtype)

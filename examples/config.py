@@ -99,6 +99,10 @@ class Config:
   measure_early: bool = _option(
       int8jax.QuantConfig().measure_early, "quantized layers also measure on steps 1, 2, 4, "
       "... below PERIOD (int8jax.QuantConfig.measure_early)")
+  clip_warmup: bool = _option(
+      int8jax.QuantConfig().clip_warmup, "quantized layers clip the gradient at the learned "
+      "ratio of each step's max|g| during the first PERIOD steps "
+      "(int8jax.QuantConfig.clip_warmup)")
   weight_granularity: str = _option("tensor", "weight quantization scale",
                                     choices=("tensor", "channel"))
   grad_rounding: str = _option("stochastic", "gradient rounding",

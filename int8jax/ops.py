@@ -20,7 +20,8 @@ State in and out (no host callbacks, no global state):
   ``max|x|``) comes in as an ordinary array;
 * ``grad_state`` — a :class:`int8jax.dsgc.GradQuantState`: measure steps
   clip ``g`` at ``clip_ratio * max|g|`` (ratio 0 means 1), other steps at the
-  cached ``clip`` (0: ``max|g|`` of the step). Its
+  cached ``clip`` (0, no cached clip: ``clip_ratio * max|g|`` of the step;
+  how a layer's clip warm-up is expressed, ``QuantConfig.clip_warmup``). Its
   *cotangent* is the step's measurement: on a step with ``measure=True`` the
   cosine distance ``d = 1 - cos(g, g_hat)``, ``d(d)/d(log c)``, ``max|g|`` and
   the clipped fraction; zeros otherwise. ``jax.grad`` w.r.t. ``grad_state``
@@ -230,13 +231,15 @@ def _grad_clip(op: _Op, g, grad_state, measure):
     # has no clip: its gradients become NaN (see set_measure_mode).
     return jnp.where(stored > 0, stored, jnp.nan), stored, ratio
   # Measure steps clip at the learned ratio of this step's max|g|; other
-  # steps reuse the cached clip and skip the max pass (a layer never measured
-  # clips at max|g|).
+  # steps reuse the cached clip and skip the max pass. A state with no cached
+  # clip (0: a layer never measured, or one in its clip warm-up, see
+  # QuantConfig.clip_warmup) clips at the ratio of this step's max|g| (the
+  # ratio is 1 until one is learned).
   if op.static_measure is not None:
     measure = jnp.asarray(op.static_measure)
   need_max = measure | ~(stored > 0)
   gmax = lax.cond(need_max, lambda: quant.absmax(g), lambda: jnp.zeros((), jnp.float32))
-  clip = jnp.where(measure, ratio * gmax, jnp.where(stored > 0, stored, gmax))
+  clip = jnp.where(measure | ~(stored > 0), ratio * gmax, stored)
   return clip, gmax, ratio
 
 

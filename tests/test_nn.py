@@ -160,6 +160,40 @@ def test_measure_early_in_a_layer():
     int8jax.QuantConfig(measure_early=1)
 
 
+@pytest.mark.parametrize("warmup", [True, False])
+def test_clip_warmup(warmup):
+  """clip_warmup: below the period a non-measuring call clips the gradient at
+  the learned ratio of its own max|g|; from call ``period`` on (and with
+  clip_warmup off) at the cached clip. Checked against the op called with
+  each clip stored explicitly (nearest rounding: exact comparison)."""
+  cfg = int8jax.QuantConfig(period=4, measure_early=False, grad_rounding="nearest",
+                            clip_warmup=warmup)
+  q = QuantConv(2, 4, (3, 3), config=cfg, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 2))
+  ct = jax.random.normal(jax.random.key(1), (2, 6, 6, 4)) * 10.0
+  q(x)  # call 0 measures: caches the activation range
+  ratio, cached = jnp.float32(0.8), jnp.float32(0.5)  # cached << max|ct|: saturates
+  q.grad_quant[...] = int8jax.GradQuantState.initial().replace(
+      clip=cached, clip_ratio=ratio).pack()
+  layer_dw = nnx.jit(lambda m: nnx.grad(lambda m: jnp.sum(m(x) * ct))(m)["kernel"][...])
+
+  def op_dw(clip):
+    state = int8jax.GradQuantState.initial().replace(clip=clip, clip_ratio=ratio)
+    f = lambda w: jnp.sum(int8jax.quant_conv_general_dilated(  # noqa: E731
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        grad_state=state, x_clip=q.act_range[...], measure=False, config=cfg) * ct)
+    return jax.grad(f)(q.kernel[...])
+
+  fresh, stored = op_dw(ratio * int8jax.absmax(ct)), op_dw(cached)
+  assert not bool(jnp.all(fresh == stored))
+  int8jax.nn.set_call_count(q, 1)  # in the warm-up, not a measure step
+  np.testing.assert_array_equal(layer_dw(q), fresh if warmup else stored)
+  int8jax.nn.set_call_count(q, 5)  # after the warm-up
+  np.testing.assert_array_equal(layer_dw(q), stored)
+  with pytest.raises(TypeError, match=r"clip_warmup must be a bool, got 'yes'"):
+    int8jax.QuantConfig(clip_warmup="yes")
+
+
 def test_eval_mode_does_not_count_or_measure():
   q = QuantConv(2, 4, (3, 3), rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (2, 6, 6, 2))

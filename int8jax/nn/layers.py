@@ -26,7 +26,10 @@ Periodic update (§4.3 of the paper): a layer measures on its calls number
 ``period``. ``measure`` is a traced value (:func:`measure_step`) that picks a
 ``lax.cond`` branch, so the
 compiled step is the same on every step and the extra passes (activation
-``max|x|``, cosine distance, clip gradient) run only on measure steps. A
+``max|x|``, cosine distance, clip gradient) run only on measure steps. With
+``QuantConfig.clip_warmup`` (default) the first ``period`` calls also clip
+the gradient at the learned ratio of each step's ``max|g|`` (a reduction
+over ``g``, selected by the same kind of traced flag). A
 training loop needs to do nothing; ``int8jax.nn.set_call_count(model, n)``
 re-aligns the counters (e.g. ``0`` to force a measurement on the next call),
 and ``model.eval()`` stops counting and measuring.
@@ -130,6 +133,7 @@ class _QuantMixin:
     counters and the cached activation range."""
     cfg = self.config
     cached = self.act_range[...]
+    warmup = False
     if self.deterministic:
       measure = False
       need = cached <= 0
@@ -139,6 +143,7 @@ class _QuantMixin:
       if self.measure_mode == "periodic":
         measure = measure_step(count, cfg.period, cfg.measure_early)  # traced
         need = measure | (cached <= 0)
+        warmup = cfg.clip_warmup and cfg.period > 1
       else:
         measure = self.measure_mode == "always"
         need = measure | (cached <= 0)
@@ -151,7 +156,10 @@ class _QuantMixin:
       key = jax.random.key(0)
     else:
       key = self.quant_rngs()
-    y, x_finite = op(x, *args, key=key, grad_state=self.grad_quant.state,
+    grad_state = self.grad_quant.state
+    if warmup:  # no cached clip: the op clips at the ratio of each step's max|g|
+      grad_state = grad_state.replace(clip=jnp.where(count < cfg.period, 0.0, grad_state.clip))
+    y, x_finite = op(x, *args, key=key, grad_state=grad_state,
                      x_clip=fresh, measure=measure, config=cfg,
                      stored_clip_only=self.measure_mode == "never", **kwargs)
     if not self.deterministic:
