@@ -248,12 +248,15 @@ def _make_step(model, mode: modes.Mode, base):
 # "non-measure": the periodic (lax.cond) step on a step that does not measure;
 # "never": the step a loop compiles for its non-measure steps with
 # set_measure_mode(model, "never") -- no measuring cond, the gradient's
-# quantization fused into the fusion that produces it (docs/design.md §4).
+# quantization fused into the fusion that produces it (docs/design.md §4);
+# "clip warm-up": a non-measuring step of the first period with
+# QuantConfig.clip_warmup (each step's max|g| is reduced for the clip).
 STEP_SPECS = {
     "float32": ("float32", None, None),
     "bf16": ("bf16", None, None),
     "ui8 period 1": ("ui8", 1, "periodic"),
     "ui8 non-measure": ("ui8", 1_000_000, "periodic"),
+    "ui8 clip warm-up": ("ui8", 1_000_000, "warm-up"),
     "ui8 never": ("ui8", 1_000_000, "never"),
     "ui8-bf16 period 1": ("ui8-bf16", 1, "periodic"),
     "ui8-bf16 never": ("ui8-bf16", 1_000_000, "never"),
@@ -275,10 +278,10 @@ def bench_train(name: str, batch: int, repeats: int, bf16: bool,
     model = models.create_model(name, num_classes=classes, dtype=mode.dtype, rngs=nnx.Rngs(0),
                                 **kw)
     if mode.quantized:
-      # measure_early and clip_warmup off: a "period 1e6" variant measures on
-      # call 0 only and then uses the cached clip
+      # measure_early off (and clip_warmup, except in "warm-up"): a "period
+      # 1e6" variant measures on call 0 only and then uses the cached clip
       int8jax.nn.quantize_model(model, qconfig(mode_name, period=period, measure_early=False,
-                                               clip_warmup=False),
+                                               clip_warmup=measure_mode == "warm-up"),
                                 rngs=nnx.Rngs(1))
     step, state, graph = _make_step(model, mode, sgd)
     xin = x.astype(mode.compute_dtype)
