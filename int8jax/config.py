@@ -69,7 +69,7 @@ class QuantConfig:
       its gradients until call 64. Later calls use the cached clip (the
       paper's periodic update). Default on: on an MNIST ResNet (375 steps,
       period 100, 8 seeds) UI8 went from -1.16 +- 0.53 to -0.60 +- 0.52 pp
-      of float32 (docs/results.md). Only layers with one learned gradient
+      of float32 (16 seeds: -0.28 +- 0.32; docs/results.md). Only layers with one learned gradient
       clip per tensor are affected (per-group scales and
       ``grad_clip="max"`` use each step's maximum anyway).
     backend: ``None`` (the default: Pallas on a Hopper GPU, else XLA),
