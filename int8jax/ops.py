@@ -239,7 +239,7 @@ def _grad_clip(op: _Op, g, grad_state, measure):
     measure = jnp.asarray(op.static_measure)
   need_max = measure | ~(stored > 0)
   gmax = lax.cond(need_max, lambda: quant.absmax(g), lambda: jnp.zeros((), jnp.float32))
-  clip = jnp.where(measure | ~(stored > 0), ratio * gmax, stored)
+  clip = jnp.where(need_max, ratio * gmax, stored)
   return clip, gmax, ratio
 
 
