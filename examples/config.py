@@ -152,6 +152,26 @@ class Config:
                                          "(or re-reports a finished run)")
   num_devices: int | None = _option(None, "use the first N local devices (default: all) for "
                                           "data parallelism")
+  # multi-process jobs (examples/distributed.py; default: the JAX_* environment or a
+  # SLURM / Open MPI job, else one process)
+  coordinator_address: str | None = _option(
+      None, "multi-process job: HOST:PORT of process 0's coordinator (with --num-processes and "
+      "--process-id; default: JAX_COORDINATOR_ADDRESS, or a SLURM / Open MPI job's own)")
+  num_processes: int | None = _option(
+      None, "multi-process job: how many processes (default: JAX_NUM_PROCESSES, or the "
+      "cluster's)")
+  process_id: int | None = _option(
+      None, "multi-process job: this process's rank, 0..N-1 (default: JAX_PROCESS_ID, or the "
+      "cluster's)")
+  init_timeout: int = _option(300, "multi-process job: seconds to wait for the coordinator and "
+                                   "every process to join before failing")
+  heartbeat_timeout: int = _option(
+      100, "multi-process job: seconds without a peer's heartbeat before the job fails (a "
+      "process that died)")
+  resume_other_layout: bool = _option(
+      False, "resume a checkpoint written by another number of processes or devices (the "
+      "state is restored onto the new mesh; results then differ from an uninterrupted run "
+      "in float rounding, the global batch is the same)")
   checkpoint_every: int = _option(500, "save a checkpoint every N steps (and at the end); "
                                        "0: only at the end")
   keep_checkpoints: int = _option(2, "checkpoints to keep")
@@ -178,8 +198,10 @@ class Config:
                          f"{', '.join(map(_shown, choices))}")
     for name in ("batch_size", "period", "keep_checkpoints", "log_every"):
       _check(name, getattr(self, name), lambda v: v >= 1, ">= 1")
-    for name in ("steps", "num_devices", "eval_batch_size", "width", "stop_after_steps"):
+    for name in ("steps", "num_devices", "eval_batch_size", "width", "stop_after_steps",
+                 "num_processes", "init_timeout", "heartbeat_timeout"):
       _check(name, getattr(self, name), lambda v: v is None or v >= 1, ">= 1")
+    _check("process_id", self.process_id, lambda v: v is None or v >= 0, ">= 0")
     for name in ("workers", "checkpoint_every", "histogram_every", "warmup_epochs",
                  "eval_every_epochs", "weight_decay", "momentum", "label_smoothing",
                  "clip_grad_norm"):

@@ -10,19 +10,26 @@
   (:mod:`int8jax.modes`): ``int8jax.nn.quantize_model`` with the mode's
   ``QuantConfig`` (first conv and classifier stay float); float modes leave it.
 * :func:`make_steps` -- a :class:`~examples.tasks.Task`'s loss and eval step
-  compiled over a 1-D ``data`` mesh (batch sharded, state replicated).
+  compiled over a 1-D ``data`` mesh (batch sharded, state replicated), traced
+  with that mesh in context; :func:`shard_quantized_layers` tells the
+  quantized layers that the batch is sharded over its ``data`` axis, so the
+  Pallas kernels run per device shard (XLA cannot partition a custom call:
+  without it every device would gather the whole batch).
+* :func:`make_mesh`, :func:`place`, :func:`to_global` -- the mesh over every
+  process's devices, replicated state and global batches built from each
+  process's own data (multi-process jobs: :mod:`examples.distributed`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
+import int8jax
 from int8jax import modes
 from int8jax.nn.convert import quantize_model
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -32,7 +39,7 @@ from examples.config import Config, backend_from_cli
 log = logging.getLogger(__name__)
 
 __all__ = ["update_step", "quant_config", "quantize", "make_steps", "make_mesh",
-           "maybe_initialize_distributed", "place", "to_global"]
+           "shard_quantized_layers", "place", "to_global"]
 
 
 def update_step(graphdef: nnx.GraphDef, loss_fn: Callable[..., Any], wrt, *,
@@ -106,27 +113,51 @@ def make_steps(task, cfg: Config, graphdef: nnx.GraphDef, state_sharding, data_s
     model.eval()
     return task.eval_step(model, batch, cfg)
 
-  repl = NamedSharding(data_sharding.mesh, P())
+  mesh = data_sharding.mesh
+  repl = NamedSharding(mesh, P())
   train = jax.jit(train_step, in_shardings=(state_sharding, data_sharding),
                   out_shardings=(state_sharding, repl), donate_argnums=0)
   evaluate = jax.jit(eval_step, in_shardings=(state_sharding, data_sharding),
                      out_shardings=repl)
-  return train, evaluate
+  if mesh.size == 1:
+    return train, evaluate
+  # Traced (and called) with the mesh in context: the quantized layers' data
+  # axis (shard_quantized_layers) refers to it.
+  return _with_mesh(mesh, train), _with_mesh(mesh, evaluate)
 
 
-def maybe_initialize_distributed() -> None:
-  """``jax.distributed.initialize()`` when a multi-host launch is detected."""
-  env = os.environ
-  if any(k in env for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
-                            "JAX_PROCESS_ID")) or int(env.get("SLURM_NTASKS", "1")) > 1:
-    try:
-      jax.distributed.initialize()
-    except RuntimeError as e:  # already initialised
-      log.info("jax.distributed.initialize: %s", e)
+def _with_mesh(mesh: Mesh, fn: Callable) -> Callable:
+  def call(*args):
+    with jax.set_mesh(mesh):
+      return fn(*args)
+  return call
+
+
+def shard_quantized_layers(model: nnx.Module, mesh: Mesh, axis: str = "data") -> int:
+  """Sets ``QuantConfig.data_axis`` of every quantized layer of ``model`` (in place).
+
+  With more than one device on ``mesh``: the layers' Pallas kernels then run
+  per batch shard under ``jax.shard_map`` (``int8jax.QuantConfig.data_axis``),
+  and the steps must be traced with ``mesh`` in context (:func:`make_steps`
+  does). The XLA backend ignores the setting (XLA partitions its ops itself).
+  One device: nothing changes. Returns how many layers were changed.
+  """
+  if mesh.size == 1:
+    return 0
+  if axis not in mesh.axis_names:
+    raise ValueError(f"shard_quantized_layers: axis {axis!r} is not an axis of {mesh}")
+  n = 0
+  for _, m in model.iter_modules():
+    qc = getattr(m, "config", None)
+    if isinstance(qc, int8jax.QuantConfig) and qc.data_axis != axis:
+      m.config = qc.replace(data_axis=axis)
+      n += 1
+  return n
 
 
 def make_mesh(num_devices: int | None) -> Mesh:
-  """1-D ``data`` mesh over all devices (or the first ``num_devices`` local ones)."""
+  """1-D ``data`` mesh over every process's devices (or the first ``num_devices`` of a
+  single process's)."""
   devices = jax.devices()
   if num_devices is not None:
     if jax.process_count() > 1:
@@ -138,12 +169,27 @@ def make_mesh(num_devices: int | None) -> Mesh:
 
 
 def place(state, sharding):
-  """Copy of ``state`` on ``sharding`` with one buffer per leaf.
+  """Copy of ``state`` as global arrays on ``sharding``, one buffer per leaf.
 
-  Leaves may share a buffer (e.g. equal initial constants of several layers);
-  the train step donates its state, and XLA refuses to donate a buffer twice.
+  Works in multi-process jobs: every process passes the same values (host
+  copies or process-local arrays; a global array is fetched only where it is
+  fully addressable) and each puts its own devices' shards. Leaves may share
+  a buffer (e.g. equal initial constants of several layers); the train step
+  donates its state, and XLA refuses to donate a buffer twice.
   """
-  return jax.tree.map(lambda x: jax.device_put(x, sharding, may_alias=False), state)
+
+  def put(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      if x.sharding == sharding:
+        return jax.jit(lambda a: a, out_shardings=sharding)(x)  # a fresh buffer
+      raise ValueError(f"place: a global array on {x.sharding}, expected {sharding}")
+    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(put(jax.random.key_data(x)),
+                                      impl=jax.random.key_impl(x))
+    host = np.asarray(jax.device_get(x))
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+  return jax.tree.map(put, state)
 
 
 def to_global(batch: dict, sharding) -> dict:

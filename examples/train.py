@@ -53,6 +53,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from examples import checkpoint as ckpt_lib
 from examples import data as data_lib
+from examples import distributed
 from examples import metrics as metrics_lib
 from examples import steps as steps_lib
 from examples import tasks as tasks_lib
@@ -69,6 +70,8 @@ __all__ = ["train", "main", "Result", "EXIT_STOPPED", "setup_logging"]
 #: (sysexits ``EX_TEMPFAIL``): rerun the same command to resume.
 EXIT_STOPPED = 75
 _STOP_SIGNALS = ("SIGTERM", "SIGINT")
+#: What a process votes each step (examples.distributed.AnyProcess): the largest wins.
+_STOP_CODES = {None: 0, "SIGINT": 1, "SIGTERM": 2}
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -164,6 +167,10 @@ class _StopSignals:
       signal.signal(sig, old)
 
 
+def _layout(d: dict) -> str:
+  return f"{d.get('processes', '?')} process(es) with {d.get('devices', '?')} device(s) in all"
+
+
 def _all_processes(ids: set[int]) -> set[int]:
   """Union of a set of record indices over all processes."""
   if jax.process_count() == 1:
@@ -190,14 +197,18 @@ class _Run:
     self.total_steps = (cfg.steps if cfg.steps is not None
                         else max(1, int(round(cfg.epochs * self.spe))))
     self.mesh = steps_lib.make_mesh(cfg.num_devices)
-    if cfg.batch_size % self.mesh.size:
-      raise ValueError(f"--batch-size {cfg.batch_size}: must be a multiple of the "
-                       f"{self.mesh.size} devices")
+    for name in ("batch_size", "eval_batch_size"):
+      size = getattr(cfg, name)
+      if size is not None and size % self.mesh.size:
+        raise ValueError(f"--{name.replace('_', '-')} {size}: must be a multiple of the "
+                         f"{self.mesh.size} devices ({jax.process_count()} process(es) x "
+                         f"{jax.local_device_count()} local device(s))")
     self.data_sharding = NamedSharding(self.mesh, P("data"))
     self.state_sharding = NamedSharding(self.mesh, P())
     self.mode = modes.get(cfg.mode)
     self.model_meta = tasks_lib.model_meta(task, self.spec)
     model = tasks_lib.build_model(task, cfg, self.spec)
+    steps_lib.shard_quantized_layers(model, self.mesh)
     self.schedule = make_schedule(cfg, self.total_steps, self.spe)
     self.graphdef, state = nnx.split((model, create_optimizer(cfg, model, self.schedule)))
     self.state = steps_lib.place(state, self.state_sharding)
@@ -217,12 +228,24 @@ class _Run:
       return False
     # The config first: another model (width, layers) is another state structure,
     # and restoring it into this one would fail deep inside Orbax.
-    stored = self.ckpt.meta(latest).get("config", {})
+    meta = self.ckpt.meta(latest)
+    stored = meta.get("config", {})
     for k in getattr(self.cfg, "same_job", _SAME_JOB):
       if k in stored and stored[k] != getattr(self.cfg, k):
         raise ValueError(f"checkpoint in {self.cfg.workdir} was written with {k}="
                          f"{stored[k]!r}, this run has {k}={getattr(self.cfg, k)!r}; "
                          "use another --workdir")
+    layout = {"processes": jax.process_count(), "devices": self.mesh.size}
+    written = {k: meta[k] for k in layout if k in meta}
+    if written and written != {k: layout[k] for k in written}:
+      if not self.cfg.resume_other_layout:
+        raise ValueError(
+            f"checkpoint {latest} in {self.cfg.workdir} was written by {_layout(written)}, "
+            f"this run has {_layout(layout)}: rerun with the same layout to resume exactly, "
+            "or pass --resume-other-layout to restore onto this one (same global batches; "
+            "float rounding then differs from an uninterrupted run)")
+      log.warning("resuming checkpoint %d of %s on %s (written by %s)", latest,
+                  self.cfg.workdir, _layout(layout), _layout(written))
     state, meta = self.ckpt.restore(latest, self.state)
     self.state = steps_lib.place(state, self.state_sharding)
     self.pos = Position(meta["step"], meta["epoch"], meta["index"])
@@ -249,7 +272,8 @@ class _Run:
     return {"step": self.pos.step, "epoch": self.pos.epoch, "index": self.pos.index,
             "corrupt_ids": sorted(self.corrupt_ids), "train_metrics": self.last_train,
             "config": dataclasses.asdict(self.cfg), "task": tasks_lib.task_path(self.task),
-            "model_meta": self.model_meta}
+            "model_meta": self.model_meta, "processes": jax.process_count(),
+            "devices": self.mesh.size}
 
   def save(self):
     self.corrupt_ids = _all_processes(self.corrupt_ids)
@@ -267,6 +291,7 @@ class _Run:
         cfg.workdir, total_steps=self.total_steps, initial_step=self.pos.step,
         is_main=self.is_main, tensorboard=cfg.tensorboard, progress=cfg.progress)
     window = metrics_lib.TrainWindow()
+    agree = distributed.AnyProcess(self.mesh)
     log.info("%s: training steps %d..%d of %s (%s)", cfg.workdir, self.pos.step + 1,
              self.total_steps, self.task.name, cfg.mode)
     while self.pos.step < self.total_steps:
@@ -289,10 +314,12 @@ class _Run:
         if cfg.stop_after_steps is not None and self.steps_this_run >= cfg.stop_after_steps:
           window.fetch()
           return "stop_after_steps"
-        if stop.received:
+        # Every process stops at the same step (one step after any got a signal).
+        code = agree.vote(_STOP_CODES[stop.received])
+        if code:
           window.fetch()
           self.save()
-          return stop.received
+          return next(k for k, v in _STOP_CODES.items() if v == code)
         if self.pos.step >= self.total_steps:
           break
     window.fetch()
@@ -305,8 +332,12 @@ class _Run:
     self.writer.progress(1, {})
     every = getattr(cfg, "histogram_every", 0)
     if every and step % every == 0 and self.is_main and self.mode.quantized:
+      # Process 0 alone, on its own rows of the batch: with several processes on
+      # a host copy of the (replicated) state, so that no other process has to
+      # run this computation with it.
+      state = self.state if jax.process_count() == 1 else jax.device_get(self.state)
       self.writer.histograms(step, metrics_lib.layer_tensors(
-          nnx.merge(self.graphdef, self.state)[0], self.hist_loss, batch))
+          nnx.merge(self.graphdef, state)[0], self.hist_loss, batch))
     eval_every = (max(1, int(round(cfg.eval_every_epochs * self.spe)))
                   if cfg.eval_every_epochs else 0)
     if eval_every and step % eval_every == 0 and step < self.total_steps:
@@ -321,7 +352,7 @@ class _Run:
     lr = float(self.schedule(step - 1))
     vals = {**{f"train/{k}": v for k, v in means.items()}, "train/lr": lr,
             "train/images_per_s": window.images_per_s()}
-    if self.mode.quantized and self.is_main:
+    if self.mode.quantized:  # every process computes, process 0 writes
       vals.update(metrics_lib.quant_scalars(nnx.merge(self.graphdef, self.state)[0],
                                             self.cfg.alpha, self.cfg.beta,
                                             getattr(self.cfg, "lr_deviation", None)))
@@ -337,11 +368,14 @@ class _Run:
         self.spec, train=False, global_batch=cfg.eval_batch_size or cfg.batch_size,
         num_workers=cfg.workers, process_index=jax.process_index(),
         process_count=jax.process_count())
-    # Host copies without the pixels: what evaluate() reads is labels, ids, boxes.
-    results = [({k: v for k, v in b.items() if k != "image"},
+    # Host copies without the pixels: what evaluate() reads is labels, ids, boxes
+    # -- of the whole global batch (every process's rows), as the outputs are.
+    results = [(distributed.gather_host({k: v for k, v in b.items() if k != "image"}),
                 jax.device_get(self.eval_step(self.state, steps_lib.to_global(
                     b, self.data_sharding)))) for b in batches]
-    return self.task.evaluate(self.spec, results, cfg)
+    # The metric is computed once, by process 0, and shared.
+    return distributed.broadcast_json(self.task.evaluate(self.spec, results, cfg)
+                                      if self.is_main else None)
 
   def _write_eval(self, ev: dict):
     self.writer.scalars(self.pos.step, {"eval/" + k[len("eval_"):]: v for k, v in ev.items()
@@ -413,7 +447,7 @@ def train(cfg: Config, task=None) -> Result:
   """
   task = ClassificationTask() if task is None else task
   setup_logging()
-  steps_lib.maybe_initialize_distributed()
+  distributed.initialize(cfg)
   run = _Run(cfg, task)
   try:
     if run.restore():

@@ -188,11 +188,6 @@ class DetectionTask:
   def load_data(self, cfg: DetectionConfig) -> det_data.DetectionSpec:
     if cfg.data_dir is None:
       raise ValueError("--data-dir is required: a COCO-format or VOC dataset root")
-    if jax.process_count() > 1:
-      # The shared loop hands evaluate() each process's own batches; the COCO
-      # metric needs all of them on one host (not gathered yet).
-      raise NotImplementedError("detection evaluation is single-process: "
-                                f"{jax.process_count()} processes")
     load = det_data.coco if cfg.dataset == "coco" else det_data.voc
     spec = load(cfg.data_dir, image_size=cfg.image_size, max_boxes=cfg.max_boxes,
                 train_split=cfg.train_split, val_split=cfg.val_split)
