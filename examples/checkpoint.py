@@ -34,6 +34,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -78,9 +79,11 @@ def pure_to_state(state: nnx.State, pure: dict) -> nnx.State:
 
 
 def _all_finite(tree) -> bool:
+  # On host copies: an eager jnp.isfinite compiles once per leaf shape (5.6 s of
+  # a 20 s MNIST run on the 2-core CPU), and the checkpoint fetches them anyway.
   leaves = [x for x in jax.tree.leaves(tree) if not _is_key(x)
             and jnp.issubdtype(x.dtype, jnp.floating)]
-  return bool(all(jnp.all(jnp.isfinite(x)) for x in leaves))
+  return bool(all(np.isfinite(np.asarray(x, np.float32)).all() for x in leaves))
 
 
 def _finite_params(state, what: str) -> bool:

@@ -35,6 +35,8 @@ import json
 import logging
 import os
 import re
+import socket
+import time
 from collections.abc import Mapping
 
 import jax
@@ -149,7 +151,11 @@ def initialize(cfg=None, environ: Mapping[str, str] | None = None) -> Launch | N
     return launch
   init_timeout = int(getattr(cfg, "init_timeout", 300))
   heartbeat = int(getattr(cfg, "heartbeat_timeout", 100))
-  log.info("joining %s", launch.describe())
+  log.info("joining %s; waiting up to %d s for all processes", launch.describe(), init_timeout)
+  if launch.coordinator_address is not None and launch.process_id != 0:
+    # JAX's client aborts the process (a C++ fatal error blaming "another task")
+    # when the coordinator never answers: check it can be reached first.
+    _wait_for_coordinator(launch, init_timeout)
   try:
     jax.distributed.initialize(
         coordinator_address=launch.coordinator_address, num_processes=launch.num_processes,
@@ -164,6 +170,23 @@ def initialize(cfg=None, environ: Mapping[str, str] | None = None) -> Launch | N
   log.info("joined: process %d of %d, %d local / %d global devices", jax.process_index(),
            jax.process_count(), jax.local_device_count(), jax.device_count())
   return launch
+
+
+def _wait_for_coordinator(launch: Launch, timeout: float) -> None:
+  host, port = launch.coordinator_address.rsplit(":", 1)
+  host = host.strip("[]")
+  deadline = time.monotonic() + timeout
+  while True:
+    try:
+      socket.create_connection((host, int(port)), timeout=2.0).close()
+      return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise RuntimeError(
+            f"{launch.describe()}: no coordinator answered at {launch.coordinator_address} "
+            f"within --init-timeout {timeout:g} s ({e}); start process 0 with the same "
+            "address, or check the address and port") from None
+      time.sleep(0.5)  # process 0 may not have started yet
 
 
 class AnyProcess:
