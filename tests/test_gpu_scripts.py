@@ -1,0 +1,88 @@
+"""The GPU-session tooling, on the CPU: the per-config smoke test's gate
+(benchmarks/gpu_smoke.py) and the one-variant step timer
+(benchmarks/step_time.py). Cheap: no interpret-mode kernel runs here."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import pytest
+
+import pallas_kernels as pk
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks import gpu_smoke  # noqa: E402
+
+
+def test_smoke_covers_every_config_of_the_tables():
+  names = gpu_smoke.config_names()
+  tables = {"conv": pk.CONV_CONFIGS, "wgrad": pk.WGRAD_CONFIGS, "matmul": pk.LIBRARY_CONFIGS}
+  assert len(names) == sum(map(len, tables.values())) == len(set(names))
+  for name in names:
+    kind, config = gpu_smoke._config(name)
+    assert any(config is c for c in tables[kind]), name
+    assert not name.split(":")[1].isdigit(), f"{name}: config without a module-level name"
+
+
+def test_smoke_check_reports_a_wrong_result(monkeypatch):
+  real = pk.int8_matmul_reference
+
+  def wrong(a, b, *, config=None, interpret=False, **kw):
+    out = real(a, b, **kw)
+    return out.at[3, 5].add(1)
+
+  monkeypatch.setattr(pk, "int8_matmul", wrong)
+  why = gpu_smoke._check("matmul:NARROW_CONFIG", interpret=True)
+  assert "matmul float32: 1 of" in why and "matmul int32: 1 of" in why, why
+  monkeypatch.setattr(pk, "int8_matmul", lambda a, b, *, config=None, interpret=False, **kw:
+                      real(a, b, **kw))
+  assert gpu_smoke._check("matmul:NARROW_CONFIG", interpret=True) == ""
+
+
+def test_smoke_gate_survives_crash_and_hang(tmp_path):
+  """A crashing and a hanging config cost their own time limit only; the
+  next configs still run in a new child; the gate file says what failed."""
+  names = ["conv:CONV_64x64", "wgrad:WGRAD_64x64", "matmul:DEFAULT_CONFIG",
+           "matmul:NARROW_CONFIG"]
+  fake = ["crash", "hang", "ok", "mismatch"]
+  gate = tmp_path / "smoke.json"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_smoke.py"), "--timeout", "3",
+       "--json", str(gate), "--only", ",".join(names),
+       "--fake", ",".join(f"{n}={f}" for n, f in zip(names, fake))],
+      capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1, proc.stdout + proc.stderr
+  doc = json.loads(gate.read_text())
+  assert [r["name"] for r in doc["results"]] == names
+  assert [r["status"] for r in doc["results"]] == ["CRASH", "HANG", "ok", "MISMATCH"]
+  assert doc["ok"] is False and doc["implicit_ok"] is False
+  assert "FAILED: conv:CONV_64x64, wgrad:WGRAD_64x64, matmul:NARROW_CONFIG" in proc.stdout
+
+
+def test_smoke_gate_all_ok(tmp_path):
+  names = gpu_smoke.config_names()
+  gate = tmp_path / "smoke.json"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_smoke.py"), "--json", str(gate),
+       "--fake", ",".join(f"{n}=ok" for n in names)],
+      capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  doc = json.loads(gate.read_text())
+  assert doc["ok"] is True and doc["implicit_ok"] is True
+  assert len(doc["results"]) == len(names)
+
+
+@pytest.mark.parametrize("args, what", [
+    (["--timeout", "0"], "--timeout must be > 0 seconds, got 0.0"),
+    (["--only", "conv:NOPE"], "--only: unknown config(s) ['conv:NOPE']"),
+    (["--fake", "conv:CONV_64x64=slow"], "--fake: 'conv:CONV_64x64=slow' is not"),
+])
+def test_smoke_bad_arguments(args, what, capsys):
+  with pytest.raises(SystemExit) as e:
+    gpu_smoke.main(args)
+  assert e.value.code == 2
+  assert what in capsys.readouterr().err
