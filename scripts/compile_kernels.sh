@@ -40,10 +40,9 @@ for t in $targets; do
     >"$outd/$t.dump.log" 2>&1 || { echo "$t: dump.py FAILED (tail of $outd/$t.dump.log):";
                                    tail -5 "$outd/$t.dump.log"; rc=1; continue; }
   (cd "$tool" && "$py" compile.py "$outd/$t" --jobs "$jobs") >"$outd/$t.compile.log" 2>&1 || rc=1
-  # summary line and per-config lines follow the per-kernel rows in census.txt
-  grep -vE "^(ok|SPILL|FAIL|local memory)?\s*$" "$outd/$t/census.txt" 2>/dev/null \
-    | grep -iE "kernels|config|CONV_|WGRAD_|LIB|spill|fail" | head -30
-  grep -E "SPILL|FAIL" "$outd/$t/census.txt" 2>/dev/null | head -10
+  # census.txt: one row per kernel, then the summary line and one line per config
+  awk '/^[0-9]+ kernels: /{p=1} p' "$outd/$t/census.txt" 2>/dev/null
+  grep -E " (SPILL|FAIL)$" "$outd/$t/census.txt" 2>/dev/null | head -10
 done
 echo "census files: $outd/*/census.txt; exit status $rc"
 exit $rc
