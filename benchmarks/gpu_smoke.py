@@ -200,6 +200,16 @@ def run(names: list[str], interpret: bool, timeout: float, gate: str | None,
           file=log, flush=True)
     write_gate()
 
+  children = []
+
+  def stop(signum, frame):  # `timeout` signals this process only: take the child along
+    for c in children:
+      with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(c.pid, signal.SIGKILL)
+    raise SystemExit(128 + signum)
+
+  signal.signal(signal.SIGTERM, stop)
+  signal.signal(signal.SIGINT, stop)
   todo = list(names)
   while todo:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", ",".join(todo)]
@@ -208,6 +218,7 @@ def run(names: list[str], interpret: bool, timeout: float, gate: str | None,
                             start_new_session=True, cwd=ROOT,
                             env=dict(os.environ, PYTHONPATH=os.pathsep.join(
                                 [ROOT, os.environ.get("PYTHONPATH", "")])))
+    children.append(proc)
     q: queue.Queue = queue.Queue()
     threading.Thread(target=_reader, args=(proc.stdout, q), daemon=True).start()
     # the first config's limit includes the child's start (imports, device init)

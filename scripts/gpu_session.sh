@@ -80,13 +80,14 @@ export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
 if [[ $dry == 1 ]]; then  # CPU: tiny shapes, interpret mode, short limits
   say "DRY RUN on the CPU (GPU_SESSION_DRY=1): tiny shapes, interpret mode, nothing measured"
   export JAX_PLATFORMS=cpu
-  smoke_args=(--interpret --timeout 60 --only conv:CONV_64x128,wgrad:WGRAD_128x64,matmul:NARROW_CONFIG)
+  smoke_args=(--interpret --timeout 40 --only conv:CONV_64x128,wgrad:WGRAD_128x64,matmul:NARROW_CONFIG)
+  t_smoke=${T_SMOKE:-150}
   step_args=(--model resnet20 --batch 4 --steps 2 --warmup 1)
   tests_args=(-k "every_conv_config or wgrad_gpu") xdist_n=0
   kernels_args=(--implicit-only --lower-only)
   rest_args=(--batch 2 --steps 1 --warmup 0) ts_args=(--quick --bf16 --batch50 2) rest_model=resnet20
 else
-  smoke_args=(--timeout 20)
+  smoke_args=(--timeout 20) t_smoke=${T_SMOKE:-60}
   step_args=(--model resnet50 --batch 256 --steps 30 --warmup 3)
   tests_args=() xdist_n=4
   kernels_args=(--implicit-only --warmup 3 --iters 20)
@@ -105,7 +106,7 @@ if [[ $phases == *,0,* ]]; then
   if [[ ${INT8JAX_IMPLICIT_GEMM:-1} == 0 ]]; then
     say "INT8JAX_IMPLICIT_GEMM=0 set by the caller: implicit-GEMM convs off in every phase"
   fi
-  run smoke "${T_SMOKE:-60}" "$py" benchmarks/gpu_smoke.py --json "$outd/smoke.json" \
+  run smoke "$t_smoke" "$py" benchmarks/gpu_smoke.py --json "$outd/smoke.json" \
     "${smoke_args[@]}" ${SMOKE_ARGS:-}
   rc=$?
   show smoke "^smoke" 30

@@ -86,3 +86,34 @@ def test_smoke_bad_arguments(args, what, capsys):
     gpu_smoke.main(args)
   assert e.value.code == 2
   assert what in capsys.readouterr().err
+
+
+def _processes_with_env(marker: str) -> list[int]:
+  pids = []
+  for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      with open(f"/proc/{pid}/environ", "rb") as f:
+        if marker.encode() in f.read():
+          pids.append(int(pid))
+    except OSError:
+      pass
+  return pids
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_smoke_killed_by_timeout_takes_its_child_along(tmp_path):
+  """gpu_session.sh's `timeout` signals the smoke parent only; the config's
+  child (own process group) must not outlive it holding the GPU."""
+  marker = f"INT8JAX_SMOKE_TEST_MARK={tmp_path.name}"
+  env = dict(os.environ, INT8JAX_SMOKE_TEST_MARK=tmp_path.name)
+  proc = subprocess.run(
+      ["timeout", "4", sys.executable, os.path.join(ROOT, "benchmarks", "gpu_smoke.py"),
+       "--timeout", "100", "--only", "conv:CONV_64x64", "--fake", "conv:CONV_64x64=hang"],
+      env=env, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 124
+  import time
+  time.sleep(0.5)
+  left = _processes_with_env(marker)
+  for pid in left:  # clean up before failing
+    os.kill(pid, 9)
+  assert not left, f"smoke child processes left running: {left}"
