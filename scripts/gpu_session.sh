@@ -25,7 +25,8 @@
 #   3. benchmarks/kernels.py --implicit-only: all 11 layers, forward, input
 #      and weight gradients timed separately on argument operands.
 #   4. the rest: MobileNetV2 steps, float32 parts, period 1 (the measuring
-#      step), the XLA:GPU 2x-dgrad repro.
+#      step), the XLA:GPU 2x-dgrad repro, train_step.py's per-layer table
+#      (QuantConv vs nnx.Conv, forward and backward as separate programs).
 # OUTDIR ends with at most 7 files: summary.txt (what ran, rc, key lines),
 # smoke.json (the gate), step.md, RESULTS.md (kernels / period-1 tables),
 # xla_gpu_dgrad_repro.json, logs.tar.gz (every log, re-archived after each
@@ -86,13 +87,14 @@ if [[ $dry == 1 ]]; then  # CPU: tiny shapes, interpret mode, short limits
   tests_args=(-k "every_conv_config or wgrad_gpu") xdist_n=0
   kernels_args=(--implicit-only --lower-only)
   rest_args=(--batch 2 --steps 1 --warmup 0) ts_args=(--quick --bf16 --batch50 2) rest_model=resnet20
+  layers_args=(--ops resnet20 --ops-kernels 1 --quick --bf16)
 else
   smoke_args=(--timeout 20) t_smoke=${T_SMOKE:-60}
   step_args=(--model resnet50 --batch 256 --steps 30 --warmup 3)
   tests_args=() xdist_n=4
   kernels_args=(--implicit-only --warmup 3 --iters 20)
   rest_args=(--batch 256 --steps 10 --warmup 2) ts_args=(--repeats 10 --block "steps period 1")
-  rest_model=resnet50
+  rest_model=resnet50 layers_args=(--ops resnet50 --ops-kernels 3 --repeats 10 --block layers)
 fi
 
 # -- 0. environment and smoke test -------------------------------------------
@@ -170,6 +172,9 @@ if [[ $phases == *,4,* ]]; then
   run repro 40 "$py" benchmarks/xla_gpu_dgrad_repro.py --with-int8jax \
     --out "$outd/xla_gpu_dgrad_repro.json"
   show repro "verdict|WRONG|x2|differ|error" 8
+  archive
+  run rest_layers "${T_REST:-90}" "$py" benchmarks/train_step.py --models "" "${layers_args[@]}"
+  show rest_layers "^  resnet|FAILED" 8
   archive
 fi
 
