@@ -117,3 +117,44 @@ def test_smoke_killed_by_timeout_takes_its_child_along(tmp_path):
   for pid in left:  # clean up before failing
     os.kill(pid, 9)
   assert not left, f"smoke child processes left running: {left}"
+
+
+def test_step_time_variants_have_no_measuring_step():
+  from benchmarks import step_time, train_step
+  assert "bf16" in step_time.VARIANTS and "ui8-bf16 never" in step_time.VARIANTS
+  for label in step_time.VARIANTS:
+    assert train_step.STEP_SPECS[label][2] in (None, "never"), label
+  assert "ui8-bf16 period 1" not in step_time.VARIANTS
+
+
+def test_step_time_seeds_every_quantized_layer():
+  from flax import nnx
+
+  import int8jax
+  from benchmarks import step_time
+  from int8jax.nn import quant_layers
+
+  model = nnx.Sequential(nnx.Conv(3, 8, (3, 3), rngs=nnx.Rngs(0)),
+                         nnx.Conv(8, 4, (3, 3), rngs=nnx.Rngs(1)))
+  int8jax.nn.quantize_model(model, int8jax.QuantConfig(), skip=lambda path, m: False,
+                            rngs=nnx.Rngs(2))
+  n = step_time.seed_quant_state(model, 3.5, 2e-3)
+  layers = quant_layers(model)
+  assert n == len(layers) == 2
+  for _, m in layers:
+    assert float(m.act_range[...]) == 3.5
+    assert float(m.grad_quant.state.clip) == pytest.approx(2e-3)
+    assert float(m.grad_quant.state.clip_ratio) == 1.0
+
+
+@pytest.mark.parametrize("args, what", [
+    (["--variants", "ui8-bf16 period 1"], "--variants: unknown or none ['ui8-bf16 period 1']"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--seed-clip", "0"], "--seed-clip must be > 0, got 0.0"),
+])
+def test_step_time_bad_arguments(args, what, capsys):
+  from benchmarks import step_time
+  with pytest.raises(SystemExit) as e:
+    step_time.main(args)
+  assert e.value.code == 2
+  assert what in capsys.readouterr().err
