@@ -76,18 +76,6 @@ def test_smoke_gate_all_ok(tmp_path):
   assert len(doc["results"]) == len(names)
 
 
-@pytest.mark.parametrize("args, what", [
-    (["--timeout", "0"], "--timeout must be > 0 seconds, got 0.0"),
-    (["--only", "conv:NOPE"], "--only: unknown config(s) ['conv:NOPE']"),
-    (["--fake", "conv:CONV_64x64=slow"], "--fake: 'conv:CONV_64x64=slow' is not"),
-])
-def test_smoke_bad_arguments(args, what, capsys):
-  with pytest.raises(SystemExit) as e:
-    gpu_smoke.main(args)
-  assert e.value.code == 2
-  assert what in capsys.readouterr().err
-
-
 def _processes_with_env(marker: str) -> list[int]:
   pids = []
   for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -147,14 +135,18 @@ def test_step_time_seeds_every_quantized_layer():
     assert float(m.grad_quant.state.clip_ratio) == 1.0
 
 
-@pytest.mark.parametrize("args, what", [
-    (["--variants", "ui8-bf16 period 1"], "--variants: unknown or none ['ui8-bf16 period 1']"),
-    (["--steps", "0"], "--steps must be >= 1, got 0"),
-    (["--seed-clip", "0"], "--seed-clip must be > 0, got 0.0"),
+@pytest.mark.parametrize("script, args, what", [
+    ("gpu_smoke", ["--timeout", "0"], "--timeout must be > 0 seconds, got 0.0"),
+    ("gpu_smoke", ["--only", "conv:NOPE"], "--only: unknown config(s) ['conv:NOPE']"),
+    ("gpu_smoke", ["--fake", "conv:CONV_64x64=slow"], "--fake: 'conv:CONV_64x64=slow' is not"),
+    ("step_time", ["--variants", "ui8-bf16 period 1"],
+     "--variants: unknown or none ['ui8-bf16 period 1']"),
+    ("step_time", ["--steps", "0"], "--steps must be >= 1, got 0"),
+    ("step_time", ["--seed-clip", "0"], "--seed-clip must be > 0, got 0.0"),
 ])
-def test_step_time_bad_arguments(args, what, capsys):
-  from benchmarks import step_time
+def test_bad_arguments_are_named(script, args, what, capsys):
+  import importlib
   with pytest.raises(SystemExit) as e:
-    step_time.main(args)
+    importlib.import_module(f"benchmarks.{script}").main(args)
   assert e.value.code == 2
   assert what in capsys.readouterr().err
