@@ -88,6 +88,7 @@ if [[ $dry == 1 ]]; then  # CPU: tiny shapes, interpret mode, short limits
   kernels_args=(--implicit-only --lower-only)
   rest_args=(--batch 2 --steps 1 --warmup 0) ts_args=(--quick --bf16 --batch50 2) rest_model=resnet20
   layers_args=(--ops resnet20 --ops-kernels 1 --quick --bf16)
+  mobilenet_variants="ui8-bf16 never" t_rest=${T_REST:-180}  # XLA:CPU's bf16 MobileNetV2 is slow
 else
   smoke_args=(--timeout 20) t_smoke=${T_SMOKE:-60}
   step_args=(--model resnet50 --batch 256 --steps 30 --warmup 3)
@@ -95,6 +96,7 @@ else
   kernels_args=(--implicit-only --warmup 3 --iters 20)
   rest_args=(--batch 256 --steps 10 --warmup 2) ts_args=(--repeats 10 --block "steps period 1")
   rest_model=resnet50 layers_args=(--ops resnet50 --ops-kernels 3 --repeats 10 --block layers)
+  mobilenet_variants="bf16,ui8-bf16 never" t_rest=${T_REST:-90}
 fi
 
 # -- 0. environment and smoke test -------------------------------------------
@@ -158,14 +160,14 @@ fi
 # -- 4. the rest ---------------------------------------------------------------
 if [[ $phases == *,4,* ]]; then
   say "== phase 4: MobileNetV2, float32 parts, period 1, XLA:GPU repro"
-  run rest_mobilenet "${T_REST:-90}" "$py" benchmarks/step_time.py --model mobilenet_v2 \
-    "${rest_args[@]}" --variants "bf16,ui8-bf16 never" --out "$outd/step.md"
-  run rest_float32 "${T_REST:-90}" "$py" benchmarks/step_time.py --model "$rest_model" \
+  run rest_mobilenet "$t_rest" "$py" benchmarks/step_time.py --model mobilenet_v2 \
+    "${rest_args[@]}" --variants "$mobilenet_variants" --out "$outd/step.md"
+  run rest_float32 "$t_rest" "$py" benchmarks/step_time.py --model "$rest_model" \
     "${rest_args[@]}" --variants "float32,ui8 never" --out "$outd/step.md"
   show rest_mobilenet "^\| (bf16|ui8)| vs " 6
   show rest_float32 "^\| (float32|ui8)| vs " 6
   archive
-  run rest_period1 "${T_REST:-90}" "$py" benchmarks/train_step.py --models "$rest_model" --ops "" \
+  run rest_period1 "$t_rest" "$py" benchmarks/train_step.py --models "$rest_model" --ops "" \
     "${ts_args[@]}" --step-variants "ui8-bf16 period 1"
   show rest_period1 " step: |FAILED" 4
   archive
@@ -173,7 +175,7 @@ if [[ $phases == *,4,* ]]; then
     --out "$outd/xla_gpu_dgrad_repro.json"
   show repro "verdict|WRONG|x2|differ|error" 8
   archive
-  run rest_layers "${T_REST:-90}" "$py" benchmarks/train_step.py --models "" "${layers_args[@]}"
+  run rest_layers "$t_rest" "$py" benchmarks/train_step.py --models "" "${layers_args[@]}"
   show rest_layers "^  resnet|FAILED" 8
   archive
 fi
