@@ -106,7 +106,7 @@ if [[ $phases == *,0,* ]]; then
       nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
     timeout -k 5 15 "$py" -c "import jax, jaxlib, flax, optax, sys; print(sys.version.split()[0], 'jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
   } >"$logd/env.log" 2>&1
-  tee -a "$summary" <"$logd/env.log" | head -8
+  head -12 "$logd/env.log" | tee -a "$summary"
   if [[ ${INT8JAX_IMPLICIT_GEMM:-1} == 0 ]]; then
     say "INT8JAX_IMPLICIT_GEMM=0 set by the caller: implicit-GEMM convs off in every phase"
   fi
