@@ -1,75 +1,188 @@
 #!/usr/bin/env bash
-# One lent-GPU session's checks and measurements, in one call of at most ~9 min:
-#   bash scripts/gpu_session.sh [OUTDIR]
-# Runs on a Hopper GPU machine whose python3 has jax (0.11.2 on the lent
-# machines) with CUDA; wheels in .whl/ (flax, optax, chex, ...) are installed
-# first when present. Phases run in priority order, each under its own time
-# limit (seconds, env T_*), and each writes its log (and RESULTS.md) before the
-# next starts, so a slow or failing phase still leaves the others' results.
-# Logs and the updated RESULTS.md go to OUTDIR (default $OUT, else
-# /tmp/int8jax_gpu). PHASES=tests,repro,step,layers,kernels selects phases.
+# One lent-GPU window's checks and measurements, result first, in one call of
+# at most ~9 min (T_TOTAL, default 530 s):
+#
+#   bash scripts/gpu_session.sh [OUTDIR]            # on the GPU (OUTDIR: $OUT)
+#   GPU_SESSION_DRY=1 bash scripts/gpu_session.sh /tmp/dry   # CPU dry run
+#
+# Wheels: the GPU machine has no network. Python packages its image may lack
+# or has in other versions travel in .whl/ -- flax, optax, chex, treescope,
+# pytest-timeout (pure Python; `bash scripts/gpu_wheels.sh` fills .whl/ here;
+# call run(..., carry=[".whl"])). They are installed first when present.
+#
+# Phases, in priority order; each runs under `timeout -k` with its own limit
+# (env T_SMOKE, T_STEP, T_TESTS, T_KERNELS, T_REST; never past T_TOTAL) and
+# writes its results to OUTDIR before the next starts:
+#   0. environment (jax, GPU, driver) and benchmarks/gpu_smoke.py: a tiny
+#      forward, input gradient and weight gradient of every kernel config
+#      against the CPU reference, each config under its own limit. If any
+#      conv/wgrad config fails or hangs, the later phases run with
+#      INT8JAX_IMPLICIT_GEMM=0 (im2col / int8_matmul), and summary.txt says so.
+#   1. ResNet-50 batch 256, bf16 vs UI8 with bf16 float parts (non-measuring
+#      steps), benchmarks/step_time.py: one variant compiled and timed at a
+#      time, each row appended to step.md right after its own measurement.
+#   2. the GPU tests (-m gpu -v, per-test timeout), every kernel config.
+#   3. benchmarks/kernels.py --implicit-only: all 11 layers, forward, input
+#      and weight gradients timed separately on argument operands.
+#   4. the rest: MobileNetV2 steps, float32 parts, period 1 (the measuring
+#      step), the XLA:GPU 2x-dgrad repro, train_step.py's per-layer table
+#      (QuantConv vs nnx.Conv, forward and backward as separate programs).
+# OUTDIR ends with at most 7 files: summary.txt (what ran, rc, key lines),
+# smoke.json (the gate), step.md, RESULTS.md (kernels / period-1 tables),
+# xla_gpu_dgrad_repro.json, logs.tar.gz (every log, re-archived after each
+# phase). PHASES=0,1,2,3,4 selects phases.
+#
+# GPU_SESSION_DRY=1: the same command lines on the CPU with tiny shapes,
+# interpret mode and short limits, so a typo cannot waste a window
+# (SMOKE_ARGS adds arguments to the smoke test, e.g. --fake to act out a hang).
 set -u
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root" || exit 2
 outd=${1:-${OUT:-/tmp/int8jax_gpu}}
 mkdir -p "$outd"
+dry=${GPU_SESSION_DRY:-0}
+py=${PYTHON:-python3}
+phases=",${PHASES:-0,1,2,3,4},"
+t_total=${T_TOTAL:-530}
+logd=$(mktemp -d /tmp/int8jax_gpu_logs.XXXXXX)
+summary=$outd/summary.txt
+: >"$summary"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-    --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+start=$SECONDS
+
+say() { echo "$*" | tee -a "$summary"; }
+archive() {  # every log so far, one file in OUTDIR
+  tar -czf "$outd/.logs.tmp" -C "$logd" . 2>/dev/null && mv -f "$outd/.logs.tmp" "$outd/logs.tar.gz"
+  cp benchmarks/RESULTS.md "$outd/RESULTS.md" 2>/dev/null
+}
+left() { echo $((t_total - (SECONDS - start))); }
+# run NAME LIMIT CMD...: CMD under `timeout -k 10`, limited to what is left of
+# T_TOTAL, output to the log NAME.log; says its rc and time; returns its rc.
+run() {
+  local name=$1 limit=$2 t=$SECONDS rc
+  shift 2
+  (( limit > $(left) - 15 )) && limit=$(( $(left) - 15 ))
+  if (( limit < 10 )); then say "-- $name: skipped, ${limit}s left of T_TOTAL=${t_total}s"; return 124; fi
+  say "-- $name (limit ${limit}s, at $((SECONDS - start))s): $*"
+  timeout -k 10 "$limit" "$@" >>"$logd/$name.log" 2>&1
+  rc=$?
+  say "-- $name rc=$rc$( ((rc == 124 || rc == 137)) && echo ' (TIME LIMIT)') in $((SECONDS - t))s"
+  return $rc
+}
+show() { grep -E "$2" "$logd/$1.log" 2>/dev/null | cut -c1-240 | head -"${3:-20}" | tee -a "$summary"; }
+
+if compgen -G ".whl/*.whl" >/dev/null && [[ $dry != 1 ]]; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl >"$logd/wheels.log" 2>&1 && export PYTHONPATH=/tmp/site
+  say "wheels: $(cd .whl && ls *.whl | tr '\n' ' ')"
 fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-t_tests=${T_TESTS:-150} t_repro=${T_REPRO:-40} t_step=${T_STEP:-200}
-t_layers=${T_LAYERS:-90} t_kernels=${T_KERNELS:-60}
-phases=",${PHASES:-tests,repro,step,layers,kernels},"
-save() { cp benchmarks/RESULTS.md "$outd/RESULTS.md" 2>/dev/null; }
-{
-  date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
-  python3 -c "import jax, jaxlib, flax, optax, sys; print(sys.version.split()[0], 'jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
-} 2>&1 | tee "$outd/env.txt"
-# 1. Correctness of every kernel and path on hardware: the implicit-GEMM conv
-#    kernels, the Pallas backend (incl. depthwise on the exact bf16 path) and
-#    int8_matmul, against the CPU reference.
-if [[ $phases == *,tests,* ]]; then
-  echo "== GPU tests (limit ${t_tests}s)"
-  timeout "$t_tests" python3 -m pytest -q -m gpu -p no:cacheprovider -n 4 -rf \
-    tests/test_int8_conv_kernels.py tests/test_pallas_backend.py tests/test_pallas_kernels.py \
-    >"$outd/tests.txt" 2>&1
-  echo "tests rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$outd/tests.txt" | cut -c1-220
+export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
+
+if [[ $dry == 1 ]]; then  # CPU: tiny shapes, interpret mode, short limits
+  say "DRY RUN on the CPU (GPU_SESSION_DRY=1): tiny shapes, interpret mode, nothing measured"
+  export JAX_PLATFORMS=cpu
+  smoke_args=(--interpret --timeout 40 --only conv:CONV_64x128,wgrad:WGRAD_128x64,matmul:NARROW_CONFIG)
+  t_smoke=${T_SMOKE:-150}
+  step_args=(--model resnet20 --batch 4 --steps 2 --warmup 1)
+  tests_args=(-k "every_conv_config or wgrad_gpu") xdist_n=0
+  kernels_args=(--implicit-only --lower-only)
+  rest_args=(--batch 2 --steps 1 --warmup 0) ts_args=(--quick --bf16 --batch50 2) rest_model=resnet20
+  layers_args=(--ops resnet20 --ops-kernels 1 --quick --bf16)
+  mobilenet_variants="ui8-bf16 never" t_rest=${T_REST:-180}  # XLA:CPU's bf16 MobileNetV2 is slow
+else
+  smoke_args=(--timeout 20) t_smoke=${T_SMOKE:-60}
+  step_args=(--model resnet50 --batch 256 --steps 30 --warmup 3)
+  tests_args=() xdist_n=4
+  kernels_args=(--implicit-only --warmup 3 --iters 20)
+  rest_args=(--batch 256 --steps 10 --warmup 2) ts_args=(--repeats 10 --block "steps period 1")
+  rest_model=resnet50 layers_args=(--ops resnet50 --ops-kernels 3 --repeats 10 --block layers)
+  mobilenet_variants="bf16,ui8-bf16 never" t_rest=${T_REST:-90}
 fi
-# 2. The XLA:GPU 2x input-gradient result, stage by stage (plain lax, then
-#    int8jax's XLA-backend dgrad and the whole op).
-if [[ $phases == *,repro,* ]]; then
-  echo "== XLA:GPU dgrad reproduction (limit ${t_repro}s)"
-  timeout "$t_repro" python3 benchmarks/xla_gpu_dgrad_repro.py --with-int8jax \
-    --out "$outd/xla_gpu_dgrad_repro.json" >"$outd/repro.txt" 2>&1
-  echo "repro rc=$?"; grep -E "verdict|WRONG|x2|differ|error" "$outd/repro.txt" | cut -c1-220
+
+# -- 0. environment and smoke test -------------------------------------------
+if [[ $phases == *,0,* ]]; then
+  say "== phase 0: environment, smoke test of every kernel config"
+  { date -u; command -v nvidia-smi >/dev/null &&
+      nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+    timeout -k 5 15 "$py" -c "import jax, jaxlib, flax, optax, sys; print(sys.version.split()[0], 'jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+  } >"$logd/env.log" 2>&1
+  head -12 "$logd/env.log" | tee -a "$summary"
+  if [[ ${INT8JAX_IMPLICIT_GEMM:-1} == 0 ]]; then
+    say "INT8JAX_IMPLICIT_GEMM=0 set by the caller: implicit-GEMM convs off in every phase"
+  fi
+  run smoke "$t_smoke" "$py" benchmarks/gpu_smoke.py --json "$outd/smoke.json" \
+    "${smoke_args[@]}" ${SMOKE_ARGS:-}
+  rc=$?
+  show smoke "^smoke" 30
+  gate=$("$py" -c "import json,sys; print(int(json.load(open(sys.argv[1]))['implicit_ok']))" \
+         "$outd/smoke.json" 2>/dev/null)
+  if [[ $gate != 1 ]]; then
+    export INT8JAX_IMPLICIT_GEMM=0
+    say "GATE: an implicit-GEMM conv kernel failed, hung or was not reached (smoke rc=$rc);" \
+        "phases 1-4 run with INT8JAX_IMPLICIT_GEMM=0 (im2col / int8_matmul for every conv)"
+  else
+    say "GATE: every conv/wgrad config passed; implicit-GEMM convs stay on"
+  fi
+  archive
 fi
-# 3. Training steps: ResNet-50 and MobileNetV2 (batch 256), float32, bf16,
-#    UI8 with bf16 float parts (period 1, and the split-compiled non-measure
-#    step), UI8 float32; the period-100 amortised row is derived.
-if [[ $phases == *,step,* ]]; then
-  echo "== train_step.py steps (limit ${t_step}s)"
-  timeout "$t_step" python3 benchmarks/train_step.py --models resnet50,mobilenet_v2 --ops "" \
-    --repeats 10 --block steps \
-    --step-variants "float32,bf16,ui8-bf16 period 1,ui8-bf16 never,ui8 never" \
-    >"$outd/step.txt" 2>&1
-  echo "step rc=$?"; grep -E " step: |FAILED|Error|vs bf16" "$outd/step.txt" | cut -c1-300
-  save
+
+# -- 1. ResNet-50 step: bf16 vs UI8 (bf16 float parts), non-measuring --------
+if [[ $phases == *,1,* ]]; then
+  say "== phase 1: training step, bf16 vs ui8-bf16 never (INT8JAX_IMPLICIT_GEMM=${INT8JAX_IMPLICIT_GEMM:-1})"
+  run step "${T_STEP:-220}" "$py" benchmarks/step_time.py "${step_args[@]}" \
+    --variants "bf16,ui8-bf16 never" --out "$outd/step.md"
+  show step "^\| (bf16|ui8)| vs bf16|Error|error" 10
+  archive
 fi
-# 4. Per layer: every distinct ResNet-50 3x3 conv, QuantConv vs the bf16 conv.
-if [[ $phases == *,layers,* ]]; then
-  echo "== train_step.py layers (limit ${t_layers}s)"
-  timeout "$t_layers" python3 benchmarks/train_step.py --models "" --ops resnet50 \
-    --ops-kernels 3 --repeats 10 --block layers >"$outd/layers.txt" 2>&1
-  echo "layers rc=$?"; grep -E "resnet50 |FAILED|Error" "$outd/layers.txt" | cut -c1-300
-  save
+
+# -- 2. GPU tests, verbose, per-test timeout --------------------------------
+if [[ $phases == *,2,* ]]; then
+  say "== phase 2: GPU tests (-m gpu -v)"
+  targs=(-m gpu -v -p no:cacheprovider -rfE "${tests_args[@]}")
+  "$py" -c "import pytest_timeout" 2>/dev/null && targs+=(--timeout 60) ||
+    say "pytest-timeout missing (not in .whl/?): no per-test limit, only the phase's"
+  "$py" -c "import xdist" 2>/dev/null && targs+=(-n "$xdist_n") ||
+    say "pytest-xdist missing: tests run in one process"
+  run tests "${T_TESTS:-100}" "$py" -m pytest "${targs[@]}" tests/test_int8_conv_kernels.py \
+    tests/test_pallas_backend.py tests/test_pallas_kernels.py
+  show tests "(FAILED|ERROR|Timeout)|passed|failed|skipped" 25
+  archive
 fi
-# 5. The implicit-GEMM kernels against int8_matmul on the equivalent GEMM and
-#    against the bf16 conv (and the weight gradient against the cuBLAS route).
-if [[ $phases == *,kernels,* ]]; then
-  echo "== kernels.py --implicit-only --quick (limit ${t_kernels}s)"
-  timeout "$t_kernels" python3 benchmarks/kernels.py --implicit-only --quick --warmup 3 \
-    --iters 20 >"$outd/kernels.txt" 2>&1
-  echo "kernels rc=$?"; grep -E "^\| " "$outd/kernels.txt" | tail -15 | cut -c1-200
-  save
+
+# -- 3. kernel / layer table: 11 layers, fwd / dgrad / wgrad separately -----
+if [[ $phases == *,3,* ]]; then
+  say "== phase 3: implicit-GEMM kernels vs int8_matmul vs bf16, 11 layers"
+  run kernels "${T_KERNELS:-100}" "$py" benchmarks/kernels.py "${kernels_args[@]}"
+  show kernels "^\| l|failures|FAILED" 14
+  archive
 fi
-save
+
+# -- 4. the rest ---------------------------------------------------------------
+if [[ $phases == *,4,* ]]; then
+  say "== phase 4: MobileNetV2, float32 parts, period 1, XLA:GPU repro"
+  run rest_mobilenet "$t_rest" "$py" benchmarks/step_time.py --model mobilenet_v2 \
+    "${rest_args[@]}" --variants "$mobilenet_variants" --out "$outd/step.md"
+  run rest_float32 "$t_rest" "$py" benchmarks/step_time.py --model "$rest_model" \
+    "${rest_args[@]}" --variants "float32,ui8 never" --out "$outd/step.md"
+  show rest_mobilenet "^\| (bf16|ui8)| vs " 6
+  show rest_float32 "^\| (float32|ui8)| vs " 6
+  archive
+  run rest_period1 "$t_rest" "$py" benchmarks/train_step.py --models "$rest_model" --ops "" \
+    "${ts_args[@]}" --step-variants "ui8-bf16 period 1"
+  show rest_period1 " step: |FAILED" 4
+  archive
+  run repro 40 "$py" benchmarks/xla_gpu_dgrad_repro.py --with-int8jax \
+    --out "$outd/xla_gpu_dgrad_repro.json"
+  show repro "verdict|WRONG|x2|differ|error" 8
+  archive
+  run rest_layers "$t_rest" "$py" benchmarks/train_step.py --models "" "${layers_args[@]}"
+  show rest_layers "^  resnet|FAILED" 8
+  archive
+fi
+
+say "== done in $((SECONDS - start))s; INT8JAX_IMPLICIT_GEMM=${INT8JAX_IMPLICIT_GEMM:-1}"
+archive
+n=$(find "$outd" -maxdepth 1 -type f | wc -l)
+say "OUTDIR $outd: $n files ($(cd "$outd" && ls | tr '\n' ' '))"
+(( n <= 7 )) || say "WARNING: more than 7 files in OUTDIR; a GPU run brings back 8 at most"
+rm -rf "$logd"

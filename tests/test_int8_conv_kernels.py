@@ -20,6 +20,7 @@ On a Hopper GPU (marked ``gpu``): the compiled kernels against the reference
 
 import functools
 import importlib
+import importlib
 
 import jax
 import jax.extend
@@ -821,3 +822,46 @@ def test_dgrad_gpu_matches_reference(layer):
                  out_dtype=jnp.bfloat16, **kw)
   np.testing.assert_allclose(np.asarray(got, np.float32),
                              np.asarray(want, np.float32), rtol=8e-3, atol=8e-3)
+
+
+def _table_ids(table):
+  """The module-level names of a config table's entries (test ids)."""
+  module = importlib.import_module("pallas_kernels.int8_conv")
+  return [next(k for k, v in vars(module).items() if k[:1].isupper() and v is c)
+          for c in table]
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("config", pk.CONV_CONFIGS, ids=_table_ids(pk.CONV_CONFIGS))
+@pytest.mark.parametrize("layer", ["3x3_64_56_b8", "3x3s2_128"])
+def test_every_conv_config_gpu_matches_reference(layer, config):
+  """Every config of CONV_CONFIGS, not only the one select_conv_config picks,
+  forward and input gradient (int32: exact) on a stride-1 and a stride-2 layer."""
+  x_shape, w_shape, strides, padding = GPU_LAYERS[layer]
+  g_shape = pk.conv_output_shape(x_shape, w_shape, strides, padding)
+  x, w = _operands(x_shape, w_shape)
+  g = _int8(g_shape, 13)
+  kw = dict(window_strides=strides, padding=padding, out_dtype=jnp.int32)
+  got = jax.jit(functools.partial(pk.int8_conv, config=config, **kw))(x, w)
+  np.testing.assert_array_equal(np.asarray(got),
+                                _on_cpu(pk.int8_conv_reference, x, w, **kw))
+  got = jax.jit(functools.partial(pk.int8_conv_dgrad, input_shape=x_shape, config=config,
+                                  **kw))(g, w)
+  np.testing.assert_array_equal(
+      np.asarray(got), _on_cpu(pk.int8_conv_dgrad_reference, g, w, input_shape=x_shape, **kw))
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("config", pk.WGRAD_CONFIGS, ids=_table_ids(pk.WGRAD_CONFIGS))
+@pytest.mark.parametrize("layer", ["3x3_64_56_b8", "3x3s2_128"])
+def test_every_wgrad_config_gpu_matches_reference(layer, config):
+  """Every config of WGRAD_CONFIGS (swizzle-32 int8 wgmma), unscaled: bit-equal."""
+  x_shape, w_shape, strides, padding = GPU_LAYERS[layer]
+  g_shape = pk.conv_output_shape(x_shape, w_shape, strides, padding)
+  x, g = _int8(x_shape, 14), _int8(g_shape, 15)
+  kw = dict(kernel_shape=w_shape, window_strides=strides, padding=padding)
+  got = jax.jit(functools.partial(pk.int8_conv_wgrad, config=config, **kw))(x, g)
+  np.testing.assert_array_equal(np.asarray(got),
+                                _on_cpu(pk.int8_conv_wgrad_reference, x, g, **kw))

@@ -13,7 +13,12 @@ On any machine (CPU included, a few seconds per case):
 On a Hopper GPU (marked ``gpu``): the compiled backend against XLA.
 """
 
+import collections
+import json
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -79,23 +84,28 @@ _KERNEL_FUNCS = ("_int8_matmul_padded", "_int8_conv_impl", "_int8_conv_dgrad_imp
                  "_int8_conv_wgrad_impl")
 
 
-def _kernel_calls(fn, *args) -> int:
-  """Number of GEMM products run on a kernel in the jaxpr of ``fn(*args)``."""
+def _kernel_calls_by_name(fn, *args) -> collections.Counter:
+  """Launches per kernel launcher (:data:`_KERNEL_FUNCS`) in the jaxpr of ``fn(*args)``."""
+  n = collections.Counter()
 
   def count(jaxpr):
-    n = 0
     for eqn in jaxpr.eqns:
       if eqn.params.get("name") in _KERNEL_FUNCS:
-        n += 1
+        n[eqn.params["name"]] += 1
         continue
       for value in eqn.params.values():
         for sub in value if isinstance(value, (tuple, list)) else (value,):
           sub = getattr(sub, "jaxpr", sub)
           if hasattr(sub, "eqns"):
-            n += count(sub)
-    return n
+            count(sub)
 
-  return count(jax.make_jaxpr(fn)(*args).jaxpr)
+  count(jax.make_jaxpr(fn)(*args).jaxpr)
+  return n
+
+
+def _kernel_calls(fn, *args) -> int:
+  """Number of GEMM products run on a kernel in the jaxpr of ``fn(*args)``."""
+  return sum(_kernel_calls_by_name(fn, *args).values())
 
 
 def _assert_same_bits(got, want, names=("y", "dx", "dw")):
@@ -173,6 +183,69 @@ def test_conv_op_groups_on_kernel(name, monkeypatch):
   monkeypatch.setattr(pallas_backend, "MIN_GROUP_FEATURES", 1)
   g = CONV_CASES[name][6]
   _check_against_xla(CONV_CASES[name], expected_calls=3 * g, grad_rounding="nearest")
+
+
+# The implicit-GEMM conv launchers (pallas_kernels.int8_conv*); the rest of
+# _KERNEL_FUNCS is int8_matmul's.
+_IMPLICIT_FUNCS = _KERNEL_FUNCS[1:]
+
+# Run in a fresh interpreter with INT8JAX_IMPLICIT_GEMM set (the variable is
+# read once, at import): the conv op of CONV_CASES[argv[2]], its results
+# saved to argv[1], its kernel launches and the switch's dict printed.
+_SWITCH_CHILD = """
+import json, sys
+import numpy as np
+import int8jax
+import test_pallas_backend as t
+case = t.CONV_CASES[sys.argv[2]]
+f = t._conv_fwd_bwd(case, int8jax.QuantConfig(backend="pallas_interpret",
+                                              grad_rounding="nearest"))
+args = t._conv_inputs(case)
+np.savez(sys.argv[1], *(np.asarray(a) for a in f(*args)))
+print(json.dumps({"calls": t._kernel_calls_by_name(f, *args),
+                  "switch": t.pallas_backend.IMPLICIT_GEMM}))
+"""
+
+
+def test_implicit_gemm_env_switch_selects_im2col_route(monkeypatch, tmp_path):
+  """INT8JAX_IMPLICIT_GEMM=0 (read at import, so in a child process): no
+  implicit conv kernel in the program, every GEMM on int8_matmul, and the
+  same bits as the implicit kernels give (stride 2: fwd, dgrad, wgrad)."""
+  name = "s2_same"
+  monkeypatch.setattr(pallas_backend, "IMPLICIT_GEMM",
+                      dict.fromkeys(pallas_backend.IMPLICIT_GEMM, True))
+  case = CONV_CASES[name]
+  f = _conv_fwd_bwd(case, int8jax.QuantConfig(backend="pallas_interpret",
+                                              grad_rounding="nearest"))
+  args = _conv_inputs(case)
+  on_calls = _kernel_calls_by_name(f, *args)
+  assert sum(on_calls[k] for k in _IMPLICIT_FUNCS) == 3, on_calls
+  tests = os.path.dirname(os.path.abspath(__file__))
+  env = dict(os.environ, INT8JAX_IMPLICIT_GEMM="0", JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([tests, os.path.dirname(tests),
+                                         os.environ.get("PYTHONPATH", "")]))
+  out = tmp_path / "off.npz"
+  child = subprocess.run([sys.executable, "-c", _SWITCH_CHILD, str(out), name], env=env,
+                         capture_output=True, text=True, timeout=300, cwd=os.path.dirname(tests))
+  assert child.returncode == 0, child.stderr[-2000:]
+  report = json.loads(child.stdout.strip().splitlines()[-1])
+  assert report["switch"] == dict.fromkeys(pallas_backend.IMPLICIT_GEMM, False)
+  assert sum(report["calls"].get(k, 0) for k in _IMPLICIT_FUNCS) == 0, report
+  assert report["calls"].get("_int8_matmul_padded", 0) >= 3, report
+  with np.load(out) as off:
+    _assert_same_bits([off[f"arr_{i}"] for i in range(3)], f(*args))
+
+
+@pytest.mark.parametrize("value, on", [(None, True), ("1", True), ("0", False)])
+def test_implicit_gemm_from_env(value, on):
+  environ = {} if value is None else {pallas_backend.IMPLICIT_GEMM_ENV: value}
+  assert pallas_backend.implicit_gemm_from_env(environ) is on
+
+
+@pytest.mark.parametrize("value", ["", "true", "2", " 0"])
+def test_implicit_gemm_env_rejects_other_values(value):
+  with pytest.raises(ValueError, match=f"INT8JAX_IMPLICIT_GEMM.*{re.escape(repr(value))}"):
+    pallas_backend.implicit_gemm_from_env({"INT8JAX_IMPLICIT_GEMM": value})
 
 
 def test_use_kernel_policy():

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -95,7 +96,29 @@ SPLIT_K_MAX_BLOCKS = 132
 # because it keeps the step's memory bounded; benchmarks/kernels.py times
 # both on a GPU, and this table is where a measurement would switch it. Not
 # yet measured on hardware (2026-12-01).
-IMPLICIT_GEMM = {"forward": True, "dgrad": True, "wgrad": True}
+#
+# The environment variable INT8JAX_IMPLICIT_GEMM, read once when this module
+# is imported, sets all three entries: "1" (or unset) on, "0" off -- every
+# conv then takes the im2col / int8_matmul route described above, as before
+# 2026-12-01 (scripts/gpu_session.sh sets it when the smoke test of a kernel
+# fails or hangs). Any other value is a ValueError. Code may still set single
+# entries of the dict afterwards (tests do); implicit_gemm_from_env() re-reads
+# a mapping without touching the dict.
+IMPLICIT_GEMM_ENV = "INT8JAX_IMPLICIT_GEMM"
+
+
+def implicit_gemm_from_env(environ=None) -> bool:
+  """Whether ``environ`` (default ``os.environ``) switches the implicit-GEMM
+  conv kernels on: :data:`IMPLICIT_GEMM_ENV` unset or ``"1"`` -> True,
+  ``"0"`` -> False, anything else -> ValueError naming the variable."""
+  value = (os.environ if environ is None else environ).get(IMPLICIT_GEMM_ENV, "1")
+  if value not in ("0", "1"):
+    raise ValueError(f"{IMPLICIT_GEMM_ENV} must be '0' (im2col/int8_matmul for every conv) "
+                     f"or '1' (implicit-GEMM conv kernels, the default), got {value!r}")
+  return value == "1"
+
+
+IMPLICIT_GEMM = dict.fromkeys(("forward", "dgrad", "wgrad"), implicit_gemm_from_env())
 
 
 # ---------------------------------------------------------------------------

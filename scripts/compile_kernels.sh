@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Compile every Mosaic GPU kernel of this checkout to PTX/SASS on a CPU-only
+# machine, before any GPU is lent (Mosaic GPU's own pipeline, ptxas included,
+# with a stand-in libcuda: ../shared/tools/mosaic-offline, README there):
+#
+#   bash scripts/compile_kernels.sh [OUTDIR]      # default /tmp/int8jax_sass
+#
+# Targets: `kernels` (every config of CONV_CONFIGS, WGRAD_CONFIGS and
+# LIBRARY_CONFIGS on six ResNet-50 layers, int8_matmul, quantize_kmajor) and
+# `resnet50` (the ResNet-50 batch-256 forward+backward of a ui8-bf16
+# non-measuring training step). Writes OUTDIR/{kernels,resnet50}/census.txt
+# and prints the census summaries. Exit status 1 on any lowering failure,
+# ptxas failure or register spill (a bug to fix before a GPU window).
+#
+# Environment: MOSAIC_OFFLINE (the tool's folder; default
+# ../shared/tools/mosaic-offline from the repository root), JOBS (kernels
+# compiled at once, default 1: the CPU machines are shared), TARGETS
+# (default "kernels resnet50"), BATCH (default 256).
+set -u
+root=$(cd "$(dirname "$0")/.." && pwd)
+tool=${MOSAIC_OFFLINE:-$root/../shared/tools/mosaic-offline}
+outd=${1:-/tmp/int8jax_sass}
+jobs=${JOBS:-1}
+targets=${TARGETS:-kernels resnet50}
+if [[ ! -f $tool/dump.py || ! -f $tool/compile.py || ! -f $tool/setup.sh ]]; then
+  echo "compile_kernels.sh: mosaic-offline not found at '$tool' (no dump.py/compile.py/setup.sh);" \
+    "set MOSAIC_OFFLINE=/path/to/mosaic-offline" >&2
+  exit 2
+fi
+# setup.sh is idempotent (1 s when the cache is built) and prints the cache folder.
+bash "$tool/setup.sh" >/tmp/mosaic-offline-setup.log 2>&1 || {
+  echo "compile_kernels.sh: $tool/setup.sh failed; see /tmp/mosaic-offline-setup.log" >&2; exit 2; }
+py=${MOSAIC_OFFLINE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mosaic-offline}/venv/bin/python
+[[ -x $py ]] || { echo "compile_kernels.sh: no python at $py after setup.sh" >&2; exit 2; }
+mkdir -p "$outd"
+rc=0
+for t in $targets; do
+  echo "== $t: dump (lower for CUDA) and compile, --jobs $jobs"
+  (cd "$tool" && "$py" dump.py "$t" --project "$root" --out "$outd/$t" --batch "${BATCH:-256}") \
+    >"$outd/$t.dump.log" 2>&1 || { echo "$t: dump.py FAILED (tail of $outd/$t.dump.log):";
+                                   tail -5 "$outd/$t.dump.log"; rc=1; continue; }
+  (cd "$tool" && "$py" compile.py "$outd/$t" --jobs "$jobs") >"$outd/$t.compile.log" 2>&1 || rc=1
+  # census.txt: one row per kernel, then the summary line and one line per config
+  awk '/^[0-9]+ kernels: /{p=1} p' "$outd/$t/census.txt" 2>/dev/null
+  grep -E " (SPILL|FAIL)$" "$outd/$t/census.txt" 2>/dev/null | head -10
+done
+echo "census files: $outd/*/census.txt; exit status $rc"
+exit $rc

@@ -1,0 +1,152 @@
+"""The GPU-session tooling, on the CPU: the per-config smoke test's gate
+(benchmarks/gpu_smoke.py) and the one-variant step timer
+(benchmarks/step_time.py). Cheap: no interpret-mode kernel runs here."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import pytest
+
+import pallas_kernels as pk
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks import gpu_smoke  # noqa: E402
+
+
+def test_smoke_covers_every_config_of_the_tables():
+  names = gpu_smoke.config_names()
+  tables = {"conv": pk.CONV_CONFIGS, "wgrad": pk.WGRAD_CONFIGS, "matmul": pk.LIBRARY_CONFIGS}
+  assert len(names) == sum(map(len, tables.values())) == len(set(names))
+  for name in names:
+    kind, config = gpu_smoke._config(name)
+    assert any(config is c for c in tables[kind]), name
+    assert not name.split(":")[1].isdigit(), f"{name}: config without a module-level name"
+
+
+def test_smoke_check_reports_a_wrong_result(monkeypatch):
+  real = pk.int8_matmul_reference
+
+  def wrong(a, b, *, config=None, interpret=False, **kw):
+    out = real(a, b, **kw)
+    return out.at[3, 5].add(1)
+
+  monkeypatch.setattr(pk, "int8_matmul", wrong)
+  why = gpu_smoke._check("matmul:NARROW_CONFIG", interpret=True)
+  assert "matmul float32: 1 of" in why and "matmul int32: 1 of" in why, why
+  monkeypatch.setattr(pk, "int8_matmul", lambda a, b, *, config=None, interpret=False, **kw:
+                      real(a, b, **kw))
+  assert gpu_smoke._check("matmul:NARROW_CONFIG", interpret=True) == ""
+
+
+def test_smoke_gate_survives_crash_and_hang(tmp_path):
+  """A crashing and a hanging config cost their own time limit only; the
+  next configs still run in a new child; the gate file says what failed."""
+  names = ["conv:CONV_64x64", "wgrad:WGRAD_64x64", "matmul:DEFAULT_CONFIG",
+           "matmul:NARROW_CONFIG"]
+  fake = ["crash", "hang", "ok", "mismatch"]
+  gate = tmp_path / "smoke.json"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_smoke.py"), "--timeout", "3",
+       "--json", str(gate), "--only", ",".join(names),
+       "--fake", ",".join(f"{n}={f}" for n, f in zip(names, fake))],
+      capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1, proc.stdout + proc.stderr
+  doc = json.loads(gate.read_text())
+  assert [r["name"] for r in doc["results"]] == names
+  assert [r["status"] for r in doc["results"]] == ["CRASH", "HANG", "ok", "MISMATCH"]
+  assert doc["ok"] is False and doc["implicit_ok"] is False
+  assert "FAILED: conv:CONV_64x64, wgrad:WGRAD_64x64, matmul:NARROW_CONFIG" in proc.stdout
+
+
+def test_smoke_gate_all_ok(tmp_path):
+  names = gpu_smoke.config_names()
+  gate = tmp_path / "smoke.json"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_smoke.py"), "--json", str(gate),
+       "--fake", ",".join(f"{n}=ok" for n in names)],
+      capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  doc = json.loads(gate.read_text())
+  assert doc["ok"] is True and doc["implicit_ok"] is True
+  assert len(doc["results"]) == len(names)
+
+
+def _processes_with_env(marker: str) -> list[int]:
+  pids = []
+  for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      with open(f"/proc/{pid}/environ", "rb") as f:
+        if marker.encode() in f.read():
+          pids.append(int(pid))
+    except OSError:
+      pass
+  return pids
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_smoke_killed_by_timeout_takes_its_child_along(tmp_path):
+  """gpu_session.sh's `timeout` signals the smoke parent only; the config's
+  child (own process group) must not outlive it holding the GPU."""
+  marker = f"INT8JAX_SMOKE_TEST_MARK={tmp_path.name}"
+  env = dict(os.environ, INT8JAX_SMOKE_TEST_MARK=tmp_path.name)
+  proc = subprocess.run(
+      ["timeout", "4", sys.executable, os.path.join(ROOT, "benchmarks", "gpu_smoke.py"),
+       "--timeout", "100", "--only", "conv:CONV_64x64", "--fake", "conv:CONV_64x64=hang"],
+      env=env, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 124
+  import time
+  time.sleep(0.5)
+  left = _processes_with_env(marker)
+  for pid in left:  # clean up before failing
+    os.kill(pid, 9)
+  assert not left, f"smoke child processes left running: {left}"
+
+
+def test_step_time_variants_have_no_measuring_step():
+  from benchmarks import step_time, train_step
+  assert "bf16" in step_time.VARIANTS and "ui8-bf16 never" in step_time.VARIANTS
+  for label in step_time.VARIANTS:
+    assert train_step.STEP_SPECS[label][2] in (None, "never"), label
+  assert "ui8-bf16 period 1" not in step_time.VARIANTS
+
+
+def test_step_time_seeds_every_quantized_layer():
+  from flax import nnx
+
+  import int8jax
+  from benchmarks import step_time
+  from int8jax.nn import quant_layers
+
+  model = nnx.Sequential(nnx.Conv(3, 8, (3, 3), rngs=nnx.Rngs(0)),
+                         nnx.Conv(8, 4, (3, 3), rngs=nnx.Rngs(1)))
+  int8jax.nn.quantize_model(model, int8jax.QuantConfig(), skip=lambda path, m: False,
+                            rngs=nnx.Rngs(2))
+  n = step_time.seed_quant_state(model, 3.5, 2e-3)
+  layers = quant_layers(model)
+  assert n == len(layers) == 2
+  for _, m in layers:
+    assert float(m.act_range[...]) == 3.5
+    assert float(m.grad_quant.state.clip) == pytest.approx(2e-3)
+    assert float(m.grad_quant.state.clip_ratio) == 1.0
+
+
+@pytest.mark.parametrize("script, args, what", [
+    ("gpu_smoke", ["--timeout", "0"], "--timeout must be > 0 seconds, got 0.0"),
+    ("gpu_smoke", ["--only", "conv:NOPE"], "--only: unknown config(s) ['conv:NOPE']"),
+    ("gpu_smoke", ["--fake", "conv:CONV_64x64=slow"], "--fake: 'conv:CONV_64x64=slow' is not"),
+    ("step_time", ["--variants", "ui8-bf16 period 1"],
+     "--variants: unknown or none ['ui8-bf16 period 1']"),
+    ("step_time", ["--steps", "0"], "--steps must be >= 1, got 0"),
+    ("step_time", ["--seed-clip", "0"], "--seed-clip must be > 0, got 0.0"),
+])
+def test_bad_arguments_are_named(script, args, what, capsys):
+  import importlib
+  with pytest.raises(SystemExit) as e:
+    importlib.import_module(f"benchmarks.{script}").main(args)
+  assert e.value.code == 2
+  assert what in capsys.readouterr().err
