@@ -123,14 +123,22 @@ def make_steps(task, cfg: Config, graphdef: nnx.GraphDef, state_sharding, data_s
     return train, evaluate
   # Traced (and called) with the mesh in context: the quantized layers' data
   # axis (shard_quantized_layers) refers to it.
-  return _with_mesh(mesh, train), _with_mesh(mesh, evaluate)
+  return _InMesh(mesh, train), _InMesh(mesh, evaluate)
 
 
-def _with_mesh(mesh: Mesh, fn: Callable) -> Callable:
-  def call(*args):
-    with jax.set_mesh(mesh):
-      return fn(*args)
-  return call
+class _InMesh:
+  """A jitted function called (and lowered) with ``mesh`` in context."""
+
+  def __init__(self, mesh: Mesh, fn):
+    self.mesh, self.fn = mesh, fn
+
+  def __call__(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.fn(*args)
+
+  def lower(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.fn.lower(*args)
 
 
 def shard_quantized_layers(model: nnx.Module, mesh: Mesh, axis: str = "data") -> int:

@@ -20,16 +20,22 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture(scope="module")
-def result():
+def _run(script):
+  root = os.path.dirname(HERE)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
-  p = subprocess.run([sys.executable, os.path.join(HERE, "data_parallel_check.py")],
+             JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+  p = subprocess.run([sys.executable, os.path.join(HERE, script)],
                      capture_output=True, text=True, env=env, timeout=900,
                      cwd=os.path.dirname(HERE))
   line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
   assert p.returncode == 0 and line, p.stdout[-2000:] + p.stderr[-4000:]
   return json.loads(line[-1][len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def result():
+  return _run("data_parallel_check.py")
 
 
 @pytest.mark.parametrize("case", ["s1", "s2", "depthwise"])
@@ -52,3 +58,14 @@ def test_data_parallel_errors_name_the_problem(result):
   e = result["errors"]
   assert "data_axis='data'" in e["no_mesh"] and "jax.set_mesh" in e["no_mesh"]
   assert "not divisible" in e["indivisible"] and "data_axis='data'" in e["indivisible"]
+
+
+def test_examples_step_gathers_no_activation_on_the_pallas_path():
+  """The training loop's step on 2 devices with the Pallas kernels (interpret
+  mode): the loop sets the quantized layers' data axis itself, and the
+  compiled step gathers no int8 operand; without it XLA gathers every one
+  (the check can see them)."""
+  r = _run("data_parallel_step_check.py")
+  assert r["sharded"]["layers"] == 2 and r["sharded"]["kernels"] > 0, r
+  assert r["sharded"]["int8_all_gathers"] == [], r
+  assert len(r["unsharded"]["int8_all_gathers"]) >= 6, r  # x, g (twice) per layer
