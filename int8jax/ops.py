@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from typing import Any
 
 import jax
@@ -87,9 +88,18 @@ class _Op:
     """``(mesh, axis, shards)`` when the Pallas kernels must run per batch shard
     (``QuantConfig.data_axis``), else ``None``."""
     axis = self.config.data_axis
-    if axis is None or self.backend not in ("pallas", "pallas_interpret"):
+    if self.backend not in ("pallas", "pallas_interpret"):
       return None
     mesh = jax.sharding.get_abstract_mesh()
+    if axis is None:
+      if not mesh.empty and mesh.size > 1:
+        warnings.warn(
+            f"a Pallas int8 {self.kind} traced under a mesh of {mesh.size} devices ({mesh}) "
+            "without QuantConfig.data_axis: XLA cannot partition the kernels, so each "
+            "device gathers and computes the whole batch. Set data_axis to the batch's "
+            "mesh axis (examples.steps.shard_quantized_layers does it for a model).",
+            stacklevel=2)
+      return None
     if mesh.empty or axis not in mesh.axis_names:
       raise ValueError(
           f"QuantConfig(data_axis={axis!r}) needs a mesh with that axis in context: trace "

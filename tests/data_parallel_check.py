@@ -101,6 +101,15 @@ def main():
     except ValueError as e:
       errs["indivisible"] = str(e)
   out["errors"] = errs
+  # (d) the Pallas kernels traced under a 2-device mesh without data_axis: a
+  # warning that names the fix (XLA would gather the whole batch per device).
+  import warnings  # pylint: disable=import-outside-toplevel
+  with backends.assume_pallas_available(), jax.set_mesh(mesh), \
+      warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    jax.jit(fwd_bwd(case, cfg.replace(data_axis=None))).trace(*args)
+  out["no_axis_warnings"] = [str(w.message) for w in caught
+                             if "without QuantConfig.data_axis" in str(w.message)]
   print("RESULT " + json.dumps(out))
 
 

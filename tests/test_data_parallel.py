@@ -55,6 +55,8 @@ def test_pallas_data_parallel_lowers_for_cuda(result):
 
 
 def test_data_parallel_errors_name_the_problem(result):
+  assert result["no_axis_warnings"], result  # a mesh in context but no data_axis
+  assert "mesh of 2 devices" in result["no_axis_warnings"][0]
   e = result["errors"]
   assert "data_axis='data'" in e["no_mesh"] and "jax.set_mesh" in e["no_mesh"]
   assert "not divisible" in e["indivisible"] and "data_axis='data'" in e["indivisible"]
