@@ -45,7 +45,8 @@ echo "launch_local: $n processes x $per device(s), coordinator 127.0.0.1:$port, 
 pids=()
 for ((i = 0; i < n; i++)); do
   if [ "$i" = 0 ]; then
-    JAX_PROCESS_ID=$i "$py" "$@" > >(tee "$logdir/process_$i.log") 2>&1 &
+    # tee ignores Ctrl-C: it must outlive process 0's checkpoint-and-exit.
+    JAX_PROCESS_ID=$i "$py" "$@" > >(trap '' INT TERM; exec tee "$logdir/process_$i.log") 2>&1 &
   else
     JAX_PROCESS_ID=$i "$py" "$@" >"$logdir/process_$i.log" 2>&1 &
   fi
