@@ -1,0 +1,132 @@
+"""A trained classification model as an int8 inference program for plain JAX.
+
+:func:`write_serving` loads a model checkpoint (:func:`examples.load_model`),
+freezes it (:func:`int8jax.nn.freeze`: int8 weights, the activation ranges
+measured in training) and writes to ``OUT/``:
+
+* ``model.jaxexport`` -- ``jax.export.export(...)(...).serialize()`` of the
+  frozen forward pass, batch dimension symbolic (any batch size runs);
+* ``signature.json`` -- input shape, dtype and layout, the normalisation to
+  apply to uint8 images, the class count and the run it came from.
+
+A process with only ``jax`` (and NumPy) installed runs it::
+
+    import json, jax, numpy as np
+    sig = json.load(open("OUT/signature.json"))
+    prog = jax.export.deserialize(open("OUT/model.jaxexport", "rb").read())
+    pre = sig["preprocess"]
+    x = ((images_uint8.astype(np.float32) - pre["mean"]) / pre["std"]).astype(sig["input"]["dtype"])
+    logits = prog.call(x)                               # (N, num_classes)
+
+The program's outputs are bit-identical to the trained model's
+``model.eval()`` outputs on the same input and backend (tests/test_freeze.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from int8jax import modes
+from int8jax.nn import export_serving, freeze
+from int8jax.nn.freeze import FrozenConv, FrozenDense
+
+from examples import checkpoint
+from examples import data as data_lib
+
+__all__ = ["write_serving", "SERVING_FORMAT", "PROGRAM", "SIGNATURE"]
+
+#: ``format`` entry of ``signature.json``.
+SERVING_FORMAT = "int8jax-serving/1"
+PROGRAM = "model.jaxexport"
+SIGNATURE = "signature.json"
+
+
+def _load(path: str):
+  """``(model, info)`` of a model checkpoint; a config that cannot be rebuilt
+  is an error naming the checkpoint."""
+  info = checkpoint.model_info(path)
+  try:
+    model = checkpoint.load_model(path)
+  except (TypeError, KeyError, ValueError) as e:
+    raise ValueError(f"{path!r}: the model cannot be rebuilt from its stored config "
+                     f"(task {info.get('task')!r}): {e}") from e
+  return model, info
+
+
+def signature(info: dict, model_path: str, exported: jax.export.Exported) -> dict:
+  """The ``signature.json`` contents for a classification model checkpoint."""
+  cfg, meta = info["config"], info["model_meta"]
+  mean, std = data_lib.normalization(cfg["dataset"])
+  (in_aval,), out_aval = exported.in_avals, exported.out_avals[0]
+  return {
+      "format": SERVING_FORMAT,
+      "program": PROGRAM,
+      "input": {"shape": [None, *meta["image_shape"]], "dtype": jnp.dtype(in_aval.dtype).name,
+                "layout": "NHWC", "batch": "any size (symbolic)"},
+      "preprocess": {
+          "from": "uint8 images, NHWC",
+          "formula": "(x - mean) / std, per channel, then cast to input.dtype",
+          # The float32 values examples.classification.normalize uses, exactly.
+          "mean": _float32_times_255(mean), "std": _float32_times_255(std),
+          "dataset": cfg["dataset"]},
+      "output": {"shape": [None, meta["num_classes"]], "dtype": jnp.dtype(out_aval.dtype).name,
+                 "meaning": "logits (argmax = predicted class)"},
+      "num_classes": meta["num_classes"],
+      "source": {"model_checkpoint": model_path, "step": info.get("step"),
+                 "task": info["task"], "model": cfg.get("model"), "mode": cfg.get("mode"),
+                 "summary": info.get("summary"), "config": cfg},
+      "platforms": list(exported.platforms),
+      "jax_version": jax.__version__,
+  }
+
+
+def write_serving(path: str, out: str) -> dict:
+  """Writes ``OUT/model.jaxexport`` and ``OUT/signature.json`` for the model
+  checkpoint ``path`` (or a workdir holding one in ``model/``).
+
+  Returns the signature (with the program's size and layer counts).
+
+  Raises:
+    FileNotFoundError: no model checkpoint at ``path``.
+    ValueError: a config that cannot be rebuilt, a task other than
+      classification, a float model or a layer never measured (named).
+  """
+  model_path = checkpoint._model_path(path)  # pylint: disable=protected-access
+  model, info = _load(model_path)
+  meta = info.get("model_meta") or {}
+  if "image_shape" not in meta or "num_classes" not in meta:
+    raise ValueError(f"{model_path!r}: task {info.get('task')!r} is not an image classifier "
+                     "(no image_shape / num_classes in its model_meta); serving export covers "
+                     "classification models")
+  frozen = freeze(model)
+  dtype = modes.get(info["config"]["mode"]).compute_dtype
+  exported = export_serving(frozen, meta["image_shape"], dtype)
+  blob = exported.serialize()
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, PROGRAM), "wb") as f:
+    f.write(blob)
+  sig = signature(info, model_path, exported)
+  layers = [m for _, m in nnx.iter_graph(frozen)]
+  sig["program_bytes"] = len(blob)
+  sig["int8_layers"] = sum(isinstance(m, (FrozenConv, FrozenDense)) for m in layers)
+  sig["float_layers"] = sum(isinstance(m, (nnx.Conv, nnx.Linear))
+                            and not isinstance(m, (FrozenConv, FrozenDense)) for m in layers)
+  with open(os.path.join(out, SIGNATURE), "w") as f:
+    json.dump(sig, f, indent=1, default=_json_default)
+  return sig
+
+
+def _float32_times_255(v) -> list[float]:
+  return [float(np.float32(c) * np.float32(255.0)) for c in v]
+
+
+def _json_default(v):
+  if isinstance(v, (np.generic,)):
+    return v.item()
+  raise TypeError(f"signature.json: cannot write {type(v).__name__}")
