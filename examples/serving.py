@@ -1,4 +1,4 @@
-"""A trained classification model as an int8 inference program for plain JAX.
+"""A trained model as an int8 inference program for plain JAX.
 
 :func:`write_serving` loads a model checkpoint (:func:`examples.load_model`),
 freezes it (:func:`int8jax.nn.freeze`: int8 weights, the activation ranges
@@ -20,6 +20,12 @@ A process with only ``jax`` (and NumPy) installed runs it::
 
 The program's outputs are bit-identical to the trained model's
 ``model.eval()`` outputs on the same input and backend (tests/test_freeze.py).
+
+Classification models output logits. Detection models (the RetinaNet of
+``examples/detection``) output what its evaluation computes: the int8
+backbone, FPN and heads, then -- in float, inside the program -- box
+decoding, top-k and class-wise NMS with the run's thresholds, as fixed-size
+``boxes`` / ``scores`` / ``classes`` / ``valid`` arrays.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from int8jax.nn.freeze import FrozenConv, FrozenDense
 
 from examples import checkpoint
 from examples import data as data_lib
+from examples import tasks as tasks_lib
 
 __all__ = ["write_serving", "SERVING_FORMAT", "PROGRAM", "SIGNATURE"]
 
@@ -59,11 +66,47 @@ def _load(path: str):
   return model, info
 
 
-def signature(info: dict, model_path: str, exported: jax.export.Exported) -> dict:
-  """The ``signature.json`` contents for a classification model checkpoint."""
+def _detection_program(task, info: dict):
+  """``(fn, output signature)`` of a detection run: forward, then the
+  evaluation's decoding and NMS (float) with the run's settings."""
+  from examples.detection import boxes as boxes_lib  # pylint: disable=import-outside-toplevel
+  cfg = checkpoint._config(task, info["config"], {})  # pylint: disable=protected-access
+  anchors = jnp.asarray(task.anchors(cfg))
+
+  def fn(model, x):
+    cls_logits, deltas = model(x)
+    return boxes_lib.postprocess(
+        cls_logits, deltas, anchors, image_size=cfg.image_size,
+        score_threshold=cfg.score_threshold, pre_nms_top_k=cfg.pre_nms_top_k,
+        iou_threshold=cfg.nms_iou, max_detections=cfg.max_detections)
+
+  d = cfg.max_detections
+  out = {"boxes": {"shape": [None, d, 4], "dtype": "float32",
+                   "meaning": "x0, y0, x1, y1 in input pixels"},
+         "scores": {"shape": [None, d], "dtype": "float32", "meaning": "sigmoid score"},
+         "classes": {"shape": [None, d], "dtype": "int32",
+                     "meaning": "0-based index into the training set's categories"},
+         "valid": {"shape": [None, d], "dtype": "bool",
+                   "meaning": "row holds a detection (rows sorted by score, invalid last)"},
+         "postprocess": {"score_threshold": cfg.score_threshold,
+                         "pre_nms_top_k": cfg.pre_nms_top_k, "nms_iou": cfg.nms_iou,
+                         "max_detections": d, "where": "inside the program (float)"}}
+  return fn, out
+
+
+def signature(info: dict, model_path: str, exported: jax.export.Exported,
+              output: dict | None = None) -> dict:
+  """The ``signature.json`` contents (``output``: a detector's outputs)."""
   cfg, meta = info["config"], info["model_meta"]
-  mean, std = data_lib.normalization(cfg["dataset"])
-  (in_aval,), out_aval = exported.in_avals, exported.out_avals[0]
+  if "mean" in meta:  # detection: the dataset's statistics travel in model_meta
+    mean, std = meta["mean"], meta["std"]
+  else:
+    mean, std = data_lib.normalization(cfg["dataset"])
+  (in_aval,) = exported.in_avals
+  if output is None:
+    out_aval = exported.out_avals[0]
+    output = {"shape": [None, meta["num_classes"]], "dtype": jnp.dtype(out_aval.dtype).name,
+              "meaning": "logits (argmax = predicted class)"}
   return {
       "format": SERVING_FORMAT,
       "program": PROGRAM,
@@ -74,9 +117,8 @@ def signature(info: dict, model_path: str, exported: jax.export.Exported) -> dic
           "formula": "(x - mean) / std, per channel, then cast to input.dtype",
           # The float32 values examples.classification.normalize uses, exactly.
           "mean": _float32_times_255(mean), "std": _float32_times_255(std),
-          "dataset": cfg["dataset"]},
-      "output": {"shape": [None, meta["num_classes"]], "dtype": jnp.dtype(out_aval.dtype).name,
-                 "meaning": "logits (argmax = predicted class)"},
+          "dataset": cfg.get("dataset")},
+      "output": output,
       "num_classes": meta["num_classes"],
       "source": {"model_checkpoint": model_path, "step": info.get("step"),
                  "task": info["task"], "model": cfg.get("model"), "mode": cfg.get("mode"),
@@ -95,23 +137,27 @@ def write_serving(path: str, out: str) -> dict:
   Raises:
     FileNotFoundError: no model checkpoint at ``path``.
     ValueError: a config that cannot be rebuilt, a task other than
-      classification, a float model or a layer never measured (named).
+      classification or detection, a float model or a layer never measured
+      (named).
   """
   model_path = checkpoint._model_path(path)  # pylint: disable=protected-access
   model, info = _load(model_path)
   meta = info.get("model_meta") or {}
+  task = tasks_lib.task_from_path(info["task"])
   if "image_shape" not in meta or "num_classes" not in meta:
-    raise ValueError(f"{model_path!r}: task {info.get('task')!r} is not an image classifier "
-                     "(no image_shape / num_classes in its model_meta); serving export covers "
-                     "classification models")
+    raise ValueError(f"{model_path!r}: task {info.get('task')!r} has no image_shape / "
+                     "num_classes in its model_meta; serving export covers image "
+                     "classification and detection")
+  fn, output = (_detection_program(task, info) if getattr(task, "name", None) == "detection"
+                else (None, None))
   frozen = freeze(model)
   dtype = modes.get(info["config"]["mode"]).compute_dtype
-  exported = export_serving(frozen, meta["image_shape"], dtype)
+  exported = export_serving(frozen, meta["image_shape"], dtype, fn=fn)
   blob = exported.serialize()
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, PROGRAM), "wb") as f:
     f.write(blob)
-  sig = signature(info, model_path, exported)
+  sig = signature(info, model_path, exported, output)
   layers = [m for _, m in nnx.iter_graph(frozen)]
   sig["program_bytes"] = len(blob)
   sig["int8_layers"] = sum(isinstance(m, (FrozenConv, FrozenDense)) for m in layers)

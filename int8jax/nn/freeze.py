@@ -33,7 +33,8 @@ What the copy keeps and drops:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -189,13 +190,16 @@ def _params_to_frozen(model: nnx.Module) -> None:
 
 
 def export_serving(model: nnx.Module, input_shape: Sequence[int], dtype=jnp.float32,
-                   *, batch_name: str = "b") -> jax.export.Exported:
+                   *, fn: Callable[[nnx.Module, jax.Array], Any] | None = None,
+                   batch_name: str = "b") -> jax.export.Exported:
   """``jax.export`` of a frozen model's forward pass, batch dimension symbolic.
 
   Args:
     model: a model from :func:`freeze` (a trained model is frozen first).
     input_shape: one example's shape, e.g. ``(28, 28, 1)``.
     dtype: the input dtype.
+    fn: what the program computes, ``fn(model, x)`` (default ``model(x)``):
+      e.g. a detector's forward pass followed by its box decoding and NMS.
 
   Returns:
     The ``jax.export.Exported``; its ``serialize()`` bytes run in any process
@@ -212,7 +216,8 @@ def export_serving(model: nnx.Module, input_shape: Sequence[int], dtype=jnp.floa
     # (BatchNorm's ``scale * rsqrt(var + eps)``): folded at compile time it
     # rounds differently from the same ops run on arguments (up to 6e-8 on
     # the logits), and the program would no longer match ``model.eval()``.
-    return nnx.merge(graphdef, jax.lax.optimization_barrier(state))(x)
+    m = nnx.merge(graphdef, jax.lax.optimization_barrier(state))
+    return m(x) if fn is None else fn(m, x)
 
   spec = jax.export.symbolic_shape(", ".join([batch_name, *map(str, input_shape)]))
   return jax.export.export(jax.jit(forward))(jax.ShapeDtypeStruct(spec, dtype))
