@@ -18,7 +18,8 @@ conv and the classifier stay float, as in training (Zhu et al.). Sizes: the
 serialized program's bytes against the float32 model's parameter bytes
 (``nnx.Param``; BatchNorm statistics listed apart). Timing: ``--warmup``
 calls, then the median (min, max) of ``--repeats`` calls, each ended by
-``jax.block_until_ready``; images/s = batch / median. Runs on the backend
+``jax.block_until_ready``, the variants taking turns call by call; images/s =
+batch / median. Runs on the backend
 JAX picks (``--backend`` sets the quantized layers' backend; on a GPU use
 ``pallas``).
 """
@@ -81,15 +82,19 @@ def build(name: str, backend: str | None):
   return variants, sizes, shape
 
 
-def time_fn(fn, x, warmup: int, repeats: int) -> tuple[float, float, float]:
-  for _ in range(warmup):
-    jax.block_until_ready(fn(x))
-  ts = []
+def time_variants(fns: dict, x, warmup: int, repeats: int) -> dict:
+  """``{name: (median, min, max)}`` seconds. The variants take turns call by
+  call, so a change of load on a shared machine hits them alike."""
+  for fn in fns.values():
+    for _ in range(warmup):
+      jax.block_until_ready(fn(x))
+  ts = {k: [] for k in fns}
   for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(x))
-    ts.append(time.perf_counter() - t)
-  return statistics.median(ts), min(ts), max(ts)
+    for k, fn in fns.items():
+      t = time.perf_counter()
+      jax.block_until_ready(fn(x))
+      ts[k].append(time.perf_counter() - t)
+  return {k: (statistics.median(v), min(v), max(v)) for k, v in ts.items()}
 
 
 def main(argv=None):
@@ -104,7 +109,8 @@ def main(argv=None):
   args = p.parse_args(argv)
   head = (f"{datetime.date.today()}, {platform.node()}, {jax.devices()[0].device_kind} "
           f"({jax.default_backend()}), {os.cpu_count()} CPUs visible, "
-          f"affinity {len(os.sched_getaffinity(0))} cores, jax {jax.__version__}, "
+          f"affinity {len(os.sched_getaffinity(0))} cores, load average "
+          f"{os.getloadavg()[0]:.1f} at start, jax {jax.__version__}, "
           f"warm-up {args.warmup}, median of {args.repeats}")
   lines = [f"\n### Serving: {', '.join(args.models)} ({head})\n",
            "| model | float32 params bytes | BatchNorm stats bytes | int8 program bytes | "
@@ -121,7 +127,7 @@ def main(argv=None):
       continue
     for batch in args.batches:
       x = jax.random.normal(jax.random.key(1), (batch, *shape))
-      res = {k: time_fn(fn, x, args.warmup, args.repeats) for k, fn in variants.items()}
+      res = time_variants(variants, x, args.warmup, args.repeats)
       for k, (med, lo, hi) in res.items():
         timing.append(f"| {name} | {batch} | {k} | {med * 1e3:.2f} | {lo * 1e3:.2f} | "
                       f"{hi * 1e3:.2f} | {batch / med:.1f} | "

@@ -23,11 +23,15 @@ CFG = int8jax.QuantConfig(backend="xla", period=2)
 X = jax.random.normal(jax.random.key(0), (8, 28, 28, 1))
 
 
-def _trained(granularity="tensor", skip=None):
-  """A tiny CNN with measured ranges (one training-mode call), in eval mode."""
+def _trained(granularity="tensor", skip=None, off=()):
+  """A tiny CNN with measured ranges (one training-mode call), in eval mode;
+  the quantized layers at paths ``off`` with quantization switched off."""
   m = models.simple_cnn(num_classes=10, width=4, rngs=nnx.Rngs(0))
   quantize_model(m, CFG.replace(weight_granularity=granularity), skip=skip,
                  rngs=nnx.Rngs(1, quant=2))
+  for path, layer in nnx.iter_graph(m):
+    if path in off:
+      layer.config = layer.config.replace(enabled=False)
   m(X)
   m.eval()
   return m
@@ -38,7 +42,8 @@ _run = nnx.jit(lambda m, x: m(x))
 
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
 def test_frozen_model_is_bit_identical_to_eval_and_holds_int8(granularity):
-  trained = _trained(granularity, skip=lambda path, m: path == ("convs", 0))  # head int8 too
+  trained = _trained(granularity, skip=lambda path, m: path == ("convs", 0),  # head int8 too
+                     off=[("convs", 2)])
   frozen = freeze(trained)
   np.testing.assert_array_equal(_run(frozen, X), _run(trained, X))
   x2 = 3.0 * jax.random.normal(jax.random.key(5), (3, 28, 28, 1))  # beyond the ranges: saturates
@@ -46,6 +51,7 @@ def test_frozen_model_is_bit_identical_to_eval_and_holds_int8(granularity):
   layers = dict(nnx.iter_graph(frozen))
   assert isinstance(layers[("convs", 1)], FrozenConv) and isinstance(layers[("head",)], FrozenDense)
   assert type(layers[("convs", 0)]) is nnx.Conv  # the stem stays float (as trained)
+  assert type(layers[("convs", 2)]) is nnx.Conv  # quantization off: the float layer
   conv = layers[("convs", 1)]
   assert conv.kernel[...].dtype == jnp.int8 and isinstance(conv.kernel, QuantizedWeight)
   assert conv.kernel_scale[...].shape == ((8,) if granularity == "channel" else ())
@@ -58,8 +64,7 @@ def test_frozen_model_is_bit_identical_to_eval_and_holds_int8(granularity):
   # Bytes of the weights: int8 codes for the quantized layers.
   int8_bytes = sum(v.nbytes for v in jax.tree.leaves(nnx.state(frozen, QuantizedWeight))
                    if v.dtype == jnp.int8)
-  assert int8_bytes == sum(m.kernel[...].size for m in (trained.convs[1], trained.convs[2],
-                                                       trained.head))
+  assert int8_bytes == sum(m.kernel[...].size for m in (trained.convs[1], trained.head))
 
 
 def test_exported_program_any_batch_bit_identical_and_wrong_input_errors():

@@ -15,7 +15,8 @@ What the copy keeps and drops:
 * ``QuantConv`` / ``QuantDense`` become :class:`FrozenConv` /
   :class:`FrozenDense`: ``kernel`` is a :class:`QuantizedWeight` (int8),
   ``kernel_scale`` its float32 scale(s), ``act_range`` the cached range; no
-  gradient-quantization state, counters or RNG streams.
+  gradient-quantization state, counters or RNG streams. One with
+  quantization off becomes the plain ``nnx.Conv`` / ``nnx.Linear`` it computes.
 * Every remaining ``nnx.Param`` (float layers the paper keeps float -- the
   first conv and the classifier --, biases, BatchNorm scale and offset)
   becomes a :class:`FrozenParam`: nothing in the copy is an optimizer's
@@ -167,12 +168,24 @@ def freeze(model: nnx.Module) -> nnx.Module:
     _check_layer(_path_str(path), m)
   frozen = nnx.clone(model)
   for path, parent, key, m in list(_walk(frozen)):
-    if isinstance(m, (QuantConv, QuantDense)) and m.quantized:
-      cls = FrozenConv if isinstance(m, QuantConv) else FrozenDense
-      _set_child(parent, key, cls(m, _path_str(path)))
+    if isinstance(m, (QuantConv, QuantDense)):
+      if m.quantized:
+        cls = FrozenConv if isinstance(m, QuantConv) else FrozenDense
+        _set_child(parent, key, cls(m, _path_str(path)))
+      else:  # quantization off: the float Flax layer it computes exactly
+        _set_child(parent, key, _as_float_layer(m))
   _params_to_frozen(frozen)
   frozen.eval()
   return frozen
+
+
+def _as_float_layer(layer):
+  """The ``nnx.Conv`` / ``nnx.Linear`` a quantized layer with quantization
+  off computes, with its kernel and bias (no quantization state)."""
+  cls = nnx.Conv if isinstance(layer, QuantConv) else nnx.Linear
+  new = cls(**_constructor_kwargs(layer, cls), rngs=nnx.Rngs(0))
+  new.kernel, new.bias = layer.kernel, layer.bias
+  return new
 
 
 def _params_to_frozen(model: nnx.Module) -> None:
