@@ -105,16 +105,11 @@ class _Refuse:  # any import of the training stack fails loudly
     if name.split(".")[0] in ("int8jax", "flax", "examples", "optax", "orbax"):
       raise ImportError(f"plain-JAX serving imported {name}")
 sys.meta_path.insert(0, _Refuse())
-import json
 import jax, numpy as np
 out = sys.argv[1]
-sig = json.load(open(out + "/signature.json"))
 prog = jax.export.deserialize(open(out + "/model.jaxexport", "rb").read())
-images = np.load(sys.argv[2])
-pre = sig["preprocess"]
-x = ((images.astype(np.float32) - np.float32(pre["mean"])) / np.float32(pre["std"]))
-x = x.astype(sig["input"]["dtype"])
-logits = np.concatenate([prog.call(x[:1]), prog.call(x[1:])])  # two batch sizes
+images = np.load(sys.argv[2])  # uint8: the program normalises them
+logits = np.concatenate([prog.call(images[:1]), prog.call(images[1:])])  # two batch sizes
 np.save(sys.argv[3], logits)
 bad = [m for m in sys.modules if m.split(".")[0] in ("int8jax", "flax", "examples")]
 assert not bad, bad
@@ -136,8 +131,9 @@ def test_cli_serving_export_runs_in_a_plain_jax_process(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "int8 serving program written to" in proc.stdout
   sig = json.load(open(os.path.join(out, "signature.json")))
-  assert sig["input"] == {"shape": [None, 28, 28, 1], "dtype": "float32", "layout": "NHWC",
+  assert sig["input"] == {"shape": [None, 28, 28, 1], "dtype": "uint8", "layout": "NHWC",
                           "batch": "any size (symbolic)"}
+  assert sig["preprocess"]["compute_dtype"] == "float32"
   assert sig["num_classes"] == 10 and sig["source"]["step"] == 3
   assert sig["source"]["model_checkpoint"] == os.path.join(workdir, "model")
   assert sig["int8_layers"] == 2 and sig["float_layers"] == 2  # stem and classifier float
@@ -150,9 +146,18 @@ def test_cli_serving_export_runs_in_a_plain_jax_process(tmp_path):
   model = examples.load_model(workdir)
   # Per call (batch 1, then 8): XLA:CPU's float GEMMs are not batch-invariant
   # (the float classifier of a batch of 1 rounds differently from a batch of 8).
-  x = normalize(images, "mnist")
-  want = np.concatenate([_run(model, x[:1]), _run(model, x[1:])])
+  # As the README's load_model example: normalize, then the eval model.
+  want = np.concatenate([_run(model, normalize(images[:1], "mnist")),
+                         _run(model, normalize(images[1:], "mnist"))])
   np.testing.assert_array_equal(np.load(tmp_path / "logits.npy"), want)
+  # The README's examples of a wrong input: jax.export's own errors.
+  prog = jax.export.deserialize(open(os.path.join(out, "model.jaxexport"), "rb").read())
+  with pytest.raises(ValueError, match=r"Shape mismatch for args\[0\].shape\[3\] \(expected same "
+                     r"constant\): expected \(b, 28, 28, 1\) and called with \(2, 28, 28, 3\)"):
+    prog.call(np.zeros((2, 28, 28, 3), np.uint8))
+  with pytest.raises(ValueError, match=r"Dtype mismatch for args\[0\]: expected uint8 and "
+                     "called with float32"):
+    prog.call(np.zeros((2, 28, 28, 1), np.float32))
 
   # A checkpoint whose config cannot be rebuilt: an error naming the checkpoint.
   meta_file = os.path.join(workdir, "model", "meta", "metadata")  # Orbax's JsonSave file
