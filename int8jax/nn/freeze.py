@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from int8jax import ops
+from int8jax import ops, quant
 from int8jax.nn.convert import _constructor_kwargs, _set_child, _walk
 from int8jax.nn.layers import ActRange, QuantConv, QuantConvTranspose, QuantDense
 
@@ -59,7 +59,7 @@ class FrozenParam(nnx.Variable):
 
 
 class _FrozenMixin:
-  """State shared by the frozen layers (set by :func:`_freeze_layer`)."""
+  """State shared by the frozen layers (set by their constructors)."""
 
   def _set_frozen(self, layer, path: str):
     kernel = layer.kernel[...]
@@ -67,7 +67,7 @@ class _FrozenMixin:
       kernel = kernel * layer.mask
       self.mask = None
     wq, scale = ops.quantize_weight(kernel, layer.config.weight_granularity)
-    if not bool(jnp.all(wq != -128)):
+    if not bool(quant.all_finite_int8(wq)):
       raise ValueError(f"freeze: layer {path!r} has non-finite weights")
     self.kernel = QuantizedWeight(wq)
     self.kernel_scale = QuantizedWeight(scale)
