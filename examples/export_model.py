@@ -2,10 +2,16 @@
 
     python examples/export_model.py runs/mnist              # latest checkpoint -> runs/mnist/model
     python examples/export_model.py runs/mnist --step 200 --out /tmp/mnist_step200
+    python examples/export_model.py runs/mnist --serving runs/mnist/serving   # int8 program
 
 A finished run writes ``<workdir>/model`` itself; this is for any other
 checkpoint (a run still training, or an earlier step). Load the result with
 ``examples.load_model(path)``.
+
+``--serving OUT`` also writes the model as an int8 inference program for
+plain JAX (``OUT/model.jaxexport`` + ``OUT/signature.json``, see
+:mod:`examples.serving`): from ``WORKDIR/model`` when it exists and neither
+``--step`` nor ``--out`` is given, else from the model checkpoint written first.
 """
 
 import argparse
@@ -23,12 +29,24 @@ def main(argv=None) -> str:
   p.add_argument("workdir", help="the run's --workdir (with checkpoints/)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   p.add_argument("--out", default=None, help="where to write (default: WORKDIR/model)")
+  p.add_argument("--serving", default=None, metavar="OUT",
+                 help="also write the int8 inference program (OUT/model.jaxexport, "
+                      "OUT/signature.json) that plain JAX runs")
   args = p.parse_args(argv)
   try:
-    path = checkpoint.export_model(args.workdir, args.step, args.out)
-  except (FileNotFoundError, ValueError) as e:
+    if (args.serving and args.step is None and args.out is None
+        and os.path.isdir(os.path.join(args.workdir, checkpoint.MODEL_DIR))):
+      path = os.path.join(args.workdir, checkpoint.MODEL_DIR)
+    else:
+      path = checkpoint.export_model(args.workdir, args.step, args.out)
+      print(f"model written to {path}")
+    if args.serving:
+      from examples import serving  # pylint: disable=import-outside-toplevel
+      sig = serving.write_serving(path, args.serving)
+      print(f"int8 serving program written to {args.serving} ({sig['program_bytes']} bytes, "
+            f"{sig['int8_layers']} int8 layers, {sig['float_layers']} float layers)")
+  except (FileNotFoundError, ValueError, NotImplementedError) as e:
     p.error(str(e))
-  print(f"model written to {path}")
   return path
 
 

@@ -200,22 +200,30 @@ def _qapply(op: _Op, x, w, x_clip, grad_state, key, measure):
   return out
 
 
-def _qapply_fwd(op: _Op, x, w, x_clip, grad_state, key, measure):
-  """Returns ``(y, x_finite)`` and the residuals."""
-  wg = op.config.weight_granularity
+def _int8_forward(op: _Op, x, wq, sw, x_clip):
+  """The forward GEMM on an int8 weight ``wq`` with scale(s) ``sw``:
+  ``(y, x_finite, xq, sx)``. Shared by training (:func:`_qapply_fwd`) and the
+  frozen inference ops, so both compute the same bits."""
   sx = quant.scale_from_clip(x_clip)
   # The barrier materialises the int8 tensor once: otherwise XLA fuses the
   # quantization into each consumer (the GEMM's padding, the patches of the
   # weight gradient) and keeps the float32 x alive as the residual instead.
   # The quantization itself stays in the fusion that produces x (BN + ReLU).
   xq = lax.optimization_barrier(quant.quantize(x, sx, mark_nonfinite=True))
-  wq, sw = _weight_quant(w, wg)
   x_ok = quant.all_finite_int8(xq)
   ok = x_ok & quant.all_finite_int8(wq)
   y = op.forward(xq, wq, _nan_unless(ok, sx * sw))
   # Materialise the output: otherwise XLA may keep the wider int32 GEMM
   # result alive for the consumers' backward pass and redo the scaling.
   y = lax.optimization_barrier(y)
+  return y, x_ok, xq, sx
+
+
+def _qapply_fwd(op: _Op, x, w, x_clip, grad_state, key, measure):
+  """Returns ``(y, x_finite)`` and the residuals."""
+  wg = op.config.weight_granularity
+  wq, sw = _weight_quant(w, wg)
+  y, x_ok, xq, sx = _int8_forward(op, x, wq, sw, x_clip)
   res = (xq, wq, sx, sw, w if wg == "channel" else None, grad_state, key, measure)
   return (y, x_ok), res
 
@@ -508,6 +516,25 @@ def quant_dot_general_with_status(lhs, rhs, dimension_numbers, precision=None,
   _check_config(config)
   _check_float("lhs", lhs)
   _check_float("rhs", rhs)
+  canon, out_shape, sizes = _dense_canonical(lhs, rhs, dimension_numbers)
+  if not config.enabled or 0 in sizes:
+    kw = _lax_kwargs(preferred_element_type, out_sharding)
+    return (lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, **kw),
+            jnp.ones((), jnp.bool_))
+  key, grad_state, x_clip, measure, static = _state_inputs(lhs, key, grad_state, x_clip,
+                                                           measure, config)
+  x, w = canon(lhs, rhs)
+  op = _Op("dense", None, config, backends.resolve(config.backend), jnp.dtype(lhs.dtype),
+           jnp.dtype(rhs.dtype), _out_dtype(lhs, preferred_element_type), 1, static,
+           bool(stored_clip_only))
+  y, ok = _qapply(op, x, w, x_clip, grad_state, key, measure)
+  return y.reshape(out_shape), ok
+
+
+def _dense_canonical(lhs, rhs, dimension_numbers):
+  """Checks a dot_general's operands; returns ``(canon, out_shape, (B, M, N, K))``:
+  ``canon(lhs, rhs)`` gives them as ``(B, M, K)`` and ``(B, K, N)``, and the
+  ``(B, M, N)`` result reshapes to ``out_shape``."""
   lc, rc, lb, rb, lf, rf = _dense_perms(lhs.ndim, rhs.ndim, dimension_numbers)
   for a, b in zip(lc + lb, rc + rb):
     if lhs.shape[a] != rhs.shape[b]:
@@ -518,19 +545,12 @@ def quant_dot_general_with_status(lhs, rhs, dimension_numbers, precision=None,
   rfs = tuple(rhs.shape[a] for a in rf)
   b, m, n = math.prod(bshape), math.prod(lfs), math.prod(rfs)
   k = math.prod(lhs.shape[a] for a in lc)
-  if not config.enabled or 0 in (b, m, n, k):
-    kw = _lax_kwargs(preferred_element_type, out_sharding)
-    return (lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, **kw),
-            jnp.ones((), jnp.bool_))
-  key, grad_state, x_clip, measure, static = _state_inputs(lhs, key, grad_state, x_clip,
-                                                           measure, config)
-  x = jnp.transpose(lhs, lb + lf + lc).reshape(b, m, k)
-  w = jnp.transpose(rhs, rb + rc + rf).reshape(b, k, n)
-  op = _Op("dense", None, config, backends.resolve(config.backend), jnp.dtype(lhs.dtype),
-           jnp.dtype(rhs.dtype), _out_dtype(lhs, preferred_element_type), 1, static,
-           bool(stored_clip_only))
-  y, ok = _qapply(op, x, w, x_clip, grad_state, key, measure)
-  return y.reshape(bshape + lfs + rfs), ok
+
+  def canon(x, w):
+    return (jnp.transpose(x, lb + lf + lc).reshape(b, m, k),
+            jnp.transpose(w, rb + rc + rf).reshape(b, k, n))
+
+  return canon, bshape + lfs + rfs, (b, m, n, k)
 
 
 def quant_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
@@ -608,3 +628,74 @@ def quant_conv_transpose(lhs: jax.Array, rhs: jax.Array, strides, padding, rhs_d
   return quant_conv_transpose_with_status(
       lhs, rhs, strides, padding, rhs_dilation, dimension_numbers, transpose_kernel,
       precision, preferred_element_type, **quant_kw)[0]
+
+
+# ---------------------------------------------------------------------------
+# Inference on frozen weights (int8jax.nn.freeze): the forward GEMM alone,
+# on a weight quantized once, with a stored activation clip.
+
+
+def quantize_weight(w: jax.Array, granularity: str = "tensor") -> tuple[jax.Array, jax.Array]:
+  """The int8 weight and its scale(s) that the forward GEMM of a quantized
+  layer uses for the float weight ``w``: per ``"tensor"`` (a scalar scale) or
+  per ``"channel"`` (one scale per output feature, the last axis).
+  Non-finite entries come out as :data:`int8jax.quant.NONFINITE`."""
+  if granularity not in ("tensor", "channel"):
+    raise ValueError(f"granularity must be 'tensor' or 'channel', got {granularity!r}")
+  _check_float("w", w)
+  return _weight_quant(w, granularity)
+
+
+def _frozen_inputs(lhs, wq, w_scale, x_clip, config, out_features):
+  _check_config(config)
+  _check_float("lhs", lhs)
+  if getattr(wq, "dtype", None) != jnp.int8:
+    raise TypeError(f"wq must be an int8 array (from quantize_weight), got "
+                    f"{getattr(wq, 'dtype', type(wq).__name__)}")
+  w_scale = jnp.asarray(w_scale, jnp.float32)
+  if w_scale.shape not in ((), (out_features,)):
+    raise ValueError(f"w_scale must be a scalar or have shape ({out_features},) (one per "
+                     f"output feature), got shape {w_scale.shape}")
+  x_clip = jnp.asarray(x_clip, jnp.float32)
+  if x_clip.shape != ():
+    raise ValueError(f"x_clip must be a scalar, got shape {x_clip.shape}")
+  return w_scale, x_clip
+
+
+def frozen_conv_general_dilated(lhs: jax.Array, wq: jax.Array, w_scale: jax.Array,
+                                window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                                dimension_numbers=None, feature_group_count: int = 1, *,
+                                x_clip: jax.Array, config: QuantConfig = QuantConfig(),
+                                preferred_element_type=None) -> jax.Array:
+  """The forward pass of :func:`quant_conv_general_dilated` on an already
+  quantized weight (``wq, w_scale = quantize_weight(rhs, granularity)``) with
+  the activation clip ``x_clip`` (a layer's cached range): the same int8 GEMM,
+  scales and dequantization, so the same bits. No gradient."""
+  spec = make_conv_spec(lhs.shape, wq.shape, window_strides, padding, lhs_dilation,
+                        rhs_dilation, dimension_numbers, feature_group_count)
+  w_scale, x_clip = _frozen_inputs(lhs, wq, w_scale, x_clip, config, spec.out_features)
+  if 0 in lhs.shape or 0 in wq.shape or 0 in spec.out_shape:
+    return lax.conv_general_dilated(lhs, wq.astype(lhs.dtype), window_strides, padding,
+                                    lhs_dilation, rhs_dilation, dimension_numbers,
+                                    feature_group_count)
+  op = _Op("conv", spec, config, backends.resolve(config.backend), jnp.dtype(lhs.dtype),
+           jnp.dtype(lhs.dtype), _out_dtype(lhs, preferred_element_type), 1, False)
+  x = jnp.transpose(lhs, spec.lhs_perm)
+  w = jnp.transpose(wq, spec.rhs_perm)
+  y, *_ = _int8_forward(op, x, w, w_scale, x_clip)
+  return jnp.transpose(y, spec.out_perm)
+
+
+def frozen_dot_general(lhs: jax.Array, wq: jax.Array, w_scale: jax.Array, dimension_numbers,
+                       *, x_clip: jax.Array, config: QuantConfig = QuantConfig(),
+                       preferred_element_type=None) -> jax.Array:
+  """:func:`frozen_conv_general_dilated` for :func:`quant_dot_general`."""
+  canon, out_shape, sizes = _dense_canonical(lhs, wq, dimension_numbers)
+  w_scale, x_clip = _frozen_inputs(lhs, wq, w_scale, x_clip, config, sizes[2])
+  if 0 in sizes:
+    return lax.dot_general(lhs, wq.astype(lhs.dtype), dimension_numbers)
+  x, w = canon(lhs, wq)
+  op = _Op("dense", None, config, backends.resolve(config.backend), jnp.dtype(lhs.dtype),
+           jnp.dtype(lhs.dtype), _out_dtype(lhs, preferred_element_type), 1, False)
+  y, *_ = _int8_forward(op, x, w, w_scale, x_clip)
+  return y.reshape(out_shape)

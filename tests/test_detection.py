@@ -419,7 +419,35 @@ def test_two_step_ui8_run_evaluation_and_resumption(ui8_run, tiny_dataset, tmp_p
   chex.assert_trees_all_equal(want, got, strict=True)
   # (One test with the resumption below: under pytest-xdist a second test using
   # the module fixture could run in the other worker and pay its compile again.)
+  _check_serving_program_is_the_eval_detector(cfg, loaded, tmp_path)
   _check_interrupted_run_resumes_to_the_same_state(cfg, res, tiny_dataset, tmp_path)
+
+
+def _check_serving_program_is_the_eval_detector(cfg, loaded, tmp_path):
+  """The int8 serving program of the run (examples/serving.py): backbone, FPN and
+  heads int8 (all but the stem), decoding and NMS in float inside the program;
+  its detections equal the loaded model's, bit for bit, at two batch sizes."""
+  import examples  # pylint: disable=g-import-not-at-top
+  from examples import serving  # pylint: disable=g-import-not-at-top
+  from examples.detection import task as task_mod  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path / "serving")
+  sig = serving.write_serving(cfg.workdir, out)
+  assert sig["float_layers"] == 1 and sig["int8_layers"] > 10  # the stem stays float
+  assert sig["output"]["boxes"]["shape"] == [None, cfg.max_detections, 4]
+  assert sig["input"]["shape"] == [None, 32, 32, 3] and sig["input"]["dtype"] == "uint8"
+  prog = jax.export.deserialize(open(os.path.join(out, "model.jaxexport"), "rb").read())
+  images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+  meta = examples.model_info(cfg.workdir)["model_meta"]
+  norm = lambda im: task_mod._normalize(im, meta["mean"], meta["std"], jnp.float32)
+  anchors = jnp.asarray(DetectionTask().anchors(cfg))
+  detect = nnx.jit(lambda m, x: B.postprocess(
+      *m(x), anchors, image_size=cfg.image_size, score_threshold=cfg.score_threshold,
+      pre_nms_top_k=cfg.pre_nms_top_k, iou_threshold=cfg.nms_iou,
+      max_detections=cfg.max_detections))
+  for im in (images[:1], images):  # the program normalises uint8 images itself
+    got = prog.call(im)
+    chex.assert_trees_all_equal(got, detect(loaded, norm(im)))
+  assert int(np.sum(got["valid"])) > 0  # score threshold 0.001: there are detections
 
 
 def _check_interrupted_run_resumes_to_the_same_state(cfg, full, tiny_dataset, tmp_path):
