@@ -587,20 +587,22 @@ def _conv_transpose_padding(k: int, s: int, padding) -> tuple[int, int]:
   return pad_a, pad_len - pad_a
 
 
-def quant_conv_transpose_with_status(lhs, rhs, strides, padding, rhs_dilation=None,
-                                     dimension_numbers=None, transpose_kernel: bool = False,
-                                     precision=None, preferred_element_type=None, **quant_kw):
-  """:func:`quant_conv_transpose` that also returns whether ``lhs`` was finite."""
-  if lhs.ndim != rhs.ndim or lhs.ndim < 3:
-    raise ValueError(f"lhs and rhs must have the same rank >= 3, got shapes {lhs.shape} and "
-                     f"{rhs.shape}")
-  n = lhs.ndim - 2
+def conv_transpose_as_conv(lhs_shape, rhs, strides, padding, rhs_dilation=None,
+                           dimension_numbers=None, transpose_kernel: bool = False):
+  """``lax.conv_transpose``'s arguments as a ``conv_general_dilated``'s:
+  ``(rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers)`` (the
+  kernel flipped and its channel axes swapped with ``transpose_kernel``).
+  Shared by training (:func:`quant_conv_transpose`) and the frozen copy."""
+  if len(lhs_shape) != rhs.ndim or rhs.ndim < 3:
+    raise ValueError(f"lhs and rhs must have the same rank >= 3, got shapes {tuple(lhs_shape)} "
+                     f"and {rhs.shape}")
+  n = rhs.ndim - 2
   if dimension_numbers is None:
     chans = "HWD"[:n] if n <= 3 else None
     if chans is None:
       raise ValueError(f"no default dimension_numbers for {n} spatial dims; pass them")
     dimension_numbers = (f"N{chans}C", f"{chans}IO", f"N{chans}C")
-  dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  dn = lax.conv_dimension_numbers(tuple(lhs_shape), rhs.shape, dimension_numbers)
   k_sdims = np.take(rhs.shape, dn.rhs_spec)[2:]
   rd = (1,) * n if rhs_dilation is None else tuple(rhs_dilation)
   strides = tuple(strides)
@@ -612,8 +614,17 @@ def quant_conv_transpose_with_status(lhs, rhs, strides, padding, rhs_dilation=No
   if transpose_kernel:  # flip spatial dims and swap input / output channel axes
     rhs = jnp.flip(rhs, axis=tuple(dn.rhs_spec[2:]))
     rhs = jnp.swapaxes(rhs, dn.rhs_spec[0], dn.rhs_spec[1])
+  return rhs, pads, strides, rd, dn
+
+
+def quant_conv_transpose_with_status(lhs, rhs, strides, padding, rhs_dilation=None,
+                                     dimension_numbers=None, transpose_kernel: bool = False,
+                                     precision=None, preferred_element_type=None, **quant_kw):
+  """:func:`quant_conv_transpose` that also returns whether ``lhs`` was finite."""
+  rhs, pads, lhs_dilation, rd, dn = conv_transpose_as_conv(
+      lhs.shape, rhs, strides, padding, rhs_dilation, dimension_numbers, transpose_kernel)
   return quant_conv_general_dilated_with_status(
-      lhs, rhs, (1,) * n, pads, strides, rd, dn, precision=precision,
+      lhs, rhs, (1,) * (lhs.ndim - 2), pads, lhs_dilation, rd, dn, precision=precision,
       preferred_element_type=preferred_element_type, **quant_kw)
 
 

@@ -90,12 +90,32 @@ def test_freeze_refuses_float_unmeasured_and_transpose_layers():
   with pytest.raises(ValueError, match=r"layer 'convs/1' has no activation range \(act_range=0.0\)"):
     freeze(fresh)
 
-  class Up(nnx.Module):
-    def __init__(self):
-      self.up = QuantConvTranspose(1, 2, (2, 2), strides=2, config=CFG, rngs=nnx.Rngs(0))
 
-  with pytest.raises(NotImplementedError, match="layer 'up' is a QuantConvTranspose"):
-    freeze(Up())
+@pytest.mark.parametrize("transpose_kernel,granularity,padding", [
+    (False, "tensor", "SAME"), (True, "channel", "VALID"), (False, "channel", "CIRCULAR")])
+def test_frozen_conv_transpose_is_bit_identical(transpose_kernel, granularity, padding):
+  """A decoder-style model: QuantConv down, QuantConvTranspose up (stride 2)."""
+
+  class UNetish(nnx.Module):
+    def __init__(self, rngs):
+      cfg = CFG.replace(weight_granularity=granularity)
+      self.down = QuantConv(1, 4, (3, 3), strides=2, config=cfg, rngs=rngs)
+      self.up = QuantConvTranspose(4, 3, (3, 3), strides=2, padding=padding,
+                                   transpose_kernel=transpose_kernel, config=cfg, rngs=rngs)
+
+    def __call__(self, x):
+      return self.up(jax.nn.relu(self.down(x)))
+
+  m = UNetish(nnx.Rngs(0, quant=1))
+  m(X)  # measures the ranges
+  m.eval()
+  frozen = freeze(m)
+  assert isinstance(frozen.up, int8jax.nn.FrozenConvTranspose)
+  assert frozen.up.kernel[...].dtype == jnp.int8
+  assert frozen.up.kernel_scale[...].shape == ((3,) if granularity == "channel" else ())
+  y = _run(frozen, X)
+  assert y.shape == _run(m, X).shape and float(jnp.abs(y).max()) > 0
+  np.testing.assert_array_equal(y, _run(m, X))
 
 
 _PLAIN_JAX = r"""

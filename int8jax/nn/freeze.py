@@ -12,8 +12,8 @@ trained model's ``model.eval()`` outputs, bit for bit (tests/test_freeze.py).
 
 What the copy keeps and drops:
 
-* ``QuantConv`` / ``QuantDense`` become :class:`FrozenConv` /
-  :class:`FrozenDense`: ``kernel`` is a :class:`QuantizedWeight` (int8),
+* ``QuantConv`` / ``QuantConvTranspose`` / ``QuantDense`` become
+  :class:`FrozenConv` / :class:`FrozenConvTranspose` / :class:`FrozenDense`: ``kernel`` is a :class:`QuantizedWeight` (int8),
   ``kernel_scale`` its float32 scale(s), ``act_range`` the cached range; no
   gradient-quantization state, counters or RNG streams. One with
   quantization off becomes the plain ``nnx.Conv`` / ``nnx.Linear`` it computes.
@@ -44,9 +44,11 @@ from flax import nnx
 
 from int8jax import ops, quant
 from int8jax.nn.convert import _constructor_kwargs, _set_child, _walk
-from int8jax.nn.layers import ActRange, QuantConv, QuantConvTranspose, QuantDense
+from flax.nnx.nn.linear import canonicalize_padding
 
-__all__ = ["FrozenConv", "FrozenDense", "FrozenParam", "QuantizedWeight", "freeze",
+from int8jax.nn.layers import ActRange, QuantConv, QuantConvTranspose, QuantDense, _wrap_circular
+
+__all__ = ["FrozenConv", "FrozenConvTranspose", "FrozenDense", "FrozenParam", "QuantizedWeight", "freeze",
            "export_serving"]
 
 
@@ -61,11 +63,13 @@ class FrozenParam(nnx.Variable):
 class _FrozenMixin:
   """State shared by the frozen layers (set by their constructors)."""
 
-  def _set_frozen(self, layer, path: str):
+  def _set_frozen(self, layer, path: str, as_conv=None):
     kernel = layer.kernel[...]
     if getattr(layer, "mask", None) is not None:  # the trained forward quantizes kernel * mask
       kernel = kernel * layer.mask
       self.mask = None
+    if as_conv is not None:  # the kernel as the trained GEMM sees it
+      kernel = as_conv(kernel)
     wq, scale = ops.quantize_weight(kernel, layer.config.weight_granularity)
     if not bool(quant.all_finite_int8(wq)):
       raise ValueError(f"freeze: layer {path!r} has non-finite weights")
@@ -121,15 +125,51 @@ class FrozenDense(_FrozenMixin, nnx.Linear):
                                   **self._frozen_args())
 
 
+class FrozenConvTranspose(_FrozenMixin, nnx.ConvTranspose):
+  """Inference-only :class:`~int8jax.nn.QuantConvTranspose` (see
+  :class:`FrozenConv`). ``kernel`` holds the int8 weight in the layout of the
+  convolution the transposed conv runs as (``transpose_kernel``: flipped, its
+  channel axes swapped), quantized there as training quantizes it."""
+
+  def __init__(self, layer: QuantConvTranspose, path: str):
+    super().__init__(**_constructor_kwargs(layer, nnx.ConvTranspose), rngs=nnx.Rngs(0))
+    n = len(layer.kernel_size)
+    self._set_frozen(layer, path, as_conv=lambda k: ops.conv_transpose_as_conv(
+        (1,) * (n + 2), k, (1,) * n, "VALID", transpose_kernel=layer.transpose_kernel)[0])
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    # QuantConvTranspose.__call__ with the frozen int8 GEMM.
+    n = len(self.kernel_size)
+    bcast = lambda v: (1,) * n if v is None else ((v,) * n if isinstance(v, int) else tuple(v))
+    num_batch = inputs.ndim - (n + 1)
+    batch_shape = inputs.shape[:num_batch]
+    if num_batch != 1:
+      inputs = jnp.reshape(inputs, (-1,) + inputs.shape[num_batch:])
+    strides, kernel_dilation = bcast(self.strides), bcast(self.kernel_dilation)
+    padding = canonicalize_padding(self.padding, n)
+    bias = self.bias[...] if self.bias is not None else None
+    inputs, bias = self.promote_dtype((inputs, bias), dtype=self.dtype)
+    wq = self.kernel[...]
+    _, pads, lhs_dilation, rd, dn = ops.conv_transpose_as_conv(
+        inputs.shape, wq, strides, "VALID" if padding == "CIRCULAR" else padding,
+        kernel_dilation)
+    y = ops.frozen_conv_general_dilated(
+        inputs, wq, self.kernel_scale[...], (1,) * n, pads, lhs_dilation, rd, dn,
+        preferred_element_type=self.preferred_element_type, **self._frozen_args())
+    if self.padding == "CIRCULAR":
+      y = _wrap_circular(y, inputs.shape[1:-1], strides, self.transpose_kernel)
+    if self.use_bias:
+      y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    if num_batch != 1:
+      y = jnp.reshape(y, batch_shape + y.shape[1:])
+    return y
+
+
 def _path_str(path) -> str:
   return "/".join(str(p) for p in path)
 
 
 def _check_layer(path: str, layer) -> None:
-  if isinstance(layer, QuantConvTranspose):
-    raise NotImplementedError(
-        f"freeze: layer {path!r} is a QuantConvTranspose, which freeze does not support yet "
-        "(QuantConv and QuantDense only)")
   r = float(np.asarray(layer.act_range[...]))
   if not (np.isfinite(r) and r > 0):
     raise ValueError(
@@ -141,8 +181,9 @@ def _check_layer(path: str, layer) -> None:
 def freeze(model: nnx.Module) -> nnx.Module:
   """An inference-only copy of the UI8-trained ``model`` (``model`` is unchanged).
 
-  Every quantized ``QuantConv`` / ``QuantDense`` becomes a
-  :class:`FrozenConv` / :class:`FrozenDense` holding its int8 weight, its
+  Every quantized ``QuantConv`` / ``QuantConvTranspose`` / ``QuantDense``
+  becomes a :class:`FrozenConv` / :class:`FrozenConvTranspose` /
+  :class:`FrozenDense` holding its int8 weight, its
   weight scale(s) and its cached activation range; every other ``nnx.Param``
   becomes a :class:`FrozenParam`; the copy is in eval mode (BatchNorm on its
   running statistics, kept as its own layer). Its outputs equal the trained
@@ -153,7 +194,6 @@ def freeze(model: nnx.Module) -> nnx.Module:
     ValueError: ``model`` has no quantized layer (a float model: nothing to
       freeze), or a quantized layer (named by its path) has no activation
       range yet or non-finite weights.
-    NotImplementedError: a ``QuantConvTranspose`` (named).
   """
   if not isinstance(model, nnx.Module):
     raise TypeError(f"freeze: model must be an nnx.Module, got {type(model).__name__}")
@@ -168,9 +208,10 @@ def freeze(model: nnx.Module) -> nnx.Module:
     _check_layer(_path_str(path), m)
   frozen = nnx.clone(model)
   for path, parent, key, m in list(_walk(frozen)):
-    if isinstance(m, (QuantConv, QuantDense)):
+    if isinstance(m, (QuantConv, QuantDense, QuantConvTranspose)):
       if m.quantized:
-        cls = FrozenConv if isinstance(m, QuantConv) else FrozenDense
+        cls = (FrozenConv if isinstance(m, QuantConv) else
+               FrozenConvTranspose if isinstance(m, QuantConvTranspose) else FrozenDense)
         _set_child(parent, key, cls(m, _path_str(path)))
       else:  # quantization off: the float Flax layer it computes exactly
         _set_child(parent, key, _as_float_layer(m))
@@ -180,9 +221,11 @@ def freeze(model: nnx.Module) -> nnx.Module:
 
 
 def _as_float_layer(layer):
-  """The ``nnx.Conv`` / ``nnx.Linear`` a quantized layer with quantization
-  off computes, with its kernel and bias (no quantization state)."""
-  cls = nnx.Conv if isinstance(layer, QuantConv) else nnx.Linear
+  """The ``nnx.Conv`` / ``nnx.ConvTranspose`` / ``nnx.Linear`` a quantized
+  layer with quantization off computes, with its kernel and bias (no
+  quantization state)."""
+  cls = (nnx.Conv if isinstance(layer, QuantConv) else
+         nnx.ConvTranspose if isinstance(layer, QuantConvTranspose) else nnx.Linear)
   new = cls(**_constructor_kwargs(layer, cls), rngs=nnx.Rngs(0))
   new.kernel, new.bias = layer.kernel, layer.bias
   return new
@@ -219,7 +262,8 @@ def export_serving(model: nnx.Module, input_shape: Sequence[int], dtype=jnp.floa
     with ``jax`` (``jax.export.deserialize(b).call(x)``) for every batch size.
     The weights are constants of the program (int8 for the quantized layers).
   """
-  if not any(isinstance(m, (FrozenConv, FrozenDense)) for _, m in nnx.iter_graph(model)):
+  if not any(isinstance(m, (FrozenConv, FrozenDense, FrozenConvTranspose))
+             for _, m in nnx.iter_graph(model)):
     model = freeze(model)
   input_shape = tuple(int(d) for d in input_shape)
   graphdef, state = nnx.split(model)
