@@ -404,3 +404,24 @@ def test_deprecated_names_still_work_and_warn():
   with pytest.warns(DeprecationWarning, match="state_label"):
     assert int8jax.optim.quant_state_labels(params, quant="q", other="o") == {
         "w": "o", "grad_quant": "q"}
+
+
+def test_layer_built_under_eval_shape_names_what_to_set():
+  """flax's own pattern (linear_test; Orbax abstract restore): build under
+  nnx.eval_shape, then set the weights. The quantization state is abstract
+  too: a clear error says what to set; reset_quant_state makes the layer
+  compute exactly what a new layer with the same weights computes."""
+  import numpy as np
+  from int8jax.nn import QuantDense
+  kernel = jnp.linspace(-0.5, 0.5, 32 * 64).reshape(32, 64)
+  x = jnp.linspace(-1.0, 1.0, 4 * 32).reshape(4, 32)
+  m = nnx.eval_shape(lambda r: QuantDense(32, 64, rngs=r), nnx.Rngs(0))
+  m.kernel, m.bias = nnx.Param(kernel), nnx.Param(jnp.zeros((64,)))
+  with pytest.raises(ValueError, match=r"QuantDense: its quantization state .* is abstract.*"
+                     r"reset_quant_state"):
+    m(x)
+  m.reset_quant_state(nnx.Rngs(0))
+  ref = QuantDense(32, 64, rngs=nnx.Rngs(0))
+  ref.kernel, ref.bias = nnx.Param(kernel), nnx.Param(jnp.zeros((64,)))
+  np.testing.assert_array_equal(m(x), ref(x))
+  assert float(m.act_range[...]) == float(ref.act_range[...]) > 0

@@ -113,11 +113,28 @@ class _QuantMixin:
     self.deterministic = deterministic
     self.rng_collection = rng_collection
     self.measure_mode = "periodic"
+    self.reset_quant_state(rngs)
+
+  def reset_quant_state(self, rngs: nnx.Rngs) -> None:
+    """(Re)sets the quantization state to that of a new layer: no activation
+    range measured, the initial gradient state, counters 0, and a stochastic-
+    rounding stream forked from ``rngs[rng_collection]``. For a layer built
+    under ``nnx.eval_shape`` (its state abstract) that is not restored from a
+    checkpoint."""
     self.act_range = ActRange(jnp.zeros((), jnp.float32))
     self.grad_quant = GradQuant(GradQuantState.initial().pack())
     self.call_count = QuantCounter(jnp.zeros((), jnp.int32))
     self.act_nonfinite = QuantCounter(jnp.zeros((), jnp.int32))
-    self.quant_rngs = rngs[rng_collection].fork()
+    self.quant_rngs = rngs[self.rng_collection].fork()
+
+  def _check_concrete(self):
+    state = nnx.state(self, nnx.Any(ActRange, GradQuant, QuantCounter, nnx.RngState))
+    if any(isinstance(v, jax.ShapeDtypeStruct) for v in jax.tree.leaves(state)):
+      raise ValueError(
+          f"{type(self).__name__}: its quantization state (act_range, grad_quant, counters, "
+          "quant_rngs) is abstract -- the layer was built under nnx.eval_shape. Restore it "
+          "from a checkpoint, or call layer.reset_quant_state(nnx.Rngs(seed)) for a new "
+          "layer's state, before calling the layer")
 
   @property
   def quant(self) -> QuantConfig | None:
@@ -131,6 +148,7 @@ class _QuantMixin:
   def _quant_call(self, op, x, *args, **kwargs):
     """Runs the quantized ``op`` (a ``*_with_status`` op) on ``x``; updates the
     counters and the cached activation range."""
+    self._check_concrete()
     cfg = self.config
     cached = self.act_range[...]
     warmup = False
