@@ -44,9 +44,8 @@ from flax import nnx
 
 from int8jax import ops, quant
 from int8jax.nn.convert import _constructor_kwargs, _set_child, _walk
-from flax.nnx.nn.linear import canonicalize_padding
-
-from int8jax.nn.layers import ActRange, QuantConv, QuantConvTranspose, QuantDense, _wrap_circular
+from int8jax.nn.layers import (ActRange, QuantConv, QuantConvTranspose, QuantDense,
+                               conv_transpose_call)
 
 __all__ = ["FrozenConv", "FrozenConvTranspose", "FrozenDense", "FrozenParam", "QuantizedWeight", "freeze",
            "export_serving"]
@@ -138,31 +137,16 @@ class FrozenConvTranspose(_FrozenMixin, nnx.ConvTranspose):
         (1,) * (n + 2), k, (1,) * n, "VALID", transpose_kernel=layer.transpose_kernel)[0])
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    # QuantConvTranspose.__call__ with the frozen int8 GEMM.
-    n = len(self.kernel_size)
-    bcast = lambda v: (1,) * n if v is None else ((v,) * n if isinstance(v, int) else tuple(v))
-    num_batch = inputs.ndim - (n + 1)
-    batch_shape = inputs.shape[:num_batch]
-    if num_batch != 1:
-      inputs = jnp.reshape(inputs, (-1,) + inputs.shape[num_batch:])
-    strides, kernel_dilation = bcast(self.strides), bcast(self.kernel_dilation)
-    padding = canonicalize_padding(self.padding, n)
-    bias = self.bias[...] if self.bias is not None else None
-    inputs, bias = self.promote_dtype((inputs, bias), dtype=self.dtype)
+    return conv_transpose_call(self, inputs, None, self._gemm)
+
+  def _gemm(self, inputs, _, strides, padding, kernel_dilation):
     wq = self.kernel[...]
+    n = len(self.kernel_size)
     _, pads, lhs_dilation, rd, dn = ops.conv_transpose_as_conv(
-        inputs.shape, wq, strides, "VALID" if padding == "CIRCULAR" else padding,
-        kernel_dilation)
-    y = ops.frozen_conv_general_dilated(
+        inputs.shape, wq, strides, padding, kernel_dilation)
+    return ops.frozen_conv_general_dilated(
         inputs, wq, self.kernel_scale[...], (1,) * n, pads, lhs_dilation, rd, dn,
         preferred_element_type=self.preferred_element_type, **self._frozen_args())
-    if self.padding == "CIRCULAR":
-      y = _wrap_circular(y, inputs.shape[1:-1], strides, self.transpose_kernel)
-    if self.use_bias:
-      y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-    if num_batch != 1:
-      y = jnp.reshape(y, batch_shape + y.shape[1:])
-    return y
 
 
 def _path_str(path) -> str:

@@ -281,34 +281,51 @@ class QuantConvTranspose(_QuantMixin, nnx.ConvTranspose):
   def __call__(self, inputs: jax.Array) -> jax.Array:
     if not self.quantized:
       return super().__call__(inputs)
-    n = len(self.kernel_size)
-    bcast = lambda v: (1,) * n if v is None else ((v,) * n if isinstance(v, int) else tuple(v))
-    num_batch = inputs.ndim - (n + 1)
-    batch_shape = inputs.shape[:num_batch]
-    if num_batch != 1:
-      inputs = jnp.reshape(inputs, (-1,) + inputs.shape[num_batch:])
-    strides, kernel_dilation = bcast(self.strides), bcast(self.kernel_dilation)
     kernel = self.kernel[...]
     if self.mask is not None:
       if self.mask.shape != self.kernel_shape:
         raise ValueError(f"Mask needs to have the same shape as weights. Shapes are: "
                          f"{self.mask.shape}, {self.kernel_shape}")
       kernel = kernel * self.mask
-    padding = canonicalize_padding(self.padding, n)
-    bias = self.bias[...] if self.bias is not None else None
-    inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
-    y = self._quant_call(quant_conv_transpose_with_status, inputs, kernel, strides,
-                         "VALID" if padding == "CIRCULAR" else padding,
-                         rhs_dilation=kernel_dilation, transpose_kernel=self.transpose_kernel,
-                         precision=self.precision,
-                         preferred_element_type=self.preferred_element_type)
-    if self.padding == "CIRCULAR":
-      y = _wrap_circular(y, inputs.shape[1:-1], strides, self.transpose_kernel)
-    if self.use_bias:
-      y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-    if num_batch != 1:
-      y = jnp.reshape(y, batch_shape + y.shape[1:])
-    return y
+    return conv_transpose_call(
+        self, inputs, kernel,
+        lambda x, k, strides, padding, dilation: self._quant_call(
+            quant_conv_transpose_with_status, x, k, strides, padding, rhs_dilation=dilation,
+            transpose_kernel=self.transpose_kernel, precision=self.precision,
+            preferred_element_type=self.preferred_element_type))
+
+
+def conv_transpose_call(layer: nnx.ConvTranspose, inputs: jax.Array, kernel, gemm) -> jax.Array:
+  """``nnx.ConvTranspose.__call__``'s work around its GEMM, for a layer whose
+  GEMM is int8: batch reshapes, dtype promotion, ``CIRCULAR`` padding, bias.
+
+  ``gemm(inputs, kernel, strides, padding, kernel_dilation)`` computes the
+  transposed conv (``padding`` never ``CIRCULAR``). ``kernel=None``: the GEMM
+  holds its own weight (a frozen layer) and only ``inputs`` and the bias are
+  promoted.
+  """
+  n = len(layer.kernel_size)
+  bcast = lambda v: (1,) * n if v is None else ((v,) * n if isinstance(v, int) else tuple(v))
+  num_batch = inputs.ndim - (n + 1)
+  batch_shape = inputs.shape[:num_batch]
+  if num_batch != 1:
+    inputs = jnp.reshape(inputs, (-1,) + inputs.shape[num_batch:])
+  strides, kernel_dilation = bcast(layer.strides), bcast(layer.kernel_dilation)
+  padding = canonicalize_padding(layer.padding, n)
+  bias = layer.bias[...] if layer.bias is not None else None
+  if kernel is None:
+    inputs, bias = layer.promote_dtype((inputs, bias), dtype=layer.dtype)
+  else:
+    inputs, kernel, bias = layer.promote_dtype((inputs, kernel, bias), dtype=layer.dtype)
+  y = gemm(inputs, kernel, strides, "VALID" if padding == "CIRCULAR" else padding,
+           kernel_dilation)
+  if layer.padding == "CIRCULAR":
+    y = _wrap_circular(y, inputs.shape[1:-1], strides, layer.transpose_kernel)
+  if layer.use_bias:
+    y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+  if num_batch != 1:
+    y = jnp.reshape(y, batch_shape + y.shape[1:])
+  return y
 
 
 def _wrap_circular(y, in_spatial, strides, transpose_kernel):
