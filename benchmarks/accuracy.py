@@ -236,7 +236,7 @@ def run_one(s: Setting, mode: str, seed: int, data, hook=None, hook_steps=()) ->
       diverged = True
     if quantized:
       m, _ = nnx.merge(graphdef, state)
-      st = diagnostics.layer_stats(m, lr_deviation=OVERRIDES.get("lr_deviation"))
+      st = diagnostics.layer_stats(m, distance_kind=OVERRIDES.get("lr_deviation"))
       layer_d.append({"step": step, **{k: v["cosine_distance"] for k, v in st.items()}})
   losses = [float(v) for v in jax.device_get(losses)]
   correct = sum(int(eval_step(state, xte[i:i + 500], yte[i:i + 500]))
@@ -244,7 +244,7 @@ def run_one(s: Setting, mode: str, seed: int, data, hook=None, hook_steps=()) ->
   final_stats = {}
   if quantized:
     m, _ = nnx.merge(graphdef, state)
-    final_stats = diagnostics.layer_stats(m, lr_deviation=OVERRIDES.get("lr_deviation"))
+    final_stats = diagnostics.layer_stats(m, distance_kind=OVERRIDES.get("lr_deviation"))
   return {"setting": s.name, "mode": mode, "seed": seed, "steps": step,
           "test_accuracy": correct / len(xte), "train_loss": losses,
           "final_train_loss": float(np.mean(losses[-spe:])),
@@ -390,9 +390,9 @@ def main(argv=None):
   p.add_argument("--epochs", type=float, default=None, help="override every setting's epochs")
   p.add_argument("--period", type=int, default=None,
                  help="override every setting's measure period (quantized layers)")
-  p.add_argument("--lr-deviation", default=None, choices=int8jax.optim.LR_DEVIATIONS,
+  p.add_argument("--lr-deviation", default=None, choices=int8jax.optim.DISTANCE_KINDS,
                  help="the d that drives the error-sensitive LR (default: the library's, "
-                 f"{int8jax.optim.DEFAULT_LR_DEVIATION})")
+                 f"{int8jax.optim.DEFAULT_DISTANCE_KIND})")
   p.add_argument("--clip-noise-weight", type=float, default=None,
                  help="the clip search's noise weight (QuantConfig.clip_noise_weight; "
                  f"default: the library's, {int8jax.QuantConfig().clip_noise_weight})")
@@ -463,7 +463,7 @@ def main(argv=None):
                                                              *(argv or sys.argv[1:])]),
          "seeds": {s.name: s.seeds for s in grid}, "scale": a.scale,
          "overrides": dict(OVERRIDES), "quant_config_defaults": dataclasses.asdict(
-             int8jax.QuantConfig()), "lr_deviation_default": int8jax.optim.DEFAULT_LR_DEVIATION,
+             int8jax.QuantConfig()), "lr_deviation_default": int8jax.optim.DEFAULT_DISTANCE_KIND,
          "commit": _commit(),
          "total_wall_s": time.time() - t0}
   text = tables(results, grid)

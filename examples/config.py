@@ -112,18 +112,20 @@ class Config:
       "(XLA on a CPU, Pallas on a Hopper GPU)", choices=int8jax.BACKEND_NAMES)
   clip_lr: float = _option(1.0, "step of the clip learner on log(clip) (1: move to the best "
                                 "candidate clip of each measurement)")
-  clip_method: str = _option("search", "clip learner: search (the candidate clip with the "
-                                       "smallest cosine distance) | gradient (the paper's "
-                                       "descent on log(clip))", choices=("search", "gradient"))
+  clip_method: str = _option("search", "clip learner (int8jax.QuantConfig.clip_method): "
+                                       "search (the candidate clip with the smallest cosine "
+                                       "distance) | gradient (the paper's descent on "
+                                       "log(clip))", choices=int8jax.dsgc.CLIP_METHODS)
   clip_noise_weight: float = _option(
       int8jax.QuantConfig().clip_noise_weight, "clip search: weight of stochastic rounding's "
       "noise against the clipping bias, in (0, 1] (1: one step's cosine distance, the "
       "paper's objective; smaller clips less)")
   alpha: float = _option(20.0, "error-sensitive LR: phi = max(exp(-alpha d), beta)")
   lr_deviation: str = _option(
-      int8jax.optim.DEFAULT_LR_DEVIATION, "which measured cosine distance d drives the "
-      "error-sensitive LR: mean / median of the per-channel distances, or global (the "
-      "paper's, norm-weighted)", choices=int8jax.optim.LR_DEVIATIONS)
+      int8jax.optim.DEFAULT_DISTANCE_KIND, "which measured cosine distance d drives the "
+      "error-sensitive LR (int8jax.optim.lr_distance): mean / median of the per-channel "
+      "distances, or global (the paper's, norm-weighted)",
+      choices=int8jax.optim.DISTANCE_KINDS)
   beta: float = _option(0.1, "error-sensitive LR lower bound")
   # optimization
   optimizer: str = _option("sgd", "sgd (momentum) | adamw", choices=("sgd", "adamw"))

@@ -52,10 +52,9 @@ def make_optimizer(cfg, schedule: optax.Schedule) -> optax.GradientTransformatio
     # Before the mode's wrapper sees the update: int8jax.optim.ui8 scales
     # each quantized layer's (clipped) update by its phi afterwards.
     base = optax.chain(optax.clip_by_global_norm(cfg.clip_grad_norm), base)
-  return modes.get(cfg.mode).optimizer(base, clip_learning_rate=cfg.clip_lr,
-                                       clip_method=cfg.clip_method, alpha=cfg.alpha,
-                                       beta=cfg.beta,
-                                       lr_deviation=cfg.lr_deviation)
+  # (cfg.clip_method is the layers' QuantConfig.clip_method: examples.steps.quant_config.)
+  return modes.get(cfg.mode).optimizer(base, clip_learning_rate=cfg.clip_lr, alpha=cfg.alpha,
+                                       beta=cfg.beta, distance_kind=cfg.lr_deviation)
 
 
 def create_optimizer(cfg, model, schedule: optax.Schedule):

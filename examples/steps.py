@@ -77,7 +77,7 @@ def quant_config(cfg: Config):
   return modes.get(cfg.mode).quant_config(
       weight_granularity=cfg.weight_granularity, grad_rounding=cfg.grad_rounding,
       period=cfg.period, measure_early=cfg.measure_early, clip_warmup=cfg.clip_warmup,
-      clip_noise_weight=cfg.clip_noise_weight,
+      clip_noise_weight=cfg.clip_noise_weight, clip_method=cfg.clip_method,
       backend=backend_from_cli(cfg.backend))
 
 

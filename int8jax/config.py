@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from int8jax.dsgc import CLIP_METHODS
+
 _GRANULARITIES = ("tensor", "channel")
 _GRAD_GRANULARITIES = ("auto", "tensor", "group")
 _ROUNDINGS = ("stochastic", "nearest")
@@ -45,6 +47,12 @@ class QuantConfig:
     grad_clip: ``"learned"`` — direction-sensitive gradient clipping: the clip
       value is a learned state updated by :func:`int8jax.optim.direction_sensitive_clip`;
       ``"max"`` — naive INT8: clip at ``max|g|`` of every step.
+    clip_method: how a learned clip (``grad_clip="learned"``) is learned:
+      ``"search"`` (the default: the backward pass scores candidate clips and
+      the learner moves to the best, :func:`int8jax.dsgc.search_objective`)
+      or ``"gradient"`` (the paper's descent on ``log c``; the backward pass
+      then runs no search). The clip learner's step size is
+      ``ui8(clip_learning_rate=)``.
     clip_noise_weight: how the clip search (``grad_clip="learned"``) weighs
       stochastic rounding's noise against the clipping bias, in ``(0, 1]``
       (:func:`int8jax.dsgc.search_objective`): 1 scores a clip by the cosine
@@ -97,6 +105,7 @@ class QuantConfig:
   grad_granularity: str = "auto"
   grad_rounding: str = "stochastic"
   grad_clip: str = "learned"
+  clip_method: str = "search"
   clip_noise_weight: float = 1.0
   period: int = 100
   measure_early: bool = True
@@ -122,6 +131,9 @@ class QuantConfig:
     if self.grad_clip not in _GRAD_CLIPS:
       raise ValueError(f"QuantConfig.grad_clip must be one of {_GRAD_CLIPS}, "
                        f"got {self.grad_clip!r}")
+    if self.clip_method not in CLIP_METHODS:
+      raise ValueError(f"QuantConfig.clip_method must be one of {CLIP_METHODS}, "
+                       f"got {self.clip_method!r}")
     w = self.clip_noise_weight
     if (isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 < float(w) <= 1.0):
       raise ValueError(f"QuantConfig.clip_noise_weight must be a number in (0, 1], got {w!r}")

@@ -3,7 +3,7 @@
 Two kinds of measurement, usable from any training loop:
 
 * :func:`layer_stats` -- per quantized layer, the latest measurement its
-  backward pass recorded (built on :func:`int8jax.nn.quant_stats`): cosine
+  backward pass recorded (built on :func:`int8jax.nn.grad_quant_stats`): cosine
   distance ``d`` between the output gradient and its int8 version, the clip
   value next to ``max|g|``, the clipped fraction and the error-sensitive LR
   coefficient ``phi = lr_coefficient(d)``. Cheap: reads state, runs nothing.
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -41,7 +42,7 @@ from flax import nnx
 
 from int8jax import optim
 from int8jax.optim import lr_coefficient
-from int8jax.nn.layers import QuantDense, quant_layers, quant_stats
+from int8jax.nn.layers import QuantDense, grad_quant_stats, quant_layers
 
 __all__ = ["LayerTensors", "Distribution", "layer_stats", "capture_tensors", "distribution",
            "LOG_BINS", "QuantizeFusion", "quantize_fusions"]
@@ -51,12 +52,19 @@ LOG_BINS = np.linspace(-6.0, 0.0, 49)
 
 
 def layer_stats(model: nnx.Module, alpha: float = 20.0, beta: float = 0.1,
+                distance_kind: str | None = None, *,
                 lr_deviation: str | None = None) -> dict[str, dict[str, float]]:
   """Per quantized layer (``"a/b/c"`` path): its latest gradient measurement.
 
-  Keys of each entry: ``cosine_distance`` (the mean of the per-channel
-  distances), ``global_cosine_distance`` (the whole tensor's, norm-weighted:
-  the paper's d, which drives the LR scaling by default),
+  ``distance_kind`` (default :data:`int8jax.optim.DEFAULT_DISTANCE_KIND`)
+  picks the distance ``phi`` is computed from (:func:`int8jax.optim.lr_distance`;
+  ``lr_deviation`` is its deprecated name).
+
+  Keys of each entry (named as before the state's fields were renamed; the
+  field each reads in brackets): ``cosine_distance`` (the mean of the
+  per-channel distances, ``channel_distance_mean``),
+  ``global_cosine_distance`` (the whole tensor's, norm-weighted: the paper's
+  d, ``distance``, which drives the LR scaling by default),
   ``channel_cosine_distance_max`` and ``_median``,
   ``clip``, ``grad_absmax``
   (``max|g|``), ``clip_ratio`` (the learned ratio of ``max|g|``; 1 means
@@ -65,21 +73,25 @@ def layer_stats(model: nnx.Module, alpha: float = 20.0, beta: float = 0.1,
   (``lr_coefficient(d, alpha, beta)``), ``measurements``, ``nonfinite``.
   Values are Python floats (device arrays are fetched once).
   """
-  stats = jax.device_get(quant_stats(model))
+  if lr_deviation is not None:
+    warnings.warn("layer_stats(lr_deviation=) is deprecated: use distance_kind=",
+                  DeprecationWarning, stacklevel=2)
+    distance_kind = lr_deviation
+  kind = distance_kind or optim.DEFAULT_DISTANCE_KIND
+  stats = jax.device_get(grad_quant_stats(model))
   out = {}
   for path, s in stats.items():
     gmax = float(s.grad_absmax)
     out[path] = {
-        "cosine_distance": float(s.deviation),
-        "global_cosine_distance": float(s.global_deviation),
-        "channel_cosine_distance_max": float(s.channel_deviation_max),
-        "channel_cosine_distance_median": float(s.channel_deviation_median),
+        "cosine_distance": float(s.channel_distance_mean),
+        "global_cosine_distance": float(s.distance),
+        "channel_cosine_distance_max": float(s.channel_distance_max),
+        "channel_cosine_distance_median": float(s.channel_distance_median),
         "clip": float(s.clip), "grad_absmax": gmax,
         "clip_ratio": float(s.clip_ratio) if float(s.clip_ratio) > 0 else 1.0,
         "best_ratio": float(s.best_ratio),
         "clipped_fraction": float(s.clipped_fraction),
-        "phi": float(lr_coefficient(float(optim.lr_deviation(
-            s, lr_deviation or optim.DEFAULT_LR_DEVIATION)), alpha, beta)),
+        "phi": float(lr_coefficient(float(optim.lr_distance(s, kind)), alpha, beta)),
         "measurements": float(s.measurements), "nonfinite": float(s.nonfinite),
     }
   return out
@@ -135,7 +147,7 @@ def capture_tensors(model: nnx.Module, loss_fn: Callable[..., jax.Array], *args:
       gradients a training step sees). ``False`` uses eval mode.
 
   Returns:
-    ``{path: LayerTensors}`` keyed like :func:`int8jax.nn.quant_stats`, in the
+    ``{path: LayerTensors}`` keyed like :func:`int8jax.nn.grad_quant_stats`, in the
     order the layers run (``index``). Layers called more than once in one
     pass are not supported (``ValueError``).
   """

@@ -14,20 +14,21 @@ sums over the op's uses in the step (so a layer called twice, or gradients
 accumulated over micro-batches, average correctly: every field is divided by
 ``measurements``):
 
-* ``deviation``: the mean over output channels of each channel's cosine
+* ``channel_distance_mean``: the mean over output channels of each channel's cosine
   distance (see below);
-* ``global_deviation``: the cosine distance of the whole tensor (the paper's
+* ``distance``: the cosine distance of the whole tensor (the paper's
   ``d``, norm-weighted; what the clip search minimises and, by default, what
-  drives the error-sensitive LR: :func:`int8jax.optim.lr_deviation`);
-* ``channel_deviation_max`` / ``channel_deviation_median``: the largest and
+  drives the error-sensitive LR: :func:`int8jax.optim.lr_distance`);
+* ``channel_distance_max`` / ``channel_distance_median``: the largest and
   the median per-channel distance (channels with a non-zero gradient);
 * ``grad_absmax``: ``max|g|``; ``clipped_fraction``: share of entries with
   ``|g| >= c``;
-* ``dlog_clip``: ``d(global d)/d(log c)`` (the paper's descent direction);
+* ``dlog_clip``: ``d(distance)/d(log c)`` (the paper's descent direction);
 * ``best_ratio``: the clip ratio (of ``max|g|``, per group for per-group
   scales) with the smallest global distance among the candidates evaluated in
   the same pass (:data:`CANDIDATE_RATIOS` and a local grid around the current
-  ratio); 1 for ``grad_clip="max"``;
+  ratio); 1 for ``grad_clip="max"``; 0 for ``clip_method="gradient"``, whose
+  backward pass runs no search (0 tells :func:`update_grad_state` to descend);
 * ``measurements``: 1 per use on a measure step, 0 otherwise;
 * ``nonfinite``: 1 per use whose gradient held NaN/Inf, on any step (its
   other fields are then 0);
@@ -35,17 +36,14 @@ accumulated over micro-batches, average correctly: every field is divided by
 * ``clip``: 0 (unused in a measurement).
 
 The measurement is returned *scaled* by :data:`MEASUREMENT_SCALE`
-(``2^-40``). It travels as the gradient of the layer's state, so optax
-transforms placed before the optimizer see it: at this scale it adds nothing
-to a global norm (``optax.clip_by_global_norm`` clips the weights exactly as
-without it), and since every field is a sum divided by ``measurements``,
-any uniform rescaling (clipping, gradient accumulation's average,
-``optax.scale``) leaves the measurement's meaning unchanged. A transform that
-changes fields unequally (``optax.add_noise``, weight decay added before the
-optimizer) breaks ``clip_ratio == measurements / 256``;
-:func:`measurement_is_consistent` detects it and :mod:`int8jax.optim`
-refuses such a measurement with an error. :func:`read_measurement` gives the
-per-use averages.
+(``2^-40``, :func:`as_cotangent`): it travels as the gradient of the layer's
+state, so optax transforms placed before the optimizer see it. At this scale
+it adds nothing to a global norm, and since every field is a sum divided by
+``measurements``, a uniform rescaling leaves its meaning unchanged; a
+transform that changes fields unequally breaks the check value and is
+refused (:func:`check_measurements`). Why this route, and what a user
+composing transforms must know: docs/design.md, "How the measurement reaches
+the optimizer". :func:`read_measurement` gives the per-use averages.
 
 Why the per-channel distances are measured: the global distance is weighted
 by ``|g|``, so a few channels with large gradients hide the others. Measured
@@ -53,8 +51,8 @@ in a depthwise MobileNet (docs/results.md): with one scale per tensor, 7 of 8
 channels fell below one int8 step and their directions were lost
 (per-channel distances 0.72-0.77) while the global distance read 0.001. The
 mean, median and maximum over channels show such channels (diagnostics,
-TensorBoard). What fixes them is a gradient scale per channel group (the
-op's ``grad_granularity="auto"``), not a smaller learning rate: driving the
+TensorBoard). What fixes them is a gradient scale per channel group
+(``QuantConfig.grad_granularity``), not a smaller learning rate: driving the
 LR by the channel mean cut ResNet convs' LR to ~0.2 and cost 2.9 pp, so the
 LR uses the global distance by default.
 
@@ -69,13 +67,15 @@ pass. Each candidate is scored by :func:`search_objective`: the clipping bias
 exactly, and stochastic rounding's noise by its exact variance (no sampling
 noise in the comparison of candidates), weighted by
 ``QuantConfig.clip_noise_weight`` (1: one step's expected cosine distance,
-the paper's objective). ``method="gradient"`` keeps the paper's descent.
+the paper's objective). ``QuantConfig(clip_method="gradient")`` keeps the
+paper's descent (and skips the search in the backward pass).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -101,9 +101,30 @@ MEASUREMENT_SCALE = 2.0 ** -40
 _CHECK = 256.0
 
 
+#: Former names of :class:`GradQuantState` fields (deprecated one release):
+#: the paper's ``d`` is ``distance``, the per-channel statistics say so.
+DEPRECATED_FIELDS = {"deviation": "channel_distance_mean", "global_deviation": "distance",
+                     "channel_deviation_max": "channel_distance_max",
+                     "channel_deviation_median": "channel_distance_median"}
+
+
+def _renamed(name: str, where: str) -> str:
+  """The current name of field ``name`` (warning if it is a former one)."""
+  if name in DEPRECATED_FIELDS:
+    new = DEPRECATED_FIELDS[name]
+    warnings.warn(f"{where}: GradQuantState.{name} is deprecated: use .{new}",
+                  DeprecationWarning, stacklevel=3)
+    return new
+  return name
+
+
 @dataclasses.dataclass(frozen=True)
 class GradQuantState:
   """Per-layer gradient-quantization state (all float32 scalars).
+
+  A quantized layer keeps it packed (:meth:`pack`, field order below, which
+  checkpoints store) in its ``grad_quant`` variable
+  (:class:`int8jax.nn.GradQuant`); the ops take it as ``grad_state``.
 
   Attributes:
     clip: clip value of the output gradient used between measurements with
@@ -113,15 +134,19 @@ class GradQuantState:
       ``clip_ratio`` times that group's ``max|g|`` on every step.)
     clip_ratio: the learned clip as a fraction of ``max|g|``, in
       ``[MIN_CLIP_RATIO, 1]``; 0 means "not learned yet" (ratio 1).
-    deviation: mean per-channel cosine distance at the latest measurement.
-    global_deviation: cosine distance of the whole gradient tensor (paper;
-      drives the error-sensitive LR by default).
-    channel_deviation_max: largest per-channel cosine distance.
-    channel_deviation_median: median per-channel cosine distance.
+    channel_distance_mean: mean of the per-channel cosine distances at the
+      latest measurement (formerly ``deviation``).
+    distance: the paper's ``d``: the cosine distance
+      (:func:`int8jax.quant.cosine_distance`) of the whole gradient tensor,
+      norm-weighted; what the clip search minimises and, by default, what
+      drives the error-sensitive LR (formerly ``global_deviation``).
+    channel_distance_max: largest per-channel cosine distance.
+    channel_distance_median: median per-channel cosine distance.
     grad_absmax: ``max|g|`` at the latest measurement.
     clipped_fraction: fraction of gradient entries at or beyond the clip.
-    dlog_clip: ``d(global_deviation)/d(log c)`` at the latest measurement.
-    best_ratio: the best clip ratio the latest measurement found.
+    dlog_clip: ``d(distance)/d(log c)`` at the latest measurement.
+    best_ratio: the best clip ratio the latest measurement's search found
+      (0 when the layer's ``clip_method`` is ``"gradient"``: no search ran).
     measurements: number of measurements taken in.
     nonfinite: number of steps whose gradient was not finite (the stored
       values were kept).
@@ -129,10 +154,10 @@ class GradQuantState:
 
   clip: jax.Array
   clip_ratio: jax.Array
-  deviation: jax.Array
-  global_deviation: jax.Array
-  channel_deviation_max: jax.Array
-  channel_deviation_median: jax.Array
+  channel_distance_mean: jax.Array
+  distance: jax.Array
+  channel_distance_max: jax.Array
+  channel_distance_median: jax.Array
   grad_absmax: jax.Array
   clipped_fraction: jax.Array
   dlog_clip: jax.Array
@@ -146,7 +171,13 @@ class GradQuantState:
     return cls(*(jnp.zeros((), jnp.float32) for _ in _FIELDS))
 
   def replace(self, **changes) -> "GradQuantState":
-    return dataclasses.replace(self, **changes)
+    return dataclasses.replace(
+        self, **{_renamed(k, "GradQuantState.replace"): v for k, v in changes.items()})
+
+  def __getattr__(self, name):  # only reached for names that are not fields
+    if name in DEPRECATED_FIELDS:
+      return getattr(self, _renamed(name, "GradQuantState"))
+    raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
   def pack(self) -> jax.Array:
     """The fields as one float32 vector ``(NUM_FIELDS,)`` (field order)."""
@@ -170,6 +201,7 @@ NUM_FIELDS = len(_FIELDS)
 def as_state(x) -> GradQuantState:
   """``x`` as a :class:`GradQuantState` (unpacking a packed vector)."""
   return x if isinstance(x, GradQuantState) else GradQuantState.unpack(x)
+
 
 _TINY = float(np.finfo(np.float32).tiny)
 
@@ -264,8 +296,8 @@ def measure_gradient(g: jax.Array, q: jax.Array, scale: jax.Array, clip: jax.Arr
 
   zero = jnp.zeros((), jnp.float32)
   return GradQuantState(
-      clip=zero, clip_ratio=zero, deviation=keep(d_mean), global_deviation=keep(d),
-      channel_deviation_max=keep(d_max), channel_deviation_median=keep(d_median),
+      clip=zero, clip_ratio=zero, channel_distance_mean=keep(d_mean), distance=keep(d),
+      channel_distance_max=keep(d_max), channel_distance_median=keep(d_median),
       grad_absmax=keep(absmax),
       clipped_fraction=keep(jnp.mean(clipped.astype(jnp.float32))), dlog_clip=keep(dlog),
       best_ratio=keep(best), measurements=jnp.ones((), jnp.float32),
@@ -372,7 +404,7 @@ def read_measurement(measured: GradQuantState) -> GradQuantState:
 def update_grad_state(state: GradQuantState, measured: GradQuantState,
                       learning_rate: jax.typing.ArrayLike = 1.0,
                       learn_clip: jax.typing.ArrayLike = True,
-                      method: str = "search") -> GradQuantState:
+                      method: str | None = None) -> GradQuantState:
   """Fold one step's measurement into the state (pure, jit-friendly).
 
   Every field of ``measured`` is a sum over uses; dividing by
@@ -384,10 +416,12 @@ def update_grad_state(state: GradQuantState, measured: GradQuantState,
   not match (:func:`measurement_is_consistent`) is ignored. Otherwise the clip ratio
   ``r`` (``clip_ratio``, 0 meaning 1) moves:
 
-  * ``method="search"`` (default): towards the best candidate,
-    ``log r_new = log r + learning_rate * (log best_ratio - log r)``
+  * after a search (the layer's ``QuantConfig.clip_method="search"``, the
+    default: the measurement's ``best_ratio`` > 0): towards the best
+    candidate, ``log r_new = log r + learning_rate * (log best_ratio - log r)``
     (``learning_rate=1`` jumps there);
-  * ``method="gradient"``: the paper's descent,
+  * otherwise (``clip_method="gradient"``: the backward pass ran no search and
+    reported ``best_ratio`` 0): the paper's descent,
     ``r_new = r * exp(-learning_rate * d(d)/d(log c))``;
 
   clamped to ``[MIN_CLIP_RATIO, 1]``; ``clip = r_new * max|g|``.
@@ -397,17 +431,18 @@ def update_grad_state(state: GradQuantState, measured: GradQuantState,
     measured: the cotangent the quantized op returned for ``state``.
     learning_rate: step size on ``log c``.
     learn_clip: ``False`` keeps ``r = 1`` (clip at ``max|g|``: naive INT8).
-    method: ``"search"`` or ``"gradient"`` (static).
+    method: ``None`` (the rule the measurement says, above); ``"search"`` or
+      ``"gradient"`` force one (static).
 
   Returns:
     The new state.
   """
-  if method not in CLIP_METHODS:
-    raise ValueError(f"method must be one of {CLIP_METHODS}, got {method!r}")
+  if method is not None and method not in CLIP_METHODS:
+    raise ValueError(f"method must be one of {CLIP_METHODS} or None, got {method!r}")
   n = measured.measurements
-  vals = [measured.deviation, measured.global_deviation, measured.grad_absmax,
+  vals = [measured.channel_distance_mean, measured.distance, measured.grad_absmax,
           measured.dlog_clip, measured.clipped_fraction, measured.best_ratio,
-          measured.channel_deviation_max, measured.channel_deviation_median]
+          measured.channel_distance_max, measured.channel_distance_median]
   bad = ((measured.nonfinite > 0) | ~jnp.all(jnp.isfinite(jnp.stack(vals)))
          | ~measurement_is_consistent(measured))
   inv = jnp.where(n > 0, 1.0 / jnp.where(n > 0, n, 1.0), 0.0)
@@ -415,11 +450,10 @@ def update_grad_state(state: GradQuantState, measured: GradQuantState,
   gmax = mean(measured.grad_absmax)
   r = jnp.where(state.clip_ratio > 0, state.clip_ratio, 1.0)
   lr = jnp.asarray(learning_rate, jnp.float32)
-  if method == "search":
-    best = jnp.clip(mean(measured.best_ratio), MIN_CLIP_RATIO, 1.0)
-    r_new = jnp.exp(jnp.log(r) + lr * (jnp.log(best) - jnp.log(r)))
-  else:
-    r_new = r * jnp.exp(-lr * mean(measured.dlog_clip))
+  best = jnp.clip(mean(measured.best_ratio), MIN_CLIP_RATIO, 1.0)
+  searched = jnp.asarray(method == "search") if method else measured.best_ratio > 0
+  r_new = jnp.where(searched, jnp.exp(jnp.log(r) + lr * (jnp.log(best) - jnp.log(r))),
+                    r * jnp.exp(-lr * mean(measured.dlog_clip)))
   r_new = jnp.where(learn_clip, jnp.clip(r_new, MIN_CLIP_RATIO, 1.0), 1.0)
   # An all-zero gradient (gmax == 0) carries no information about the clip.
   ok = (n > 0) & ~bad & (gmax > 0)
@@ -429,12 +463,12 @@ def update_grad_state(state: GradQuantState, measured: GradQuantState,
 
   return GradQuantState(
       clip=pick(r_new * gmax, state.clip), clip_ratio=pick(r_new, state.clip_ratio),
-      deviation=pick(mean(measured.deviation), state.deviation),
-      global_deviation=pick(mean(measured.global_deviation), state.global_deviation),
-      channel_deviation_max=pick(mean(measured.channel_deviation_max),
-                                 state.channel_deviation_max),
-      channel_deviation_median=pick(mean(measured.channel_deviation_median),
-                                    state.channel_deviation_median),
+      channel_distance_mean=pick(mean(measured.channel_distance_mean), state.channel_distance_mean),
+      distance=pick(mean(measured.distance), state.distance),
+      channel_distance_max=pick(mean(measured.channel_distance_max),
+                                 state.channel_distance_max),
+      channel_distance_median=pick(mean(measured.channel_distance_median),
+                                    state.channel_distance_median),
       grad_absmax=pick(gmax, state.grad_absmax),
       clipped_fraction=pick(mean(measured.clipped_fraction), state.clipped_fraction),
       dlog_clip=pick(mean(measured.dlog_clip), state.dlog_clip),
@@ -444,14 +478,26 @@ def update_grad_state(state: GradQuantState, measured: GradQuantState,
                  ).astype(jnp.float32))
 
 
-def check_measurements(measured, where) -> jax.Array:
+def state_is_intact(state: GradQuantState) -> jax.Array:
+  """Boolean scalar: ``state`` is one the clip learner could have written --
+  counts (``measurements``, ``nonfinite``) whole and non-negative, ratios in
+  ``[0, 1]``. A transform placed after :func:`int8jax.optim.ui8` that changes
+  the state's update (``optax.scale``, weight decay) breaks it."""
+  def whole(v):
+    return (v >= 0) & (v == jnp.round(v))
+  return (whole(state.measurements) & whole(state.nonfinite)
+          & (state.clip_ratio >= 0) & (state.clip_ratio <= 1) & (state.clip >= 0))
+
+
+def check_measurements(measured, where, states=None) -> jax.Array:
   """A float32 zero that raises, when computed, if a transform changed a
-  measurement's fields unequally (see the module doc). Add it into the
-  caller's result: a check whose value is unused would be dropped.
+  measurement's fields unequally (:func:`measurement_is_consistent`) or a
+  stored state is not one the learner wrote (:func:`state_is_intact`). Add it
+  into the caller's result: a check whose value is unused would be dropped.
 
   One check per step for all layers. The host is reached only when a
-  measurement is inconsistent (a ``lax.cond`` around a ``jax.pure_callback``
-  that raises). Not ``jax.debug.callback``: a computation with a side effect
+  check fails (a ``lax.cond`` around a ``jax.pure_callback`` that raises).
+  Not ``jax.debug.callback``: a computation with a side effect
   loses jit's C++ dispatch fast path, and every step then paid ~80 ms of
   Python argument handling on MobileNetV2's ~900 state leaves (the CPU step
   regression of benchmarks/RESULTS.md; a callback per layer and step cost
@@ -460,22 +506,28 @@ def check_measurements(measured, where) -> jax.Array:
   Args:
     measured: a sequence of measurements (:class:`GradQuantState`).
     where: the layers' names, same length (named in the error).
+    states: the layers' current states, same length, or ``None``.
   """
   measured, where = list(measured), list(where)
-  if len(measured) != len(where):
-    raise ValueError(f"check_measurements: {len(measured)} measurements but "
-                     f"{len(where)} names")
+  states = [None] * len(measured) if states is None else list(states)
+  if not len(measured) == len(where) == len(states):
+    raise ValueError(f"check_measurements: {len(measured)} measurements, "
+                     f"{len(where)} names, {len(states)} states")
   zero = jnp.zeros((), jnp.float32)
   if not measured:
     return zero
-  bad = jnp.stack([~measurement_is_consistent(m) for m in measured])
+  # Per layer: 0 fine, 1 measurement changed (before ui8), 2 state changed (after ui8).
+  bad = jnp.stack([
+      jnp.where(~measurement_is_consistent(m), 1,
+                0 if st is None else jnp.where(state_is_intact(st), 0, 2)).astype(jnp.int32)
+      for m, st in zip(measured, states)])
   names = tuple(where)
 
   def report(b):
     return jax.pure_callback(functools.partial(_report_inconsistent, names=names),
                              jax.ShapeDtypeStruct((), jnp.float32), b)
 
-  return jax.lax.cond(jnp.any(bad), report, lambda b: zero, bad)
+  return jax.lax.cond(jnp.any(bad > 0), report, lambda b: zero, bad)
 
 
 def _report_inconsistent(bad, names):
@@ -484,13 +536,21 @@ def _report_inconsistent(bad, names):
 
 
 def _raise_if_inconsistent(bad, names):
-  bad_names = [n for n, b in zip(names, np.asarray(bad).reshape(-1)) if b]
-  if bad_names:
-    named = ", ".join(n for n in bad_names if n)
+  bad = np.asarray(bad).reshape(-1)
+  before = ", ".join(n for n, b in zip(names, bad) if b == 1)
+  after = ", ".join(n for n, b in zip(names, bad) if b == 2)
+  if before:
     raise ValueError(
-        f"int8jax: the quantization measurement{' of ' + named if named else ''} was changed "
+        f"int8jax: the quantization measurement of {before} was changed "
         "by a gradient transformation placed before int8jax.optim.ui8 (e.g. optax.add_noise "
         "or weight decay added to all gradients). Such transforms treat the measurement as "
         "a gradient; put them inside ui8's base optimizer (ui8(optax.chain(..., base))), "
         "which sees only the weights' gradients. Uniform rescalings (clip_by_global_norm, "
         "MultiSteps, scale) are fine where they are.")
+  if after:
+    raise ValueError(
+        f"int8jax: the gradient-quantization state of {after} is not one the clip learner "
+        "wrote (a count is fractional or a ratio outside [0, 1]): a gradient transformation "
+        "placed after int8jax.optim.ui8 (e.g. optax.scale, add_decayed_weights) changed the "
+        "state's update. Put such transforms inside ui8's base optimizer "
+        "(ui8(optax.chain(base, ...))), which sees only the weights.")

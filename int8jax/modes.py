@@ -91,13 +91,14 @@ class Mode:
                 **ui8_kwargs) -> optax.GradientTransformation:
     """``base`` for float modes; :func:`int8jax.optim.ui8` around it otherwise.
 
-    ``ui8_kwargs`` (``clip_learning_rate``, ``alpha``, ``beta``) go to
-    :func:`~int8jax.optim.ui8`; the mode sets ``scale_lr`` and ``learn_clip``.
+    ``ui8_kwargs`` (``clip_learning_rate``, ``alpha``, ``beta``,
+    ``distance_kind``) go to :func:`~int8jax.optim.ui8`; the mode sets
+    ``scale_lr``. How the clip is learned (or not: ``grad_clip="max"``) is the
+    layers' setting, :meth:`quant_config`.
     """
     if not self.quantized:
       return base
-    return optim.ui8(base, scale_lr=self.scale_lr,
-                     learn_clip=self.grad_clip == "learned", **ui8_kwargs)
+    return optim.ui8(base, scale_lr=self.scale_lr, **ui8_kwargs)
 
   @property
   def wrt(self):

@@ -281,10 +281,17 @@ def _qapply_bwd(op: _Op, res, cts):
   gq, xq = lax.optimization_barrier((gq, xq))
   ok = quant.all_finite_int8(gq) & jnp.all(jnp.isfinite(clip))
 
+  # Only what the layer's clip learner needs: the candidate search for
+  # clip_method="search"; for "gradient" best_ratio 0 says "descend along
+  # dlog_clip" (dsgc.update_grad_state); "max" learns nothing (ratio 1).
+  search = cfg.grad_clip == "learned" and cfg.clip_method == "search"
+  descent = cfg.grad_clip == "learned" and cfg.clip_method == "gradient"
+
   def measured():
-    return dsgc.measure_gradient(g, gq, sg, clip, gmax=gmax, ratio=ratio,
-                                 stochastic=stochastic, noise_weight=cfg.clip_noise_weight,
-                                 search=cfg.grad_clip == "learned")
+    m = dsgc.measure_gradient(g, gq, sg, clip, gmax=gmax, ratio=ratio,
+                              stochastic=stochastic, noise_weight=cfg.clip_noise_weight,
+                              search=search)
+    return m.replace(best_ratio=jnp.zeros((), jnp.float32)) if descent else m
 
   if op.static_measure is None:
     m = lax.cond(measure, measured, dsgc.GradQuantState.initial)

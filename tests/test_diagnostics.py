@@ -111,12 +111,12 @@ def test_layer_stats_after_ui8_steps():
   for _ in range(3):
     step(model, opt)
   stats = dg.layer_stats(model)
-  raw = int8jax.nn.quant_stats(model)
+  raw = int8jax.nn.grad_quant_stats(model)
   assert set(stats) == set(raw) == {"conv", "dw", "head"}
   for k, s in stats.items():
     assert s["measurements"] == 3
-    assert s["cosine_distance"] == pytest.approx(float(raw[k].deviation))
-    assert s["global_cosine_distance"] == pytest.approx(float(raw[k].global_deviation))
+    assert s["cosine_distance"] == pytest.approx(float(raw[k].channel_distance_mean))
+    assert s["global_cosine_distance"] == pytest.approx(float(raw[k].distance))
     # phi from the distance that drives the LR (default: the global one).
     assert s["phi"] == pytest.approx(
         max(np.exp(-20 * s["global_cosine_distance"]), 0.1), rel=1e-5)

@@ -272,12 +272,12 @@ def test_small_cnn_trains_with_ui8():
     for i in range(0, 256, 64):
       losses.append(float(step(model, opt, x[i:i + 64], y[i:i + 64])))
   assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4]), losses
-  stats = int8jax.nn.quant_stats(model)
+  stats = int8jax.nn.grad_quant_stats(model)
   assert set(stats) == {"c1", "c2", "c3"}
   for s in stats.values():
     assert float(s.measurements) == 13  # 24 steps, period 2: calls 0, 1 (early), 2, 4, ...
     assert 0 < float(s.clip) <= float(s.grad_absmax)
-    assert 0 <= float(s.deviation) < 1
+    assert 0 <= float(s.channel_distance_mean) < 1
 
 
 class _StemNet(nnx.Module):
@@ -400,7 +400,9 @@ def test_deprecated_names_still_work_and_warn():
   with pytest.raises(TypeError, match="config must be an int8jax.QuantConfig"):
     QuantConv(2, 4, (3, 3), config="ui8", rngs=nnx.Rngs(0))
   params = {"w": jnp.zeros(3), "grad_quant": jnp.zeros(int8jax.dsgc.NUM_FIELDS)}
-  assert int8jax.optim.quant_state_labels(params) == {"w": "params", "grad_quant": "grad_quant"}
+  assert int8jax.optim.grad_quant_labels(params) == {"w": "params", "grad_quant": "grad_quant"}
+  with pytest.warns(DeprecationWarning, match="use int8jax.optim.grad_quant_labels"):
+    assert int8jax.optim.quant_state_labels(params) == {"w": "params", "grad_quant": "grad_quant"}
   with pytest.warns(DeprecationWarning, match="state_label"):
     assert int8jax.optim.quant_state_labels(params, quant="q", other="o") == {
         "w": "o", "grad_quant": "q"}

@@ -282,14 +282,14 @@ def test_measurement_cotangent_and_state_update():
   sg = quant.scale_from_clip(c)
   gh = quant.dequantize(quant.quantize(gy, sg, rounding="stochastic", key=key), sg)
   assert float(m.measurements) == 1.0 and float(m.nonfinite) == 0.0
-  np.testing.assert_allclose(m.global_deviation, quant.cosine_distance(gy, gh), rtol=1e-3,
+  np.testing.assert_allclose(m.distance, quant.cosine_distance(gy, gh), rtol=1e-3,
                              atol=2e-6)
   # deviation: the mean over output channels of each channel's distance.
   g64, h64 = (np.asarray(a, np.float64).reshape(-1, 5) for a in (gy, gh))
   per_ch = 1 - (g64 * h64).sum(0) / np.sqrt((g64 ** 2).sum(0) * (h64 ** 2).sum(0))
-  np.testing.assert_allclose(m.deviation, per_ch.mean(), rtol=1e-3, atol=2e-6)
-  np.testing.assert_allclose(m.channel_deviation_max, per_ch.max(), rtol=1e-3, atol=2e-6)
-  np.testing.assert_allclose(m.channel_deviation_median, np.median(per_ch), rtol=1e-3,
+  np.testing.assert_allclose(m.channel_distance_mean, per_ch.mean(), rtol=1e-3, atol=2e-6)
+  np.testing.assert_allclose(m.channel_distance_max, per_ch.max(), rtol=1e-3, atol=2e-6)
+  np.testing.assert_allclose(m.channel_distance_median, np.median(per_ch), rtol=1e-3,
                              atol=2e-6)
   assert float(m.grad_absmax) == float(c)
   assert float(m.dlog_clip) > 0  # the straight-through derivative says: lower the clip
@@ -320,8 +320,8 @@ def test_measurement_cotangent_and_state_update():
   assert 0 < float(new.clip) < float(c)  # initialised at max|g|, then one step down
   new = int8jax.update_grad_state(st, raw)  # default: move to the best candidate
   np.testing.assert_allclose(new.clip, float(m.best_ratio) * float(c), rtol=1e-6)
-  assert float(new.deviation) == float(m.deviation) and float(new.measurements) == 1.0
-  assert float(new.global_deviation) == float(m.global_deviation)
+  assert float(new.channel_distance_mean) == float(m.channel_distance_mean) and float(new.measurements) == 1.0
+  assert float(new.distance) == float(m.distance)
   assert int8jax.update_grad_state(new, m0) == new  # no measurement: unchanged
 
 
@@ -358,7 +358,7 @@ def test_zero_tensors_quantize_without_nan():
   dx, dw, m = vjp(jnp.zeros_like(y))
   for a in (y, dx, dw):
     assert bool(jnp.all(a == 0))
-  assert float(m.deviation) == 0.0 and float(m.nonfinite) == 0.0
+  assert float(m.channel_distance_mean) == 0.0 and float(m.nonfinite) == 0.0
   assert int8jax.update_grad_state(st, m).clip == 0.0
 
 
@@ -499,9 +499,9 @@ def test_per_group_measurement_sees_small_channels():
     return int8jax.read_measurement(vjp(gy)[0])
 
   t, g = measure("tensor"), measure("auto")
-  assert float(t.global_deviation) < 0.01 < 0.3 < float(t.deviation)
-  assert float(t.channel_deviation_max) > 0.3
-  assert float(g.deviation) < 0.01 and float(g.channel_deviation_max) < 0.01
+  assert float(t.distance) < 0.01 < 0.3 < float(t.channel_distance_mean)
+  assert float(t.channel_distance_max) > 0.3
+  assert float(g.channel_distance_mean) < 0.01 and float(g.channel_distance_max) < 0.01
 
 
 # ---------------------------------------------------------------------------

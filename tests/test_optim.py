@@ -21,18 +21,18 @@ def _state(**kw):
   return s.replace(**{k: jnp.float32(v) for k, v in kw.items()})
 
 
-def _tree(dtype=jnp.float32, d=0.05):
+def _tree(dtype=jnp.float32, d=0.05, best_ratio=0.4):
   params = {
       "conv1": {"kernel": jnp.ones((3, 3, 2, 4), dtype), "bias": jnp.ones((4,), dtype),
-                "grad_quant": _state(clip=0.5, clip_ratio=0.5, deviation=0.2,
-                                     global_deviation=0.2, measurements=3)},
+                "grad_quant": _state(clip=0.5, clip_ratio=0.5, channel_distance_mean=0.2,
+                                     distance=0.2, measurements=3)},
       "fc": {"kernel": jnp.ones((4, 2), dtype)},  # float layer: untouched
   }
   grads = {  # a measurement as the ops return it (scaled, with its check value)
       "conv1": {"kernel": jnp.full((3, 3, 2, 4), 0.5, dtype), "bias": jnp.full((4,), 0.5, dtype),
                 "grad_quant": int8jax.dsgc.as_cotangent(_state(
-                    deviation=d, global_deviation=d, grad_absmax=2.0, dlog_clip=0.01,
-                    best_ratio=0.4,
+                    channel_distance_mean=d, distance=d, grad_absmax=2.0, dlog_clip=0.01,
+                    best_ratio=best_ratio,
                     measurements=1))},
       "fc": {"kernel": jnp.full((4, 2), 0.5, dtype)},
   }
@@ -48,7 +48,7 @@ def test_error_sensitive_lr_scales_quantized_layers_only():
   np.testing.assert_allclose(upd["conv1"]["bias"], 0.5 * phi, rtol=1e-6)
   np.testing.assert_array_equal(upd["fc"]["kernel"], grads["fc"]["kernel"])
   new = optax.apply_updates(params, upd)["conv1"]["grad_quant"]
-  np.testing.assert_allclose(new.global_deviation, 0.05, rtol=1e-6)  # latest d used, stored
+  np.testing.assert_allclose(new.distance, 0.05, rtol=1e-6)  # latest d used, stored
 
 
 @pytest.mark.parametrize("d, expected", [(0.0, 1.0), (0.02, np.exp(-0.4)), (0.5, 0.1)])
@@ -68,13 +68,17 @@ def test_dtypes_are_kept():
   assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(upd["conv1"]["grad_quant"]))
 
 
-@pytest.mark.parametrize("method, r", [
-    ("gradient", 0.5 * np.exp(-2.0 * 0.01)),  # the paper: log c -= lr * d(d)/d(log c)
-    ("search", 0.5 * (0.4 / 0.5) ** 2.0),      # log r += lr * (log best - log r)
+@pytest.mark.parametrize("best_ratio, r", [
+    # QuantConfig(clip_method="gradient"): no search ran (best_ratio 0), the
+    # paper's descent: log c -= lr * d(d)/d(log c)
+    (0.0, 0.5 * np.exp(-2.0 * 0.01)),
+    (0.4, 0.5 * (0.4 / 0.5) ** 2.0),  # "search": log r += lr * (log best - log r)
 ])
-def test_clip_learner_update(method, r):
-  params, grads = _tree()
-  tx = optim.direction_sensitive_clip(learning_rate=2.0, method=method)
+def test_clip_learner_update(best_ratio, r):
+  """The rule is the layer's, carried by its measurement: the optimizer
+  takes no clip-method setting."""
+  params, grads = _tree(best_ratio=best_ratio)
+  tx = optim.direction_sensitive_clip(learning_rate=2.0)
   upd, _ = tx.update(grads, tx.init(params), params)
   new = optax.apply_updates(params, upd)
   gq = new["conv1"]["grad_quant"]
@@ -110,7 +114,7 @@ def test_ui8_base_optimizer_never_sees_quant_state(base):
   # exactly the clip learner's result (jump to the best ratio): no momentum,
   # decay or Adam scaling
   np.testing.assert_allclose(gq.clip, 0.4 * 2.0, rtol=1e-6)
-  np.testing.assert_allclose(gq.deviation, 0.05, rtol=1e-6)
+  np.testing.assert_allclose(gq.channel_distance_mean, 0.05, rtol=1e-6)
   # the base optimizer's state holds no GradQuantState
   found = []
   jax.tree.map(lambda x: found.append(x), state,
@@ -206,7 +210,7 @@ def test_gradient_accumulation_with_multisteps():
   ms = [int8jax.read_measurement(GradQuantState.unpack(
       nnx.grad(loss_fn, argnums=nnx.DiffState(0, TRAINABLE))(model, x, y)["conv"]["grad_quant"][...]))
         for x, y in xs]
-  np.testing.assert_allclose(st.deviation, (ms[0].deviation + ms[1].deviation) / 2, rtol=1e-5)
+  np.testing.assert_allclose(st.channel_distance_mean, (ms[0].channel_distance_mean + ms[1].channel_distance_mean) / 2, rtol=1e-5)
   np.testing.assert_allclose(st.grad_absmax, (ms[0].grad_absmax + ms[1].grad_absmax) / 2,
                              rtol=1e-5)
 
@@ -281,19 +285,136 @@ def test_lr_coefficient_formula():
                              np.maximum(np.exp(-5 * d), 0.5), rtol=1e-6)
 
 
-@pytest.mark.parametrize("which,field", [("mean", "deviation"),
-                                         ("median", "channel_deviation_median"),
-                                         ("global", "global_deviation")])
+@pytest.mark.parametrize("which,field", [("mean", "channel_distance_mean"),
+                                         ("median", "channel_distance_median"),
+                                         ("global", "distance")])
 def test_error_sensitive_lr_reads_the_chosen_distance(which, field):
   s = int8jax.GradQuantState.initial()
   params = {"conv": {"kernel": jnp.ones(2), "grad_quant": s}}
   # Three different distances: only the chosen one may set the coefficient.
-  m = s.replace(deviation=jnp.float32(0.01), channel_deviation_median=jnp.float32(0.02),
-                global_deviation=jnp.float32(0.04))
+  m = s.replace(channel_distance_mean=jnp.float32(0.01), channel_distance_median=jnp.float32(0.02),
+                distance=jnp.float32(0.04))
   upd = {"conv": {"kernel": jnp.ones(2), "grad_quant": m}}
-  tx = int8jax.optim.error_sensitive_lr(deviation=which)
+  tx = int8jax.optim.error_sensitive_lr(distance_kind=which)
   out, _ = tx.update(upd, tx.init(params), params)
   d = float(getattr(m, field))
   np.testing.assert_allclose(out["conv"]["kernel"], np.exp(-20 * d), rtol=1e-6)
-  with pytest.raises(ValueError, match="deviation must be one of.*'max'"):
-    int8jax.optim.error_sensitive_lr(deviation="max")
+  with pytest.raises(ValueError, match="distance_kind must be one of.*'max'"):
+    int8jax.optim.error_sensitive_lr(distance_kind="max")
+
+
+# ---------------------------------------------------------------------------
+# Names, deprecated aliases, the clip learner's settings, the route's checks.
+
+
+def test_deprecated_names_warn_and_still_work():
+  params, grads = _tree()
+  s = params["conv1"]["grad_quant"]
+  for old, new in int8jax.dsgc.DEPRECATED_FIELDS.items():
+    with pytest.warns(DeprecationWarning, match=f"GradQuantState.{old} is deprecated: use .{new}"):
+      assert float(getattr(s, old)) == float(getattr(s, new))
+  with pytest.warns(DeprecationWarning, match="use .distance"):
+    assert float(s.replace(global_deviation=jnp.float32(0.3)).distance) == pytest.approx(0.3)
+  with pytest.warns(DeprecationWarning, match="use int8jax.optim.lr_distance"):
+    assert float(optim.lr_deviation(s, "mean")) == float(optim.lr_distance(s, "mean"))
+  with pytest.warns(DeprecationWarning, match="use int8jax.optim.DISTANCE_KINDS"):
+    assert optim.LR_DEVIATIONS == optim.DISTANCE_KINDS
+  with pytest.warns(DeprecationWarning, match="use int8jax.optim.DEFAULT_DISTANCE_KIND"):
+    assert optim.DEFAULT_LR_DEVIATION == optim.DEFAULT_DISTANCE_KIND == "global"
+  with pytest.warns(DeprecationWarning, match="use int8jax.optim.is_grad_quant"):
+    assert optim.is_quant_state((), s)
+  with pytest.warns(DeprecationWarning, match=r"error_sensitive_lr\(distance_kind=\)"):
+    old = optim.error_sensitive_lr(deviation="mean")
+  new = optim.error_sensitive_lr(distance_kind="mean")
+  np.testing.assert_array_equal(old.update(grads, old.init(params), params)[0]["conv1"]["kernel"],
+                                new.update(grads, new.init(params), params)[0]["conv1"]["kernel"])
+  with pytest.warns(DeprecationWarning, match=r"ui8\(distance_kind=\)"):
+    optim.ui8(optax.sgd(0.1), lr_deviation="mean")
+  with pytest.warns(DeprecationWarning, match=r"QuantConfig\(clip_method=\)"):
+    optim.ui8(optax.sgd(0.1), clip_method="gradient")
+  with pytest.warns(DeprecationWarning, match=r"QuantConfig\(grad_clip='max'\)"):
+    optim.ui8(optax.sgd(0.1), learn_clip=False)
+  with pytest.warns(DeprecationWarning, match=r"QuantConfig\(clip_method=\)"):
+    optim.direction_sensitive_clip(method="search")
+  with pytest.raises(ValueError, match="clip_method must be one of"):
+    optim.ui8(optax.sgd(0.1), clip_method="newton")
+
+
+@pytest.mark.parametrize("kw, r", [
+    ({"clip_method": "gradient"}, 0.5 * np.exp(-1.0 * 0.01)),  # forced descent
+    ({"learn_clip": False}, 1.0),                               # c = max|g|
+])
+def test_deprecated_ui8_clip_keywords_keep_their_effect(kw, r):
+  params, grads = _tree()  # a search measurement (best_ratio 0.4)
+  with pytest.warns(DeprecationWarning):
+    tx = optim.ui8(optax.sgd(0.1), **kw)
+  upd, _ = tx.update(grads, tx.init(params), params)
+  gq = optax.apply_updates(params, upd)["conv1"]["grad_quant"]
+  np.testing.assert_allclose(gq.clip_ratio, r, rtol=1e-6)
+
+
+def _measure_once(config):
+  """One measuring step of a QuantConv with ``config``: its measurement (read back)
+  and the jaxpr of the gradient computation."""
+  conv = int8jax.nn.QuantConv(3, 4, (3, 3), config=config, rngs=nnx.Rngs(0, quant=1))
+  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
+  loss = lambda m: (m(x) ** 2).sum()  # noqa: E731
+  grad = lambda m: nnx.grad(loss, argnums=nnx.DiffState(0, TRAINABLE))(m)  # noqa: E731
+  g = grad(conv)
+  conv2 = int8jax.nn.QuantConv(3, 4, (3, 3), config=config, rngs=nnx.Rngs(0, quant=1))
+  graphdef, state = nnx.split(conv2)
+  jaxpr = jax.make_jaxpr(lambda st: grad(nnx.merge(graphdef, st)))(state)
+  return int8jax.read_measurement(GradQuantState.unpack(g["grad_quant"][...])), str(jaxpr)
+
+
+def test_clip_method_gradient_runs_no_search_in_the_backward_pass():
+  """QuantConfig(clip_method="gradient"): the backward pass measures what the
+  descent needs (dlog_clip, the distances) and not the candidate search
+  (its lax.map over the candidates is absent); best_ratio 0 tells the learner
+  to descend."""
+  base = int8jax.QuantConfig(period=1, backend="xla")
+  ms, jaxpr_s = _measure_once(base)
+  mg, jaxpr_g = _measure_once(base.replace(clip_method="gradient"))
+  n_cands = len(int8jax.dsgc.CANDIDATE_RATIOS) + len(int8jax.dsgc.LOCAL_FACTORS)
+  assert f"length={n_cands}" in jaxpr_s and f"length={n_cands}" not in jaxpr_g
+  assert 0 < float(ms.best_ratio) <= 1 and float(mg.best_ratio) == 0.0
+  assert float(mg.distance) == float(ms.distance) > 0
+  assert float(mg.dlog_clip) == float(ms.dlog_clip) != 0
+  # The learner descends for this layer, with no optimizer setting.
+  st = GradQuantState.initial()
+  raw = int8jax.dsgc.as_cotangent(mg)
+  new = int8jax.update_grad_state(st, raw, learning_rate=0.5)
+  np.testing.assert_allclose(new.clip_ratio, np.exp(-0.5 * float(mg.dlog_clip)), rtol=1e-6)
+  with pytest.raises(ValueError, match="clip_method must be one of"):
+    int8jax.QuantConfig(clip_method="newton")
+
+
+def test_a_transform_after_ui8_that_changes_the_state_is_refused():
+  """optax.scale after ui8 scales the state's update too: the stored state is
+  then not one the learner wrote (a fractional count); the next step says so
+  instead of learning from it."""
+  tx = optax.chain(optim.ui8(optax.sgd(0.1)), optax.scale(0.5))
+  with pytest.raises(Exception, match=r"gradient-quantization state of \['conv'\].* placed "
+                     "after int8jax.optim.ui8"):
+    m = _run(tx, [(_X, _Y), (_X, _Y)])
+    jax.block_until_ready(m.conv.grad_quant[...])
+
+
+def test_checkpoint_layout_is_unchanged():
+  """What Orbax stores (examples/checkpoint.py: nnx.to_pure_dict of model and
+  optimizer) is the layout of releases before the renames: the variable's
+  attribute name, the packed vector's length and the optimizer state's tree;
+  field and class names are not stored. The packed field order is pinned."""
+  model = _Net(nnx.Rngs(0, quant=1))
+  opt = nnx.Optimizer(model, optim.ui8(optax.sgd(0.1, momentum=0.9)), wrt=TRAINABLE)
+  pure = nnx.to_pure_dict(nnx.state((model, opt)))
+  keys = {jax.tree_util.keystr(p): getattr(v, "shape", None)
+          for p, v in jax.tree_util.tree_flatten_with_path(pure)[0]}
+  assert keys["[0]['conv']['grad_quant']"] == (12,)
+  assert keys["[1]['opt_state'][0]['inner_states']['params']['inner_state'][0]['trace']"
+              "['conv']['kernel']"] == (3, 3, 8, 8)
+  assert not any("grad_quant" in k for k in keys if k.startswith("[1]"))
+  assert [f.name for f in __import__("dataclasses").fields(GradQuantState)] == [
+      "clip", "clip_ratio", "channel_distance_mean", "distance", "channel_distance_max",
+      "channel_distance_median", "grad_absmax", "clipped_fraction", "dlog_clip", "best_ratio",
+      "measurements", "nonfinite"]  # the former deviation, global_deviation, ... in order

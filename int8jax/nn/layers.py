@@ -12,10 +12,12 @@ apart, like BatchNorm's ``BatchStat``):
 
 * :class:`ActRange` — cached activation clip value ``max|x|``, written in
   the forward pass on measure steps;
-* :class:`GradQuant` — the variable holding the layer's gradient state, whose
-  value is a :class:`int8jax.dsgc.GradQuantState` (learned clip, latest cosine
-  distance, ...) packed into one float32 vector (``.state`` unpacks it). It is differentiable: its gradient is the backward pass's measurement,
-  which :func:`int8jax.optim.ui8` turns into the state update. Include it in
+* :class:`GradQuant` — the type of the layer's ``grad_quant`` variable: its
+  gradient-quantization state, a :class:`int8jax.dsgc.GradQuantState`
+  (learned clip, latest cosine distance, ...) packed into one float32 vector
+  (``.state`` unpacks it; :func:`grad_quant_stats` gives every layer's). It is
+  differentiable: its gradient is the backward pass's measurement, which
+  :func:`int8jax.optim.ui8` turns into the state update. Include it in
   ``nnx.grad`` / ``nnx.Optimizer`` with the filter :data:`TRAINABLE`;
 * :class:`QuantCounter` — the layer's call count (selects measure steps) and
   the count of measure steps skipped for non-finite activations.
@@ -57,14 +59,18 @@ class ActRange(nnx.Variable):
 
 
 class GradQuant(nnx.Variable):
-  """Gradient quantization state: a :class:`int8jax.dsgc.GradQuantState`
-  packed into one float32 vector (:meth:`~int8jax.dsgc.GradQuantState.pack`;
-  read it with :attr:`state`).
+  """The type of a quantized layer's ``grad_quant`` variable: its
+  :class:`int8jax.dsgc.GradQuantState` packed into one float32 vector
+  (:meth:`~int8jax.dsgc.GradQuantState.pack`; read it with :attr:`state`).
+  Checkpoints store the attribute name ``grad_quant`` and the packed vector
+  (field order), not this class's or the fields' names.
 
   Packed because its gradient is the backward pass's measurement and it
   travels through optax: a plain array leaf survives every optimizer-state
   round trip (``optax.MultiSteps``' accumulators, NNX's ``Optimizer``), where
-  a dataclass node would be turned into an ``nnx.State`` mapping.
+  a dataclass node would be turned into an ``nnx.State`` mapping. It is
+  unpacked once per call (the layer hands the op a ``GradQuantState``) and
+  once per update (:mod:`int8jax.optim`).
   """
 
   @property
@@ -350,15 +356,26 @@ def quant_layers(model: nnx.Module):
           if isinstance(m, (QuantConv, QuantConvTranspose, QuantDense))]
 
 
-def quant_stats(model: nnx.Module) -> dict[str, GradQuantState]:
-  """Per quantized layer (``"a/b/c"`` path): its :class:`GradQuantState`.
+def grad_quant_stats(model: nnx.Module) -> dict[str, GradQuantState]:
+  """Per quantized layer (``"a/b/c"`` path): its gradient-quantization state
+  (the ``grad_quant`` variable, unpacked).
 
-  The fields give what the paper plots: ``deviation`` (cosine distance d),
-  ``clip`` next to ``grad_absmax``, ``clipped_fraction``; the LR coefficient is
-  ``int8jax.lr_coefficient(state.deviation)``.
+  The fields give what the paper plots: ``distance`` (the paper's cosine
+  distance d of the whole gradient; ``channel_distance_mean`` / ``_max`` /
+  ``_median`` over its channels), ``clip`` next to ``grad_absmax``,
+  ``clipped_fraction``; the LR coefficient is
+  ``int8jax.lr_coefficient(state.distance)`` (with the default
+  :func:`int8jax.optim.lr_distance`).
   """
   return {"/".join(str(p) for p in path): m.grad_quant.state
           for path, m in quant_layers(model) if m.quantized}
+
+
+def quant_stats(model: nnx.Module) -> dict[str, GradQuantState]:
+  """Deprecated name of :func:`grad_quant_stats`."""
+  warnings.warn("int8jax.nn.quant_stats is deprecated: use int8jax.nn.grad_quant_stats",
+                DeprecationWarning, stacklevel=2)
+  return grad_quant_stats(model)
 
 
 def set_measure_mode(model: nnx.Module, mode: str) -> None:
