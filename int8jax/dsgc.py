@@ -246,8 +246,9 @@ def measure_gradient(g: jax.Array, q: jax.Array, scale: jax.Array, clip: jax.Arr
     noise_weight: the weight of stochastic rounding's noise against the
       clipping bias in the candidates' score (``QuantConfig.clip_noise_weight``;
       1 is the cosine distance of one step).
-    search: evaluate the candidate clips (``False`` for ``grad_clip="max"``:
-      ``best_ratio`` is then 1).
+    search: evaluate the candidate clips (``False`` for ``grad_clip="max"``
+      and ``clip_method="gradient"``: ``best_ratio`` is then 1, which the op
+      sets to 0 for ``"gradient"``, see :func:`update_grad_state`).
 
   Returns:
     A :class:`GradQuantState` read as a measurement (see the module doc).

@@ -22,12 +22,13 @@ State in and out (no host callbacks, no global state):
   clip ``g`` at ``clip_ratio * max|g|`` (ratio 0 means 1), other steps at the
   cached ``clip`` (0, no cached clip: ``clip_ratio * max|g|`` of the step;
   how a layer's clip warm-up is expressed, ``QuantConfig.clip_warmup``). Its
-  *cotangent* is the step's measurement: on a step with ``measure=True`` the
-  cosine distance ``d = 1 - cos(g, g_hat)``, ``d(d)/d(log c)``, ``max|g|`` and
-  the clipped fraction; zeros otherwise. ``jax.grad`` w.r.t. ``grad_state``
-  therefore returns the measurement, and
-  :func:`int8jax.dsgc.update_grad_state` (or :mod:`int8jax.optim`) folds it
-  into the state;
+  *cotangent* is the step's measurement (:func:`int8jax.dsgc.measure_gradient`,
+  scaled by :func:`int8jax.dsgc.as_cotangent`): on a step with ``measure=True``
+  the cosine distance ``d = 1 - cos(g, g_hat)``, ``d(d)/d(log c)``, ``max|g|``,
+  the clipped fraction and, for ``QuantConfig.clip_method="search"``, the
+  best candidate clip; zeros otherwise. ``jax.grad`` w.r.t. ``grad_state``
+  therefore returns the measurement, and :mod:`int8jax.optim` (or
+  :func:`int8jax.dsgc.update_grad_state`) folds it into the state;
 * ``key`` — the PRNG key for stochastic rounding of ``g``;
 * ``measure`` — a boolean scalar; a traced value selects the measuring branch
   with ``lax.cond``, so no recompilation happens between steps.

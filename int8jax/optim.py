@@ -107,9 +107,10 @@ def _need_params(params, name):
 def _layers(updates, params):
   """The quantized layers in ``updates``: the one place measurements are found.
 
-  Returns ``(flat, treedef, layers)``: ``updates`` flattened (state nodes as
-  leaves) and, per layer, ``(index in flat, path, leaf of params, state)``
-  with the state unpacked once. Raises if ``params`` lacks a layer's state.
+  Returns ``(paths, leaves, treedef, layers)``: ``updates`` flattened (state
+  nodes as leaves) and, per layer, ``(index in leaves, path, leaf of params,
+  state)`` with the state unpacked once. Raises if ``params`` lacks a layer's
+  state.
   """
   flat, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_state)
   params_at = dict(jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_state)[0])
@@ -121,7 +122,7 @@ def _layers(updates, params):
                          "has no counterpart in params (give tx.update the same tree)")
       p = params_at[path]
       layers.append((i, path, p, as_state(p)))
-  return [u for _, u in flat], treedef, layers
+  return [p for p, _ in flat], [u for _, u in flat], treedef, layers
 
 
 def _fold(leaves, layers, learning_rate, learn_clip, method):
@@ -212,7 +213,7 @@ def direction_sensitive_clip(learning_rate: jax.typing.ArrayLike = 1.0,
 
   def update_fn(updates, state, params=None):
     _need_params(params, "direction_sensitive_clip")
-    leaves, treedef, layers = _layers(updates, params)
+    _, leaves, treedef, layers = _layers(updates, params)
     _fold(leaves, layers, learning_rate, learn_clip, method)
     return jax.tree_util.tree_unflatten(treedef, leaves), state
 
@@ -295,8 +296,7 @@ def error_sensitive_lr(alpha: jax.typing.ArrayLike = 20.0,
 
   def update_fn(updates, state, params=None):
     _need_params(params, "error_sensitive_lr")
-    leaves, treedef, layers = _layers(updates, params)
-    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_state)[0]]
+    paths, leaves, treedef, layers = _layers(updates, params)
     phi = {path[:-1]: lr_coefficient(lr_distance(_stored(s, as_state(leaves[i])), kind),
                                      alpha, beta)
            for i, path, _, s in layers}
@@ -347,12 +347,10 @@ def _clip_and_lr(learning_rate, learn_clip, method, alpha, beta, kind):
 
   def update_fn(updates, state, params=None):
     _need_params(params, "ui8")
-    leaves, treedef, layers = _layers(updates, params)
-    new_states = _fold(leaves, layers, learning_rate, learn_clip, method)
-    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_state)[0]]
-    phi = {}
-    for (_, path, _, _), stored in zip(layers, new_states):
-      phi[path[:-1]] = lr_coefficient(lr_distance(stored, kind), alpha, beta)
+    paths, leaves, treedef, layers = _layers(updates, params)
+    stored = _fold(leaves, layers, learning_rate, learn_clip, method)
+    phi = {path[:-1]: lr_coefficient(lr_distance(st, kind), alpha, beta)
+           for (_, path, _, _), st in zip(layers, stored)}
     _scale_layers(leaves, paths, phi)
     return jax.tree_util.tree_unflatten(treedef, leaves), state
 

@@ -320,7 +320,8 @@ def test_measurement_cotangent_and_state_update():
   assert 0 < float(new.clip) < float(c)  # initialised at max|g|, then one step down
   new = int8jax.update_grad_state(st, raw)  # default: move to the best candidate
   np.testing.assert_allclose(new.clip, float(m.best_ratio) * float(c), rtol=1e-6)
-  assert float(new.channel_distance_mean) == float(m.channel_distance_mean) and float(new.measurements) == 1.0
+  assert float(new.channel_distance_mean) == float(m.channel_distance_mean)
+  assert float(new.measurements) == 1.0
   assert float(new.distance) == float(m.distance)
   assert int8jax.update_grad_state(new, m0) == new  # no measurement: unchanged
 

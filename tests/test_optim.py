@@ -210,7 +210,9 @@ def test_gradient_accumulation_with_multisteps():
   ms = [int8jax.read_measurement(GradQuantState.unpack(
       nnx.grad(loss_fn, argnums=nnx.DiffState(0, TRAINABLE))(model, x, y)["conv"]["grad_quant"][...]))
         for x, y in xs]
-  np.testing.assert_allclose(st.channel_distance_mean, (ms[0].channel_distance_mean + ms[1].channel_distance_mean) / 2, rtol=1e-5)
+  np.testing.assert_allclose(st.channel_distance_mean,
+                             (ms[0].channel_distance_mean + ms[1].channel_distance_mean) / 2,
+                             rtol=1e-5)
   np.testing.assert_allclose(st.grad_absmax, (ms[0].grad_absmax + ms[1].grad_absmax) / 2,
                              rtol=1e-5)
 
@@ -398,6 +400,11 @@ def test_a_transform_after_ui8_that_changes_the_state_is_refused():
                      "after int8jax.optim.ui8"):
     m = _run(tx, [(_X, _Y), (_X, _Y)])
     jax.block_until_ready(m.conv.grad_quant[...])
+  # The same transform masked off the states (docs/design.md §5) is fine.
+  keep = lambda p: optim.grad_quant_labels(p, False, True)  # noqa: E731
+  m = _run(optax.chain(optim.ui8(optax.sgd(0.1)), optax.masked(optax.scale(0.5), keep)),
+           [(_X, _Y), (_X, _Y)])
+  assert float(m.conv.grad_quant.state.measurements) == 2
 
 
 def test_checkpoint_layout_is_unchanged():
