@@ -306,9 +306,16 @@ def error_sensitive_lr(alpha: jax.typing.ArrayLike = 20.0,
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-def lr_coefficient(distance: jax.typing.ArrayLike, alpha: jax.typing.ArrayLike = 20.0,
-                   beta: jax.typing.ArrayLike = 0.1) -> jax.Array:
-  """Error-sensitive learning-rate coefficient ``max(exp(-alpha * d), beta)`` (§4.2)."""
+def lr_coefficient(distance: jax.typing.ArrayLike = None, alpha: jax.typing.ArrayLike = 20.0,
+                   beta: jax.typing.ArrayLike = 0.1, *,
+                   deviation: jax.typing.ArrayLike = None) -> jax.Array:
+  """Error-sensitive learning-rate coefficient ``max(exp(-alpha * d), beta)`` (§4.2),
+  ``d`` = ``distance`` (``deviation=`` is its deprecated name)."""
+  if deviation is not None:
+    _deprecated("lr_coefficient(deviation=)", "lr_coefficient(distance=)")
+    distance = deviation
+  if distance is None:
+    raise TypeError("lr_coefficient: missing the distance d")
   return jnp.maximum(jnp.exp(-jnp.asarray(alpha) * distance), beta)
 
 

@@ -317,6 +317,9 @@ def test_deprecated_names_warn_and_still_work():
       assert float(getattr(s, old)) == float(getattr(s, new))
   with pytest.warns(DeprecationWarning, match="use .distance"):
     assert float(s.replace(global_deviation=jnp.float32(0.3)).distance) == pytest.approx(0.3)
+  with pytest.warns(DeprecationWarning, match=r"use lr_coefficient\(distance=\)"):
+    assert float(int8jax.lr_coefficient(deviation=0.05)) == float(
+        int8jax.lr_coefficient(distance=0.05))
   with pytest.warns(DeprecationWarning, match="use int8jax.optim.lr_distance"):
     assert float(optim.lr_deviation(s, "mean")) == float(optim.lr_distance(s, "mean"))
   with pytest.warns(DeprecationWarning, match="use int8jax.optim.DISTANCE_KINDS"):
