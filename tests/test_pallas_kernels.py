@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels as pk
+from pallas_kernels import _common
 mm_lib = importlib.import_module("pallas_kernels.int8_matmul")
 
 M, N, K = 130, 72, 200  # deliberately no multiples of any tile
@@ -195,7 +196,7 @@ def test_select_config_only_returns_library_configs():
   for n in (1, 8, 64, 65, 128, 1000, 4096):
     assert pk.select_config(4096, n, 4096) in pk.LIBRARY_CONFIGS
   for config in pk.LIBRARY_CONFIGS:
-    assert config.smem_bytes(jnp.float32) <= mm_lib._SMEM_LIMIT_BYTES
+    assert config.smem_bytes(jnp.float32) <= _common.SMEM_LIMIT_BYTES
 
 
 # ---------------------------------------------------------------------------
