@@ -1,4 +1,4 @@
-"""INT8 GEMM and quantization kernels for Hopper GPUs (Pallas, Mosaic GPU).
+"""INT8 GEMM and implicit-GEMM conv kernels for Hopper GPUs (Pallas, Mosaic GPU).
 
 The lowest layer of int8jax (see docs/design.md §2): kernels with their plain
 XLA references, usable without the rest of the library.
@@ -16,15 +16,15 @@ XLA references, usable without the rest of the library.
   -- the exact sum of int32 partial sums (signed high / unsigned low 16-bit
   halves, rounded once to float32), as the wgrad kernel's parts are combined;
   ``int8jax.exact`` uses the same functions.
-* :func:`quantize_kmajor` -- float (R, C) -> int8 (R, C) or (C, R), nearest or
-  stochastic rounding; :func:`quantize_kmajor_reference`.
+* :func:`quantize_kmajor` / :func:`quantize_kmajor_reference` -- deprecated
+  (the quantize kernel is removed; they compute the XLA reference and warn).
 * :func:`available` -- True when the compiled kernels can run here.
 
 Every kernel also runs on CPU with ``interpret=True`` (bit-exact, slow).
 
 Modules: ``int8_matmul``; ``int8_conv`` (the conv API, implemented in
 ``conv_common``, ``conv_forward``, ``conv_dgrad``, ``conv_wgrad``);
-``quantize``; ``_common`` (what they share).
+``_common`` (what they share).
 """
 
 from pallas_kernels._common import combine_int32_chunks
