@@ -38,6 +38,30 @@ OUT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16),
 MAX_EXACT_PARTS = 256
 
 
+def check_tiling(config, extra_int_fields=()):
+  """Validates the fields every kernel config has -- tile_m, tile_n, tile_k,
+  swizzle, max_concurrent_steps (and ``extra_int_fields``) must be ints;
+  wgmma's M and N, the swizzles TMA supports -- naming the field and value."""
+  for name in ("tile_m", "tile_n", "tile_k", "swizzle", "max_concurrent_steps",
+               *extra_int_fields):
+    value = getattr(config, name)
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+      raise TypeError(f"{type(config).__name__}.{name} must be an int, got "
+                      f"{value!r} of type {type(value).__name__}")
+  tile_m, tile_n, tile_k = config.tile_m, config.tile_n, config.tile_k
+  swizzle, max_concurrent_steps = config.swizzle, config.max_concurrent_steps
+  if tile_m <= 0 or tile_m % 64:
+    raise ValueError(f"{tile_m=} must be a positive multiple of 64")
+  if not 0 < tile_n <= 256 or tile_n % 8:
+    raise ValueError(f"{tile_n=} must be a multiple of 8 in [8, 256]")
+  if swizzle not in (128, 64, 32):
+    raise ValueError(f"{swizzle=} must be 128, 64 or 32 (bytes)")
+  if tile_k <= 0 or tile_k % swizzle:
+    raise ValueError(f"{tile_k=} must be a multiple of {swizzle=}")
+  if max_concurrent_steps < 1:
+    raise ValueError(f"{max_concurrent_steps=} must be >= 1")
+
+
 def round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
 

@@ -104,6 +104,7 @@ import numpy as np
 from pallas_kernels._common import INT32_SAFE_K
 from pallas_kernels._common import OUT_DTYPES
 from pallas_kernels._common import SMEM_LIMIT_BYTES
+from pallas_kernels._common import check_tiling
 from pallas_kernels._common import check_vector
 from pallas_kernels._common import epilogue
 from pallas_kernels._common import round_up
@@ -147,24 +148,7 @@ class Int8ConvConfig:
   max_concurrent_steps: int = 4
 
   def __post_init__(self):
-    for name in ("tile_m", "tile_n", "tile_k", "swizzle",
-                 "max_concurrent_steps"):
-      value = getattr(self, name)
-      if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-        raise TypeError(f"Int8ConvConfig.{name} must be an int, got "
-                        f"{value!r} of type {type(value).__name__}")
-    tile_m, tile_n, tile_k = self.tile_m, self.tile_n, self.tile_k
-    swizzle, max_concurrent_steps = self.swizzle, self.max_concurrent_steps
-    if tile_m <= 0 or tile_m % 64:
-      raise ValueError(f"{tile_m=} must be a positive multiple of 64")
-    if not 0 < tile_n <= 256 or tile_n % 8:
-      raise ValueError(f"{tile_n=} must be a multiple of 8 in [8, 256]")
-    if swizzle not in (128, 64, 32):
-      raise ValueError(f"{swizzle=} must be 128, 64 or 32 (bytes)")
-    if tile_k <= 0 or tile_k % swizzle:
-      raise ValueError(f"{tile_k=} must be a multiple of {swizzle=}")
-    if max_concurrent_steps < 1:
-      raise ValueError(f"{max_concurrent_steps=} must be >= 1")
+    check_tiling(self)
 
   def smem_bytes(self, out_dtype=jnp.float32) -> int:
     """Shared memory the kernel allocates with this config, in bytes."""
@@ -327,6 +311,15 @@ def check_contraction(k, what):
         f"{what} sums K={k} int8 products per output, more than "
         f"INT32_SAFE_K={INT32_SAFE_K} (127*127*K could overflow the int32 "
         "accumulator); split the input channels and add the partial results")
+
+
+def config_and_launcher(config, default, out_dtype, interpret):
+  """``(config or default, launcher_for(interpret))``, the config checked
+  (its shared memory too, unless interpreted)."""
+  config = default if config is None else config
+  launcher = launcher_for(interpret)
+  check_config(config, out_dtype, launcher != "mosaic_gpu")
+  return config, launcher
 
 
 def check_config(config, out_dtype, interpret):

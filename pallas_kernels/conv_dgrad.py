@@ -30,7 +30,7 @@ from pallas_kernels.conv_common import Int8ConvConfig
 from pallas_kernels.conv_common import Plan
 from pallas_kernels.conv_common import Taps
 from pallas_kernels.conv_common import assign_copies
-from pallas_kernels.conv_common import check_config
+from pallas_kernels.conv_common import config_and_launcher
 from pallas_kernels.conv_common import check_contraction
 from pallas_kernels.conv_common import check_epilogue_args
 from pallas_kernels.conv_common import check_int8
@@ -40,7 +40,6 @@ from pallas_kernels.conv_common import check_strides
 from pallas_kernels.conv_common import conv_output_shape
 from pallas_kernels.conv_common import conv_reference_impl
 from pallas_kernels.conv_common import empty_or_zero_k
-from pallas_kernels.conv_common import launcher_for
 from pallas_kernels.conv_common import output_size
 from pallas_kernels.conv_common import pick_pitch
 from pallas_kernels.conv_common import select_conv_config
@@ -86,6 +85,19 @@ def _check_dgrad_args(g, w, input_shape, window_strides, padding):
   return input_shape, strides, pads
 
 
+def _check_dgrad_call(g, w, input_shape, window_strides, padding, scale, bias,
+                      out_dtype):
+  """The checked arguments of a dgrad call: ``(input_shape, strides, pads,
+  scale, bias, out_dtype)``; K = KH*KW*O must fit one int32 accumulator."""
+  input_shape, strides, pads = _check_dgrad_args(g, w, input_shape,
+                                                 window_strides, padding)
+  scale, bias, out_dtype = check_epilogue_args(scale, bias, out_dtype,
+                                                w.shape[2], "C")
+  kh, kw, _, o = w.shape
+  check_contraction(kh * kw * o, "this dgrad")
+  return input_shape, strides, pads, scale, bias, out_dtype
+
+
 def int8_conv_dgrad_reference(g, w, *, input_shape, window_strides=(1, 1),
                               padding="VALID", scale=None, bias=None,
                               out_dtype=jnp.float32):
@@ -95,12 +107,8 @@ def int8_conv_dgrad_reference(g, w, *, input_shape, window_strides=(1, 1),
   dilated by the strides (``lhs_dilation``), the kernel flipped in space and
   with C and O swapped, int32 accumulation, then the jitted epilogue.
   """
-  input_shape, strides, pads = _check_dgrad_args(g, w, input_shape,
-                                                 window_strides, padding)
-  scale, bias, out_dtype = check_epilogue_args(scale, bias, out_dtype,
-                                                w.shape[2], "C")
-  kh, kw, _, o = w.shape
-  check_contraction(kh * kw * o, "this dgrad")
+  input_shape, strides, pads, scale, bias, out_dtype = _check_dgrad_call(
+      g, w, input_shape, window_strides, padding, scale, bias, out_dtype)
   w_t = jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2))  # (KH, KW, O, C)
   t_pads = tuple(
       _dgrad_pads(input_shape[1 + d], w.shape[d], strides[d], pads[d][0],
@@ -271,16 +279,11 @@ def int8_conv_dgrad(g, w, *, input_shape, window_strides=(1, 1),
     (N, H, W, C) of ``out_dtype``, bit-equal to
     :func:`int8_conv_dgrad_reference`.
   """
-  input_shape, strides, pads = _check_dgrad_args(g, w, input_shape,
-                                                 window_strides, padding)
-  scale, bias, out_dtype = check_epilogue_args(scale, bias, out_dtype,
-                                                w.shape[2], "C")
-  kh, kw, c, o = w.shape
-  check_contraction(kh * kw * o, "this dgrad")
-  if config is None:
-    config = select_conv_config(o, c)
-  launcher = launcher_for(interpret)
-  check_config(config, out_dtype, launcher != "mosaic_gpu")
+  input_shape, strides, pads, scale, bias, out_dtype = _check_dgrad_call(
+      g, w, input_shape, window_strides, padding, scale, bias, out_dtype)
+  _, _, c, o = w.shape
+  config, launcher = config_and_launcher(config, select_conv_config(o, c), out_dtype,
+                                         interpret)
   if min(input_shape) == 0 or min(g.shape) == 0:
     return empty_or_zero_k(input_shape, scale, bias, out_dtype)
   return _int8_conv_dgrad_impl(g, w, scale, bias, input_shape=input_shape,

@@ -49,7 +49,7 @@ from pallas_kernels._common import round_up
 from pallas_kernels.conv_common import Int8ConvConfig
 from pallas_kernels.conv_common import Plan
 from pallas_kernels.conv_common import Taps
-from pallas_kernels.conv_common import check_config
+from pallas_kernels.conv_common import config_and_launcher
 from pallas_kernels.conv_common import check_contraction
 from pallas_kernels.conv_common import check_epilogue_args
 from pallas_kernels.conv_common import check_int8
@@ -61,7 +61,6 @@ from pallas_kernels.conv_common import copy_from_tap_source
 from pallas_kernels.conv_common import empty_or_zero_k
 from pallas_kernels.conv_common import forward_plan
 from pallas_kernels.conv_common import forward_source
-from pallas_kernels.conv_common import launcher_for
 from pallas_kernels.conv_common import pipelined_accumulate
 from pallas_kernels.conv_common import ring_scratch
 from pallas_kernels.conv_common import select_conv_config
@@ -93,6 +92,17 @@ def _check_conv_args(x, w, window_strides, padding):
   return strides, pads
 
 
+def _check_conv_call(x, w, window_strides, padding, scale, bias, out_dtype):
+  """The checked arguments of a forward call: ``(strides, pads, scale,
+  bias, out_dtype)``; K = KH*KW*C must fit one int32 accumulator."""
+  strides, pads = _check_conv_args(x, w, window_strides, padding)
+  scale, bias, out_dtype = check_epilogue_args(scale, bias, out_dtype,
+                                                w.shape[3], "O")
+  kh, kw, c, _ = w.shape
+  check_contraction(kh * kw * c, "this conv")
+  return strides, pads, scale, bias, out_dtype
+
+
 def int8_conv_reference(x, w, *, window_strides=(1, 1), padding="VALID",
                         scale=None, bias=None, out_dtype=jnp.float32):
   """Exact XLA reference for :func:`int8_conv` (same arguments, same bits).
@@ -101,11 +111,8 @@ def int8_conv_reference(x, w, *, window_strides=(1, 1), padding="VALID",
   (NHWC x HWIO -> NHWC), then ``float32(acc) * scale + bias`` cast to
   ``out_dtype``, jitted like the kernel's epilogue so both round alike.
   """
-  strides, pads = _check_conv_args(x, w, window_strides, padding)
-  scale, bias, out_dtype = check_epilogue_args(scale, bias, out_dtype,
-                                                w.shape[3], "O")
-  kh, kw, c, _ = w.shape
-  check_contraction(kh * kw * c, "this conv")
+  strides, pads, scale, bias, out_dtype = _check_conv_call(
+      x, w, window_strides, padding, scale, bias, out_dtype)
   return conv_reference_impl(x, w, scale, bias, strides=strides, pads=pads,
                               lhs_dilation=(1, 1), out_dtype=out_dtype)
 
@@ -320,15 +327,11 @@ def int8_conv(x, w, *, window_strides=(1, 1), padding="VALID", scale=None,
     ValueError / TypeError naming the offending argument and value, and
     ValueError when KH*KW*C > INT32_SAFE_K (int32 overflow possible).
   """
-  strides, pads = _check_conv_args(x, w, window_strides, padding)
-  scale, bias, out_dtype = check_epilogue_args(scale, bias, out_dtype,
-                                                w.shape[3], "O")
-  kh, kw, c, o = w.shape
-  check_contraction(kh * kw * c, "this conv")
-  if config is None:
-    config = select_conv_config(c, o)
-  launcher = launcher_for(interpret)
-  check_config(config, out_dtype, launcher != "mosaic_gpu")
+  strides, pads, scale, bias, out_dtype = _check_conv_call(
+      x, w, window_strides, padding, scale, bias, out_dtype)
+  _, _, c, o = w.shape
+  config, launcher = config_and_launcher(config, select_conv_config(c, o), out_dtype,
+                                         interpret)
   out_shape = conv_output_shape(x.shape, w.shape, strides, pads)
   if min(out_shape) == 0 or c == 0:
     return empty_or_zero_k(out_shape, scale, bias, out_dtype)

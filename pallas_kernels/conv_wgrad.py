@@ -45,7 +45,7 @@ from pallas_kernels._common import round_up
 from pallas_kernels._common import split_halves
 from pallas_kernels.conv_common import Int8ConvConfig
 from pallas_kernels.conv_common import Taps
-from pallas_kernels.conv_common import check_config
+from pallas_kernels.conv_common import config_and_launcher
 from pallas_kernels.conv_common import check_int8
 from pallas_kernels.conv_common import check_padding
 from pallas_kernels.conv_common import check_shape
@@ -54,7 +54,6 @@ from pallas_kernels.conv_common import conv_output_shape
 from pallas_kernels.conv_common import copy_from_tap_source
 from pallas_kernels.conv_common import forward_plan
 from pallas_kernels.conv_common import forward_source
-from pallas_kernels.conv_common import launcher_for
 from pallas_kernels.conv_common import pipelined_accumulate
 from pallas_kernels.conv_common import ring_scratch
 from pallas_kernels.conv_common import select_wgrad_config
@@ -320,10 +319,8 @@ def _wgrad_setup(x, g, kernel_shape, window_strides, padding, config, interpret)
   pads, config, launcher, empty)``; ``empty``: the result is all zeros."""
   kernel_shape, strides, pads = _check_wgrad_args(x, g, kernel_shape, window_strides, padding)
   _check_wgrad_pixels(int(np.prod(g.shape[:3])))
-  if config is None:
-    config = select_wgrad_config(kernel_shape[2], kernel_shape[3])
-  launcher = launcher_for(interpret)
-  check_config(config, jnp.int32, launcher != "mosaic_gpu")
+  config, launcher = config_and_launcher(
+      config, select_wgrad_config(kernel_shape[2], kernel_shape[3]), jnp.int32, interpret)
   empty = min(g.shape) == 0 or x.shape[3] == 0 or kernel_shape[3] == 0
   return kernel_shape, strides, pads, config, launcher, empty
 

@@ -43,6 +43,7 @@ import numpy as np
 from pallas_kernels._common import INT32_SAFE_K
 from pallas_kernels._common import OUT_DTYPES
 from pallas_kernels._common import SMEM_LIMIT_BYTES
+from pallas_kernels._common import check_tiling
 from pallas_kernels._common import check_vector
 from pallas_kernels._common import epilogue
 from pallas_kernels._common import out_transforms
@@ -86,26 +87,8 @@ class Int8MatmulConfig:
   k_chunk: int = INT32_SAFE_K
 
   def __post_init__(self):
-    tile_m, tile_n, tile_k = self.tile_m, self.tile_n, self.tile_k
-    swizzle, k_chunk = self.swizzle, self.k_chunk
-    max_concurrent_steps = self.max_concurrent_steps
-    for name, value in (("tile_m", tile_m), ("tile_n", tile_n),
-                        ("tile_k", tile_k), ("swizzle", swizzle),
-                        ("max_concurrent_steps", max_concurrent_steps),
-                        ("k_chunk", k_chunk)):
-      if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-        raise TypeError(f"Int8MatmulConfig.{name} must be an int, got "
-                        f"{value!r} of type {type(value).__name__}")
-    if tile_m <= 0 or tile_m % 64:
-      raise ValueError(f"{tile_m=} must be a positive multiple of 64")
-    if not 0 < tile_n <= 256 or tile_n % 8:
-      raise ValueError(f"{tile_n=} must be a multiple of 8 in [8, 256]")
-    if swizzle not in (128, 64, 32):
-      raise ValueError(f"{swizzle=} must be 128, 64 or 32 (bytes)")
-    if tile_k <= 0 or tile_k % swizzle:
-      raise ValueError(f"{tile_k=} must be a multiple of {swizzle=}")
-    if max_concurrent_steps < 1:
-      raise ValueError(f"{max_concurrent_steps=} must be >= 1")
+    check_tiling(self, ("k_chunk",))
+    tile_k, k_chunk = self.tile_k, self.k_chunk
     if not 0 < k_chunk <= INT32_SAFE_K:
       raise ValueError(
           f"{k_chunk=} must be in [1, {INT32_SAFE_K}] (int32 overflow bound)")
