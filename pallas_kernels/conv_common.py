@@ -281,7 +281,7 @@ def conv_output_shape(input_shape, kernel_shape, window_strides, padding):
   """(N, Ho, Wo, O) of a conv of an NHWC input with an HWIO kernel."""
   n, h, w, _ = check_shape("input_shape", input_shape, "(N, H, W, C)")
   kh, kw, _, o = check_shape("kernel_shape", kernel_shape,
-                              "(KH, KW, C, O)")
+                             "(KH, KW, C, O)")
   strides = check_strides(window_strides)
   pads = check_padding(padding, (h, w), (kh, kw), strides)
   return (n, output_size(h, kh, strides[0], *pads[0]),
@@ -340,7 +340,7 @@ def check_config(config, out_dtype, interpret):
 @functools.partial(jax.jit, static_argnames=("strides", "pads", "lhs_dilation",
                                              "out_dtype"))
 def conv_reference_impl(x, w, scale, bias, *, strides, pads, lhs_dilation,
-                         out_dtype):
+                        out_dtype):
   acc = lax.conv_general_dilated(
       x, w, window_strides=strides, padding=pads, lhs_dilation=lhs_dilation,
       dimension_numbers=_DIMENSION_NUMBERS, preferred_element_type=jnp.int32)
@@ -428,7 +428,7 @@ _BYTES_PER_S = 3.0e12
 
 
 def pick_pitch(wq, build, macs_per_row, src_row_bytes, out_row_bytes,
-                align=8):
+               align=8):
   """The plan of least estimated time over the row pitches Wq, round_up(Wq,
   8) and round_up(Wq, align): MACs on the padded grid plus the bytes of the
   shifted copies (written once, read once) and of the grid output."""
@@ -455,7 +455,7 @@ def _forward_phase_taps(k, stride):
 
 @functools.lru_cache(maxsize=None)
 def forward_plan(n, h, w, c, kh, kw, o, strides, pads, tile_m, cp, op,
-                  out_bytes, align=8):
+                 out_bytes, align=8):
   """Phases + flattening + copies of a forward conv (module docstring).
 
   ``align``: the alignment the kernel's tap windows need (8 rows; wgrad:
@@ -480,13 +480,13 @@ def forward_plan(n, h, w, c, kh, kw, o, strides, pads, tile_m, cp, op,
           weights.append((sh * dh + a, sw * dw + b))
     residues = tuple(sorted({off % align for off in offsets}))
     launches = assign_copies([Taps(tuple(offsets), tuple(weights))],
-                              residues, align)
+                             residues, align)
     return Plan(n=n, hg=hq, wg=wg, src_len=len(phases) * base,
-                 residues=residues, launches=launches, valid=((ho, wo),),
-                 tile_m=tile_m)
+                residues=residues, launches=launches, valid=((ho, wo),),
+                tile_m=tile_m)
 
   return pick_pitch(wq, build, kh * kw * cp * op, cp, op * out_bytes,
-                     align), phases
+                    align), phases
 
 
 # ----------------------------------------------------------------------------
@@ -571,7 +571,7 @@ def copy_from_tap_source(srcs, taps: Taps, tap, window, dst, barrier):
 
 
 def pipelined_accumulate(issue, num_steps, depth, a_smem, b_smem, barriers,
-                          acc_shape):
+                         acc_shape):
   """``sum_step a_smem[step] @ b_smem[step].T`` in an int32 wgmma accumulator.
 
   ``issue(step, slot)`` starts the two TMA loads of a step into ring slot

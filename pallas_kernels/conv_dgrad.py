@@ -68,7 +68,7 @@ def _check_dgrad_args(g, w, input_shape, window_strides, padding):
   check_int8("g", g, 4, "NHWC (N, Ho, Wo, O)")
   check_int8("w", w, 4, "HWIO (KH, KW, C, O)")
   input_shape = check_shape("input_shape", input_shape,
-                             "(N, H, W, C) of the forward input")
+                            "(N, H, W, C) of the forward input")
   n, h, wd, c = input_shape
   kh, kw, c2, o = w.shape
   if c != c2:
@@ -92,7 +92,7 @@ def _check_dgrad_call(g, w, input_shape, window_strides, padding, scale, bias,
   input_shape, strides, pads = _check_dgrad_args(g, w, input_shape,
                                                  window_strides, padding)
   scale, bias, out_dtype = check_epilogue_args(scale, bias, out_dtype,
-                                                w.shape[2], "C")
+                                               w.shape[2], "C")
   kh, kw, _, o = w.shape
   check_contraction(kh * kw * o, "this dgrad")
   return input_shape, strides, pads, scale, bias, out_dtype
@@ -114,7 +114,7 @@ def int8_conv_dgrad_reference(g, w, *, input_shape, window_strides=(1, 1),
       _dgrad_pads(input_shape[1 + d], w.shape[d], strides[d], pads[d][0],
                   g.shape[1 + d]) for d in range(2))
   return conv_reference_impl(g, w_t, scale, bias, strides=(1, 1), pads=t_pads,
-                              lhs_dilation=strides, out_dtype=out_dtype)
+                             lhs_dilation=strides, out_dtype=out_dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -175,8 +175,8 @@ def _dgrad_plan(input_shape, kernel_shape, strides, pads, tile_m, kp, np_,
         where.append(((i0_h, i0_w), (q_h, q_w)))
     residues = tuple(sorted({o % 8 for t in launches for o in t.offsets}))
     plan = Plan(n=n, hg=hg, wg=wg, src_len=n * hg * wg, residues=residues,
-                 launches=assign_copies(launches, residues),
-                 valid=tuple(valid), tile_m=tile_m)
+                launches=assign_copies(launches, residues),
+                valid=tuple(valid), tile_m=tile_m)
     return plan, tuple(where), tuple(zero)
 
   taps = max((len(t.offsets) for t in build(lw)[0].launches), default=0)

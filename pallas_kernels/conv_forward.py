@@ -97,7 +97,7 @@ def _check_conv_call(x, w, window_strides, padding, scale, bias, out_dtype):
   bias, out_dtype)``; K = KH*KW*C must fit one int32 accumulator."""
   strides, pads = _check_conv_args(x, w, window_strides, padding)
   scale, bias, out_dtype = check_epilogue_args(scale, bias, out_dtype,
-                                                w.shape[3], "O")
+                                               w.shape[3], "O")
   kh, kw, c, _ = w.shape
   check_contraction(kh * kw * c, "this conv")
   return strides, pads, scale, bias, out_dtype
@@ -114,7 +114,7 @@ def int8_conv_reference(x, w, *, window_strides=(1, 1), padding="VALID",
   strides, pads, scale, bias, out_dtype = _check_conv_call(
       x, w, window_strides, padding, scale, bias, out_dtype)
   return conv_reference_impl(x, w, scale, bias, strides=strides, pads=pads,
-                              lhs_dilation=(1, 1), out_dtype=out_dtype)
+                             lhs_dilation=(1, 1), out_dtype=out_dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -166,7 +166,7 @@ def _conv_kernel(*refs, taps: Taps, config: Int8ConvConfig, k_chunks: int,
                             b_smem.at[slot], barriers.at[slot])
 
   acc = pipelined_accumulate(issue, num_steps, depth, a_smem, b_smem,
-                              barriers, (tile_m, tile_n))
+                             barriers, (tile_m, tile_n))
   out_slice = out_gmem.at[pl.ds(m_idx * tile_m, tile_m), n_slice]
   if int_out:
     out_smem[...] = acc
@@ -206,11 +206,11 @@ def _run_launch_xla(copies, wmat, scale, bias, *, taps: Taps, m_pad,
   if out_dtype == jnp.int32:
     return acc
   return epilogue(acc.astype(jnp.float32), scale, bias if has_bias else None,
-                   out_dtype)
+                  out_dtype)
 
 
 def run_launch(copies, wmat, scale, bias, *, taps: Taps, m_pad, out_dtype,
-                config: Int8ConvConfig, launcher, has_bias, k_chunks):
+               config: Int8ConvConfig, launcher, has_bias, k_chunks):
   """One kernel launch: (m_pad, Op) of ``out_dtype``.
 
   ``launcher``: "mosaic_gpu" (the compiled kernel), a
@@ -278,16 +278,16 @@ def _int8_conv_impl(x, w, scale, bias, *, strides, pads, out_dtype, config,
   cp = round_up(max(c, 1), config.tile_k)
   op = round_up(o, config.tile_n)
   plan, phases = forward_plan(n, h, wd, c, kh, kw, o, strides, pads,
-                               config.tile_m, cp, op,
-                               jnp.dtype(out_dtype).itemsize)
+                              config.tile_m, cp, op,
+                              jnp.dtype(out_dtype).itemsize)
   flat = forward_source(x, plan, phases, strides, pads, cp)
   copies = shifted_copies(flat, plan)
   taps = plan.launches[0]
   wmat = weight_matrix(jnp.transpose(w, (0, 1, 3, 2)), taps, op, cp)
   scale_p, bias_p = padded_vectors(scale, bias, o, op)
   out = run_launch(copies, wmat, scale_p, bias_p, taps=taps, m_pad=plan.m_pad,
-                    out_dtype=out_dtype, config=config, launcher=launcher,
-                    has_bias=bias is not None, k_chunks=cp // config.tile_k)
+                   out_dtype=out_dtype, config=config, launcher=launcher,
+                   has_bias=bias is not None, k_chunks=cp // config.tile_k)
   return grid_to_image(out, plan, plan.valid[0], o)
 
 
@@ -298,9 +298,10 @@ def int8_conv(x, w, *, window_strides=(1, 1), padding="VALID", scale=None,
 
   Runs a Mosaic GPU (sm_90a) kernel: per-tap shifted TMA windows of the
   padded int8 input, one int32 ``wgmma`` accumulator over all taps and input
-  channels, and a fused epilogue; no patch matrix in memory. See the module
-  docstring for the decomposition (phases for strides > 1, aligned shifted
-  copies) and its byte counts.
+  channels, and a fused epilogue; no patch matrix in memory. The
+  decomposition (phases for strides > 1, aligned shifted copies) is in
+  :mod:`pallas_kernels.conv_common`'s docstring, the byte counts in this
+  module's.
 
   Args:
     x: (N, H, W, C) int8, NHWC.

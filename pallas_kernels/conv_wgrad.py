@@ -216,12 +216,12 @@ def _wgrad_kernel(*refs, taps: Taps, config: Int8ConvConfig,
     # Pixel columns: align-aligned by construction (align * (...)).
     col = (k_step * (tile_k // align) + offq) * align
     copy_from_tap_source(srcs, taps, tap, (a_rows, pl.ds(col, tile_k)),
-                          a_smem.at[slot], barriers.at[slot])
+                         a_smem.at[slot], barriers.at[slot])
     plgpu.copy_gmem_to_smem(gt_gmem.at[b_rows, pl.ds(k_step * tile_k, tile_k)],
                             b_smem.at[slot], barriers.at[slot])
 
   acc = pipelined_accumulate(issue, num_steps, depth, a_smem, b_smem,
-                              barriers, (tile_m, tile_n))
+                             barriers, (tile_m, tile_n))
   out_smem[...] = acc
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[ks_idx, a_rows, b_rows])
@@ -273,7 +273,7 @@ def _wgrad_plan(x_shape, kernel_shape, strides, pads, config):
   # to the swizzle width along the pixels (the K of this GEMM); the cost
   # model sees the pixels as rows of one byte per (C + O) channel.
   plan, phases = forward_plan(n, h, w, c, kh, kw, o, strides, pads,
-                               config.tile_k, cp, op, 1, config.swizzle)
+                              config.tile_k, cp, op, 1, config.swizzle)
   taps = plan.launches[0]
   blocks = len(taps.offsets) * (cp // config.tile_m) * (op // config.tile_n)
   split = _wgrad_split(plan.grid_rows, blocks, config.tile_k)
