@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+import pallas_kernels
+
 __all__ = ["Halves", "split_halves", "join_halves", "combine_int32_chunks", "int8_dot",
            "int32_sum"]
 
@@ -29,26 +31,12 @@ __all__ = ["Halves", "split_halves", "join_halves", "combine_int32_chunks", "int
 Halves = tuple
 
 
-def split_halves(parts: jax.Array, axis: int = 0) -> Halves:
-  """The :data:`Halves` of int32 partial sums ``parts`` summed along ``axis``."""
-  hi = jnp.sum(jnp.right_shift(parts, 16), axis=axis, dtype=jnp.int32)
-  lo = jnp.sum(jnp.bitwise_and(parts, 0xFFFF), axis=axis, dtype=jnp.int32)
-  return hi, lo
-
-
-def join_halves(halves: Halves) -> jax.Array:
-  """float32 of ``hi * 65536 + lo`` with one rounding (both halves are below
-  2^24 in magnitude for up to 256 parts, so they convert exactly)."""
-  hi, lo = halves
-  return hi.astype(jnp.float32) * 65536.0 + lo.astype(jnp.float32)
-
-
-def combine_int32_chunks(parts: jax.Array, axis: int = 0) -> jax.Array:
-  """Sum int32 partial sums along ``axis`` into float32 with one rounding.
-
-  Exact (correctly rounded) for up to 256 parts.
-  """
-  return join_halves(split_halves(parts, axis))
+# One definition of the halves arithmetic for both layers: the Pallas
+# kernels' wgrad combines its int32 parts with the same functions, so the two
+# routes round the same integer identically.
+split_halves = pallas_kernels.split_halves
+join_halves = pallas_kernels.join_halves
+combine_int32_chunks = pallas_kernels.combine_int32_chunks
 
 
 def _result(parts: list, halves: bool):

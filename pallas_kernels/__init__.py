@@ -1,4 +1,4 @@
-"""INT8 GEMM and quantization kernels for Hopper GPUs (Pallas, Mosaic GPU).
+"""INT8 GEMM and implicit-GEMM conv kernels for Hopper GPUs (Pallas, Mosaic GPU).
 
 The lowest layer of int8jax (see docs/design.md §2): kernels with their plain
 XLA references, usable without the rest of the library.
@@ -12,13 +12,24 @@ XLA references, usable without the rest of the library.
   fused ``acc * scale + bias`` (wgrad: split-K, parts combined exactly);
   :func:`int8_conv_reference`, :func:`int8_conv_dgrad_reference`,
   :func:`int8_conv_wgrad_reference`.
-* :func:`quantize_kmajor` -- float (R, C) -> int8 (R, C) or (C, R), nearest or
-  stochastic rounding; :func:`quantize_kmajor_reference`.
+* :func:`split_halves` / :func:`join_halves` / :func:`combine_int32_chunks`
+  -- the exact sum of int32 partial sums (signed high / unsigned low 16-bit
+  halves, rounded once to float32), as the wgrad kernel's parts are combined;
+  ``int8jax.exact`` uses the same functions.
+* :func:`quantize_kmajor` / :func:`quantize_kmajor_reference` -- deprecated
+  (the quantize kernel is removed; they compute the XLA reference and warn).
 * :func:`available` -- True when the compiled kernels can run here.
 
 Every kernel also runs on CPU with ``interpret=True`` (bit-exact, slow).
+
+Modules: ``int8_matmul``; ``int8_conv`` (the conv API, implemented in
+``conv_common``, ``conv_forward``, ``conv_dgrad``, ``conv_wgrad``);
+``_common`` (what they share).
 """
 
+from pallas_kernels._common import combine_int32_chunks
+from pallas_kernels._common import join_halves
+from pallas_kernels._common import split_halves
 from pallas_kernels.int8_conv import CONV_CONFIGS
 from pallas_kernels.int8_conv import Int8ConvConfig
 from pallas_kernels.int8_conv import WGRAD_CONFIGS
@@ -51,6 +62,7 @@ __all__ = [
     "LIBRARY_CONFIGS",
     "WGRAD_CONFIGS",
     "available",
+    "combine_int32_chunks",
     "conv_output_shape",
     "int8_conv",
     "int8_conv_dgrad",
@@ -61,11 +73,13 @@ __all__ = [
     "int8_conv_wgrad_reference",
     "int8_matmul",
     "int8_matmul_reference",
+    "join_halves",
     "quantize_kmajor",
     "quantize_kmajor_reference",
     "select_config",
     "select_conv_config",
     "select_wgrad_config",
+    "split_halves",
 ]
 
 

@@ -34,12 +34,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
+
+from pallas_kernels._common import INT32_SAFE_K
+from pallas_kernels._common import OUT_DTYPES
+from pallas_kernels._common import SMEM_LIMIT_BYTES
+from pallas_kernels._common import check_tiling
+from pallas_kernels._common import check_vector
+from pallas_kernels._common import epilogue
+from pallas_kernels._common import out_transforms
+from pallas_kernels._common import round_up
 
 __all__ = [
     "INT32_SAFE_K",
@@ -51,16 +59,6 @@ __all__ = [
     "int8_matmul",
     "int8_matmul_reference",
 ]
-
-# Largest power of two K with 127 * 127 * K < 2**31 (overflow starts past
-# K = 133,144): one int32 accumulator never sums more than this many products.
-INT32_SAFE_K = 131072
-
-# Hopper (sm_90) opt-in shared memory per block, in bytes.
-_SMEM_LIMIT_BYTES = 227 * 1024
-
-_OUT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16),
-               jnp.dtype(jnp.int32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,26 +87,8 @@ class Int8MatmulConfig:
   k_chunk: int = INT32_SAFE_K
 
   def __post_init__(self):
-    tile_m, tile_n, tile_k = self.tile_m, self.tile_n, self.tile_k
-    swizzle, k_chunk = self.swizzle, self.k_chunk
-    max_concurrent_steps = self.max_concurrent_steps
-    for name, value in (("tile_m", tile_m), ("tile_n", tile_n),
-                        ("tile_k", tile_k), ("swizzle", swizzle),
-                        ("max_concurrent_steps", max_concurrent_steps),
-                        ("k_chunk", k_chunk)):
-      if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-        raise TypeError(f"Int8MatmulConfig.{name} must be an int, got "
-                        f"{value!r} of type {type(value).__name__}")
-    if tile_m <= 0 or tile_m % 64:
-      raise ValueError(f"{tile_m=} must be a positive multiple of 64")
-    if not 0 < tile_n <= 256 or tile_n % 8:
-      raise ValueError(f"{tile_n=} must be a multiple of 8 in [8, 256]")
-    if swizzle not in (128, 64, 32):
-      raise ValueError(f"{swizzle=} must be 128, 64 or 32 (bytes)")
-    if tile_k <= 0 or tile_k % swizzle:
-      raise ValueError(f"{tile_k=} must be a multiple of {swizzle=}")
-    if max_concurrent_steps < 1:
-      raise ValueError(f"{max_concurrent_steps=} must be >= 1")
+    check_tiling(self, ("k_chunk",))
+    tile_k, k_chunk = self.tile_k, self.k_chunk
     if not 0 < k_chunk <= INT32_SAFE_K:
       raise ValueError(
           f"{k_chunk=} must be in [1, {INT32_SAFE_K}] (int32 overflow bound)")
@@ -149,21 +129,6 @@ def _check_operand(name, x):
     raise ValueError(f"{name} must be 2-D, got {name}.shape={tuple(np.shape(x))}")
 
 
-def _check_vector(name, v, size, size_name):
-  """Returns v as a float32 vector of length ``size`` (None -> None)."""
-  if v is None:
-    return None
-  v_dtype = getattr(v, "dtype", None)
-  if v_dtype is not None and not (jnp.issubdtype(v_dtype, jnp.floating)
-                                  or jnp.issubdtype(v_dtype, jnp.integer)):
-    raise TypeError(f"{name} must be a real number array, got dtype {v_dtype}")
-  shape = tuple(np.shape(v))
-  if shape not in ((), (size,)):
-    raise ValueError(f"{name} must be a scalar or have shape ({size},) "
-                     f"(= ({size_name},)), got {name}.shape={shape}")
-  return jnp.broadcast_to(jnp.asarray(v, jnp.float32), (size,))
-
-
 def _check_args(a, b, a_scale, b_scale, bias, out_dtype):
   _check_operand("a", a)
   _check_operand("b", b)
@@ -173,7 +138,7 @@ def _check_args(a, b, a_scale, b_scale, bias, out_dtype):
     raise ValueError(
         "a (M, K) and b (N, K) must have the same K (both are K-major), got "
         f"a.shape={a.shape}, b.shape={b.shape}")
-  if jnp.dtype(out_dtype) not in _OUT_DTYPES:
+  if jnp.dtype(out_dtype) not in OUT_DTYPES:
     raise TypeError(
         f"out_dtype must be float32, bfloat16 or int32, got {out_dtype}")
   if jnp.dtype(out_dtype) == jnp.int32:
@@ -182,9 +147,9 @@ def _check_args(a, b, a_scale, b_scale, bias, out_dtype):
     if given:
       raise ValueError(f"out_dtype=int32 returns the raw int32 accumulator: "
                        f"{', '.join(given)} must be None")
-  a_scale = _check_vector("a_scale", a_scale, m, "M")
-  b_scale = _check_vector("b_scale", b_scale, n, "N")
-  bias = _check_vector("bias", bias, n, "N")
+  a_scale = check_vector("a_scale", a_scale, m, "M")
+  b_scale = check_vector("b_scale", b_scale, n, "N")
+  bias = check_vector("bias", bias, n, "N")
   return a_scale, b_scale, bias
 
 
@@ -195,24 +160,14 @@ def _check_int32_k(k: int, k_chunk: int, out_dtype):
         f"K={k}, {k_chunk=}; split K and combine the int32 parts exactly")
 
 
-def _round_up(x: int, multiple: int) -> int:
-  return -(-x // multiple) * multiple
-
-
 def _epilogue(acc_f32, a_scale, b_scale, bias, out_dtype):
   """The dequantizing epilogue, in the exact order the kernel applies it.
 
   acc_f32: (m, n) float32; a_scale: (m,) float32 or None; b_scale: (n,) or
   None; bias: (n,) or None. Shared by the reference so both round alike.
   """
-  out = acc_f32
-  if a_scale is not None:
-    out = out * a_scale[:, None]
-  if b_scale is not None:
-    out = out * b_scale[None, :]
-  if bias is not None:
-    out = out + bias[None, :]
-  return out.astype(out_dtype)
+  out = acc_f32 if a_scale is None else acc_f32 * a_scale[:, None]
+  return epilogue(out, b_scale, bias, out_dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -373,15 +328,6 @@ def _int8_matmul_kernel(a_gmem, b_gmem, a_scale_gmem, b_scale_gmem, bias_gmem,
   plgpu.wait_smem_to_gmem(0)
 
 
-def _out_transforms(tile_n: int, out_dtype):
-  import jax.experimental.pallas.mosaic_gpu as plgpu
-
-  bits = jnp.dtype(out_dtype).itemsize * 8
-  swizzle = plgpu.find_swizzle(tile_n * bits, "out")
-  return (plgpu.TilingTransform((8, swizzle * 8 // bits)),
-          plgpu.SwizzleTransform(swizzle))
-
-
 @functools.partial(
     jax.jit, static_argnames=("out_dtype", "config", "interpret", "has_bias"))
 def _int8_matmul_padded(a, b, a_scale, b_scale, bias, *, out_dtype, config,
@@ -403,7 +349,7 @@ def _int8_matmul_padded(a, b, a_scale, b_scale, bias, *, out_dtype, config,
           plgpu.SMEM((config.tile_n,), jnp.float32),
           plgpu.Barrier(num_barriers=3),
           plgpu.SMEM((config.tile_m, config.tile_n), out_dtype,
-                     transforms=_out_transforms(config.tile_n, out_dtype)),
+                     transforms=out_transforms(config.tile_n, out_dtype)),
       ],
       grid=grid,
       grid_names=("m", "n"),
@@ -467,18 +413,18 @@ def int8_matmul(a, b, *, a_scale=None, b_scale=None, bias=None,
     raise TypeError(f"config must be an Int8MatmulConfig, got {config!r}")
   out_dtype = jnp.dtype(out_dtype)
   _check_int32_k(a.shape[1], config.k_chunk, out_dtype)
-  if not interpret and config.smem_bytes(out_dtype) > _SMEM_LIMIT_BYTES:
+  if not interpret and config.smem_bytes(out_dtype) > SMEM_LIMIT_BYTES:
     raise ValueError(
         f"{config=} needs {config.smem_bytes(out_dtype)} bytes of shared "
-        f"memory, more than the {_SMEM_LIMIT_BYTES} a Hopper block can have; "
+        f"memory, more than the {SMEM_LIMIT_BYTES} a Hopper block can have; "
         "lower max_concurrent_steps or the tile sizes")
   m, k = a.shape
   n = b.shape[0]
   if m == 0 or n == 0:
     return jnp.zeros((m, n), out_dtype)
-  m_pad = _round_up(m, config.tile_m)
-  n_pad = _round_up(n, config.tile_n)
-  k_pad = _round_up(max(k, 1), config.tile_k)
+  m_pad = round_up(m, config.tile_m)
+  n_pad = round_up(n, config.tile_n)
+  k_pad = round_up(max(k, 1), config.tile_k)
   has_bias = bias is not None
   ones_m = jnp.ones((m,), jnp.float32)
   ones_n = jnp.ones((n,), jnp.float32)

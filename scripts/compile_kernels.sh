@@ -6,7 +6,8 @@
 #   bash scripts/compile_kernels.sh [OUTDIR]      # default /tmp/int8jax_sass
 #
 # Targets: `kernels` (every config of CONV_CONFIGS, WGRAD_CONFIGS and
-# LIBRARY_CONFIGS on six ResNet-50 layers, int8_matmul, quantize_kmajor) and
+# LIBRARY_CONFIGS on six ResNet-50 layers, and int8_matmul; dump.py's two
+# quantize_kmajor cases lower no kernel since that kernel's removal) and
 # `resnet50` (the ResNet-50 batch-256 forward+backward of a ui8-bf16
 # non-measuring training step). Writes OUTDIR/{kernels,resnet50}/census.txt
 # and prints the census summaries. Exit status 1 on any lowering failure,

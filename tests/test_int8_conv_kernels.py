@@ -20,7 +20,6 @@ On a Hopper GPU (marked ``gpu``): the compiled kernels against the reference
 
 import functools
 import importlib
-import importlib
 
 import jax
 import jax.extend
@@ -30,7 +29,11 @@ import pytest
 
 import pallas_kernels as pk
 
-ic = importlib.import_module("pallas_kernels.int8_conv")
+from pallas_kernels import _common
+from pallas_kernels import conv_common
+from pallas_kernels import conv_dgrad
+from pallas_kernels import conv_forward
+from pallas_kernels import conv_wgrad
 
 # A small config: several blocks in M and N, several K chunks, the 32-byte
 # swizzle, and a 2-deep ring that wraps around.
@@ -161,7 +164,7 @@ def _fwd_case(geometry, epilogue, config, jit=False, interpret=True):
   got = kernel(x, w, **arrays)
   _assert_bits_equal(got, pk.int8_conv_reference(x, w, **static, **arrays))
   if out_dtype == jnp.int32:  # and the integers against int64 numpy
-    pads = ic._check_padding(padding, x_shape[1:3], w_shape[:2], strides)
+    pads = conv_common.check_padding(padding, x_shape[1:3], w_shape[:2], strides)
     np.testing.assert_array_equal(np.asarray(got),
                                   _numpy_conv(x, w, strides, pads))
 
@@ -265,7 +268,7 @@ def _wgrad_case(geometry, config, out_dtype=jnp.float32, scaled=True):
   got = pk.int8_conv_wgrad(x, g, config=config, interpret=True, **kwargs)
   _assert_bits_equal(got, pk.int8_conv_wgrad_reference(x, g, **kwargs))
   if not scaled and out_dtype == jnp.float32:
-    pads = ic._check_padding(padding, x_shape[1:3], k_shape[:2], strides)
+    pads = conv_common.check_padding(padding, x_shape[1:3], k_shape[:2], strides)
     want = _numpy_wgrad(x, g, k_shape, strides, pads).astype(np.float32)
     np.testing.assert_array_equal(np.asarray(got), want)
 
@@ -297,22 +300,32 @@ def test_wgrad_parts_combine_exactly_past_int32():
   want[..., 1] *= -1
   ref = pk.int8_conv_wgrad_reference(x, g, kernel_shape=k_shape)
   np.testing.assert_array_equal(np.asarray(ref), want)
-  got = ic._int8_conv_wgrad_impl(
+  got = conv_wgrad._int8_conv_wgrad_impl(
       x, g, None, kernel_shape=k_shape, strides=(1, 1),
       pads=((0, 0), (0, 0)), out_dtype=jnp.dtype(jnp.float32),
       config=SMALL_WGRAD, launcher="xla")
   np.testing.assert_array_equal(np.asarray(got), want)
-  split = ic._wgrad_plan(x.shape, k_shape, (1, 1), ((0, 0), (0, 0)),
-                         SMALL_WGRAD)[2]
+  split = conv_wgrad._wgrad_plan(x.shape, k_shape, (1, 1), ((0, 0), (0, 0)),
+                                 SMALL_WGRAD)[2]
   assert split.parts >= 2 and split.part_len <= pk.INT32_SAFE_K, split
 
 
-def test_combine_int32_parts_is_exact_and_order_free():
+def test_combine_int32_chunks_is_exact_and_order_free():
   rng = np.random.default_rng(0)
   parts = rng.integers(-2**31 + 1, 2**31 - 1, (200, 50), dtype=np.int64)
   exact = parts.sum(axis=0)
-  got = np.asarray(ic._combine_int32_parts(jnp.asarray(parts, jnp.int32)))
+  got = np.asarray(_common.combine_int32_chunks(jnp.asarray(parts, jnp.int32)))
   np.testing.assert_array_equal(got, exact.astype(np.float32))
+
+
+def test_int8jax_exact_uses_the_kernels_halves_arithmetic():
+  """One definition of the int32 halves arithmetic: int8jax.exact's public
+  names are pallas_kernels' functions (the Pallas wgrad and the XLA route
+  combine their parts identically)."""
+  from int8jax import exact
+  assert exact.split_halves is pk.split_halves is _common.split_halves
+  assert exact.join_halves is pk.join_halves is _common.join_halves
+  assert exact.combine_int32_chunks is pk.combine_int32_chunks
 
 
 # ---------------------------------------------------------------------------
@@ -336,24 +349,24 @@ def test_plans_match_reference_xla_launcher(geometry):
   transposed copies and split: all exact."""
   x_shape, w_shape, strides, padding = geometry
   x, w = _operands(x_shape, w_shape, seed=7)
-  strides_n, pads = ic._check_conv_args(x, w, strides, padding)
+  strides_n, pads = conv_forward._check_conv_args(x, w, strides, padding)
   i32 = jnp.dtype(jnp.int32)
-  got = ic._int8_conv_impl(x, w, None, None, strides=strides_n, pads=pads,
-                           out_dtype=i32, config=SMALL_CONFIG, launcher="xla")
+  got = conv_forward._int8_conv_impl(x, w, None, None, strides=strides_n, pads=pads,
+                                     out_dtype=i32, config=SMALL_CONFIG, launcher="xla")
   np.testing.assert_array_equal(np.asarray(got),
                                 _numpy_conv(x, w, strides_n, pads))
   g = _int8(pk.conv_output_shape(x_shape, w_shape, strides, padding), 8)
-  got = ic._int8_conv_dgrad_impl(g, w, None, None, input_shape=x_shape,
-                                 strides=strides_n, pads=pads, out_dtype=i32,
-                                 config=SMALL_CONFIG, launcher="xla")
+  got = conv_dgrad._int8_conv_dgrad_impl(g, w, None, None, input_shape=x_shape,
+                                         strides=strides_n, pads=pads, out_dtype=i32,
+                                         config=SMALL_CONFIG, launcher="xla")
   want = pk.int8_conv_dgrad_reference(g, w, input_shape=x_shape,
                                       window_strides=strides, padding=padding,
                                       out_dtype=jnp.int32)
   _assert_bits_equal(got, want)
-  got = ic._int8_conv_wgrad_impl(x, g, None, kernel_shape=w_shape,
-                                 strides=strides_n, pads=pads,
-                                 out_dtype=jnp.dtype(jnp.float32),
-                                 config=SMALL_WGRAD, launcher="xla")
+  got = conv_wgrad._int8_conv_wgrad_impl(x, g, None, kernel_shape=w_shape,
+                                         strides=strides_n, pads=pads,
+                                         out_dtype=jnp.dtype(jnp.float32),
+                                         config=SMALL_WGRAD, launcher="xla")
   np.testing.assert_array_equal(
       np.asarray(got),
       _numpy_wgrad(x, g, w_shape, strides_n, pads).astype(np.float32))
@@ -382,9 +395,9 @@ def test_row_pitch_and_copies_of_resnet_layers():
   """The plans the benchmark shapes get: copies and grid waste as documented."""
   def plan(h, c, o, k, s, pads):
     cfg = pk.select_conv_config(c, o)
-    p, _ = ic._forward_plan(256, h, h, c, k, k, o, (s, s), pads, cfg.tile_m,
-                            ic._round_up(c, cfg.tile_k),
-                            ic._round_up(o, cfg.tile_n), 4)
+    p, _ = conv_common.forward_plan(256, h, h, c, k, k, o, (s, s), pads, cfg.tile_m,
+                                    _common.round_up(c, cfg.tile_k),
+                                    _common.round_up(o, cfg.tile_n), 4)
     return p.wg, len(p.residues), p.m_pad / (256 * ((h + sum(pads[0]) - k) //
                                                      s + 1) ** 2)
   same3 = ((1, 1), (1, 1))

@@ -1,4 +1,4 @@
-"""Tests of pallas_kernels: int8 GEMM and K-major quantization kernels.
+"""Tests of pallas_kernels: the int8 GEMM kernel (and the deprecated quantize names).
 
 On any machine (CPU included):
   * every kernel config runs under Mosaic GPU interpret mode and equals the
@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels as pk
+from pallas_kernels import _common
 mm_lib = importlib.import_module("pallas_kernels.int8_matmul")
 
 M, N, K = 130, 72, 200  # deliberately no multiples of any tile
@@ -195,7 +196,7 @@ def test_select_config_only_returns_library_configs():
   for n in (1, 8, 64, 65, 128, 1000, 4096):
     assert pk.select_config(4096, n, 4096) in pk.LIBRARY_CONFIGS
   for config in pk.LIBRARY_CONFIGS:
-    assert config.smem_bytes(jnp.float32) <= mm_lib._SMEM_LIMIT_BYTES
+    assert config.smem_bytes(jnp.float32) <= _common.SMEM_LIMIT_BYTES
 
 
 # ---------------------------------------------------------------------------
@@ -280,16 +281,6 @@ def test_cuda_lowering_catches_what_interpret_misses(fields, error):
                                 _exact_int(a, b).astype(np.float32))
   with pytest.raises(Exception, match=error):
     _lower_for_cuda(functools.partial(padded, interpret=False), *args)
-
-
-@pytest.mark.parametrize("transpose", [False, True])
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-def test_quantize_lowers_for_cuda(rounding, transpose):
-  x = jax.ShapeDtypeStruct((M, K), jnp.float32)
-  key = jax.random.key(0)
-  _lower_for_cuda(
-      lambda x: pk.quantize_kmajor(x, 0.5, rounding=rounding, key=key,
-                                   transpose=transpose), x)
 
 
 # ---------------------------------------------------------------------------
@@ -383,6 +374,7 @@ def test_matmul_bad_config():
     pk.int8_matmul_reference(a, b, k_chunk=0)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_quantize_bad_inputs():
   x = jnp.ones((4, 6), jnp.float32)
   with pytest.raises(TypeError, match="x must be a floating-point.*int8"):
@@ -398,7 +390,7 @@ def test_quantize_bad_inputs():
 
 
 # ---------------------------------------------------------------------------
-# Quantize kernel: interpret mode == reference, and the quantizer itself.
+# The deprecated quantize names (the kernel is removed): the quantizer itself.
 # ---------------------------------------------------------------------------
 
 
@@ -409,24 +401,24 @@ def _float_input(shape=(M, K), seed=0):
   return x
 
 
-@pytest.mark.parametrize("transpose", [False, True])
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-def test_quantize_interpret_matches_reference(rounding, transpose):
+def test_quantize_kmajor_is_deprecated():
+  """The quantize kernel is removed (int8jax quantizes in XLA, fused into the
+  producer); its names warn, name the replacement, and compute the XLA
+  reference: (R, C), or (C, R) with transpose, any float input dtype."""
   x = _float_input()
-  kwargs = dict(rounding=rounding, key=jax.random.key(3), transpose=transpose)
-  got = pk.quantize_kmajor(x, 1.0, interpret=True, **kwargs)
-  want = pk.quantize_kmajor_reference(x, 1.0, **kwargs)
-  assert got.shape == ((K, M) if transpose else (M, K))
-  assert got.dtype == jnp.int8
-  _assert_bits_equal(got, want)
+  for fn in (pk.quantize_kmajor, pk.quantize_kmajor_reference):
+    with pytest.warns(DeprecationWarning, match=r"int8jax\.quant\.quantize"):
+      q = fn(x, 1.0)
+    with pytest.warns(DeprecationWarning, match=fn.__name__):
+      qt = fn(x.astype(jnp.bfloat16), 0.3, transpose=True)
+    assert q.shape == (M, K) and qt.shape == (K, M) and q.dtype == qt.dtype == jnp.int8
+    want = np.clip(np.round(np.asarray(x, np.float32) * np.float32(1.0)), -127, 127)
+    np.testing.assert_array_equal(np.asarray(q), want)
+    xt = np.asarray(x.astype(jnp.bfloat16), np.float32) * (np.float32(1) / np.float32(0.3))
+    np.testing.assert_array_equal(np.asarray(qt), np.clip(np.round(xt), -127, 127).T)
 
 
-def test_quantize_interpret_bf16_input():
-  x = _float_input().astype(jnp.bfloat16)
-  got = pk.quantize_kmajor(x, 0.3, interpret=True, transpose=True)
-  _assert_bits_equal(got, pk.quantize_kmajor_reference(x, 0.3, transpose=True))
-
-
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_quantize_reference_values():
   x = jnp.array([[0.5, 1.5, 2.5, -0.5, -1.5, 1e9, -1e9, 0.0, 253.9, -254.1]])
   got = np.asarray(pk.quantize_kmajor_reference(x, 2.0))
@@ -436,6 +428,7 @@ def test_quantize_reference_values():
   np.testing.assert_array_equal(got[0, :5], [0, 2, 2, 0, -2])  # ties to even
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_stochastic_rounding_reproducible_and_unbiased():
   x = jnp.full((64, 256), 0.3, jnp.float32)
   k1, k2 = jax.random.key(7), jax.random.key(8)
@@ -450,27 +443,6 @@ def test_stochastic_rounding_reproducible_and_unbiased():
   neg = pk.quantize_kmajor_reference(-x, 1.0, rounding="stochastic", key=k1)
   assert set(np.unique(np.asarray(neg))) <= {-1, 0}
   assert abs(float(np.mean(np.asarray(neg, np.float64))) + 0.3) < 0.02
-
-
-def test_quantize_then_matmul_interpret():
-  """The two kernels chained as the library will chain them."""
-  x = _float_input((M, K))
-  w = _float_input((K, N), seed=1) * 0.01
-  sx, sw = 40.0 * 4 / 127, 0.4 * 4 / 127
-  qx = pk.quantize_kmajor(x, sx, interpret=True)                   # (M, K)
-  qw = pk.quantize_kmajor(w, sw, transpose=True, interpret=True)   # (N, K)
-  got = pk.int8_matmul(qx, qw, a_scale=sx, b_scale=sw, config=SMALL_CONFIG,
-                       interpret=True)
-  want = pk.int8_matmul_reference(
-      pk.quantize_kmajor_reference(x, sx),
-      pk.quantize_kmajor_reference(w, sw, transpose=True),
-      a_scale=sx, b_scale=sw)
-  _assert_bits_equal(got, want)
-
-
-# ---------------------------------------------------------------------------
-# (e) compiled kernels on a Hopper GPU.
-# ---------------------------------------------------------------------------
 
 
 def test_available_is_false_without_hopper():
@@ -508,25 +480,6 @@ def test_matmul_gpu_no_int32_overflow():
   got = jax.jit(pk.int8_matmul)(a, b)
   np.testing.assert_array_equal(np.asarray(got),
                                 np.float32(-127 * 127 * K_OVERFLOW))
-
-
-@pytest.mark.gpu
-@needs_gpu
-@pytest.mark.parametrize("transpose", [False, True])
-@pytest.mark.parametrize("rounding", [
-    "nearest",
-    # Known failure on an H200 (2026-11-26, jax 0.11.2): 1 byte of 700,000
-    # differs from the XLA:GPU reference, with x / s and with x * (1 / s)
-    # alike, so it is in ``+ u`` / the floor emulation. quantize_kmajor is not
-    # used by int8jax's ops (they quantize in XLA). strict: a fix shows up.
-    pytest.param("stochastic", marks=pytest.mark.xfail(
-        strict=True, reason="1 byte in 700,000 differs on an H200 (open)")),
-])
-def test_quantize_gpu_matches_reference(rounding, transpose):
-  x = _float_input((1000, 700))
-  kwargs = dict(rounding=rounding, key=jax.random.key(3), transpose=transpose)
-  got = jax.jit(functools.partial(pk.quantize_kmajor, **kwargs))(x, 0.7)
-  _assert_bits_equal(got, pk.quantize_kmajor_reference(x, 0.7, **kwargs))
 
 
 @pytest.mark.gpu
