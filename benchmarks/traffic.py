@@ -459,7 +459,9 @@ def analyse(convs, peaks: dict[str, tuple[float, float, float]], *,
         tb = gemm_time(row["flops"], row["bf16"], b16 * 1e12, bw * 1e12)
         ti = gemm_time(row["flops"], row["int8"], (i8 if engine_int8 else b16) * 1e12,
                        bw * 1e12)
-        row["times"][pname] = (tb, ti)
+        tk = gemm_time(row["flops"], t.kernel + t.xla_gemm,
+                       (i8 if engine_int8 else b16) * 1e12, bw * 1e12)
+        row["times"][pname] = (tb, ti, tk)
       rows.append(row)
   return rows
 
@@ -478,7 +480,7 @@ def table(model: str, rows: list[dict], peaks, batch: int) -> str:
            head, "| " + " | ".join(["---"] * (8 + len(pnames))) + " |"]
   for r in rows:
     t = r["traffic"]
-    ratio = r["int8"] / r["bf16"] if r["bf16"] else float("nan")
+    ratio = f"{r['int8'] / r['bf16']:.2f}" if r["bf16"] else ""
     flag = "int8 bytes > bf16" if r["bf16"] and r["int8"] > r["bf16"] else ""
     times = " | ".join(f"{r['times'][p][0] * 1e6:.0f} / {r['times'][p][1] * 1e6:.0f}"
                        for p in pnames)
@@ -486,19 +488,29 @@ def table(model: str, rows: list[dict], peaks, batch: int) -> str:
     lines.append(
         f"| {r['conv'].label()} | {r['count']} | {r['gemm']} | {r['flops'] / 1e9:.1f} "
         f"| {_mb(r['bf16'])} | {_mb(r['int8'])} ({_mb(t.kernel)} / {_mb(t.passes)} / "
-        f"{_mb(t.xla_gemm)}) | {ratio:.2f} | {k_ratio} | {times} | {flag} |")
+        f"{_mb(t.xla_gemm)}) | {ratio} | {k_ratio} | {times} | {flag} |")
   lines.append("")
   lines.append(summary(model, rows, peaks))
   return "\n".join(lines)
 
 
 def totals(rows, pname) -> dict:
-  tb = sum(r["count"] * r["times"][pname][0] for r in rows)
-  ti = sum(r["count"] * r["times"][pname][1] for r in rows)
-  bb = sum(r["count"] * r["bf16"] for r in rows)
-  bi = sum(r["count"] * r["int8"] for r in rows)
-  return dict(t_bf16=tb, t_int8=ti, bytes_bf16=bb, bytes_int8=bi,
-              worse=sum(1 for r in rows if r["gemm"] != "around" and r["int8"] > r["bf16"]))
+  """Summed (count-weighted) times and bytes of the conv path at ``pname``'s peaks."""
+  w = lambda f: sum(r["count"] * f(r) for r in rows)  # noqa: E731
+  return dict(t_bf16=w(lambda r: r["times"][pname][0]), t_int8=w(lambda r: r["times"][pname][1]),
+              t_kernels=w(lambda r: r["times"][pname][2]),
+              bytes_bf16=w(lambda r: r["bf16"]), bytes_int8=w(lambda r: r["int8"]),
+              kernel=w(lambda r: r["traffic"].kernel), xla_gemm=w(lambda r: r["traffic"].xla_gemm),
+              passes=w(lambda r: r["traffic"].passes if r["gemm"] != "around" else 0),
+              around=w(lambda r: r["traffic"].passes if r["gemm"] == "around" else 0),
+              worse=sum(1 for r in rows if r["gemm"] != "around" and r["int8"] > r["bf16"]),
+              gemms=sum(1 for r in rows if r["gemm"] != "around"))
+
+
+def worst(rows, k=5) -> list[dict]:
+  """The ``k`` GEMMs with the largest int8 / bf16 byte ratio."""
+  g = [r for r in rows if r["gemm"] != "around"]
+  return sorted(g, key=lambda r: -r["int8"] / r["bf16"])[:k]
 
 
 def summary(model: str, rows, peaks) -> str:
@@ -507,9 +519,19 @@ def summary(model: str, rows, peaks) -> str:
     s = totals(rows, p)
     out.append(f"{model} conv path at {p} peaks {peaks[p]}: bf16 {s['t_bf16'] * 1e3:.2f} ms, "
                f"int8 as planned {s['t_int8'] * 1e3:.2f} ms: **{s['t_int8'] / s['t_bf16']:.2f}x** "
-               f"(target <= 0.7x); bytes {s['bytes_int8'] / 1e9:.2f} GB vs "
-               f"{s['bytes_bf16'] / 1e9:.2f} GB ({s['bytes_int8'] / s['bytes_bf16']:.2f}x); "
-               f"GEMMs with int8 bytes > bf16: {s['worse']}.")
+               f"(target <= 0.7x); the kernels and XLA GEMMs alone (every XLA pass around "
+               f"them fused away): {s['t_kernels'] * 1e3:.2f} ms, "
+               f"{s['t_kernels'] / s['t_bf16']:.2f}x.")
+  s = totals(rows, next(iter(peaks)))
+  gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
+  out.append(f"{model} bytes: int8 {gb(s['bytes_int8'])} vs bf16 {gb(s['bytes_bf16'])} "
+             f"(**{s['bytes_int8'] / s['bytes_bf16']:.2f}x**; target <= 1x on every conv): "
+             f"kernel operands + outputs {gb(s['kernel'])} "
+             f"({s['kernel'] / s['bytes_bf16']:.2f}x bf16), XLA passes around the kernels "
+             f"{gb(s['passes'])}, XLA GEMMs {gb(s['xla_gemm'])}, quantize + finiteness passes "
+             f"{gb(s['around'])}; GEMMs with int8 bytes > bf16: {s['worse']} of {s['gemms']}.")
+  out.append("Largest int8 / bf16 byte ratios: " + "; ".join(
+      f"{r['conv'].label()} {r['gemm']} {r['int8'] / r['bf16']:.1f}x" for r in worst(rows)) + ".")
   return "\n\n".join(out) + "\n"
 
 
