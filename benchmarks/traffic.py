@@ -271,9 +271,6 @@ class Conv:
   def x_int8_bytes(self) -> int:
     return math.prod(self.x_shape)
 
-  def with_batch(self, n: int) -> "Conv":
-    return dataclasses.replace(self, x_shape=(n, *self.x_shape[1:]))
-
   def label(self) -> str:
     kh, kw, cg, o = self.w_shape
     n, h, w, c = self.x_shape
