@@ -30,6 +30,12 @@ per round, so a changing machine load hits all alike), each synchronised (``jax.
 the CPU returns when done). The table (machine from ``lscpu``, date,
 versions, commit, 1-minute load average before and after) is printed and
 appended to ``--out`` under the heading "CPU: int8jax against PyTorch".
+
+On a shared, oversubscribed machine run it with ``OMP_WAIT_POLICY=PASSIVE``
+(recorded in the table): PyTorch's OpenMP threads otherwise spin-wait and
+lose most of their time to the other processes (2026-12-03, 2 cores at a
+load of ~8: PyTorch fp32 7268 ms spinning vs 1319 ms passive, while the JAX
+steps moved little).
 """
 
 from __future__ import annotations
@@ -322,7 +328,8 @@ def main(argv=None) -> int:
       f"\n### ResNet-20 training step, batch {args.batch}, SGD momentum "
       f"({datetime.date.today().isoformat()})\n",
       f"{lscpu_model()}, {os.cpu_count()} cores; {versions(with_torch)}; "
-      f"torch.set_num_threads({threads}) / XLA:CPU default thread pool; {parity}; "
+      f"torch.set_num_threads({threads}) (OMP_WAIT_POLICY="
+      f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}) / XLA:CPU default thread pool; {parity}; "
       f"median of {args.steps} steps after {args.warmup} warm-up, variants interleaved "
       f"round by round; 1-min load average "
       f"{load_before} before, {load()} after; "
