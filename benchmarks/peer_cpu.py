@@ -45,6 +45,7 @@ from collections import Counter
 import datetime
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -333,7 +334,7 @@ def main(argv=None) -> int:
       f"median of {args.steps} steps after {args.warmup} warm-up, variants interleaved "
       f"round by round; 1-min load average "
       f"{load_before} before, {load()} after; "
-      f"`python benchmarks/peer_cpu.py {' '.join(argv if argv is not None else sys.argv[1:])}`.\n",
+      f"`python benchmarks/peer_cpu.py {shlex.join(argv if argv is not None else sys.argv[1:])}`.\n",
       "| framework | variant | ms / step (median) | min / max ms | vs JAX float32 | last loss |",
       "| --- | --- | ---: | ---: | ---: | ---: |"]
   for fw, v, med, lo, hi, loss in rows:
