@@ -26,8 +26,8 @@ Variants:
 
 Timing: ``--warmup`` untimed steps, then the median (and min / max) of
 ``--steps`` steps, the variants interleaved round by round (one step of each
-per round, so a changing machine load hits all alike), each synchronised (``jax.block_until_ready``; PyTorch on
-the CPU returns when done). The table (machine from ``lscpu``, date,
+per round, so a changing machine load hits all alike), each synchronised
+(``jax.block_until_ready``; PyTorch on the CPU returns when done). The table (machine from ``lscpu``, date,
 versions, commit, 1-minute load average before and after) is printed and
 appended to ``--out`` under the heading "CPU: int8jax against PyTorch".
 
@@ -334,7 +334,8 @@ def main(argv=None) -> int:
       f"median of {args.steps} steps after {args.warmup} warm-up, variants interleaved "
       f"round by round; 1-min load average "
       f"{load_before} before, {load()} after; "
-      f"`python benchmarks/peer_cpu.py {shlex.join(argv if argv is not None else sys.argv[1:])}`.\n",
+      f"`python benchmarks/peer_cpu.py {shlex.join(sys.argv[1:] if argv is None else argv)}`."
+      "\n",
       "| framework | variant | ms / step (median) | min / max ms | vs JAX float32 | last loss |",
       "| --- | --- | ---: | ---: | ---: | ---: |"]
   for fw, v, med, lo, hi, loss in rows:

@@ -583,7 +583,8 @@ def main(argv=None) -> int:
             f"{datetime.date.today().isoformat()}, jax {jax.__version__}\n\n"
             "int8 bytes counted on the traced program of the Pallas backend "
             "(pallas_interpret), fusion model and exclusions in the module docstring; "
-            f"`python benchmarks/traffic.py {' '.join(argv if argv is not None else sys.argv[1:])}`.\n")
+            f"`python benchmarks/traffic.py {' '.join(sys.argv[1:] if argv is None else argv)}`."
+            "\n")
   text = [header]
   print(header, flush=True)
   for m in names:
