@@ -27,7 +27,8 @@ Variants:
 Timing: ``--warmup`` untimed steps, then the median (and min / max) of
 ``--steps`` steps, the variants interleaved round by round (one step of each
 per round, so a changing machine load hits all alike), each synchronised
-(``jax.block_until_ready``; PyTorch on the CPU returns when done). The table (machine from ``lscpu``, date,
+(``jax.block_until_ready``; PyTorch on the CPU returns when done). The table
+(machine from ``lscpu``, date,
 versions, commit, 1-minute load average before and after) is printed and
 appended to ``--out`` under the heading "CPU: int8jax against PyTorch".
 
