@@ -1,0 +1,385 @@
+"""Direct-box forward INT8 conv: per-tap TMA boxes of the NHWC tensor (issue 24).
+
+A prototype of the forward conv kernel that reads the quantized NHWC int8
+tensor *as produced* -- no pad, no flattening, no shifted copies -- and
+stores its result straight into the NHWC output. Standalone (not wired into
+:func:`pallas_kernels.int8_conv.int8_conv` yet); same arguments, same bits.
+
+How (stride 1; strides > 1 are not done yet, see the end):
+
+* An output tile is ``tb`` images x ``th`` output rows x ``tw`` output
+  columns (``tb*th*tw = tile_m`` pixels, the M of the ``wgmma``) times
+  ``tile_n`` output channels. Steps = taps (KH*KW) x input-channel chunks of
+  ``tile_k`` channels; the ring, the ``wgmma`` accumulation and the fused
+  epilogue are :mod:`pallas_kernels.int8_conv`'s.
+* Step (tap (kh, kw), chunk c) loads one 4-D TMA box
+  ``x[n0:n0+tb, h0+kh-lo_h : +th, w0+kw-lo_w : +tw, c*tk : +tk]``. The box
+  start is any element: with ``tile_k == swizzle`` a box row (one pixel's
+  ``tile_k`` channels) is exactly one swizzle row, so the box lands in SMEM
+  as the row-major ``(tile_m, tile_k)`` matrix, which *is* the
+  ``(8, swizzle)``-tiled, swizzled layout ``wgmma`` reads (the tiling is the
+  identity when the tile has a single column of tiles, and the swizzle is a
+  function of the SMEM address). So the kernel writes the box through an
+  untiled, swizzled 4-D view of the very SMEM slot that ``wgmma`` reads
+  through its tiled view. (Through the tiled view itself, Mosaic GPU would
+  tile the GMEM box too, splitting W into (W // 8, W % 8): the start must
+  then be a multiple of 8, the reason for the shifted copies of
+  :mod:`pallas_kernels.int8_conv`.)
+* Padding is TMA's out-of-bounds zero fill: box coordinates below 0 (the
+  low padding) and past the end (high padding, ragged tiles, channels past
+  C) read zeros. No XLA pad unless C is not a multiple of 16 (TMA needs
+  16-byte GMEM strides).
+* The result tile is stored as a TMA box into the (N, Ho, Wo, O') output
+  (O' = O rounded up to 16 bytes); TMA clips the parts past the edges. No
+  grid slice, no copy (but O' > O costs a slice).
+
+Interpret mode (CPU): the GPU interpreter neither reshapes refs nor reads
+boxes that start below 0, so under it the kernel copies the same boxes row
+by row into the tiled slot (row-major order, the same bytes) and the wrapper
+pads the low side in XLA. Everything else -- tiling, steps, ring, wgmma,
+epilogue, clipping -- is the code the GPU runs.
+
+Lowering: Mosaic GPU's "Lane" semantics (the untiled view is built on the
+physical SMEM ref; the default warpgroup semantics infers SMEM layouts and
+refuses the aliasing view).
+
+Not done (to wire in): strides > 1 (the phase split of int8_conv applies
+unchanged: each phase image is then one NHWC tensor read by boxes), the
+input gradient (the same kernel on g with the flipped, channel-swapped
+kernel and padding K-1-lo; strided dgrad via its sub-pixel phases), small
+images packed across the batch are done (``tb`` > 1), wgrad is a separate
+problem (its operands are pixel-major).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.int8_conv import Int8ConvConfig
+from pallas_kernels.int8_conv import _Taps
+from pallas_kernels.int8_conv import _check_config
+from pallas_kernels.int8_conv import _check_contraction
+from pallas_kernels.int8_conv import _check_conv_args
+from pallas_kernels.int8_conv import _check_epilogue_args
+from pallas_kernels.int8_conv import _empty_or_zero_k
+from pallas_kernels.int8_conv import _launcher
+from pallas_kernels.int8_conv import _pipelined_accumulate
+from pallas_kernels.int8_conv import _vectors
+from pallas_kernels.int8_conv import _weight_matrix
+from pallas_kernels.int8_conv import conv_output_shape
+from pallas_kernels.int8_conv import select_conv_config
+from pallas_kernels.int8_matmul import _round_up
+
+__all__ = ["DirectTile", "direct_tile", "int8_conv_direct", "direct_kernel_operand_bytes"]
+
+_GMEM_STRIDE_BYTES = 16  # TMA: every GMEM stride but the last a multiple of 16 bytes
+_MAX_BOX = 256           # TMA: at most 256 elements per box dimension
+
+
+@dataclasses.dataclass(frozen=True)
+class DirectTile:
+  """An output tile: ``tb`` images x ``th`` rows x ``tw`` columns."""
+  tb: int
+  th: int
+  tw: int
+
+  @property
+  def pixels(self) -> int:
+    return self.tb * self.th * self.tw
+
+
+def direct_tile(n: int, ho: int, wo: int, tile_m: int, kh: int = 1, kw: int = 1) -> DirectTile:
+  """The (tb, th, tw) of ``tile_m`` pixels that computes the fewest pixels.
+
+  Powers of two (``tile_m`` is a multiple of 64); ties go to the smallest
+  input footprint (tiles x tb x (th+kh-1) x (tw+kw-1)), then fewer images.
+  Every tap loads its own box, so SMEM traffic is taps x tile_m rows per
+  tile whatever the shape; the footprint is what DRAM / L2 must supply.
+  E.g. 56x56 at tile_m 128 -> 2 x 8 x 8 (no wasted pixel), 7x7 -> 128 x 1 x 1.
+  """
+  best = None
+  for lb in range(int(np.log2(tile_m)) + 1):
+    tb = 1 << lb
+    for lh in range(int(np.log2(tile_m // tb)) + 1):
+      th = 1 << lh
+      tw = tile_m // (tb * th)
+      if tb * th * tw != tile_m or max(tb, th, tw) > _MAX_BOX:
+        continue
+      tiles = -(-n // tb) * -(-ho // th) * -(-wo // tw)
+      key = (tiles * tile_m, tiles * tb * (th + kh - 1) * (tw + kw - 1), tb)
+      if best is None or key < best[0]:
+        best = (key, DirectTile(tb, th, tw))
+  return best[1]
+
+
+def _ring(config: Int8ConvConfig, depth: int, arrivals: int):
+  """SMEM of the TMA ring: a (depth, tile_m, tile_k), b (depth, tile_n,
+  tile_k), both (8, swizzle)-tiled and swizzled, one barrier per slot."""
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  transforms = (plgpu.TilingTransform((8, config.swizzle)),
+                plgpu.SwizzleTransform(config.swizzle))
+  return [
+      plgpu.SMEM((depth, config.tile_m, config.tile_k), jnp.int8, transforms=transforms),
+      plgpu.SMEM((depth, config.tile_n, config.tile_k), jnp.int8, transforms=transforms),
+      plgpu.Barrier(num_arrivals=arrivals, num_barriers=depth),
+  ]
+
+
+def _untiled_box_view(a_smem, slot, tile: DirectTile, swizzle: int):
+  """The slot of the tiled, swizzled ring ``a_smem`` as an untiled, swizzled
+  (tb, th, tw, tile_k) ref: the same SMEM bytes (tile_k == swizzle, so the
+  (8, swizzle) tiling of (tile_m, tile_k) is the row-major layout)."""
+  from jax._src.pallas import core as pallas_core
+  from jax._src.pallas.mosaic_gpu import core as gpu_core
+
+  layout = tuple(a_smem.transforms)
+  if not (len(layout) == 2 and isinstance(layout[0], gpu_core.UnswizzleRef)
+          and isinstance(layout[1], gpu_core.UntilingTransform)):
+    raise NotImplementedError(f"unexpected SMEM ring transforms {layout}")
+  physical = pallas_core.TransformedRef(a_smem.ref, (layout[0],))  # (d, M/8, 1, 8, sw)
+  return physical.at[slot].reshape(tile.tb, tile.th, tile.tw, swizzle)
+
+
+def _store(ref, value):
+  """``ref[...] = value`` into the untiled output tile. jax 0.12 plans a bank-conflict-free
+  transfer for it and finds none for these shapes (TransferPlanDerivationError), so there
+  the store is unoptimized; jax 0.11 (the GPU machines') has no ``plgpu.store`` and lowers
+  the assignment as it is."""
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  store = getattr(plgpu, "store", None)
+  if store is None:
+    ref[...] = value
+  else:
+    store(ref, value, optimized=False)
+
+
+def _direct_kernel(x_gmem, w_gmem, scale_gmem, bias_gmem, out_gmem, a_smem, b_smem,
+                   barriers, scale_smem, bias_smem, vec_barriers, out_smem, *,
+                   tile: DirectTile, grid_hw: tuple[int, int], kernel_hw: tuple[int, int],
+                   offset_hw: tuple[int, int], config: Int8ConvConfig, k_chunks: int,
+                   has_bias: bool, int_out: bool, row_copies: bool):
+  """One (tb x th x tw pixels, tile_n channels) output tile per block.
+
+  GMEM: x (N, H', W', C') int8 (C' a multiple of 16), the weight matrix
+  (Op, taps*Cp) int8, scale / bias (Op,) f32, out (N, Ho, Wo, O') NHWC.
+  ``offset_hw``: x coordinate of output (0, 0)'s tap (0, 0) (-lo: the low
+  padding is read out of bounds). ``row_copies``: copy each box row by row
+  into the tiled slot (interpret mode) instead of one box into the untiled
+  view.
+  """
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  tb, th, tw = tile.tb, tile.th, tile.tw
+  tile_m, tile_n, tile_k = config.tile_m, config.tile_n, config.tile_k
+  tiles_h, tiles_w = grid_hw
+  _, kw_taps = kernel_hw
+  m_idx = lax.axis_index("m")
+  n_idx = lax.axis_index("n")
+  tile_w = lax.rem(m_idx, jnp.int32(tiles_w))
+  rest = lax.div(m_idx, jnp.int32(tiles_w))
+  tile_h = lax.rem(rest, jnp.int32(tiles_h))
+  n0 = lax.div(rest, jnp.int32(tiles_h)) * tb
+  h0 = tile_h * th
+  w0 = tile_w * tw
+  n_slice = pl.ds(n_idx * tile_n, tile_n)
+  num_steps = kernel_hw[0] * kernel_hw[1] * k_chunks
+  depth = min(config.max_concurrent_steps, num_steps)
+
+  if not int_out:
+    plgpu.copy_gmem_to_smem(scale_gmem.at[n_slice], scale_smem, vec_barriers.at[0])
+    if has_bias:
+      plgpu.copy_gmem_to_smem(bias_gmem.at[n_slice], bias_smem, vec_barriers.at[1])
+
+  def issue(step, slot):
+    """Starts the TMA loads of pipeline step ``step`` into ring ``slot``."""
+    tap = lax.div(step, jnp.int32(k_chunks))
+    chunk = step - tap * k_chunks
+    kh = lax.div(tap, jnp.int32(kw_taps))
+    kw = tap - kh * kw_taps
+    hs = h0 + kh + offset_hw[0]
+    ws = w0 + kw + offset_hw[1]
+    chans = pl.ds(chunk * tile_k, tile_k)
+    if row_copies:
+      for b in range(tb):
+        for i in range(th):
+          plgpu.copy_gmem_to_smem(
+              x_gmem.at[n0 + b, hs + i, pl.ds(ws, tw), chans],
+              a_smem.at[slot, pl.ds((b * th + i) * tw, tw)], barriers.at[slot])
+    else:
+      plgpu.copy_gmem_to_smem(
+          x_gmem.at[pl.ds(n0, tb), pl.ds(hs, th), pl.ds(ws, tw), chans],
+          _untiled_box_view(a_smem, slot, tile, config.swizzle), barriers.at[slot])
+    plgpu.copy_gmem_to_smem(w_gmem.at[n_slice, pl.ds(step * tile_k, tile_k)],
+                            b_smem.at[slot], barriers.at[slot])
+
+  acc = _pipelined_accumulate(issue, num_steps, depth, a_smem, b_smem, barriers,
+                              (tile_m, tile_n))
+  if int_out:
+    _store(out_smem, acc)
+  else:
+    col_layout = plgpu.Layout.WGMMA.reduce(0)  # one value per column
+    plgpu.barrier_wait(vec_barriers.at[0])
+    scale = plgpu.load(scale_smem, layout=col_layout)
+    out = acc.astype(jnp.float32) * lax.broadcast_in_dim(scale, (tile_m, tile_n), [1])
+    if has_bias:
+      plgpu.barrier_wait(vec_barriers.at[1])
+      bias = plgpu.load(bias_smem, layout=col_layout)
+      out = out + lax.broadcast_in_dim(bias, (tile_m, tile_n), [1])
+    _store(out_smem, out.astype(out_smem.dtype))
+  plgpu.commit_smem()
+  if row_copies:
+    for b in range(tb):
+      for i in range(th):
+        plgpu.copy_smem_to_gmem(out_smem.at[pl.ds((b * th + i) * tw, tw)],
+                                out_gmem.at[n0 + b, h0 + i, pl.ds(w0, tw), n_slice],
+                                commit_group=False)
+    plgpu.commit_smem_to_gmem_group()
+  else:
+    plgpu.copy_smem_to_gmem(out_smem.reshape(tb, th, tw, tile_n),
+                            out_gmem.at[pl.ds(n0, tb), pl.ds(h0, th), pl.ds(w0, tw), n_slice])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _operands(x, w, scale, bias, *, pads, config: Int8ConvConfig, low_pad_in_xla: bool):
+  """What the kernel is handed: x as given (C padded to 16 bytes if needed;
+  the low padding added if ``low_pad_in_xla``), the weight matrix, the
+  epilogue vectors, and the x coordinate of output (0, 0)'s first tap."""
+  _, _, _, c = x.shape
+  kh, kw, _, o = w.shape
+  cp = _round_up(max(c, 1), config.tile_k)
+  op = _round_up(o, config.tile_n)
+  c16 = _round_up(c, _GMEM_STRIDE_BYTES)
+  plo = [max(lo, 0) if low_pad_in_xla else 0 for lo, _ in pads]
+  if c16 != c or any(plo):
+    x = lax.pad(x, jnp.int8(0), ((0, 0, 0), (plo[0], 0, 0), (plo[1], 0, 0), (0, c16 - c, 0)))
+  offset = tuple(p - lo for p, (lo, _) in zip(plo, pads))
+  taps = _Taps(offsets=(0,) * (kh * kw),
+               weights=tuple((i, j) for i in range(kh) for j in range(kw)))
+  wmat = _weight_matrix(jnp.transpose(w, (0, 1, 3, 2)), taps, op, cp)
+  scale_p, bias_p = _vectors(scale, bias, o, op)
+  return x, wmat, scale_p, bias_p, offset, cp, op
+
+
+@functools.partial(jax.jit, static_argnames=("pads", "out_dtype", "config", "launcher",
+                                             "tile", "low_pad_in_xla"))
+def _int8_conv_direct_impl(x, w, scale, bias, *, pads, out_dtype, config, launcher, tile,
+                           low_pad_in_xla):
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  n, _, _, _ = x.shape
+  kh, kw, _, o = w.shape
+  _, ho, wo, _ = conv_output_shape(x.shape, w.shape, (1, 1), pads)
+  interpret = launcher != "mosaic_gpu"
+  xk, wmat, scale_p, bias_p, offset, cp, op = _operands(
+      x, w, scale, bias, pads=pads, config=config, low_pad_in_xla=low_pad_in_xla)
+  out_c = _round_up(o, _GMEM_STRIDE_BYTES // jnp.dtype(out_dtype).itemsize)
+  grid_hw = (-(-ho // tile.th), -(-wo // tile.tw))
+  k_chunks = cp // config.tile_k
+  num_steps = kh * kw * k_chunks
+  depth = min(config.max_concurrent_steps, num_steps)
+  arrivals = 1 + (tile.tb * tile.th if interpret else 1)
+  kernel = plgpu.kernel(
+      functools.partial(_direct_kernel, tile=tile, grid_hw=grid_hw, kernel_hw=(kh, kw),
+                        offset_hw=offset, config=config, k_chunks=k_chunks,
+                        has_bias=bias is not None, int_out=out_dtype == jnp.int32,
+                        row_copies=interpret),
+      out_type=jax.ShapeDtypeStruct((n, ho, wo, out_c), out_dtype),
+      scratch_types=_ring(config, depth, arrivals) + [
+          plgpu.SMEM((config.tile_n,), jnp.float32),
+          plgpu.SMEM((config.tile_n,), jnp.float32),
+          plgpu.Barrier(num_barriers=2),
+          # Untiled: its rows are the output pixels, stored as one NHWC box.
+          plgpu.SMEM((config.tile_m, config.tile_n), out_dtype),
+      ],
+      grid=(-(-n // tile.tb) * grid_hw[0] * grid_hw[1], op // config.tile_n),
+      grid_names=("m", "n"),
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+      interpret=launcher if interpret else None,
+      kernel_name="int8_conv_direct",
+  )
+  out = kernel(xk, wmat, scale_p, bias_p)
+  return out if out_c == o else out[..., :o]
+
+
+def _check_direct_config(config: Int8ConvConfig):
+  if config.tile_k != config.swizzle:
+    raise ValueError(
+        f"config.tile_k={config.tile_k} must equal config.swizzle={config.swizzle}: the direct "
+        "kernel writes each tap box through an untiled view, one swizzle row per pixel")
+
+
+def int8_conv_direct(x, w, *, window_strides=(1, 1), padding="VALID", scale=None, bias=None,
+                     out_dtype=jnp.float32, config: Int8ConvConfig | None = None,
+                     tile: DirectTile | None = None, low_pad_in_xla: bool | None = None,
+                     interpret=False):
+  """:func:`pallas_kernels.int8_conv.int8_conv` (stride 1) by per-tap NHWC boxes.
+
+  Same arguments and result (bit-equal to :func:`int8_conv_reference`),
+  plus:
+
+  Args:
+    tile: the output tile (:class:`DirectTile`, ``pixels == config.tile_m``);
+      :func:`direct_tile` if None.
+    low_pad_in_xla: pad the low side of H and W in XLA (one int8 pass)
+      instead of reading it as TMA's out-of-bounds zeros. None: only under
+      interpret mode (whose TMA model cannot start a box below 0).
+
+  Raises:
+    NotImplementedError for ``window_strides`` other than (1, 1).
+  """
+  strides, pads = _check_conv_args(x, w, window_strides, padding)
+  if strides != (1, 1):
+    raise NotImplementedError(
+        f"int8_conv_direct: window_strides={window_strides!r}; only (1, 1) is done (strides > 1 "
+        "need int8_conv's phase split in front)")
+  scale, bias, out_dtype = _check_epilogue_args(scale, bias, out_dtype, w.shape[3], "O")
+  kh, kw, c, o = w.shape
+  _check_contraction(kh * kw * c, "this conv")
+  if config is None:
+    config = select_conv_config(c, o)
+  _check_direct_config(config)
+  launcher = _launcher(interpret)
+  interpret_mode = launcher != "mosaic_gpu"
+  _check_config(config, out_dtype, interpret_mode)
+  out_shape = conv_output_shape(x.shape, w.shape, strides, pads)
+  if min(out_shape) == 0 or c == 0:
+    return _empty_or_zero_k(out_shape, scale, bias, out_dtype)
+  if tile is None:
+    tile = direct_tile(*out_shape[:3], config.tile_m, kh, kw)
+  if not isinstance(tile, DirectTile) or tile.pixels != config.tile_m:
+    raise ValueError(f"tile={tile!r} must be a DirectTile of config.tile_m={config.tile_m} "
+                     "pixels")
+  if max(tile.tb, tile.th, tile.tw) > _MAX_BOX:
+    raise ValueError(f"tile={tile!r}: TMA boxes hold at most {_MAX_BOX} per dimension")
+  if low_pad_in_xla is None:
+    low_pad_in_xla = interpret_mode
+  if interpret_mode and not low_pad_in_xla and any(lo > 0 for lo, _ in pads):
+    raise ValueError("low_pad_in_xla=False needs the compiled kernel: the GPU interpreter "
+                     "cannot read a TMA box that starts below 0")
+  return _int8_conv_direct_impl(x, w, scale, bias, pads=pads, out_dtype=out_dtype,
+                                config=config, launcher=launcher, tile=tile,
+                                low_pad_in_xla=bool(low_pad_in_xla))
+
+
+def direct_kernel_operand_bytes(x_shape, w_shape, *, padding="SAME", config=None,
+                                low_pad_in_xla=False):
+  """(int8 bytes handed to the kernel, int8 bytes of x): x (as handed) + the
+  weight matrix, from the shapes alone (the census of issue 24)."""
+  n, h, wd, c = x_shape
+  kh, kw, _, o = w_shape
+  config = config or select_conv_config(c, o)
+  _, pads = _check_conv_args(jax.ShapeDtypeStruct(x_shape, jnp.int8),
+                             jax.ShapeDtypeStruct(w_shape, jnp.int8), (1, 1), padding)
+  plo = [max(lo, 0) if low_pad_in_xla else 0 for lo, _ in pads]
+  xb = n * (h + plo[0]) * (wd + plo[1]) * _round_up(c, _GMEM_STRIDE_BYTES)
+  wb = _round_up(o, config.tile_n) * kh * kw * _round_up(c, config.tile_k)
+  return xb + wb, n * h * wd * c
