@@ -8,10 +8,11 @@ stores its result straight into the NHWC output. Standalone (not wired into
 How (stride 1; strides > 1 are not done yet, see the end):
 
 * An output tile is ``tb`` images x ``th`` output rows x ``tw`` output
-  columns (``tb*th*tw = tile_m`` pixels, the M of the ``wgmma``) times
+  columns (``tb*th*tw = tile_m`` pixels, the M of the ``wgmma``;
+  :func:`direct_tile` picks the shape that computes the fewest pixels) times
   ``tile_n`` output channels. Steps = taps (KH*KW) x input-channel chunks of
-  ``tile_k`` channels; the ring, the ``wgmma`` accumulation and the fused
-  epilogue are :mod:`pallas_kernels.int8_conv`'s.
+  ``tile_k`` channels; the TMA ring and the ``wgmma`` accumulation are
+  :mod:`pallas_kernels.int8_conv`'s (``_pipelined_accumulate``).
 * Step (tap (kh, kw), chunk c) loads one 4-D TMA box
   ``x[n0:n0+tb, h0+kh-lo_h : +th, w0+kw-lo_w : +tw, c*tk : +tk]``. The box
   start is any element: with ``tile_k == swizzle`` a box row (one pixel's
@@ -21,34 +22,43 @@ How (stride 1; strides > 1 are not done yet, see the end):
   identity when the tile has a single column of tiles, and the swizzle is a
   function of the SMEM address). So the kernel writes the box through an
   untiled, swizzled 4-D view of the very SMEM slot that ``wgmma`` reads
-  through its tiled view. (Through the tiled view itself, Mosaic GPU would
-  tile the GMEM box too, splitting W into (W // 8, W % 8): the start must
-  then be a multiple of 8, the reason for the shifted copies of
-  :mod:`pallas_kernels.int8_conv`.)
+  through its tiled view (:func:`_untiled_box_view`). (Through the tiled
+  view itself, Mosaic GPU tiles the GMEM box too, splitting W into
+  (W // 8, W % 8): the start must then be a multiple of 8 -- the reason for
+  the shifted copies of :mod:`pallas_kernels.int8_conv`.)
 * Padding is TMA's out-of-bounds zero fill: box coordinates below 0 (the
   low padding) and past the end (high padding, ragged tiles, channels past
   C) read zeros. No XLA pad unless C is not a multiple of 16 (TMA needs
   16-byte GMEM strides).
-* The result tile is stored as a TMA box into the (N, Ho, Wo, O') output
-  (O' = O rounded up to 16 bytes); TMA clips the parts past the edges. No
-  grid slice, no copy (but O' > O costs a slice).
+* Epilogue: ``acc * scale[o] + bias[o]`` in registers (int8_conv's), then
+  the tile goes to SMEM as swizzled column slabs of ``swizzle`` bytes
+  (``(8, slab)``-tiled = row-major again, :func:`_out_layout`), each stored
+  by one 4-D TMA box into the (N, Ho, Wo, O') output (O' = O rounded up to
+  16 bytes; TMA clips the parts past the edges). No grid slice, no copy
+  (O' > O costs a slice).
 
 Interpret mode (CPU): the GPU interpreter neither reshapes refs nor reads
 boxes that start below 0, so under it the kernel copies the same boxes row
-by row into the tiled slot (row-major order, the same bytes) and the wrapper
-pads the low side in XLA. Everything else -- tiling, steps, ring, wgmma,
-epilogue, clipping -- is the code the GPU runs.
+by row into / out of the tiled tiles (the same bytes, row-major), the
+wrapper pads the low side in XLA, and the output tile is stored whole (its
+XLA:CPU contracts a sliced multiply-add differently from the reference's,
+off by an ulp; the slabs are tested under it on int32 outputs). Everything
+else -- tile origins, tap offsets, steps, ring, wgmma, epilogue, clipping --
+is the code the GPU runs. What only a GPU can confirm: the untiled-view
+box bytes and the zero fill below 0 (``tests/test_conv_direct.py``'s
+``gpu`` tests run both paddings).
 
 Lowering: Mosaic GPU's "Lane" semantics (the untiled view is built on the
 physical SMEM ref; the default warpgroup semantics infers SMEM layouts and
 refuses the aliasing view).
 
 Not done (to wire in): strides > 1 (the phase split of int8_conv applies
-unchanged: each phase image is then one NHWC tensor read by boxes), the
-input gradient (the same kernel on g with the flipped, channel-swapped
-kernel and padding K-1-lo; strided dgrad via its sub-pixel phases), small
-images packed across the batch are done (``tb`` > 1), wgrad is a separate
-problem (its operands are pixel-major).
+unchanged: each phase image is then one NHWC tensor read by boxes; TMA's
+element strides would avoid the split, but Mosaic GPU does not expose
+them), the input gradient (this kernel on g with the flipped,
+channel-swapped kernel and padding K-1-lo; strided dgrad via int8_conv's
+sub-pixel phases), tile_k > swizzle (several boxes per step), and wgrad
+(a separate problem: its operands are pixel-major).
 """
 
 from __future__ import annotations
@@ -132,40 +142,52 @@ def _ring(config: Int8ConvConfig, depth: int, arrivals: int):
   ]
 
 
-def _untiled_box_view(a_smem, slot, tile: DirectTile, swizzle: int):
-  """The slot of the tiled, swizzled ring ``a_smem`` as an untiled, swizzled
-  (tb, th, tw, tile_k) ref: the same SMEM bytes (tile_k == swizzle, so the
-  (8, swizzle) tiling of (tile_m, tile_k) is the row-major layout)."""
+def _untiled_box_view(smem, index, tile: DirectTile):
+  """``smem.at[index]`` of a tiled, swizzled SMEM ref whose last dimension is one tile
+  (``swizzle`` bytes) wide, as an untiled, swizzled (tb, th, tw, last) ref: the same
+  bytes, since the (8, last) tiling of (rows, last) is the row-major layout."""
   from jax._src.pallas import core as pallas_core
   from jax._src.pallas.mosaic_gpu import core as gpu_core
 
-  layout = tuple(a_smem.transforms)
+  layout = tuple(smem.transforms)
   if not (len(layout) == 2 and isinstance(layout[0], gpu_core.UnswizzleRef)
           and isinstance(layout[1], gpu_core.UntilingTransform)):
-    raise NotImplementedError(f"unexpected SMEM ring transforms {layout}")
-  physical = pallas_core.TransformedRef(a_smem.ref, (layout[0],))  # (d, M/8, 1, 8, sw)
-  return physical.at[slot].reshape(tile.tb, tile.th, tile.tw, swizzle)
+    raise NotImplementedError(f"unexpected SMEM transforms {layout}")
+  physical = pallas_core.TransformedRef(smem.ref, (layout[0],))  # (..., rows/8, 1, 8, last)
+  return physical.at[index].reshape(tile.tb, tile.th, tile.tw, physical.shape[-1])
 
 
-def _store(ref, value):
-  """``ref[...] = value`` into the untiled output tile. jax 0.12 plans a bank-conflict-free
-  transfer for it and finds none for these shapes (TransferPlanDerivationError), so there
-  the store is unoptimized; jax 0.11 (the GPU machines') has no ``plgpu.store`` and lowers
-  the assignment as it is."""
+def _out_layout(tile_n: int, out_c: int, out_dtype):
+  """(swizzle bytes, channels per chunk) of the output tile: the tile is stored as
+  tile_n / chunk column chunks, each a row-major (tile_m, chunk) swizzled slab that one
+  TMA box writes to the NHWC output; (None, None) (untiled, unswizzled tile, one box)
+  when no swizzle of 32-128 bytes divides tile_n's row and fits in the output's width."""
+  size = jnp.dtype(out_dtype).itemsize
+  for swizzle in (128, 64, 32):
+    if (tile_n * size) % swizzle == 0 and swizzle <= out_c * size:
+      return swizzle, swizzle // size
+  return None, None
+
+
+def _store(ref, value, optimized):
+  """``ref[...] = value`` without reading the old value. ``optimized=False`` for the
+  untiled tile: jax 0.12 plans a bank-conflict-free transfer for it and finds none
+  (TransferPlanDerivationError); jax 0.11 (the GPU machines') has no ``plgpu.store`` and
+  lowers the assignment as it is."""
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
   store = getattr(plgpu, "store", None)
   if store is None:
     ref[...] = value
   else:
-    store(ref, value, optimized=False)
+    store(ref, value, optimized=optimized)
 
 
 def _direct_kernel(x_gmem, w_gmem, scale_gmem, bias_gmem, out_gmem, a_smem, b_smem,
                    barriers, scale_smem, bias_smem, vec_barriers, out_smem, *,
                    tile: DirectTile, grid_hw: tuple[int, int], kernel_hw: tuple[int, int],
                    offset_hw: tuple[int, int], config: Int8ConvConfig, k_chunks: int,
-                   has_bias: bool, int_out: bool, row_copies: bool):
+                   has_bias: bool, int_out: bool, row_copies: bool, out_chunk: int | None):
   """One (tb x th x tw pixels, tile_n channels) output tile per block.
 
   GMEM: x (N, H', W', C') int8 (C' a multiple of 16), the weight matrix
@@ -173,7 +195,8 @@ def _direct_kernel(x_gmem, w_gmem, scale_gmem, bias_gmem, out_gmem, a_smem, b_sm
   ``offset_hw``: x coordinate of output (0, 0)'s tap (0, 0) (-lo: the low
   padding is read out of bounds). ``row_copies``: copy each box row by row
   into the tiled slot (interpret mode) instead of one box into the untiled
-  view.
+  view. ``out_chunk``: output channels per swizzled output slab (None: one untiled
+  tile; :func:`_out_layout`).
   """
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -217,35 +240,57 @@ def _direct_kernel(x_gmem, w_gmem, scale_gmem, bias_gmem, out_gmem, a_smem, b_sm
     else:
       plgpu.copy_gmem_to_smem(
           x_gmem.at[pl.ds(n0, tb), pl.ds(hs, th), pl.ds(ws, tw), chans],
-          _untiled_box_view(a_smem, slot, tile, config.swizzle), barriers.at[slot])
+          _untiled_box_view(a_smem, slot, tile), barriers.at[slot])
     plgpu.copy_gmem_to_smem(w_gmem.at[n_slice, pl.ds(step * tile_k, tile_k)],
                             b_smem.at[slot], barriers.at[slot])
 
   acc = _pipelined_accumulate(issue, num_steps, depth, a_smem, b_smem, barriers,
                               (tile_m, tile_n))
-  if int_out:
-    _store(out_smem, acc)
-  else:
-    col_layout = plgpu.Layout.WGMMA.reduce(0)  # one value per column
+  swizzled = out_chunk is not None
+  chunks = tile_n // out_chunk if swizzled else 1
+  out_chunk = out_chunk or tile_n
+  col_layout = plgpu.Layout.WGMMA.reduce(0)  # one value per column
+  if not int_out:
     plgpu.barrier_wait(vec_barriers.at[0])
-    scale = plgpu.load(scale_smem, layout=col_layout)
-    out = acc.astype(jnp.float32) * lax.broadcast_in_dim(scale, (tile_m, tile_n), [1])
     if has_bias:
       plgpu.barrier_wait(vec_barriers.at[1])
-      bias = plgpu.load(bias_smem, layout=col_layout)
-      out = out + lax.broadcast_in_dim(bias, (tile_m, tile_n), [1])
-    _store(out_smem, out.astype(out_smem.dtype))
+  for j in range(chunks):
+    cols = pl.ds(j * out_chunk, out_chunk)
+    # Chunk by chunk from the accumulator on, so that the multiply-add of each
+    # output is one expression (the interpreter's XLA then contracts it into one
+    # FMA like the reference's; slicing after the add keeps it apart).
+    out = acc if chunks == 1 else acc[:, j * out_chunk:(j + 1) * out_chunk]
+    if not int_out:
+      shape = (tile_m, out_chunk)
+      scale = plgpu.load(scale_smem.at[cols], layout=col_layout)
+      out = out.astype(jnp.float32) * lax.broadcast_in_dim(scale, shape, [1])
+      if has_bias:
+        bias = plgpu.load(bias_smem.at[cols], layout=col_layout)
+        out = out + lax.broadcast_in_dim(bias, shape, [1])
+      out = out.astype(out_smem.dtype)
+    if swizzled:  # (tile_m, chunk) slabs
+      _store(out_smem.at[j], out, optimized=True)
+    else:
+      _store(out_smem, out, optimized=False)
   plgpu.commit_smem()
-  if row_copies:
-    for b in range(tb):
-      for i in range(th):
-        plgpu.copy_smem_to_gmem(out_smem.at[pl.ds((b * th + i) * tw, tw)],
-                                out_gmem.at[n0 + b, h0 + i, pl.ds(w0, tw), n_slice],
-                                commit_group=False)
-    plgpu.commit_smem_to_gmem_group()
-  else:
-    plgpu.copy_smem_to_gmem(out_smem.reshape(tb, th, tw, tile_n),
-                            out_gmem.at[pl.ds(n0, tb), pl.ds(h0, th), pl.ds(w0, tw), n_slice])
+  for j in range(chunks):
+    chans = pl.ds(n_idx * tile_n + j * out_chunk, out_chunk)
+    src = out_smem.at[j] if swizzled else out_smem
+    if row_copies:
+      for b in range(tb):
+        for i in range(th):
+          plgpu.copy_smem_to_gmem(src.at[pl.ds((b * th + i) * tw, tw)],
+                                  out_gmem.at[n0 + b, h0 + i, pl.ds(w0, tw), chans],
+                                  commit_group=False)
+    elif swizzled:
+      plgpu.copy_smem_to_gmem(
+          _untiled_box_view(out_smem, j, tile),
+          out_gmem.at[pl.ds(n0, tb), pl.ds(h0, th), pl.ds(w0, tw), chans], commit_group=False)
+    else:
+      plgpu.copy_smem_to_gmem(
+          out_smem.reshape(tb, th, tw, tile_n),
+          out_gmem.at[pl.ds(n0, tb), pl.ds(h0, th), pl.ds(w0, tw), chans], commit_group=False)
+  plgpu.commit_smem_to_gmem_group()
   plgpu.wait_smem_to_gmem(0)
 
 
@@ -270,9 +315,11 @@ def _operands(x, w, scale, bias, *, pads, config: Int8ConvConfig, low_pad_in_xla
 
 
 @functools.partial(jax.jit, static_argnames=("pads", "out_dtype", "config", "launcher",
-                                             "tile", "low_pad_in_xla"))
+                                             "tile", "low_pad_in_xla", "slab_out"))
 def _int8_conv_direct_impl(x, w, scale, bias, *, pads, out_dtype, config, launcher, tile,
-                           low_pad_in_xla):
+                           low_pad_in_xla, slab_out):
+  """``slab_out``: the output tile as swizzled column slabs (:func:`_out_layout`) where
+  possible, else one untiled tile."""
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
   n, _, _, _ = x.shape
@@ -287,18 +334,25 @@ def _int8_conv_direct_impl(x, w, scale, bias, *, pads, out_dtype, config, launch
   num_steps = kh * kw * k_chunks
   depth = min(config.max_concurrent_steps, num_steps)
   arrivals = 1 + (tile.tb * tile.th if interpret else 1)
+  out_swizzle, out_chunk = (_out_layout(config.tile_n, out_c, out_dtype) if slab_out
+                            else (None, None))
+  if out_swizzle is None:  # rows = output pixels, stored as one NHWC box
+    out_tile = plgpu.SMEM((config.tile_m, config.tile_n), out_dtype)
+  else:  # column slabs, each (8, chunk)-tiled = row-major, swizzled, one box each
+    out_tile = plgpu.SMEM((config.tile_n // out_chunk, config.tile_m, out_chunk), out_dtype,
+                          transforms=(plgpu.TilingTransform((8, out_chunk)),
+                                      plgpu.SwizzleTransform(out_swizzle)))
   kernel = plgpu.kernel(
       functools.partial(_direct_kernel, tile=tile, grid_hw=grid_hw, kernel_hw=(kh, kw),
                         offset_hw=offset, config=config, k_chunks=k_chunks,
                         has_bias=bias is not None, int_out=out_dtype == jnp.int32,
-                        row_copies=interpret),
+                        row_copies=interpret, out_chunk=out_chunk),
       out_type=jax.ShapeDtypeStruct((n, ho, wo, out_c), out_dtype),
       scratch_types=_ring(config, depth, arrivals) + [
           plgpu.SMEM((config.tile_n,), jnp.float32),
           plgpu.SMEM((config.tile_n,), jnp.float32),
           plgpu.Barrier(num_barriers=2),
-          # Untiled: its rows are the output pixels, stored as one NHWC box.
-          plgpu.SMEM((config.tile_m, config.tile_n), out_dtype),
+          out_tile,
       ],
       grid=(-(-n // tile.tb) * grid_hw[0] * grid_hw[1], op // config.tile_n),
       grid_names=("m", "n"),
@@ -365,9 +419,14 @@ def int8_conv_direct(x, w, *, window_strides=(1, 1), padding="VALID", scale=None
   if interpret_mode and not low_pad_in_xla and any(lo > 0 for lo, _ in pads):
     raise ValueError("low_pad_in_xla=False needs the compiled kernel: the GPU interpreter "
                      "cannot read a TMA box that starts below 0")
+  # Interpret mode stores the tile whole: the per-slab epilogue would be bit-equal on the
+  # GPU, but the interpreter's XLA:CPU does not contract a sliced multiply-add into one
+  # FMA as the reference does (1-ulp differences). tests/test_conv_direct.py runs the
+  # slabs under the interpreter on int32 outputs.
   return _int8_conv_direct_impl(x, w, scale, bias, pads=pads, out_dtype=out_dtype,
                                 config=config, launcher=launcher, tile=tile,
-                                low_pad_in_xla=bool(low_pad_in_xla))
+                                low_pad_in_xla=bool(low_pad_in_xla),
+                                slab_out=not interpret_mode)
 
 
 def direct_kernel_operand_bytes(x_shape, w_shape, *, padding="SAME", config=None,

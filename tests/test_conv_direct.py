@@ -97,6 +97,41 @@ def test_interpret_tiles_are_fixed_points():
     _check((3, 5, 6, 16), (3, 3, 16, 32), "SAME", tile=tile, out_dtype=jnp.int32)
 
 
+def _run_slabs(x, w, out_dtype, config, **kw):
+  """The compiled kernel's epilogue (output tile as swizzled column slabs, sliced from the
+  accumulator) run by the interpreter."""
+  _, pads = cd._check_conv_args(x, w, (1, 1), kw.pop("padding"))
+  n, ho, wo, _ = pk.conv_output_shape(x.shape, w.shape, (1, 1), pads)
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  s, b = cd._check_epilogue_args(kw.get("scale"), kw.get("bias"), out_dtype, w.shape[3], "O")[:2]
+  return cd._int8_conv_direct_impl(
+      x, w, s, b, pads=pads, out_dtype=out_dtype, config=config,
+      launcher=plgpu.InterpretGPUParams(), tile=cd.direct_tile(n, ho, wo, config.tile_m, 3, 3),
+      low_pad_in_xla=True, slab_out=True)
+
+
+def test_interpret_output_slabs():
+  """O=40 with tile_n 64: two 32-channel slabs per tile (128-byte swizzle; the second one
+  clipped at channel 40 by the TMA store); int32: bit-exact. float32: the interpreter's
+  XLA:CPU does not contract the sliced multiply-add into one FMA as the reference does, so
+  at most 1 ulp."""
+  cfg = pk.Int8ConvConfig(tile_m=64, tile_n=64, tile_k=32, swizzle=32, max_concurrent_steps=2)
+  o = 40
+  assert cd._out_layout(64, o, jnp.float32) == (128, 32)
+  assert cd._out_layout(64, o, jnp.int32) == (128, 32)
+  assert cd._out_layout(64, o, jnp.bfloat16) == (64, 32)   # 128 bytes > the 80-byte row
+  assert cd._out_layout(32, 8, jnp.float32) == (32, 8)
+  assert cd._out_layout(8, 8, jnp.bfloat16) == (None, None)  # 16-byte rows: one untiled tile
+  x, w = _int8((2, 5, 7, 24), 1), _int8((3, 3, 24, o), 2)
+  got = _run_slabs(x, w, jnp.int32, cfg, padding="SAME")
+  want = pk.int8_conv_reference(x, w, padding="SAME", out_dtype=jnp.int32)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  s, b = _epilogue(o)
+  got = np.asarray(_run_slabs(x, w, jnp.float32, cfg, padding="SAME", scale=s, bias=b))
+  want = np.asarray(pk.int8_conv_reference(x, w, padding="SAME", scale=s, bias=b))
+  assert np.all(np.abs(got - want) <= np.spacing(np.abs(want))), np.abs(got - want).max()
+
+
 def test_direct_tile_picks_least_waste():
   assert cd.direct_tile(256, 56, 56, 128, 3, 3) == cd.DirectTile(2, 8, 8)   # 56 = 7 x 8
   assert cd.direct_tile(256, 56, 56, 64, 3, 3) == cd.DirectTile(1, 8, 8)
