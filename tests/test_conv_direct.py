@@ -94,7 +94,7 @@ def test_interpret_tiles_are_fixed_points():
   """A wrong tile origin / tap offset would move rows: a tile with 1-wide rows and many images
   (the extreme shape direct_tile picks for 7x7 maps) against one 8 wide."""
   for tile in (cd.DirectTile(16, 4, 1), cd.DirectTile(1, 8, 8)):
-    _check((3, 5, 6, 16), (3, 3, 16, 32), "SAME", tile=tile, out_dtype=jnp.int32)
+    _check((3, 3, 4, 16), (2, 2, 16, 32), ((1, 0), (0, 1)), tile=tile, out_dtype=jnp.int32)
 
 
 def _run_slabs(x, w, out_dtype, config, **kw):
