@@ -4,6 +4,8 @@ A prototype of the forward conv kernel that reads the quantized NHWC int8
 tensor *as produced* -- no pad, no flattening, no shifted copies -- and
 stores its result straight into the NHWC output. Standalone (not wired into
 :func:`pallas_kernels.int8_conv.int8_conv` yet); same arguments, same bits.
+:func:`int8_conv_direct_dgrad`: the stride-1 input gradient by the same
+kernel (g with the flipped, channel-swapped kernel).
 
 How (stride 1; strides > 1 are not done yet, see the end):
 
@@ -55,9 +57,9 @@ refuses the aliasing view).
 Not done (to wire in): strides > 1 (the phase split of int8_conv applies
 unchanged: each phase image is then one NHWC tensor read by boxes; TMA's
 element strides would avoid the split, but Mosaic GPU does not expose
-them), the input gradient (this kernel on g with the flipped,
-channel-swapped kernel and padding K-1-lo; strided dgrad via int8_conv's
-sub-pixel phases), tile_k > swizzle (several boxes per step), and wgrad
+them), the strided input gradient (int8_conv's sub-pixel phases: one
+launch per phase, each this kernel on g; then an interleave), tile_k >
+swizzle (several boxes per step), and wgrad
 (a separate problem: its operands are pixel-major).
 """
 
@@ -75,6 +77,7 @@ from pallas_kernels.int8_conv import Int8ConvConfig
 from pallas_kernels.int8_conv import _Taps
 from pallas_kernels.int8_conv import _check_config
 from pallas_kernels.int8_conv import _check_contraction
+from pallas_kernels.int8_conv import _check_dgrad_args
 from pallas_kernels.int8_conv import _check_conv_args
 from pallas_kernels.int8_conv import _check_epilogue_args
 from pallas_kernels.int8_conv import _empty_or_zero_k
@@ -86,7 +89,8 @@ from pallas_kernels.int8_conv import conv_output_shape
 from pallas_kernels.int8_conv import select_conv_config
 from pallas_kernels.int8_matmul import _round_up
 
-__all__ = ["DirectTile", "direct_tile", "int8_conv_direct", "direct_kernel_operand_bytes"]
+__all__ = ["DirectTile", "direct_kernel_operand_bytes", "direct_tile", "int8_conv_direct",
+           "int8_conv_direct_dgrad"]
 
 _GMEM_STRIDE_BYTES = 16  # TMA: every GMEM stride but the last a multiple of 16 bytes
 _MAX_BOX = 256           # TMA: at most 256 elements per box dimension
@@ -398,13 +402,20 @@ def int8_conv_direct(x, w, *, window_strides=(1, 1), padding="VALID", scale=None
   scale, bias, out_dtype = _check_epilogue_args(scale, bias, out_dtype, w.shape[3], "O")
   kh, kw, c, o = w.shape
   _check_contraction(kh * kw * c, "this conv")
-  if config is None:
-    config = select_conv_config(c, o)
+  return _run_direct(x, w, scale, bias, pads=pads, out_dtype=out_dtype,
+                     config=config or select_conv_config(c, o), tile=tile,
+                     low_pad_in_xla=low_pad_in_xla, interpret=interpret)
+
+
+def _run_direct(x, w, scale, bias, *, pads, out_dtype, config, tile, low_pad_in_xla,
+                interpret):
+  """The stride-1 conv of checked arguments (w: (KH, KW, K, N), contracting K)."""
+  kh, kw, c, _ = w.shape
   _check_direct_config(config)
   launcher = _launcher(interpret)
   interpret_mode = launcher != "mosaic_gpu"
   _check_config(config, out_dtype, interpret_mode)
-  out_shape = conv_output_shape(x.shape, w.shape, strides, pads)
+  out_shape = conv_output_shape(x.shape, w.shape, (1, 1), pads)
   if min(out_shape) == 0 or c == 0:
     return _empty_or_zero_k(out_shape, scale, bias, out_dtype)
   if tile is None:
@@ -427,6 +438,40 @@ def int8_conv_direct(x, w, *, window_strides=(1, 1), padding="VALID", scale=None
                                 config=config, launcher=launcher, tile=tile,
                                 low_pad_in_xla=bool(low_pad_in_xla),
                                 slab_out=not interpret_mode)
+
+
+def int8_conv_direct_dgrad(g, w, *, input_shape, window_strides=(1, 1), padding="VALID",
+                           scale=None, bias=None, out_dtype=jnp.float32,
+                           config: Int8ConvConfig | None = None, tile: DirectTile | None = None,
+                           low_pad_in_xla: bool | None = None, interpret=False):
+  """:func:`pallas_kernels.int8_conv.int8_conv_dgrad` (stride 1) by the same kernel.
+
+  The stride-1 input gradient is the stride-1 conv of g with the kernel
+  flipped in space and C, O swapped, padded (KH-1-lo, KH-1-hi) (a crop where
+  negative): the kernel reads g as given (no pad, no copies) and writes dx
+  (N, H, W, C). Arguments as :func:`int8_conv_dgrad` (``config``:
+  ``select_conv_config(O, C)`` if None), plus ``tile`` and ``low_pad_in_xla``
+  as :func:`int8_conv_direct`. Bit-equal to
+  :func:`pallas_kernels.int8_conv.int8_conv_dgrad_reference`.
+
+  Raises:
+    NotImplementedError for ``window_strides`` other than (1, 1) (strided
+    dgrad needs int8_conv's sub-pixel phases and an interleave).
+  """
+  input_shape, strides, pads = _check_dgrad_args(g, w, input_shape, window_strides, padding)
+  if strides != (1, 1):
+    raise NotImplementedError(
+        f"int8_conv_direct_dgrad: window_strides={window_strides!r}; only (1, 1) is done")
+  scale, bias, out_dtype = _check_epilogue_args(scale, bias, out_dtype, w.shape[2], "C")
+  kh, kw, c, o = w.shape
+  _check_contraction(kh * kw * o, "this dgrad")
+  if min(input_shape) == 0 or min(g.shape) == 0:
+    return _empty_or_zero_k(input_shape, scale, bias, out_dtype)
+  t_pads = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip((kh, kw), pads))
+  w_t = jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2))  # (KH, KW, O, C): a tiny XLA op
+  return _run_direct(g, w_t, scale, bias, pads=t_pads, out_dtype=out_dtype,
+                     config=config or select_conv_config(o, c), tile=tile,
+                     low_pad_in_xla=low_pad_in_xla, interpret=interpret)
 
 
 def direct_kernel_operand_bytes(x_shape, w_shape, *, padding="SAME", config=None,

@@ -1,7 +1,8 @@
 """Tests of pallas_kernels.conv_direct: the forward conv by per-tap NHWC TMA boxes (issue 24).
 
 On any machine (CPU included):
-  * the kernel under Mosaic GPU interpret mode equals int8_conv_reference bit for bit on
+  * the kernel under Mosaic GPU interpret mode equals int8_conv_reference (and, as the
+    stride-1 dgrad, int8_conv_dgrad_reference) bit for bit on
     ragged shapes (odd H/W, C and O no tile multiples, C < 16, N no multiple of the tile's
     images), SAME / VALID / asymmetric / cropping padding, 1x1, 3x3 and 2x3 kernels, int32 /
     float32 / bfloat16 outputs, scalar and per-channel scale, bias;
@@ -132,6 +133,31 @@ def test_interpret_output_slabs():
   assert np.all(np.abs(got - want) <= np.spacing(np.abs(want))), np.abs(got - want).max()
 
 
+# (input shape, w shape, padding, out dtype)
+DGRAD_CASES = {
+    "3x3_same_f32": ((2, 5, 7, 40), (3, 3, 40, 24), "SAME", jnp.float32),
+    "2x3_asym_i32": ((1, 6, 5, 16), (2, 3, 16, 40), ((2, 0), (0, 1)), jnp.int32),
+    "3x3_valid_bf16": ((1, 7, 6, 8), (3, 3, 8, 33), "VALID", jnp.bfloat16),
+    "1x1_crop_i32": ((2, 4, 5, 24), (1, 1, 24, 3), ((-1, 0), (0, -2)), jnp.int32),
+}
+
+
+@pytest.mark.parametrize("case", list(DGRAD_CASES))
+def test_interpret_dgrad_matches_reference(case):
+  """dx by the forward kernel on g (O = 3: g's channels padded to 16 bytes for TMA; a crop:
+  dx rows no output depends on are epilogue(0))."""
+  x_shape, w_shape, padding, dt = DGRAD_CASES[case]
+  g_shape = pk.conv_output_shape(x_shape, w_shape, (1, 1), padding)
+  g, w = _int8(g_shape, 5), _int8(w_shape, 6)
+  kw = dict(input_shape=x_shape, padding=padding, out_dtype=dt)
+  if dt != jnp.int32:
+    kw["scale"], kw["bias"] = _epilogue(x_shape[3])
+  got = cd.int8_conv_direct_dgrad(g, w, config=SMALL, interpret=True, **kw)
+  want = pk.int8_conv_dgrad_reference(g, w, **kw)
+  assert got.shape == want.shape == x_shape and got.dtype == want.dtype
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_direct_tile_picks_least_waste():
   assert cd.direct_tile(256, 56, 56, 128, 3, 3) == cd.DirectTile(2, 8, 8)   # 56 = 7 x 8
   assert cd.direct_tile(256, 56, 56, 64, 3, 3) == cd.DirectTile(1, 8, 8)
@@ -164,6 +190,14 @@ def test_compiled_kernel_lowers_for_cuda(config):
     f = functools.partial(cd.int8_conv_direct, padding="SAME", out_dtype=dt, config=config)
     text = _lower_for_cuda(f, _sds(x_shape), _sds(w_shape))
     assert text.count("custom_call @mosaic_gpu") == 1
+
+
+def test_compiled_dgrad_lowers_for_cuda():
+  x_shape, w_shape = (2, 9, 13, 72), (3, 3, 72, 64)
+  g_shape = pk.conv_output_shape(x_shape, w_shape, (1, 1), "SAME")
+  f = functools.partial(cd.int8_conv_direct_dgrad, input_shape=x_shape, padding="SAME",
+                        out_dtype=jnp.bfloat16)
+  assert _lower_for_cuda(f, _sds(g_shape), _sds(w_shape)).count("custom_call @mosaic_gpu") == 1
 
 
 def _kernel_int8_operands(fn, *args):
@@ -232,6 +266,12 @@ def test_errors_name_the_argument():
                         interpret=True)
   with pytest.raises(TypeError, match="x must be an int8 array"):
     cd.int8_conv_direct(x.astype(jnp.int32), w, interpret=True)
+  g = _int8((1, 3, 3, 8), 3)
+  with pytest.raises(NotImplementedError, match=r"window_strides=\(2, 2\)"):
+    cd.int8_conv_direct_dgrad(g, w, input_shape=(1, 6, 6, 16), window_strides=(2, 2),
+                              padding="SAME")
+  with pytest.raises(ValueError, match="g must have the forward output's shape"):
+    cd.int8_conv_direct_dgrad(g, w, input_shape=(1, 4, 4, 16), interpret=True)
 
 
 # ---------------------------------------------------------------------------
@@ -260,4 +300,19 @@ def test_gpu_matches_reference(case, low_pad_in_xla):
   with jax.default_device(cpu):
     want = pk.int8_conv_reference(jax.device_put(x, cpu), jax.device_put(w, cpu),
                                   padding=padding, out_dtype=jnp.int32)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("case", ["conv2_3x3", "ragged"])
+def test_gpu_dgrad_matches_reference(case):
+  x_shape, w_shape, padding = GPU_CASES[case]
+  g_shape = pk.conv_output_shape(x_shape, w_shape, (1, 1), padding)
+  g, w = _int8(g_shape, 5), _int8(w_shape, 6)
+  kw = dict(input_shape=x_shape, padding=padding, out_dtype=jnp.int32)
+  got = jax.jit(functools.partial(cd.int8_conv_direct_dgrad, **kw))(g, w)
+  cpu = jax.devices("cpu")[0]
+  with jax.default_device(cpu):
+    want = pk.int8_conv_dgrad_reference(jax.device_put(g, cpu), jax.device_put(w, cpu), **kw)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
