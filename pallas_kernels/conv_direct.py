@@ -7,7 +7,7 @@ stores its result straight into the NHWC output. Standalone (not wired into
 :func:`int8_conv_direct_dgrad`: the stride-1 input gradient by the same
 kernel (g with the flipped, channel-swapped kernel).
 
-How (stride 1; strides > 1 are not done yet, see the end):
+How (stride 1; strides s > 1: below):
 
 * An output tile is ``tb`` images x ``th`` output rows x ``tw`` output
   columns (``tb*th*tw = tile_m`` pixels, the M of the ``wgmma``;
@@ -54,13 +54,17 @@ Lowering: Mosaic GPU's "Lane" semantics (the untiled view is built on the
 physical SMEM ref; the default warpgroup semantics infers SMEM layouts and
 refuses the aliasing view).
 
-Not done (to wire in): strides > 1 (the phase split of int8_conv applies
-unchanged: each phase image is then one NHWC tensor read by boxes; TMA's
-element strides would avoid the split, but Mosaic GPU does not expose
-them), the strided input gradient (int8_conv's sub-pixel phases: one
-launch per phase, each this kernel on g; then an interleave), tile_k >
-swizzle (several boxes per step), and wgrad
-(a separate problem: its operands are pixel-major).
+Strides s > 1: int8_conv's phase split in XLA (pad, then the s*s phase
+images ``xp[:, a::s, b::s]`` with taps, stacked along N: one int8 pass
+writing ~1x x), tap (s*dh+a, s*dw+b) = box of phase (a, b) at (dh, dw);
+the kernel is the same (per-tap image / row / column offsets). TMA's
+element strides would read the phases in place, but Mosaic GPU does not
+expose them.
+
+Not done (to wire in): the strided input gradient (int8_conv's sub-pixel
+phases: one launch per phase, each this kernel on g; then an interleave),
+tile_k > swizzle (several boxes per step), and wgrad (a separate problem:
+its operands are pixel-major).
 """
 
 from __future__ import annotations
@@ -81,8 +85,10 @@ from pallas_kernels.int8_conv import _check_dgrad_args
 from pallas_kernels.int8_conv import _check_conv_args
 from pallas_kernels.int8_conv import _check_epilogue_args
 from pallas_kernels.int8_conv import _empty_or_zero_k
+from pallas_kernels.int8_conv import _forward_phase_taps
 from pallas_kernels.int8_conv import _launcher
 from pallas_kernels.int8_conv import _pipelined_accumulate
+from pallas_kernels.int8_conv import _select
 from pallas_kernels.int8_conv import _vectors
 from pallas_kernels.int8_conv import _weight_matrix
 from pallas_kernels.int8_conv import conv_output_shape
@@ -189,18 +195,21 @@ def _store(ref, value, optimized):
 
 def _direct_kernel(x_gmem, w_gmem, scale_gmem, bias_gmem, out_gmem, a_smem, b_smem,
                    barriers, scale_smem, bias_smem, vec_barriers, out_smem, *,
-                   tile: DirectTile, grid_hw: tuple[int, int], kernel_hw: tuple[int, int],
-                   offset_hw: tuple[int, int], config: Int8ConvConfig, k_chunks: int,
+                   tile: DirectTile, grid_hw: tuple[int, int],
+                   taps: tuple[tuple[int, int, int], ...], offset_hw: tuple[int, int],
+                   config: Int8ConvConfig, k_chunks: int,
                    has_bias: bool, int_out: bool, row_copies: bool, out_chunk: int | None):
   """One (tb x th x tw pixels, tile_n channels) output tile per block.
 
-  GMEM: x (N, H', W', C') int8 (C' a multiple of 16), the weight matrix
-  (Op, taps*Cp) int8, scale / bias (Op,) f32, out (N, Ho, Wo, O') NHWC.
-  ``offset_hw``: x coordinate of output (0, 0)'s tap (0, 0) (-lo: the low
-  padding is read out of bounds). ``row_copies``: copy each box row by row
-  into the tiled slot (interpret mode) instead of one box into the untiled
-  view. ``out_chunk``: output channels per swizzled output slab (None: one untiled
-  tile; :func:`_out_layout`).
+  GMEM: x (N', H', W', C') int8 (C' a multiple of 16; stride s > 1: the s*s
+  phase images stacked along N), the weight matrix (Op, taps*Cp) int8,
+  scale / bias (Op,) f32, out (N, Ho, Wo, O') NHWC. ``taps``: per tap (image
+  offset, row offset, column offset) of its box; ``offset_hw``: added to
+  every box's (row, column) (-lo: the low padding read out of bounds).
+  ``row_copies``: copy each box row by row into the tiled slot (interpret
+  mode) instead of one box into the untiled view. ``out_chunk``: output
+  channels per swizzled output slab (None: one untiled tile;
+  :func:`_out_layout`).
   """
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -208,7 +217,6 @@ def _direct_kernel(x_gmem, w_gmem, scale_gmem, bias_gmem, out_gmem, a_smem, b_sm
   tb, th, tw = tile.tb, tile.th, tile.tw
   tile_m, tile_n, tile_k = config.tile_m, config.tile_n, config.tile_k
   tiles_h, tiles_w = grid_hw
-  _, kw_taps = kernel_hw
   m_idx = lax.axis_index("m")
   n_idx = lax.axis_index("n")
   tile_w = lax.rem(m_idx, jnp.int32(tiles_w))
@@ -218,7 +226,7 @@ def _direct_kernel(x_gmem, w_gmem, scale_gmem, bias_gmem, out_gmem, a_smem, b_sm
   h0 = tile_h * th
   w0 = tile_w * tw
   n_slice = pl.ds(n_idx * tile_n, tile_n)
-  num_steps = kernel_hw[0] * kernel_hw[1] * k_chunks
+  num_steps = len(taps) * k_chunks
   depth = min(config.max_concurrent_steps, num_steps)
 
   if not int_out:
@@ -230,20 +238,19 @@ def _direct_kernel(x_gmem, w_gmem, scale_gmem, bias_gmem, out_gmem, a_smem, b_sm
     """Starts the TMA loads of pipeline step ``step`` into ring ``slot``."""
     tap = lax.div(step, jnp.int32(k_chunks))
     chunk = step - tap * k_chunks
-    kh = lax.div(tap, jnp.int32(kw_taps))
-    kw = tap - kh * kw_taps
-    hs = h0 + kh + offset_hw[0]
-    ws = w0 + kw + offset_hw[1]
+    ns = n0 + _select(tap, [t[0] for t in taps])
+    hs = h0 + _select(tap, [t[1] for t in taps]) + offset_hw[0]
+    ws = w0 + _select(tap, [t[2] for t in taps]) + offset_hw[1]
     chans = pl.ds(chunk * tile_k, tile_k)
     if row_copies:
       for b in range(tb):
         for i in range(th):
           plgpu.copy_gmem_to_smem(
-              x_gmem.at[n0 + b, hs + i, pl.ds(ws, tw), chans],
+              x_gmem.at[ns + b, hs + i, pl.ds(ws, tw), chans],
               a_smem.at[slot, pl.ds((b * th + i) * tw, tw)], barriers.at[slot])
     else:
       plgpu.copy_gmem_to_smem(
-          x_gmem.at[pl.ds(n0, tb), pl.ds(hs, th), pl.ds(ws, tw), chans],
+          x_gmem.at[pl.ds(ns, tb), pl.ds(hs, th), pl.ds(ws, tw), chans],
           _untiled_box_view(a_smem, slot, tile), barriers.at[slot])
     plgpu.copy_gmem_to_smem(w_gmem.at[n_slice, pl.ds(step * tile_k, tile_k)],
                             b_smem.at[slot], barriers.at[slot])
@@ -298,40 +305,67 @@ def _direct_kernel(x_gmem, w_gmem, scale_gmem, bias_gmem, out_gmem, a_smem, b_sm
   plgpu.wait_smem_to_gmem(0)
 
 
-def _operands(x, w, scale, bias, *, pads, config: Int8ConvConfig, low_pad_in_xla: bool):
-  """What the kernel is handed: x as given (C padded to 16 bytes if needed;
-  the low padding added if ``low_pad_in_xla``), the weight matrix, the
-  epilogue vectors, and the x coordinate of output (0, 0)'s first tap."""
-  _, _, _, c = x.shape
+def _operands(x, w, scale, bias, *, strides, pads, config: Int8ConvConfig,
+              low_pad_in_xla: bool):
+  """What the kernel is handed and how it reads it.
+
+  Stride 1: x as given (C padded to 16 bytes if needed; the low padding added
+  if ``low_pad_in_xla``), taps (0, kh, kw), offset -lo (the low padding read
+  out of bounds). Stride s > 1: int8_conv's phase split -- x padded, split
+  into the s*s phase images (one int8 pass), those with taps stacked along N
+  (phase p's image n at p*N + n) -- taps (p*N, dh, dw), offset 0. Plus the
+  weight matrix (block t = w[kh_t, kw_t].T) and the epilogue vectors.
+  """
+  n, h, wd, c = x.shape
   kh, kw, _, o = w.shape
+  sh, sw = strides
   cp = _round_up(max(c, 1), config.tile_k)
   op = _round_up(o, config.tile_n)
   c16 = _round_up(c, _GMEM_STRIDE_BYTES)
-  plo = [max(lo, 0) if low_pad_in_xla else 0 for lo, _ in pads]
-  if c16 != c or any(plo):
-    x = lax.pad(x, jnp.int8(0), ((0, 0, 0), (plo[0], 0, 0), (plo[1], 0, 0), (0, c16 - c, 0)))
-  offset = tuple(p - lo for p, (lo, _) in zip(plo, pads))
-  taps = _Taps(offsets=(0,) * (kh * kw),
-               weights=tuple((i, j) for i in range(kh) for j in range(kw)))
-  wmat = _weight_matrix(jnp.transpose(w, (0, 1, 3, 2)), taps, op, cp)
+  if strides == (1, 1):
+    plo = [max(lo, 0) if low_pad_in_xla else 0 for lo, _ in pads]
+    if c16 != c or any(plo):
+      x = lax.pad(x, jnp.int8(0), ((0, 0, 0), (plo[0], 0, 0), (plo[1], 0, 0), (0, c16 - c, 0)))
+    offset = tuple(p - lo for p, (lo, _) in zip(plo, pads))
+    taps = tuple((0, i, j) for i in range(kh) for j in range(kw))
+    weights = tuple((i, j) for i in range(kh) for j in range(kw))
+  else:
+    hq = -(-(h + pads[0][0] + pads[0][1]) // sh)
+    wq = -(-(wd + pads[1][0] + pads[1][1]) // sw)
+    xp = lax.pad(x, jnp.int8(0), ((0, 0, 0), (pads[0][0], hq * sh - h - pads[0][0], 0),
+                                  (pads[1][0], wq * sw - wd - pads[1][0], 0), (0, c16 - c, 0)))
+    split = xp.reshape(n, hq, sh, wq, sw, c16)
+    ph, pw = _forward_phase_taps(kh, sh), _forward_phase_taps(kw, sw)
+    phases = [(a, b) for a, _ in ph for b, _ in pw]
+    x = jnp.concatenate([split[:, :, a, :, b, :] for a, b in phases], axis=0)
+    taps, weights = [], []
+    for p, ((a, dhs), (b, dws)) in enumerate((u, v) for u in ph for v in pw):
+      for dh in dhs:
+        for dw in dws:
+          taps.append((p * n, dh, dw))
+          weights.append((sh * dh + a, sw * dw + b))
+    taps, weights, offset = tuple(taps), tuple(weights), (0, 0)
+  wmat = _weight_matrix(jnp.transpose(w, (0, 1, 3, 2)),
+                        _Taps(offsets=(0,) * len(weights), weights=weights), op, cp)
   scale_p, bias_p = _vectors(scale, bias, o, op)
-  return x, wmat, scale_p, bias_p, offset, cp, op
+  return x, wmat, scale_p, bias_p, taps, offset, cp, op
 
 
-@functools.partial(jax.jit, static_argnames=("pads", "out_dtype", "config", "launcher",
-                                             "tile", "low_pad_in_xla", "slab_out"))
-def _int8_conv_direct_impl(x, w, scale, bias, *, pads, out_dtype, config, launcher, tile,
-                           low_pad_in_xla, slab_out):
+@functools.partial(jax.jit, static_argnames=("strides", "pads", "out_dtype", "config",
+                                             "launcher", "tile", "low_pad_in_xla", "slab_out"))
+def _int8_conv_direct_impl(x, w, scale, bias, *, strides, pads, out_dtype, config, launcher,
+                           tile, low_pad_in_xla, slab_out):
   """``slab_out``: the output tile as swizzled column slabs (:func:`_out_layout`) where
   possible, else one untiled tile."""
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
   n, _, _, _ = x.shape
   kh, kw, _, o = w.shape
-  _, ho, wo, _ = conv_output_shape(x.shape, w.shape, (1, 1), pads)
+  _, ho, wo, _ = conv_output_shape(x.shape, w.shape, strides, pads)
   interpret = launcher != "mosaic_gpu"
-  xk, wmat, scale_p, bias_p, offset, cp, op = _operands(
-      x, w, scale, bias, pads=pads, config=config, low_pad_in_xla=low_pad_in_xla)
+  xk, wmat, scale_p, bias_p, taps, offset, cp, op = _operands(
+      x, w, scale, bias, strides=strides, pads=pads, config=config,
+      low_pad_in_xla=low_pad_in_xla)
   out_c = _round_up(o, _GMEM_STRIDE_BYTES // jnp.dtype(out_dtype).itemsize)
   grid_hw = (-(-ho // tile.th), -(-wo // tile.tw))
   k_chunks = cp // config.tile_k
@@ -347,7 +381,7 @@ def _int8_conv_direct_impl(x, w, scale, bias, *, pads, out_dtype, config, launch
                           transforms=(plgpu.TilingTransform((8, out_chunk)),
                                       plgpu.SwizzleTransform(out_swizzle)))
   kernel = plgpu.kernel(
-      functools.partial(_direct_kernel, tile=tile, grid_hw=grid_hw, kernel_hw=(kh, kw),
+      functools.partial(_direct_kernel, tile=tile, grid_hw=grid_hw, taps=taps,
                         offset_hw=offset, config=config, k_chunks=k_chunks,
                         has_bias=bias is not None, int_out=out_dtype == jnp.int32,
                         row_copies=interpret, out_chunk=out_chunk),
@@ -379,7 +413,7 @@ def int8_conv_direct(x, w, *, window_strides=(1, 1), padding="VALID", scale=None
                      out_dtype=jnp.float32, config: Int8ConvConfig | None = None,
                      tile: DirectTile | None = None, low_pad_in_xla: bool | None = None,
                      interpret=False):
-  """:func:`pallas_kernels.int8_conv.int8_conv` (stride 1) by per-tap NHWC boxes.
+  """:func:`pallas_kernels.int8_conv.int8_conv` by per-tap NHWC boxes.
 
   Same arguments and result (bit-equal to :func:`int8_conv_reference`),
   plus:
@@ -389,33 +423,27 @@ def int8_conv_direct(x, w, *, window_strides=(1, 1), padding="VALID", scale=None
       :func:`direct_tile` if None.
     low_pad_in_xla: pad the low side of H and W in XLA (one int8 pass)
       instead of reading it as TMA's out-of-bounds zeros. None: only under
-      interpret mode (whose TMA model cannot start a box below 0).
-
-  Raises:
-    NotImplementedError for ``window_strides`` other than (1, 1).
+      interpret mode (whose TMA model cannot start a box below 0). Strides > 1
+    pad in the phase split anyway.
   """
   strides, pads = _check_conv_args(x, w, window_strides, padding)
-  if strides != (1, 1):
-    raise NotImplementedError(
-        f"int8_conv_direct: window_strides={window_strides!r}; only (1, 1) is done (strides > 1 "
-        "need int8_conv's phase split in front)")
   scale, bias, out_dtype = _check_epilogue_args(scale, bias, out_dtype, w.shape[3], "O")
   kh, kw, c, o = w.shape
   _check_contraction(kh * kw * c, "this conv")
-  return _run_direct(x, w, scale, bias, pads=pads, out_dtype=out_dtype,
+  return _run_direct(x, w, scale, bias, strides=strides, pads=pads, out_dtype=out_dtype,
                      config=config or select_conv_config(c, o), tile=tile,
                      low_pad_in_xla=low_pad_in_xla, interpret=interpret)
 
 
-def _run_direct(x, w, scale, bias, *, pads, out_dtype, config, tile, low_pad_in_xla,
+def _run_direct(x, w, scale, bias, *, strides, pads, out_dtype, config, tile, low_pad_in_xla,
                 interpret):
-  """The stride-1 conv of checked arguments (w: (KH, KW, K, N), contracting K)."""
+  """The conv of checked arguments (w: (KH, KW, K, N), contracting K)."""
   kh, kw, c, _ = w.shape
   _check_direct_config(config)
   launcher = _launcher(interpret)
   interpret_mode = launcher != "mosaic_gpu"
   _check_config(config, out_dtype, interpret_mode)
-  out_shape = conv_output_shape(x.shape, w.shape, (1, 1), pads)
+  out_shape = conv_output_shape(x.shape, w.shape, strides, pads)
   if min(out_shape) == 0 or c == 0:
     return _empty_or_zero_k(out_shape, scale, bias, out_dtype)
   if tile is None:
@@ -427,14 +455,16 @@ def _run_direct(x, w, scale, bias, *, pads, out_dtype, config, tile, low_pad_in_
     raise ValueError(f"tile={tile!r}: TMA boxes hold at most {_MAX_BOX} per dimension")
   if low_pad_in_xla is None:
     low_pad_in_xla = interpret_mode
-  if interpret_mode and not low_pad_in_xla and any(lo > 0 for lo, _ in pads):
+  if (interpret_mode and not low_pad_in_xla and strides == (1, 1)
+      and any(lo > 0 for lo, _ in pads)):
     raise ValueError("low_pad_in_xla=False needs the compiled kernel: the GPU interpreter "
                      "cannot read a TMA box that starts below 0")
   # Interpret mode stores the tile whole: the per-slab epilogue would be bit-equal on the
   # GPU, but the interpreter's XLA:CPU does not contract a sliced multiply-add into one
   # FMA as the reference does (1-ulp differences). tests/test_conv_direct.py runs the
   # slabs under the interpreter on int32 outputs.
-  return _int8_conv_direct_impl(x, w, scale, bias, pads=pads, out_dtype=out_dtype,
+  return _int8_conv_direct_impl(x, w, scale, bias, strides=strides, pads=pads,
+                                out_dtype=out_dtype,
                                 config=config, launcher=launcher, tile=tile,
                                 low_pad_in_xla=bool(low_pad_in_xla),
                                 slab_out=not interpret_mode)
@@ -469,7 +499,7 @@ def int8_conv_direct_dgrad(g, w, *, input_shape, window_strides=(1, 1), padding=
     return _empty_or_zero_k(input_shape, scale, bias, out_dtype)
   t_pads = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip((kh, kw), pads))
   w_t = jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2))  # (KH, KW, O, C): a tiny XLA op
-  return _run_direct(g, w_t, scale, bias, pads=t_pads, out_dtype=out_dtype,
+  return _run_direct(g, w_t, scale, bias, strides=(1, 1), pads=t_pads, out_dtype=out_dtype,
                      config=config or select_conv_config(o, c), tile=tile,
                      low_pad_in_xla=low_pad_in_xla, interpret=interpret)
 

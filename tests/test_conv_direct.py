@@ -5,7 +5,8 @@ On any machine (CPU included):
     stride-1 dgrad, int8_conv_dgrad_reference) bit for bit on
     ragged shapes (odd H/W, C and O no tile multiples, C < 16, N no multiple of the tile's
     images), SAME / VALID / asymmetric / cropping padding, 1x1, 3x3 and 2x3 kernels, int32 /
-    float32 / bfloat16 outputs, scalar and per-channel scale, bias;
+    float32 / bfloat16 outputs, scalar and per-channel scale, bias; strides 2 and (2, 1)
+    through int8_conv's phase split;
   * the compiled kernel lowers for CUDA from the host (Mosaic GPU's own TMA / layout / wgmma
     checks) with box starts below 0 and not multiples of 8, for every config;
   * the traced computation hands the kernel x itself: no pad, no copy (int8 operand bytes
@@ -49,11 +50,11 @@ def _epilogue(o, seed=3):
 
 
 def _check(x_shape, w_shape, padding, *, out_dtype=jnp.float32, config=SMALL, tile=None,
-           scale="vector", bias=True):
+           scale="vector", bias=True, strides=(1, 1)):
   x, w = _int8(x_shape, 1), _int8(w_shape, 2)
   o = w_shape[3]
   s, b = _epilogue(o)
-  kw = dict(padding=padding, out_dtype=out_dtype)
+  kw = dict(padding=padding, out_dtype=out_dtype, window_strides=strides)
   if out_dtype != jnp.int32:
     kw["scale"] = {"vector": s, "scalar": 0.375, None: None}[scale]
     kw["bias"] = b if bias else None
@@ -86,6 +87,23 @@ def test_interpret_matches_reference(case):
   _check(x_shape, w_shape, padding, out_dtype=dt, scale=scale, bias=bias, tile=tile)
 
 
+# (x shape, w shape, strides, padding, out dtype)
+STRIDED_CASES = {
+    "3x3_s2_same_f32": ((2, 7, 9, 24), (3, 3, 24, 40), (2, 2), "SAME", jnp.float32),
+    "1x1_s2_i32": ((1, 9, 6, 16), (1, 1, 16, 24), (2, 2), "VALID", jnp.int32),
+    "3x2_s21_crop_i32": ((2, 8, 5, 16), (3, 2, 16, 8), (2, 1), ((1, -1), (1, 0)), jnp.int32),
+}
+
+
+@pytest.mark.parametrize("case", list(STRIDED_CASES))
+def test_interpret_strided_matches_reference(case):
+  """Strides > 1: the phase images stacked along N, per-tap image offsets (1x1 stride 2: one
+  phase; 3x3: four, with 4 / 2 / 2 / 1 taps; (2, 1): two row phases)."""
+  x_shape, w_shape, strides, padding, dt = STRIDED_CASES[case]
+  _check(x_shape, w_shape, padding, out_dtype=dt, strides=strides,
+         bias=dt != jnp.int32, scale="vector" if dt != jnp.int32 else None)
+
+
 def test_interpret_default_config_matches_reference():
   """select_conv_config's CONV_64x128 (tile_m 128, tile_k 64 > C): one chunk, zero-filled."""
   _check((1, 9, 10, 20), (3, 3, 20, 72), "SAME", config=None)
@@ -106,7 +124,7 @@ def _run_slabs(x, w, out_dtype, config, **kw):
   import jax.experimental.pallas.mosaic_gpu as plgpu
   s, b = cd._check_epilogue_args(kw.get("scale"), kw.get("bias"), out_dtype, w.shape[3], "O")[:2]
   return cd._int8_conv_direct_impl(
-      x, w, s, b, pads=pads, out_dtype=out_dtype, config=config,
+      x, w, s, b, strides=(1, 1), pads=pads, out_dtype=out_dtype, config=config,
       launcher=plgpu.InterpretGPUParams(), tile=cd.direct_tile(n, ho, wo, config.tile_m, 3, 3),
       low_pad_in_xla=True, slab_out=True)
 
@@ -183,11 +201,14 @@ def _lower_for_cuda(f, *args):
 
 @pytest.mark.parametrize("config", pk.CONV_CONFIGS + (SMALL,), ids=lambda c: c.name)
 def test_compiled_kernel_lowers_for_cuda(config):
-  """SAME padding: tap boxes start at -1 and at columns that are no multiple of 8."""
-  for x_shape, w_shape, dt in (((2, 9, 13, 64), (3, 3, 64, 72), jnp.float32),
-                               ((1, 7, 7, 24), (1, 1, 24, 8), jnp.bfloat16),
-                               ((2, 5, 6, 16), (3, 3, 16, 40), jnp.int32)):
-    f = functools.partial(cd.int8_conv_direct, padding="SAME", out_dtype=dt, config=config)
+  """SAME padding: tap boxes start at -1 and at columns that are no multiple of 8; and a
+  stride-2 conv (phase images, per-tap image offsets)."""
+  for x_shape, w_shape, dt, s in (((2, 9, 13, 64), (3, 3, 64, 72), jnp.float32, 1),
+                                  ((1, 7, 7, 24), (1, 1, 24, 8), jnp.bfloat16, 1),
+                                  ((2, 5, 6, 16), (3, 3, 16, 40), jnp.int32, 1),
+                                  ((2, 9, 13, 64), (3, 3, 64, 72), jnp.bfloat16, 2)):
+    f = functools.partial(cd.int8_conv_direct, padding="SAME", out_dtype=dt, config=config,
+                          window_strides=(s, s))
     text = _lower_for_cuda(f, _sds(x_shape), _sds(w_shape))
     assert text.count("custom_call @mosaic_gpu") == 1
 
@@ -233,6 +254,10 @@ def test_kernel_is_handed_x_itself():
   handed, x_bytes = cd.direct_kernel_operand_bytes(x.shape, w.shape)
   assert handed == sum(int(np.prod(s)) for s in operands)
   assert handed == x_bytes + 64 * 9 * 64
+  # Stride 2: the four 29x29 phase images of the padded 57x57 input (1.07x x).
+  conv2 = lambda x, w: cd.int8_conv_direct(x, w, window_strides=(2, 2), padding="SAME")
+  operands, _ = _kernel_int8_operands(conv2, x, w)
+  assert operands == [(4 * 8, 29, 29, 64), (64, 9 * 64)]
   assert cd.direct_kernel_operand_bytes((256, 56, 56, 64), w.shape)[0] / (256 * 56 * 56 * 64) \
       < 1.001
 
@@ -254,8 +279,6 @@ def test_interpret_path_pads_the_low_side_only():
 
 def test_errors_name_the_argument():
   x, w = _int8((1, 5, 5, 16), 1), _int8((3, 3, 16, 8), 2)
-  with pytest.raises(NotImplementedError, match=r"window_strides=\(2, 2\)"):
-    cd.int8_conv_direct(x, w, window_strides=(2, 2))
   bad = pk.Int8ConvConfig(tile_m=64, tile_n=32, tile_k=64, swizzle=32)
   with pytest.raises(ValueError, match="tile_k=64 must equal config.swizzle=32"):
     cd.int8_conv_direct(x, w, config=bad, interpret=True)
@@ -281,6 +304,7 @@ def test_errors_name_the_argument():
 
 GPU_CASES = {
     "conv2_3x3": ((8, 56, 56, 64), (3, 3, 64, 64), "SAME"),
+    "conv3_3x3_s2": ((8, 56, 56, 128), (3, 3, 128, 128), "SAME"),
     "conv5_3x3": ((8, 7, 7, 512), (3, 3, 512, 512), "SAME"),
     "ragged": ((3, 9, 13, 24), (3, 3, 24, 40), ((2, 0), (1, 3))),
     "1x1": ((4, 14, 14, 256), (1, 1, 256, 64), "VALID"),
@@ -293,13 +317,14 @@ GPU_CASES = {
 @pytest.mark.parametrize("case", list(GPU_CASES))
 def test_gpu_matches_reference(case, low_pad_in_xla):
   x_shape, w_shape, padding = GPU_CASES[case]
+  strides = (2, 2) if case.endswith("_s2") else (1, 1)
   x, w = _int8(x_shape, 1), _int8(w_shape, 2)
   got = jax.jit(functools.partial(cd.int8_conv_direct, padding=padding, out_dtype=jnp.int32,
-                                  low_pad_in_xla=low_pad_in_xla))(x, w)
+                                  window_strides=strides, low_pad_in_xla=low_pad_in_xla))(x, w)
   cpu = jax.devices("cpu")[0]
   with jax.default_device(cpu):
     want = pk.int8_conv_reference(jax.device_put(x, cpu), jax.device_put(w, cpu),
-                                  padding=padding, out_dtype=jnp.int32)
+                                  padding=padding, window_strides=strides, out_dtype=jnp.int32)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
