@@ -357,26 +357,27 @@ def planned_kernel_int8_bytes(conv: Conv) -> dict[str, int]:
   per launch (each output phase is a launch handed all copies); wgrad: the
   transposed copies of x plus the transposed ``g`` grid.
   """
-  import importlib
-  ic = importlib.import_module("pallas_kernels.int8_conv")  # the module, not the function
+  from pallas_kernels import conv_common as cc  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.conv_dgrad import dgrad_plan  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.conv_wgrad import wgrad_plan  # pylint: disable=g-import-not-at-top
   if conv.groups != 1:
     raise ValueError(f"planned_kernel_int8_bytes: ungrouped convs only, got groups={conv.groups}")
   n, h, w, c = conv.x_shape
   kh, kw, _, o = conv.w_shape
   strides, pads = tuple(conv.strides), _pads(conv)
-  r = ic._round_up
-  cfg = ic.select_conv_config(c, o)
+  r = cc.round_up
+  cfg = cc.select_conv_config(c, o)
   cp, op = r(c, cfg.tile_k), r(o, cfg.tile_n)
-  plan, _ = ic._forward_plan(n, h, w, c, kh, kw, o, strides, pads, cfg.tile_m, cp, op, 2)
+  plan, _ = cc.forward_plan(n, h, w, c, kh, kw, o, strides, pads, cfg.tile_m, cp, op, 2)
   ntaps = len(plan.launches[0].offsets)
   fwd = len(plan.residues) * plan.copy_rows * cp + op * ntaps * cp
-  cfg = ic.select_conv_config(o, c)
+  cfg = cc.select_conv_config(o, c)
   kp, np_ = r(o, cfg.tile_k), r(c, cfg.tile_n)
-  plan, *_ = ic._dgrad_plan(conv.x_shape, conv.w_shape, strides, pads, cfg.tile_m, kp, np_, 2)
+  plan, *_ = dgrad_plan(conv.x_shape, conv.w_shape, strides, pads, cfg.tile_m, kp, np_, 2)
   copies = len(plan.residues) * plan.copy_rows * kp
   dgrad = sum(copies + np_ * len(t.offsets) * kp for t in plan.launches)
-  cfg = ic.select_wgrad_config(c, o)
-  plan, _, split, cp, op = ic._wgrad_plan(conv.x_shape, conv.w_shape, strides, pads, cfg)
+  cfg = cc.select_wgrad_config(c, o)
+  plan, _, split, cp, op = wgrad_plan(conv.x_shape, conv.w_shape, strides, pads, cfg)
   taps = plan.launches[0]
   cols = split.k_pad + max(taps.align * q for q in taps.tap_offq)
   wgrad = len(plan.residues) * cp * cols + op * split.k_pad

@@ -443,7 +443,7 @@ def pick_pitch(wq, build, macs_per_row, src_row_bytes, out_row_bytes,
   return best[1]
 
 
-def _forward_phase_taps(k, stride):
+def forward_phase_taps(k, stride):
   """[(phase a, [dh...])] for one dimension, phases with taps only."""
   out = []
   for a in range(stride):
@@ -466,7 +466,7 @@ def forward_plan(n, h, w, c, kh, kw, o, strides, pads, tile_m, cp, op,
   wo = output_size(w, kw, sw, *pads[1])
   hq = -(-(h + pads[0][0] + pads[0][1]) // sh)
   wq = -(-(w + pads[1][0] + pads[1][1]) // sw)
-  ph, pw = _forward_phase_taps(kh, sh), _forward_phase_taps(kw, sw)
+  ph, pw = forward_phase_taps(kh, sh), forward_phase_taps(kw, sw)
   phases = [(a, b) for a, _ in ph for b, _ in pw]
 
   def build(wg):

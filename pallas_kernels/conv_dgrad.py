@@ -64,7 +64,7 @@ def _dgrad_pads(size, k, stride, lo, out_size):
   return pad_lo, size + k - 1 - dilated - pad_lo
 
 
-def _check_dgrad_args(g, w, input_shape, window_strides, padding):
+def check_dgrad_args(g, w, input_shape, window_strides, padding):
   check_int8("g", g, 4, "NHWC (N, Ho, Wo, O)")
   check_int8("w", w, 4, "HWIO (KH, KW, C, O)")
   input_shape = check_shape("input_shape", input_shape,
@@ -89,7 +89,7 @@ def _check_dgrad_call(g, w, input_shape, window_strides, padding, scale, bias,
                       out_dtype):
   """The checked arguments of a dgrad call: ``(input_shape, strides, pads,
   scale, bias, out_dtype)``; K = KH*KW*O must fit one int32 accumulator."""
-  input_shape, strides, pads = _check_dgrad_args(g, w, input_shape,
+  input_shape, strides, pads = check_dgrad_args(g, w, input_shape,
                                                  window_strides, padding)
   scale, bias, out_dtype = check_epilogue_args(scale, bias, out_dtype,
                                                w.shape[2], "C")
@@ -123,7 +123,7 @@ def int8_conv_dgrad_reference(g, w, *, input_shape, window_strides=(1, 1),
 
 
 @functools.lru_cache(maxsize=None)
-def _dgrad_plan(input_shape, kernel_shape, strides, pads, tile_m, kp, np_,
+def dgrad_plan(input_shape, kernel_shape, strides, pads, tile_m, kp, np_,
                 out_bytes):
   """Sub-pixel phases of dgrad over one shared padded g (module docstring).
 
@@ -226,7 +226,7 @@ def _int8_conv_dgrad_impl(g, w, scale, bias, *, input_shape, strides, pads,
   kh, kw, _, o = w.shape
   kp = round_up(max(o, 1), config.tile_k)   # contracted: g's channels
   np_ = round_up(c, config.tile_n)          # produced: dx's channels
-  plan, where, g_pads, zero = _dgrad_plan(
+  plan, where, g_pads, zero = dgrad_plan(
       input_shape, w.shape, strides, pads, config.tile_m, kp, np_,
       jnp.dtype(out_dtype).itemsize)
   gp = lax.pad(g, jnp.int8(0), ((0, 0, 0), (*g_pads[0], 0), (*g_pads[1], 0),

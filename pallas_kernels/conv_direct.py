@@ -77,23 +77,23 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.int8_conv import Int8ConvConfig
-from pallas_kernels.int8_conv import _Taps
-from pallas_kernels.int8_conv import _check_config
-from pallas_kernels.int8_conv import _check_contraction
-from pallas_kernels.int8_conv import _check_dgrad_args
-from pallas_kernels.int8_conv import _check_conv_args
-from pallas_kernels.int8_conv import _check_epilogue_args
-from pallas_kernels.int8_conv import _empty_or_zero_k
-from pallas_kernels.int8_conv import _forward_phase_taps
-from pallas_kernels.int8_conv import _launcher
-from pallas_kernels.int8_conv import _pipelined_accumulate
-from pallas_kernels.int8_conv import _select
-from pallas_kernels.int8_conv import _vectors
-from pallas_kernels.int8_conv import _weight_matrix
-from pallas_kernels.int8_conv import conv_output_shape
-from pallas_kernels.int8_conv import select_conv_config
-from pallas_kernels.int8_matmul import _round_up
+from pallas_kernels._common import round_up as _round_up
+from pallas_kernels.conv_common import Int8ConvConfig
+from pallas_kernels.conv_common import Taps as _Taps
+from pallas_kernels.conv_common import check_config as _check_config
+from pallas_kernels.conv_common import check_contraction as _check_contraction
+from pallas_kernels.conv_common import check_epilogue_args as _check_epilogue_args
+from pallas_kernels.conv_common import conv_output_shape
+from pallas_kernels.conv_common import empty_or_zero_k as _empty_or_zero_k
+from pallas_kernels.conv_common import forward_phase_taps
+from pallas_kernels.conv_common import launcher_for as _launcher
+from pallas_kernels.conv_common import pipelined_accumulate as _pipelined_accumulate
+from pallas_kernels.conv_common import select_conv_config
+from pallas_kernels.conv_common import static_lookup as _select
+from pallas_kernels.conv_common import weight_matrix as _weight_matrix
+from pallas_kernels.conv_dgrad import check_dgrad_args
+from pallas_kernels.conv_forward import check_conv_args
+from pallas_kernels.conv_forward import padded_vectors as _vectors
 
 __all__ = ["DirectTile", "direct_kernel_operand_bytes", "direct_tile", "int8_conv_direct",
            "int8_conv_direct_dgrad"]
@@ -335,7 +335,7 @@ def _operands(x, w, scale, bias, *, strides, pads, config: Int8ConvConfig,
     xp = lax.pad(x, jnp.int8(0), ((0, 0, 0), (pads[0][0], hq * sh - h - pads[0][0], 0),
                                   (pads[1][0], wq * sw - wd - pads[1][0], 0), (0, c16 - c, 0)))
     split = xp.reshape(n, hq, sh, wq, sw, c16)
-    ph, pw = _forward_phase_taps(kh, sh), _forward_phase_taps(kw, sw)
+    ph, pw = forward_phase_taps(kh, sh), forward_phase_taps(kw, sw)
     phases = [(a, b) for a, _ in ph for b, _ in pw]
     x = jnp.concatenate([split[:, :, a, :, b, :] for a, b in phases], axis=0)
     taps, weights = [], []
@@ -426,7 +426,7 @@ def int8_conv_direct(x, w, *, window_strides=(1, 1), padding="VALID", scale=None
       interpret mode (whose TMA model cannot start a box below 0). Strides > 1
     pad in the phase split anyway.
   """
-  strides, pads = _check_conv_args(x, w, window_strides, padding)
+  strides, pads = check_conv_args(x, w, window_strides, padding)
   scale, bias, out_dtype = _check_epilogue_args(scale, bias, out_dtype, w.shape[3], "O")
   kh, kw, c, o = w.shape
   _check_contraction(kh * kw * c, "this conv")
@@ -488,7 +488,7 @@ def int8_conv_direct_dgrad(g, w, *, input_shape, window_strides=(1, 1), padding=
     NotImplementedError for ``window_strides`` other than (1, 1) (strided
     dgrad needs int8_conv's sub-pixel phases and an interleave).
   """
-  input_shape, strides, pads = _check_dgrad_args(g, w, input_shape, window_strides, padding)
+  input_shape, strides, pads = check_dgrad_args(g, w, input_shape, window_strides, padding)
   if strides != (1, 1):
     raise NotImplementedError(
         f"int8_conv_direct_dgrad: window_strides={window_strides!r}; only (1, 1) is done")
@@ -511,7 +511,7 @@ def direct_kernel_operand_bytes(x_shape, w_shape, *, padding="SAME", config=None
   n, h, wd, c = x_shape
   kh, kw, _, o = w_shape
   config = config or select_conv_config(c, o)
-  _, pads = _check_conv_args(jax.ShapeDtypeStruct(x_shape, jnp.int8),
+  _, pads = check_conv_args(jax.ShapeDtypeStruct(x_shape, jnp.int8),
                              jax.ShapeDtypeStruct(w_shape, jnp.int8), (1, 1), padding)
   plo = [max(lo, 0) if low_pad_in_xla else 0 for lo, _ in pads]
   xb = n * (h + plo[0]) * (wd + plo[1]) * _round_up(c, _GMEM_STRIDE_BYTES)

@@ -76,7 +76,7 @@ __all__ = ["int8_conv", "int8_conv_reference"]
 # ----------------------------------------------------------------------------
 
 
-def _check_conv_args(x, w, window_strides, padding):
+def check_conv_args(x, w, window_strides, padding):
   check_int8("x", x, 4, "NHWC (N, H, W, C)")
   check_int8("w", w, 4, "HWIO (KH, KW, C, O)")
   n, h, wd, c = x.shape
@@ -95,7 +95,7 @@ def _check_conv_args(x, w, window_strides, padding):
 def _check_conv_call(x, w, window_strides, padding, scale, bias, out_dtype):
   """The checked arguments of a forward call: ``(strides, pads, scale,
   bias, out_dtype)``; K = KH*KW*C must fit one int32 accumulator."""
-  strides, pads = _check_conv_args(x, w, window_strides, padding)
+  strides, pads = check_conv_args(x, w, window_strides, padding)
   scale, bias, out_dtype = check_epilogue_args(scale, bias, out_dtype,
                                                w.shape[3], "O")
   kh, kw, c, _ = w.shape

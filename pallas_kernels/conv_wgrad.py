@@ -264,7 +264,7 @@ def _run_wgrad_launch(copies_t, gt, *, taps: Taps, split: _WgradSplit,
 
 
 @functools.lru_cache(maxsize=None)
-def _wgrad_plan(x_shape, kernel_shape, strides, pads, config):
+def wgrad_plan(x_shape, kernel_shape, strides, pads, config):
   n, h, w, c = x_shape
   kh, kw, _, o = kernel_shape
   cp = round_up(c, config.tile_m)
@@ -286,7 +286,7 @@ def _int8_conv_wgrad_impl(x, g, scale, *, kernel_shape, strides, pads,
                           out_dtype, config, launcher, halves=False):
   n, h, w, c = x.shape
   kh, kw, _, o = kernel_shape
-  plan, phases, split, cp, op = _wgrad_plan(x.shape, kernel_shape, strides,
+  plan, phases, split, cp, op = wgrad_plan(x.shape, kernel_shape, strides,
                                             pads, config)
   taps = plan.launches[0]
   flat = forward_source(x, plan, phases, strides, pads, cp)

@@ -119,7 +119,7 @@ def test_interpret_tiles_are_fixed_points():
 def _run_slabs(x, w, out_dtype, config, **kw):
   """The compiled kernel's epilogue (output tile as swizzled column slabs, sliced from the
   accumulator) run by the interpreter."""
-  _, pads = cd._check_conv_args(x, w, (1, 1), kw.pop("padding"))
+  _, pads = cd.check_conv_args(x, w, (1, 1), kw.pop("padding"))
   n, ho, wo, _ = pk.conv_output_shape(x.shape, w.shape, (1, 1), pads)
   import jax.experimental.pallas.mosaic_gpu as plgpu
   s, b = cd._check_epilogue_args(kw.get("scale"), kw.get("bias"), out_dtype, w.shape[3], "O")[:2]

@@ -305,7 +305,7 @@ def test_wgrad_parts_combine_exactly_past_int32():
       pads=((0, 0), (0, 0)), out_dtype=jnp.dtype(jnp.float32),
       config=SMALL_WGRAD, launcher="xla")
   np.testing.assert_array_equal(np.asarray(got), want)
-  split = conv_wgrad._wgrad_plan(x.shape, k_shape, (1, 1), ((0, 0), (0, 0)),
+  split = conv_wgrad.wgrad_plan(x.shape, k_shape, (1, 1), ((0, 0), (0, 0)),
                                  SMALL_WGRAD)[2]
   assert split.parts >= 2 and split.part_len <= pk.INT32_SAFE_K, split
 
@@ -349,7 +349,7 @@ def test_plans_match_reference_xla_launcher(geometry):
   transposed copies and split: all exact."""
   x_shape, w_shape, strides, padding = geometry
   x, w = _operands(x_shape, w_shape, seed=7)
-  strides_n, pads = conv_forward._check_conv_args(x, w, strides, padding)
+  strides_n, pads = conv_forward.check_conv_args(x, w, strides, padding)
   i32 = jnp.dtype(jnp.int32)
   got = conv_forward._int8_conv_impl(x, w, None, None, strides=strides_n, pads=pads,
                                      out_dtype=i32, config=SMALL_CONFIG, launcher="xla")
