@@ -1,7 +1,7 @@
 """Runnable INT8-training examples for int8jax (models, data, the shared training loop).
 
-Run a job from the repository root, e.g. ``python examples/mnist_flax.py --help``
-or ``python -m examples.mnist_flax``. See docs/examples.md.
+Run a job as a module from the repository root, e.g. ``python -m examples.mnist_flax
+--help`` or ``python -m examples.compare``. See docs/examples.md.
 
 A trained model, in a fresh process::
 

@@ -15,7 +15,7 @@ renamed when complete):
   alone (weights, BatchNorm statistics, quantization state) plus JSON
   (``format``, ``task``, ``config``, ``model_meta``, ``step``, ``summary``).
   The loop writes it at the end of training; :func:`export_model` writes one
-  from any training checkpoint of a workdir (``python examples/export_model.py
+  from any training checkpoint of a workdir (``python -m examples.export_model
   WORKDIR``). :func:`load_model` rebuilds the model from the JSON alone (no
   data needed) and restores the state, in any process::
 
@@ -174,7 +174,7 @@ def _model_path(path: str) -> str:
   if not os.path.isdir(os.path.join(path, "meta")):
     raise FileNotFoundError(
         f"{path!r} is not a model checkpoint (or a workdir with one in {MODEL_DIR}/); a "
-        "finished run writes it, `python examples/export_model.py WORKDIR` writes one from "
+        "finished run writes it, `python -m examples.export_model WORKDIR` writes one from "
         "a run's training checkpoints")
   return os.path.abspath(path)
 

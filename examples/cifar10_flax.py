@@ -1,6 +1,6 @@
 """Train ResNet-20 / ResNet-56 / MobileNetV2 on CIFAR-10 (paper §5.1 setup).
 
-  python examples/cifar10_flax.py --data-dir /data/cifar-10-batches-py --mode ui8 \\
+  python -m examples.cifar10_flax --data-dir /data/cifar-10-batches-py --mode ui8 \\
       --workdir runs/cifar_r20_ui8
 
 The paper's CIFAR-10 numbers (top-1, FP32 -> UI8): ResNet-20 92.32 -> 91.95,
@@ -8,11 +8,10 @@ MobileNetV2 94.39 -> 93.38. Every option: ``--help`` (the options that apply to
 this job; all of them: examples/config.py).
 """
 
-import os
 import sys
 
-if __package__ in (None, ""):
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:  # run as a file: the `examples` package is not importable
+  sys.exit("run it from the repository root as: python -m examples.cifar10_flax [ARGS]")
 
 from examples import train  # pylint: disable=wrong-import-position
 

@@ -25,12 +25,21 @@ from int8jax import modes
 from examples import data as data_lib
 from examples import models as models_lib
 
-__all__ = ["ClassificationTask", "normalize"]
+__all__ = ["ClassificationTask", "normalize", "normalize_with"]
 
 
 def normalize(images, dataset: str, dtype=jnp.float32) -> jax.Array:
   """uint8 images -> ``(x / 255 - mean) / std`` of ``dataset``, cast to ``dtype``."""
-  mean, std = data_lib.normalization(dataset)
+  return normalize_with(images, *data_lib.normalization(dataset), dtype)
+
+
+def normalize_with(images, mean, std, dtype=jnp.float32) -> jax.Array:
+  """uint8 images -> ``(x / 255 - mean) / std`` (per-channel ``mean``, ``std``) in ``dtype``.
+
+  Computed as ``(x - 255 mean) / (255 std)`` in float32 (on the device inside
+  jit); the classification and detection tasks and the int8 serving program
+  all normalise through it.
+  """
   mean = jnp.asarray(mean, jnp.float32) * 255.0
   std = jnp.asarray(std, jnp.float32) * 255.0
   return ((jnp.asarray(images).astype(jnp.float32) - mean) / std).astype(dtype)

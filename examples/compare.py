@@ -1,12 +1,12 @@
 """The README's main job: float32 vs UI8 on the bundled MNIST subset, side by side.
 
-    python examples/compare.py                       # float32 and ui8, MNIST defaults
-    python examples/compare.py --modes float32,ui8,naive --epochs 4
-    python examples/compare.py --modes ui8 --model resnet20 --width 8
+    python -m examples.compare                       # float32 and ui8, MNIST defaults
+    python -m examples.compare --modes float32,ui8,naive --epochs 4
+    python -m examples.compare --modes ui8 --model resnet20 --width 8
 
-Runs examples/mnist_flax.py's job once per mode (same seed, data and
+Runs the job of ``python -m examples.mnist_flax`` once per mode (same seed, data and
 hyper-parameters; every other flag of the MNIST job is passed through, see
-``python examples/mnist_flax.py --help``), each in ``<workdir>/<mode>``
+``python -m examples.mnist_flax --help``), each in ``<workdir>/<mode>``
 (rerunning resumes an interrupted run and re-reports a finished one without
 training), then prints held-out accuracy and loss per mode and writes
 ``<workdir>/compare.json``. Each mode's trained model is in
@@ -18,8 +18,8 @@ import json
 import os
 import sys
 
-if __package__ in (None, ""):  # run as a script: make `examples` importable
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:  # run as a file: the `examples` package is not importable
+  sys.exit("run it from the repository root as: python -m examples.compare [ARGS]")
 
 # pylint: disable=wrong-import-position
 from int8jax import modes
@@ -62,7 +62,8 @@ def main(argv=None) -> dict:
   first = summaries[args.modes[0]]
   print(f"\n{first['dataset']} ({first['eval_examples']} held-out images), model "
         f"{first['model']}, {first['steps']} steps of batch {first['batch_size']}:")
-  print(f"{'mode':10s} {'test accuracy':>14s} {'test loss':>10s} {'train loss':>11s} {'wall s':>8s}")
+  print(f"{'mode':10s} {'test accuracy':>14s} {'test loss':>10s} {'train loss':>11s} "
+        f"{'wall s':>8s}")
   for mode, s in summaries.items():
     print(f"{mode:10s} {100 * s['eval_accuracy']:13.2f}% {s['eval_loss']:10.4f} "
           f"{_cell(s.get('train_loss'), '11.4f'):>11s} {s['wall_s']:8.1f}")

@@ -12,9 +12,15 @@ a field whose metadata has ``datasets=(...)`` is offered only for those
 datasets (``--image-size`` for ImageNet, ``--data-dir`` for CIFAR-10 and
 ImageNet), and ``--dataset`` itself is not offered.
 
-Modes are :data:`int8jax.modes.MODE_NAMES` and backends
+A choice the library defines is offered from the library's own constant, not
+a copy: modes :data:`int8jax.modes.MODE_NAMES`, backends
 :data:`int8jax.BACKEND_NAMES` (``None``, the library's best available
-backend, is spelled ``auto`` on the command line).
+backend, is spelled ``auto`` on the command line), weight granularities and
+gradient roundings :data:`int8jax.config.WEIGHT_GRANULARITIES` /
+:data:`~int8jax.config.GRAD_ROUNDINGS`, clip learners
+:data:`int8jax.dsgc.CLIP_METHODS`, LR deviations
+:data:`int8jax.optim.LR_DEVIATIONS`; optimizers and schedules are
+:mod:`examples.optimizers`' own (``OPTIMIZERS``, ``SCHEDULES``).
 """
 
 from __future__ import annotations
@@ -25,9 +31,11 @@ import typing
 from typing import Any
 
 import int8jax
-from int8jax import modes
+from int8jax import config as quant_config_lib
+from int8jax import dsgc, modes
 
 from examples import models as models_lib
+from examples import optimizers as optimizers_lib
 
 __all__ = ["Config", "BACKEND_CHOICES", "backend_from_cli", "build_parser", "parse_config",
            "DATASETS"]
@@ -103,10 +111,11 @@ class Config:
       int8jax.QuantConfig().clip_warmup, "quantized layers clip the gradient at the learned "
       "ratio of each step's max|g| during the first PERIOD steps "
       "(int8jax.QuantConfig.clip_warmup)")
-  weight_granularity: str = _option("tensor", "weight quantization scale",
-                                    choices=("tensor", "channel"))
-  grad_rounding: str = _option("stochastic", "gradient rounding",
-                               choices=("stochastic", "nearest"))
+  weight_granularity: str = _option(int8jax.QuantConfig().weight_granularity,
+                                    "weight quantization scale",
+                                    choices=quant_config_lib.WEIGHT_GRANULARITIES)
+  grad_rounding: str = _option(int8jax.QuantConfig().grad_rounding, "gradient rounding",
+                               choices=quant_config_lib.GRAD_ROUNDINGS)
   backend: str | None = _option(
       None, "int8 GEMM backend (int8jax.BACKEND_NAMES); auto: the library's best available "
       "(XLA on a CPU, Pallas on a Hopper GPU)", choices=int8jax.BACKEND_NAMES)
@@ -115,7 +124,7 @@ class Config:
   clip_method: str = _option("search", "clip learner (int8jax.QuantConfig.clip_method): "
                                        "search (the candidate clip with the smallest cosine "
                                        "distance) | gradient (the paper's descent on "
-                                       "log(clip))", choices=int8jax.dsgc.CLIP_METHODS)
+                                       "log(clip))", choices=dsgc.CLIP_METHODS)
   clip_noise_weight: float = _option(
       int8jax.QuantConfig().clip_noise_weight, "clip search: weight of stochastic rounding's "
       "noise against the clipping bias, in (0, 1] (1: one step's cosine distance, the "
@@ -128,14 +137,14 @@ class Config:
       choices=int8jax.optim.DISTANCE_KINDS)
   beta: float = _option(0.1, "error-sensitive LR lower bound")
   # optimization
-  optimizer: str = _option("sgd", "sgd (momentum) | adamw", choices=("sgd", "adamw"))
+  optimizer: str = _option("sgd", "sgd (momentum) | adamw", choices=optimizers_lib.OPTIMIZERS)
   lr: float = _option(0.1, "peak learning rate")
   momentum: float = _option(0.9, "SGD momentum (0: plain SGD)")
   nesterov: bool = _option(False, "Nesterov momentum for SGD")
   weight_decay: float = _option(5e-4, "weight decay (L2 added to the gradient for SGD, decoupled "
                                       "for AdamW); not applied to biases and BatchNorm")
   schedule: str = _option("cosine", "learning-rate schedule after the linear warm-up",
-                          choices=("cosine", "step", "constant"))
+                          choices=optimizers_lib.SCHEDULES)
   warmup_epochs: float = _option(0.0, "linear warm-up length in epochs (may be fractional)")
   lr_steps: str = _option("0.5,0.75", "step schedule: comma-separated fractions of training "
                                       "where LR *= LR_DECAY")

@@ -1,8 +1,8 @@
 """Write the model of a run's training checkpoint as a model checkpoint (for inference).
 
-    python examples/export_model.py runs/mnist              # latest checkpoint -> runs/mnist/model
-    python examples/export_model.py runs/mnist --step 200 --out /tmp/mnist_step200
-    python examples/export_model.py runs/mnist --serving runs/mnist/serving   # int8 program
+    python -m examples.export_model runs/mnist              # latest checkpoint -> runs/mnist/model
+    python -m examples.export_model runs/mnist --step 200 --out /tmp/mnist_step200
+    python -m examples.export_model runs/mnist --serving runs/mnist/serving   # int8 program
 
 A finished run writes ``<workdir>/model`` itself; this is for any other
 checkpoint (a run still training, or an earlier step). Load the result with
@@ -18,8 +18,8 @@ import argparse
 import os
 import sys
 
-if __package__ in (None, ""):  # run as a script: make `examples` importable
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:  # run as a file: the `examples` package is not importable
+  sys.exit("run it from the repository root as: python -m examples.export_model [ARGS]")
 
 from examples import checkpoint  # pylint: disable=wrong-import-position
 

@@ -1,6 +1,6 @@
 """Train ResNet-18/34/50 or MobileNetV2 on ImageNet (train/ val/ class folders).
 
-  python examples/imagenet_flax.py --data-dir /data/imagenet --model resnet50 \\
+  python -m examples.imagenet_flax --data-dir /data/imagenet --model resnet50 \\
       --mode ui8 --workers 8 --workdir runs/r50_ui8
 
 The data directory holds ``train/<class>/*.JPEG`` and ``val/<class>/*.JPEG``.
@@ -10,11 +10,10 @@ sharded over every device. Every option: ``--help`` (the options that apply to
 this job; all of them: examples/config.py).
 """
 
-import os
 import sys
 
-if __package__ in (None, ""):
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:  # run as a file: the `examples` package is not importable
+  sys.exit("run it from the repository root as: python -m examples.imagenet_flax [ARGS]")
 
 from examples import train  # pylint: disable=wrong-import-position
 

@@ -1,17 +1,16 @@
 """Train a small CNN on the bundled 5,000-digit MNIST subset (no download).
 
-  python examples/mnist_flax.py --mode float32 --workdir runs/mnist_fp32
-  python examples/mnist_flax.py --mode ui8 --workdir runs/mnist_ui8
+  python -m examples.mnist_flax --mode float32 --workdir runs/mnist_fp32
+  python -m examples.mnist_flax --mode ui8 --workdir runs/mnist_ui8
 
 Every option: ``--help`` (the options that apply to this job; all of them:
 examples/config.py).
 """
 
-import os
 import sys
 
-if __package__ in (None, ""):  # run as a script: make `examples` importable
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:  # run as a file: the `examples` package is not importable
+  sys.exit("run it from the repository root as: python -m examples.mnist_flax [ARGS]")
 
 from examples import train  # pylint: disable=wrong-import-position
 

@@ -13,13 +13,20 @@ import optax
 from flax import nnx
 from int8jax import modes
 
-__all__ = ["make_schedule", "make_optimizer", "create_optimizer"]
+__all__ = ["make_schedule", "make_optimizer", "create_optimizer", "OPTIMIZERS", "SCHEDULES"]
+
+#: ``--optimizer`` values :func:`make_optimizer` builds.
+OPTIMIZERS = ("sgd", "adamw")
+#: ``--schedule`` values :func:`make_schedule` builds (after the warm-up).
+SCHEDULES = ("cosine", "step", "constant")
 
 
 def make_schedule(cfg, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
   """Linear warm-up, then cosine decay to 0, step decay, or constant."""
   warm = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total_steps)
   rest = max(total_steps - warm, 1)
+  if cfg.schedule not in SCHEDULES:
+    raise ValueError(f"--schedule {cfg.schedule!r}: choose from {', '.join(SCHEDULES)}")
   if cfg.schedule == "cosine":
     main = optax.cosine_decay_schedule(cfg.lr, rest)
   elif cfg.schedule == "step":
@@ -47,7 +54,7 @@ def make_optimizer(cfg, schedule: optax.Schedule) -> optax.GradientTransformatio
   elif cfg.optimizer == "adamw":
     base = optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=_decay_mask)
   else:
-    raise ValueError(f"--optimizer {cfg.optimizer!r}: choose from sgd, adamw")
+    raise ValueError(f"--optimizer {cfg.optimizer!r}: choose from {', '.join(OPTIMIZERS)}")
   if getattr(cfg, "clip_grad_norm", 0.0) > 0:
     # Before the mode's wrapper sees the update: int8jax.optim.ui8 scales
     # each quantized layer's (clipped) update by its phi afterwards.

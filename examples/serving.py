@@ -48,7 +48,7 @@ from int8jax.nn.freeze import FrozenConv, FrozenDense
 from examples import checkpoint
 from examples import data as data_lib
 from examples import tasks as tasks_lib
-from examples.classification import normalize
+from examples.classification import normalize, normalize_with
 
 __all__ = ["write_serving", "SERVING_FORMAT", "PROGRAM", "SIGNATURE"]
 
@@ -82,13 +82,12 @@ def _detection_program(task, info: dict, dtype):
   with the run's settings."""
   # pylint: disable=import-outside-toplevel
   from examples.detection import boxes as boxes_lib
-  from examples.detection.task import _normalize  # the task's own, as in training
   cfg = checkpoint._config(task, info["config"], {})  # pylint: disable=protected-access
   anchors = jnp.asarray(task.anchors(cfg))
   mean, std = info["model_meta"]["mean"], info["model_meta"]["std"]
 
   def fn(model, images):
-    cls_logits, deltas = model(_normalize(images, mean, std, dtype))
+    cls_logits, deltas = model(normalize_with(images, mean, std, dtype))
     return boxes_lib.postprocess(
         cls_logits, deltas, anchors, image_size=cfg.image_size,
         score_threshold=cfg.score_threshold, pre_nms_top_k=cfg.pre_nms_top_k,

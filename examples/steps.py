@@ -81,15 +81,17 @@ def quant_config(cfg: Config):
       backend=backend_from_cli(cfg.backend))
 
 
-def quantize(model: nnx.Module, cfg: Config) -> nnx.Module:
+def quantize(model: nnx.Module, cfg: Config, *, key=None) -> nnx.Module:
   """``model`` (float, built with ``dtype=mode.dtype``) switched to ``cfg.mode`` in place.
 
   The quantized layers' stochastic-rounding stream is seeded by
-  ``cfg.seed + 2`` (their other state by ``cfg.seed + 1``).
+  ``cfg.seed + 2``, their other state by ``key`` (a seed or a JAX key;
+  default ``cfg.seed + 1``).
   """
   qc = quant_config(cfg)
   if qc is not None:
-    quantize_model(model, qc, rngs=nnx.Rngs(cfg.seed + 1, quant=cfg.seed + 2))
+    default = cfg.seed + 1 if key is None else key
+    quantize_model(model, qc, rngs=nnx.Rngs(default, quant=cfg.seed + 2))
   return model
 
 

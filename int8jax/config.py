@@ -161,3 +161,10 @@ class QuantConfig:
 
 # Largest K for which K products of two int8 values in [-127, 127] fit in int32.
 MAX_EXACT_K = (2**31 - 1) // (127 * 127)  # 133,144
+
+#: The values ``QuantConfig`` accepts for its choice fields (public, for
+#: command lines and other front ends: ``examples/config.py`` offers these).
+WEIGHT_GRANULARITIES = _GRANULARITIES
+GRAD_GRANULARITIES = _GRAD_GRANULARITIES
+GRAD_ROUNDINGS = _ROUNDINGS
+GRAD_CLIPS = _GRAD_CLIPS

@@ -2,8 +2,9 @@
 # Start one multi-process training job as N processes on this machine, to try
 # multi-process training (and test it) without a cluster:
 #
-#   bash scripts/launch_local.sh N examples/mnist_flax.py --mode ui8 --workdir runs/mh
 #   bash scripts/launch_local.sh N -m examples.mnist_flax --mode ui8 --workdir runs/mh
+#
+# (the examples are modules: `-m examples.<name>`; any other SCRIPT.py works too)
 #
 # Each process gets JAX_COORDINATOR_ADDRESS=127.0.0.1:$PORT, JAX_NUM_PROCESSES=N
 # and JAX_PROCESS_ID=i (examples/distributed.py reads them), and runs on the CPU

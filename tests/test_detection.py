@@ -429,7 +429,7 @@ def _check_serving_program_is_the_eval_detector(cfg, loaded, tmp_path):
   its detections equal the loaded model's, bit for bit, at two batch sizes."""
   import examples  # pylint: disable=g-import-not-at-top
   from examples import serving  # pylint: disable=g-import-not-at-top
-  from examples.detection import task as task_mod  # pylint: disable=g-import-not-at-top
+  from examples.classification import normalize_with  # pylint: disable=g-import-not-at-top
   out = str(tmp_path / "serving")
   sig = serving.write_serving(cfg.workdir, out)
   assert sig["float_layers"] == 1 and sig["int8_layers"] > 10  # the stem stays float
@@ -438,7 +438,7 @@ def _check_serving_program_is_the_eval_detector(cfg, loaded, tmp_path):
   prog = jax.export.deserialize(open(os.path.join(out, "model.jaxexport"), "rb").read())
   images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
   meta = examples.model_info(cfg.workdir)["model_meta"]
-  norm = lambda im: task_mod._normalize(im, meta["mean"], meta["std"], jnp.float32)
+  norm = lambda im: normalize_with(im, meta["mean"], meta["std"], jnp.float32)
   anchors = jnp.asarray(DetectionTask().anchors(cfg))
   detect = nnx.jit(lambda m, x: B.postprocess(
       *m(x), anchors, image_size=cfg.image_size, score_threshold=cfg.score_threshold,

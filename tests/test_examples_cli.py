@@ -17,7 +17,7 @@ from examples import train as train_lib
 from examples.config import BACKEND_CHOICES, Config, parse_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "examples", "mnist_flax.py")
+SCRIPT = ["-m", "examples.mnist_flax"]  # run from ROOT, as the README says
 TINY = ["--width", "4", "--batch-size", "16", "--warmup-epochs", "0", "--no-progress",
         "--no-tensorboard", "--eval-batch-size", "500", "--eval-every-epochs", "0"]
 
@@ -38,7 +38,7 @@ def test_sigterm_saves_exits_75_and_the_rerun_resumes(tmp_path):
   """The loop's messages reach stderr; SIGTERM -> checkpoint + EX_TEMPFAIL (75)."""
   workdir, err = str(tmp_path / "run"), tmp_path / "stderr1.txt"
   with open(err, "w") as f:
-    proc = subprocess.Popen([sys.executable, SCRIPT, *TINY, "--steps", "2000",
+    proc = subprocess.Popen([sys.executable, *SCRIPT, *TINY, "--steps", "2000",
                              "--checkpoint-every", "0", "--workdir", workdir],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=f)
   try:
@@ -53,7 +53,7 @@ def test_sigterm_saves_exits_75_and_the_rerun_resumes(tmp_path):
   assert m, text[-3000:]
   step = int(m.group(1))
   assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(step)]
-  proc = subprocess.run([sys.executable, SCRIPT, *TINY, "--steps", str(step + 1),
+  proc = subprocess.run([sys.executable, *SCRIPT, *TINY, "--steps", str(step + 1),
                          "--checkpoint-every", "0", "--workdir", workdir],
                         cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -70,6 +70,26 @@ def test_backend_defaults_to_the_librarys_choice():
     assert parse_config(["--backend", name]).backend == value
   with pytest.raises(SystemExit):
     parse_config(["--backend", "cuda"])
+
+
+def test_choice_options_are_the_librarys_own_lists():
+  """Each option whose values the library defines offers the library's constant, not a copy."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from int8jax import config as qc_lib, dsgc, modes  # pylint: disable=import-outside-toplevel
+  from examples import optimizers  # pylint: disable=import-outside-toplevel
+  choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(Config)}
+  assert choices["mode"] is modes.MODE_NAMES
+  assert choices["weight_granularity"] is qc_lib.WEIGHT_GRANULARITIES
+  assert choices["grad_rounding"] is qc_lib.GRAD_ROUNDINGS
+  assert choices["clip_method"] is dsgc.CLIP_METHODS
+  assert choices["lr_deviation"] is int8jax.optim.LR_DEVIATIONS
+  assert choices["optimizer"] is optimizers.OPTIMIZERS
+  assert choices["schedule"] is optimizers.SCHEDULES
+  # ... and every value of them reaches the library as given.
+  for g in qc_lib.WEIGHT_GRANULARITIES:
+    for r in qc_lib.GRAD_ROUNDINGS:
+      cfg = Config(weight_granularity=g, grad_rounding=r)
+      assert steps.quant_config(cfg) == int8jax.QuantConfig(weight_granularity=g, grad_rounding=r)
 
 
 def test_bad_options_name_the_flag_and_value():
@@ -144,7 +164,7 @@ def test_readme_states_what_a_new_user_needs():
   ci = open(os.path.join(ROOT, ".ci", "run")).read()
   assert "bash scripts/setup.sh && .venv/bin/python -m pytest -q -n 2" in ci
   assert "bash scripts/setup.sh && .venv/bin/python -m pytest -q -n 2" in readme
-  assert "bash scripts/setup.sh && .venv/bin/python examples/compare.py" in readme
+  assert "bash scripts/setup.sh && .venv/bin/python -m examples.compare" in readme
 
 
 def test_readme_modes_table_quotes_int8jax_modes():
@@ -153,3 +173,17 @@ def test_readme_modes_table_quotes_int8jax_modes():
   assert modes.table() in readme
   rows = re.findall(r"^\| `([\w-]+)` \| (?:yes|no) \|", readme, re.M)
   assert rows == list(modes.MODE_NAMES)
+
+ENTRY_POINTS = ("compare", "mnist_flax", "cifar10_flax", "imagenet_flax", "export_model", "train",
+                "detection.train")
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+def test_an_entry_point_run_as_a_file_names_the_module_command(module):
+  """The entry points run as modules (`python -m examples.X`); run by path, they say so."""
+  path = os.path.join("examples", *module.split(".")) + ".py"
+  proc = subprocess.run([sys.executable, path, "--help"], cwd=ROOT, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert proc.stderr.strip() == (f"run it from the repository root as: python -m examples."
+                                 f"{module} [ARGS]")

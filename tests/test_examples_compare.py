@@ -1,4 +1,4 @@
-"""The README's main job (examples/compare.py) on a few steps, run twice."""
+"""The README's main job (python -m examples.compare) on a few steps, run twice."""
 
 import json
 import os

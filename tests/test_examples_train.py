@@ -119,8 +119,8 @@ def test_imagenet_script_on_a_tiny_folder_with_a_corrupt_file(tmp_path):
 
 
 def test_help_documents_every_option():
-  out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "mnist_flax.py"),
-                        "--help"], capture_output=True, text=True, check=True,
+  out = subprocess.run([sys.executable, "-m", "examples.mnist_flax", "--help"],
+                       capture_output=True, text=True, check=True,
                        cwd=ROOT, timeout=120).stdout
   for field in (f.name for f in dataclasses.fields(Config)):
     if field not in ("dataset", "data_dir", "image_size"):  # not MNIST's (next test)

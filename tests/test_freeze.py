@@ -146,7 +146,7 @@ def test_cli_serving_export_runs_in_a_plain_jax_process(tmp_path):
   train_lib.train(Config(**TINY, mode="ui8", workdir=workdir))
   # The README's command, as written (a subprocess: importing the script's
   # module here would shadow the function examples.export_model).
-  proc = subprocess.run([sys.executable, "examples/export_model.py", workdir, "--serving", out],
+  proc = subprocess.run([sys.executable, "-m", "examples.export_model", workdir, "--serving", out],
                         cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "int8 serving program written to" in proc.stdout

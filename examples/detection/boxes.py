@@ -34,9 +34,12 @@ from jax import lax
 
 __all__ = [
     "AnchorConfig", "make_anchors", "anchors_per_cell", "level_sizes", "box_area", "box_iou",
-    "box_giou", "encode_boxes", "decode_boxes", "match_anchors", "Targets", "focal_loss", "smooth_l1",
-    "detection_loss", "nms", "postprocess",
+    "box_giou", "encode_boxes", "decode_boxes", "match_anchors", "Targets", "focal_loss",
+    "smooth_l1", "detection_loss", "nms", "postprocess", "BOX_LOSSES",
 ]
+
+#: ``detection_loss``'s ``box_loss`` values.
+BOX_LOSSES = ("smooth_l1", "giou")
 
 #: Largest ``dw``/``dh`` fed to ``exp`` when decoding (detectron2's clamp).
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
@@ -292,7 +295,7 @@ def detection_loss(cls_logits: jax.Array, box_deltas: jax.Array, anchors: jax.Ar
     max(1, positives)`` over the batch, and float32 scalars ``cls_sum``,
     ``box_sum`` (un-normalised sums) and ``num_pos``.
   """
-  if box_loss not in ("smooth_l1", "giou"):
+  if box_loss not in BOX_LOSSES:
     raise ValueError(f"box_loss must be 'smooth_l1' or 'giou', got {box_loss!r}")
   anchors = jnp.asarray(anchors, jnp.float32)
   iv = image_valid.astype(jnp.float32)[:, None]

@@ -35,8 +35,8 @@ from flax import nnx
 
 import int8jax
 from examples import steps as steps_lib
+from examples.classification import normalize_with
 from examples.config import Config
-from int8jax.nn.convert import quantize_model
 from examples.detection import boxes as boxes_lib
 from examples.detection import data as det_data
 from examples.detection.model import BACKBONES, RetinaNet, check_levels
@@ -92,7 +92,7 @@ class DetectionConfig(Config):
   focal_gamma: float = _f(2.0, "focal loss gamma")
   fg_iou: float = _f(0.5, "anchor IoU >= FG_IOU: positive")
   bg_iou: float = _f(0.4, "anchor IoU < BG_IOU: negative (in between: ignored)")
-  box_loss: str = _f("smooth_l1", "box regression loss", ("smooth_l1", "giou"))
+  box_loss: str = _f("smooth_l1", "box regression loss", boxes_lib.BOX_LOSSES)
   smooth_l1_beta: float = _f(0.11, "smooth-L1 beta (0: L1)")
   box_loss_weight: float = _f(1.0, "weight of the box loss")
   # inference
@@ -159,13 +159,6 @@ def init_key(seed: int) -> jax.Array:
   return jax.random.key(seed, impl="rbg")
 
 
-def _normalize(images, mean, std, dtype):
-  """uint8 NHWC -> ``(x - 255 mean) / (255 std)`` in ``dtype`` (on the device)."""
-  mean = jnp.asarray(mean, jnp.float32) * 255.0
-  std = jnp.asarray(std, jnp.float32) * 255.0
-  return ((images.astype(jnp.float32) - mean) / std).astype(dtype)
-
-
 class DetectionTask:
   """RetinaNet on a COCO-format (or VOC) dataset, for the shared loop
   (:class:`examples.tasks.Task`). Holds an anchor cache and the spec's
@@ -209,12 +202,9 @@ class DetectionTask:
                       fpn_width=cfg.fpn_width, head_convs=cfg.head_convs,
                       prior_prob=cfg.prior_prob, dtype=mode.dtype,
                       rngs=nnx.Rngs(params=init_key(cfg.seed)))
-    qc = steps_lib.quant_config(cfg)
-    if qc is not None:
-      # 'default' only initialises kernels that quantize_model then replaces by
-      # the float ones: the fast-compiling rbg key (init_key).
-      quantize_model(model, qc, rngs=nnx.Rngs(init_key(cfg.seed + 1), quant=cfg.seed + 2))
-    return model
+    # The default stream only initialises kernels that quantize_model then
+    # replaces by the float ones: the fast-compiling rbg key (init_key).
+    return steps_lib.quantize(model, cfg, key=init_key(cfg.seed + 1))
 
   def loss(self, model, batch: dict, cfg: DetectionConfig):
     cls_logits, deltas = self._forward(model, batch, cfg)
@@ -253,7 +243,7 @@ class DetectionTask:
     if self._norm is None:
       raise RuntimeError("DetectionTask: call load_data or make_model before loss / eval_step")
     dtype = int8jax.modes.get(cfg.mode).compute_dtype
-    return model(_normalize(batch["image"], *self._norm, dtype))
+    return model(normalize_with(batch["image"], *self._norm, dtype))
 
   def _loss(self, cls_logits, deltas, batch, cfg):
     anchors = jnp.asarray(self.anchors(cfg))

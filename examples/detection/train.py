@@ -18,11 +18,10 @@ SIGTERM / SIGINT saves a checkpoint and exits with status 75.
 
 from __future__ import annotations
 
-import os
 import sys
 
-if __package__ in (None, ""):  # run as a script: make `examples` importable
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+if not __package__:  # run as a file: the `examples` package is not importable
+  sys.exit("run it from the repository root as: python -m examples.detection.train [ARGS]")
 
 # pylint: disable=wrong-import-position
 from examples import train as train_lib
