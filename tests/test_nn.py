@@ -394,12 +394,11 @@ def test_quantconvtranspose_matches_nnx_convtranspose(kw):
 
 
 def test_deprecated_names_still_work_and_warn():
-  """The layer argument ``quant=`` is now ``config=``; the old name warns."""
+  """The layer argument ``quant=`` (``config=`` since 0.1) is gone."""
   cfg = int8jax.QuantConfig(period=3)
-  with pytest.warns(DeprecationWarning, match="config="):
-    old = QuantConv(2, 4, (3, 3), quant=cfg, rngs=nnx.Rngs(0))
-  new = QuantConv(2, 4, (3, 3), config=cfg, rngs=nnx.Rngs(0))
-  assert old.config == new.config == old.quant == cfg
+  with pytest.raises(TypeError, match="'quant'"):
+    QuantConv(2, 4, (3, 3), quant=cfg, rngs=nnx.Rngs(0))
+  assert QuantConv(2, 4, (3, 3), config=cfg, rngs=nnx.Rngs(0)).config == cfg
   with pytest.raises(TypeError, match="config must be an int8jax.QuantConfig"):
     QuantConv(2, 4, (3, 3), config="ui8", rngs=nnx.Rngs(0))
   params = {"w": jnp.zeros(3), "grad_quant": jnp.zeros(int8jax.dsgc.NUM_FIELDS)}
