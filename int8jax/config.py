@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 from int8jax.dsgc import CLIP_METHODS
 
 _GRANULARITIES = ("tensor", "channel")
-_GRAD_GRANULARITIES = ("auto", "tensor", "group")
+_GRAD_GRANULARITIES = ("tensor", "group")
 _ROUNDINGS = ("stochastic", "nearest")
 _GRAD_CLIPS = ("learned", "max")
-#: The backend names a user may pass (``QuantConfig.backend``, ``--backend``):
-#: ``None`` picks the best available one (see :mod:`int8jax.backends`).
-BACKEND_NAMES = (None, "xla", "pallas", "pallas_interpret")
+
+
+def __getattr__(attr):
+  # BACKEND_NAMES (the names a user may pass: QuantConfig.backend, --backend)
+  # comes from the backend registry, int8jax.backends.
+  if attr == "BACKEND_NAMES":
+    from int8jax import backends  # pylint: disable=g-import-not-at-top
+    return backends.BACKEND_NAMES
+  raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,19 +29,22 @@ class QuantConfig:
   A frozen, hashable dataclass: it is a static argument of the quantized ops,
   so two layers with equal configs share compiled code.
 
+  A float layer is ``config=None`` (layers and ops). The former fields
+  ``enabled`` and ``chunk_k`` are gone: ``enabled=False`` is a ``ValueError``
+  pointing at ``config=None``; ``enabled=True`` and ``chunk_k=`` (results are
+  exact whatever the chunking; the ops use :data:`int8jax.backends.CHUNK_K`)
+  warn and are ignored.
+
   Attributes:
-    enabled: ``False`` makes the layer an exact float layer (identical to
-      ``nnx.Conv`` / ``nnx.Linear``); quantization state is still created so a
-      model can be switched without changing its state tree.
     weight_granularity: ``"tensor"`` (one scale for the kernel) or
       ``"channel"`` (one scale per output feature). With ``"channel"`` the
       input-gradient GEMM re-quantizes the weight per tensor, since its
       contraction runs over output features.
     grad_granularity: scales of the output gradient ``g``: ``"tensor"`` (one
-      scale), ``"group"`` (one per feature group: per channel in a depthwise
-      conv) or ``"auto"`` (the default: ``"group"`` for grouped and
-      depthwise convs, ``"tensor"`` for ordinary convs and dense layers). A
-      group's input- and weight-gradient GEMMs are independent of the other
+      scale) or ``"group"`` (the default: one per feature group -- per
+      channel in a depthwise conv; one per tensor for ordinary convs and
+      dense layers, which have one group). ``"auto"``, its former name, is a
+      deprecated alias of ``"group"``. A group's input- and weight-gradient GEMMs are independent of the other
       groups', so a scale per group multiplies exact int32 results; finer
       scales inside a group would sit on a contraction axis. Why per group:
       in depthwise convs a few channels' gradients are hundreds of times
@@ -80,29 +90,26 @@ class QuantConfig:
       of float32 (16 seeds: -0.28 +- 0.32; docs/results.md). Only layers with one learned gradient
       clip per tensor are affected (per-group scales and
       ``grad_clip="max"`` use each step's maximum anyway).
-    backend: ``None`` (the default: Pallas on a Hopper GPU, else XLA),
-      ``"xla"`` (``lax`` int8 ops, exact; the CPU backend — refused with a
-      ``ValueError`` when tracing for a GPU, where XLA:GPU gave wrong input
-      gradients, see :mod:`int8jax.backends`), ``"pallas"`` (Mosaic GPU
-      kernels of :mod:`pallas_kernels`, Hopper only; bit-identical to
-      ``"xla"``; a ``ValueError`` at trace time elsewhere) or
-      ``"pallas_interpret"`` (the same kernels in Mosaic GPU interpret mode on
-      any machine; slow, for tests).
+    backend: a registered backend name (:data:`int8jax.BACKEND_NAMES`; the
+      table: :func:`int8jax.backends.table`) or ``None`` (the default: the
+      best available, Pallas on a Hopper GPU, else XLA): ``"xla"`` (``lax``
+      int8 ops, exact; the CPU backend -- refused with a ``ValueError`` when
+      tracing for a GPU), ``"pallas"`` (Mosaic GPU kernels, Hopper only;
+      bit-identical to ``"xla"``; a ``ValueError`` at trace time elsewhere)
+      or ``"pallas_interpret"`` (the same kernels in interpret mode on any
+      machine; slow, for tests).
     data_axis: the mesh axis the batch is sharded over (data parallelism), or
       ``None``. With the Pallas backend the kernels then run per shard under
       ``jax.shard_map`` over the mesh in context (``jax.set_mesh(mesh)`` /
       ``jax.sharding.use_mesh``): forward and input gradient on each device's
       batch shard, the weight gradient as per-device exact integer halves
-      summed across devices in int32 -- bit-identical to one device. (The
-      XLA backend needs nothing: XLA partitions its ``lax`` ops itself.)
-    chunk_k: largest contraction length accumulated in one int32 sum;
-      longer contractions are split and the partial sums combined exactly.
-      ``127 * 127 * chunk_k`` must stay below ``2**31``.
+      summed across devices in int32 -- bit-identical to one device. (A
+      backend without ``per_shard``, such as XLA, needs nothing: XLA
+      partitions its ``lax`` ops itself.)
   """
 
-  enabled: bool = True
   weight_granularity: str = "tensor"
-  grad_granularity: str = "auto"
+  grad_granularity: str = "group"
   grad_rounding: str = "stochastic"
   grad_clip: str = "learned"
   clip_method: str = "search"
@@ -112,11 +119,28 @@ class QuantConfig:
   clip_warmup: bool = True
   backend: str | None = None
   data_axis: str | None = None
-  chunk_k: int = 131072
+  # Removed fields, accepted for one release (see the class doc).
+  enabled: dataclasses.InitVar[bool | None] = None
+  chunk_k: dataclasses.InitVar[int | None] = None
 
-  def __post_init__(self):
-    if not isinstance(self.enabled, bool):
-      raise TypeError(f"QuantConfig.enabled must be a bool, got {self.enabled!r}")
+  def __post_init__(self, enabled, chunk_k):
+    if enabled is not None and not enabled:
+      raise ValueError(
+          "QuantConfig(enabled=False) was removed: config=None is the exact float layer "
+          "or op (a quantized layer keeps its quantization state with layer.config = None, "
+          "so a model switches to float without changing its state tree)")
+    if enabled is not None:
+      warnings.warn(f"QuantConfig(enabled={enabled!r}) is deprecated and ignored: a "
+                    "QuantConfig always quantizes; config=None is the float layer",
+                    DeprecationWarning, stacklevel=3)
+    if chunk_k is not None:
+      warnings.warn(f"QuantConfig(chunk_k={chunk_k!r}) is deprecated and ignored: results are "
+                    "exact whatever the chunking; the ops use int8jax.backends.CHUNK_K",
+                    DeprecationWarning, stacklevel=3)
+    if self.grad_granularity == "auto":
+      warnings.warn("QuantConfig(grad_granularity='auto') is deprecated: use 'group' (the "
+                    "default; the same scales)", DeprecationWarning, stacklevel=3)
+      object.__setattr__(self, "grad_granularity", "group")
     if self.weight_granularity not in _GRANULARITIES:
       raise ValueError(
           f"QuantConfig.weight_granularity must be one of {_GRANULARITIES}, "
@@ -137,8 +161,9 @@ class QuantConfig:
     w = self.clip_noise_weight
     if (isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 < float(w) <= 1.0):
       raise ValueError(f"QuantConfig.clip_noise_weight must be a number in (0, 1], got {w!r}")
-    if self.backend not in BACKEND_NAMES:
-      raise ValueError(f"QuantConfig.backend must be one of {BACKEND_NAMES}, "
+    from int8jax import backends  # pylint: disable=g-import-not-at-top
+    if self.backend not in backends.BACKEND_NAMES:
+      raise ValueError(f"QuantConfig.backend must be one of {backends.BACKEND_NAMES}, "
                        f"got {self.backend!r}")
     if (not isinstance(self.period, int) or isinstance(self.period, bool)
         or self.period < 1):
@@ -150,13 +175,10 @@ class QuantConfig:
     if self.data_axis is not None and not isinstance(self.data_axis, str):
       raise TypeError(f"QuantConfig.data_axis must be a mesh axis name or None, "
                       f"got {self.data_axis!r}")
-    if (not isinstance(self.chunk_k, int) or isinstance(self.chunk_k, bool)
-        or not 1 <= self.chunk_k <= MAX_EXACT_K):
-      raise ValueError(
-          f"QuantConfig.chunk_k must be an int in [1, {MAX_EXACT_K}], got {self.chunk_k!r}")
 
   def replace(self, **changes) -> "QuantConfig":
     return dataclasses.replace(self, **changes)
+
 
 
 # Largest K for which K products of two int8 values in [-127, 127] fit in int32.

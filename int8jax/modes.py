@@ -28,7 +28,7 @@ mode              quantized  float dtype  gradient clip    LR scaling  grad scal
 ================  =========  ===========  ===============  ==========  ===========
 
 "auto" gradient scales: one per feature group in grouped and depthwise
-convs, one per tensor elsewhere (``QuantConfig.grad_granularity``).
+convs, one per tensor elsewhere (``QuantConfig.grad_granularity="group"``).
 
 Example::
 
@@ -67,7 +67,8 @@ class Mode:
       ``"max"`` (clip at ``max|g|``: naive INT8).
     scale_lr: error-sensitive learning-rate scaling (UI8 §4.2).
     grad_granularity: the gradient scales (``QuantConfig.grad_granularity``):
-      ``"auto"`` (per group in grouped / depthwise convs) or ``"tensor"``.
+      ``"auto"`` (``"group"``: per group in grouped / depthwise convs) or
+      ``"tensor"``.
   """
 
   name: str
@@ -84,8 +85,9 @@ class Mode:
     if not self.quantized:
       return None
     base = QuantConfig() if base is None else base
-    return base.replace(grad_clip=self.grad_clip, grad_granularity=self.grad_granularity,
-                        **changes)
+    # The table's "auto" is QuantConfig's "group" (its former name there).
+    gran = "group" if self.grad_granularity == "auto" else self.grad_granularity
+    return base.replace(grad_clip=self.grad_clip, grad_granularity=gran, **changes)
 
   def optimizer(self, base: optax.GradientTransformation,
                 **ui8_kwargs) -> optax.GradientTransformation:

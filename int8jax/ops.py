@@ -54,7 +54,6 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from int8jax import backends, dsgc, exact, quant
-from int8jax.backends import xla as xla_backend
 from int8jax.config import QuantConfig
 from int8jax.conv_spec import ConvSpec, make_conv_spec
 
@@ -85,18 +84,18 @@ class _Op:
   static_measure: bool | None
   stored_clip_only: bool = False
 
-  def _data_parallel(self):
-    """``(mesh, axis, shards)`` when the Pallas kernels must run per batch shard
-    (``QuantConfig.data_axis``), else ``None``."""
+  def _data_parallel(self, impl: backends.Backend):
+    """``(mesh, axis, shards)`` when the backend's products must run per batch
+    shard (its ``per_shard``, with ``QuantConfig.data_axis``), else ``None``."""
     axis = self.config.data_axis
-    if self.backend not in ("pallas", "pallas_interpret"):
+    if not impl.per_shard:
       return None
     mesh = jax.sharding.get_abstract_mesh()
     if axis is None:
       if not mesh.empty and mesh.size > 1:
         warnings.warn(
-            f"a Pallas int8 {self.kind} traced under a mesh of {mesh.size} devices ({mesh}) "
-            "without QuantConfig.data_axis: XLA cannot partition the kernels, so each "
+            f"a {impl.name!r} int8 {self.kind} traced under a mesh of {mesh.size} devices "
+            f"({mesh}) without QuantConfig.data_axis: XLA cannot partition the kernels, so each "
             "device gathers and computes the whole batch. Set data_axis to the batch's "
             "mesh axis (examples.steps.shard_quantized_layers does it for a model).",
             stacklevel=2)
@@ -117,10 +116,18 @@ class _Op:
   def _batch_spec(self, axis):
     return P(axis) if self.kind == "conv" else P(None, axis)  # dense rows: (B, M, K)
 
-  def _sharded(self, fn, a, b, scale, out_dtype):
-    """``fn(a, b, scale, [spec])`` per batch shard (forward, input gradient)."""
-    impl_kw = dict(chunk_k=self.config.chunk_k, out_dtype=out_dtype)
-    dp = self._data_parallel()
+  def _function(self, gemm: str):
+    """The backend (checked for the platform being traced for) and its
+    product ``gemm`` (``"forward"``, ``"dgrad"``, ``"wgrad"``) for this op."""
+    impl = backends.get(self.backend)
+    return impl, impl.function(f"{self.kind}_{gemm}")
+
+  def _sharded(self, gemm, a, b, scale, out_dtype):
+    """The product ``gemm`` on ``a, b, scale, [spec]``, per batch shard when the
+    backend runs per shard (forward, input gradient)."""
+    impl, fn = self._function(gemm)
+    impl_kw = dict(out_dtype=out_dtype)
+    dp = self._data_parallel(impl)
     if dp is None:
       extra = (self.spec,) if self.kind == "conv" else ()
       return fn(a, b, scale, *extra, **impl_kw)
@@ -131,22 +138,17 @@ class _Op:
                          in_specs=(bs, P(), P()), out_specs=bs)(a, b, scale)
 
   def forward(self, xq, wq, scale):
-    impl = backends.get(self.backend)
-    fn = impl.conv_forward if self.kind == "conv" else impl.dense_forward
-    return self._sharded(fn, xq, wq, scale, self.out_dtype)
+    return self._sharded("forward", xq, wq, scale, self.out_dtype)
 
   def dgrad(self, gq, wq, scale):
-    impl = backends.get(self.backend)
-    fn = impl.conv_dgrad if self.kind == "conv" else impl.dense_dgrad
-    return self._sharded(fn, gq, wq, scale, self.x_dtype)
+    return self._sharded("dgrad", gq, wq, scale, self.x_dtype)
 
   def wgrad(self, xq, gq, scale):
-    impl = backends.get(self.backend)
-    fn = impl.conv_wgrad if self.kind == "conv" else impl.dense_wgrad
-    dp = self._data_parallel()
+    impl, fn = self._function("wgrad")
+    dp = self._data_parallel(impl)
     if dp is None:
       extra = (self.spec,) if self.kind == "conv" else ()
-      return fn(xq, gq, scale, *extra, chunk_k=self.config.chunk_k, out_dtype=self.w_dtype)
+      return fn(xq, gq, scale, *extra, out_dtype=self.w_dtype)
     # Per device: the exact integer sum over its shard as int32 halves; the
     # halves add up exactly across devices; one rounding at the end.
     mesh, axis, shards = dp
@@ -154,11 +156,11 @@ class _Op:
     bs = self._batch_spec(axis)
 
     def local(x, g):
-      h = fn(x, g, None, *extra, chunk_k=self.config.chunk_k, halves=True)
+      h = fn(x, g, None, *extra, halves=True)
       return jax.tree.map(lambda v: lax.psum(v, axis), h)
 
     halves = jax.shard_map(local, mesh=mesh, in_specs=(bs, bs), out_specs=(P(), P()))(xq, gq)
-    return xla_backend.dequant(exact.join_halves(halves), scale, self.w_dtype)
+    return backends.dequant(exact.join_halves(halves), scale, self.w_dtype)
 
 
 def _all_finite(x):
@@ -341,7 +343,8 @@ def _lax_kwargs(preferred_element_type, out_sharding) -> dict:
 
 def _check_config(config):
   if not isinstance(config, QuantConfig):
-    raise TypeError(f"config must be an int8jax.QuantConfig, got {type(config).__name__}")
+    raise TypeError(f"config must be an int8jax.QuantConfig (or None for float where the op "
+                    f"allows it), got {type(config).__name__}")
 
 
 def _check_float(name, x):
@@ -400,52 +403,11 @@ def _grad_groups(config: QuantConfig, spec: ConvSpec | None) -> int:
   g = 1 if spec is None else spec.feature_group_count
   if config.grad_granularity == "tensor":
     return 1
-  return g  # "group" and "auto" (per group for grouped convs, else per tensor)
+  return g  # "group": per group for grouped convs, one (the tensor) otherwise
 
 
-def quant_conv_general_dilated_with_status(
-    lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-    dimension_numbers=None, feature_group_count: int = 1, *, key=None, grad_state=None,
-    x_clip=None, measure=False, config: QuantConfig = QuantConfig(), precision=None,
-    preferred_element_type=None, out_sharding=None, batch_group_count: int = 1,
-    stored_clip_only: bool = False):
-  """:func:`quant_conv_general_dilated` that also returns whether ``lhs`` was
-  finite: ``(y, lhs_finite)`` (a boolean scalar; ``True`` when quantization
-  is off). What :class:`int8jax.nn.QuantConv` uses to keep non-finite data out
-  of its cached range and to count it.
-
-  ``stored_clip_only=True`` with ``measure=False`` (static): the gradient is
-  quantized with the stored clip and nothing else reads it, so XLA fuses the
-  quantization into the fusion that produces the gradient; a ``grad_state``
-  without a stored clip then gives NaN gradients (counted as non-finite).
-  What :func:`int8jax.nn.set_measure_mode` ``"never"`` uses."""
-  _check_config(config)
-  _check_float("lhs", lhs)
-  _check_float("rhs", rhs)
-  if batch_group_count != 1:
-    raise ValueError(
-        f"batch_group_count={batch_group_count!r} is not supported by the quantized "
-        "convolution (lax uses it to express grouped weight gradients, which the op "
-        "computes itself); use lax.conv_general_dilated for such a conv")
-  spec = make_conv_spec(lhs.shape, rhs.shape, window_strides, padding, lhs_dilation,
-                        rhs_dilation, dimension_numbers, feature_group_count)
-  true = jnp.ones((), jnp.bool_)
-  if not config.enabled or 0 in lhs.shape or 0 in rhs.shape or 0 in spec.out_shape:
-    # Off, or nothing to multiply (an empty operand or output): exactly lax,
-    # which returns an empty array or the all-zero conv of the padding.
-    kw = _lax_kwargs(preferred_element_type, out_sharding)
-    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
-                                    rhs_dilation, dimension_numbers, feature_group_count,
-                                    precision=precision, **kw), true
-  key, grad_state, x_clip, measure, static = _state_inputs(lhs, key, grad_state, x_clip,
-                                                           measure, config)
-  op = _Op("conv", spec, config, backends.resolve(config.backend), jnp.dtype(lhs.dtype),
-           jnp.dtype(rhs.dtype), _out_dtype(lhs, preferred_element_type),
-           _grad_groups(config, spec), static, bool(stored_clip_only))
-  x = jnp.transpose(lhs, spec.lhs_perm)
-  w = jnp.transpose(rhs, spec.rhs_perm)
-  y, ok = _qapply(op, x, w, x_clip, grad_state, key, measure)
-  return jnp.transpose(y, spec.out_perm), ok
+def _status(y, ok, return_status: bool):
+  return (y, ok) if return_status else y
 
 
 def quant_conv_general_dilated(
@@ -453,9 +415,9 @@ def quant_conv_general_dilated(
     rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1, *,
     key: jax.Array | None = None, grad_state: dsgc.GradQuantState | None = None,
     x_clip: jax.Array | None = None, measure: bool | jax.Array = False,
-    config: QuantConfig = QuantConfig(), precision=None,
+    config: QuantConfig | None = QuantConfig(), precision=None,
     preferred_element_type=None, out_sharding=None, batch_group_count: int = 1,
-    stored_clip_only: bool = False) -> jax.Array:
+    stored_clip_only: bool = False, return_status: bool = False):
   """INT8 ``lax.conv_general_dilated`` with int8 forward and backward GEMMs.
 
   Takes and returns the same layouts as :func:`jax.lax.conv_general_dilated`
@@ -476,23 +438,55 @@ def quant_conv_general_dilated(
       search) in the backward pass. A traced boolean picks a ``lax.cond``
       branch (one compilation for all steps); a Python bool builds only that
       branch.
-    config: :class:`~int8jax.QuantConfig`; ``enabled=False`` is exact float.
+    config: :class:`~int8jax.QuantConfig`; ``None`` is exactly
+      ``lax.conv_general_dilated`` (no quantization).
     precision, out_sharding: passed to lax when quantization is off.
     preferred_element_type: dtype of the result (default: ``lhs``'s); the
       dequantizing epilogue writes it directly.
     batch_group_count: only 1 (a clear ``ValueError`` otherwise).
-    stored_clip_only: see :func:`quant_conv_general_dilated_with_status`.
+    stored_clip_only: with ``measure=False`` (static), the gradient is
+      quantized with the stored clip and nothing else reads it, so XLA fuses
+      the quantization into the fusion that produces the gradient; a
+      ``grad_state`` without a stored clip then gives NaN gradients (counted
+      as non-finite). What :func:`int8jax.nn.set_measure_mode` ``"never"``
+      uses.
+    return_status: also return whether ``lhs`` was finite.
 
   Returns:
-    The convolution, dtype ``preferred_element_type`` or that of ``lhs``.
+    The convolution, dtype ``preferred_element_type`` or that of ``lhs``;
+    with ``return_status``, ``(y, lhs_finite)`` (a boolean scalar; ``True``
+    when quantization is off) -- what :class:`int8jax.nn.QuantConv` uses to
+    keep non-finite data out of its cached range and to count it.
     Cotangents have the dtypes of ``lhs`` and ``rhs``.
   """
-  return quant_conv_general_dilated_with_status(
-      lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-      feature_group_count, key=key, grad_state=grad_state, x_clip=x_clip, measure=measure,
-      config=config, precision=precision, preferred_element_type=preferred_element_type,
-      out_sharding=out_sharding, batch_group_count=batch_group_count,
-      stored_clip_only=stored_clip_only)[0]
+  if config is not None:
+    _check_config(config)
+  _check_float("lhs", lhs)
+  _check_float("rhs", rhs)
+  if batch_group_count != 1:
+    raise ValueError(
+        f"batch_group_count={batch_group_count!r} is not supported by the quantized "
+        "convolution (lax uses it to express grouped weight gradients, which the op "
+        "computes itself); use lax.conv_general_dilated for such a conv")
+  spec = make_conv_spec(lhs.shape, rhs.shape, window_strides, padding, lhs_dilation,
+                        rhs_dilation, dimension_numbers, feature_group_count)
+  if config is None or 0 in lhs.shape or 0 in rhs.shape or 0 in spec.out_shape:
+    # Off, or nothing to multiply (an empty operand or output): exactly lax,
+    # which returns an empty array or the all-zero conv of the padding.
+    kw = _lax_kwargs(preferred_element_type, out_sharding)
+    y = lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
+                                 rhs_dilation, dimension_numbers, feature_group_count,
+                                 precision=precision, **kw)
+    return _status(y, jnp.ones((), jnp.bool_), return_status)
+  key, grad_state, x_clip, measure, static = _state_inputs(lhs, key, grad_state, x_clip,
+                                                           measure, config)
+  op = _Op("conv", spec, config, backends.resolve(config.backend), jnp.dtype(lhs.dtype),
+           jnp.dtype(rhs.dtype), _out_dtype(lhs, preferred_element_type),
+           _grad_groups(config, spec), static, bool(stored_clip_only))
+  x = jnp.transpose(lhs, spec.lhs_perm)
+  w = jnp.transpose(rhs, spec.rhs_perm)
+  y, ok = _qapply(op, x, w, x_clip, grad_state, key, measure)
+  return _status(jnp.transpose(y, spec.out_perm), ok, return_status)
 
 
 def _dense_perms(lhs_ndim, rhs_ndim, dimension_numbers):
@@ -513,30 +507,6 @@ def _dense_perms(lhs_ndim, rhs_ndim, dimension_numbers):
   lf = tuple(a for a in range(lhs_ndim) if a not in lc + lb)
   rf = tuple(a for a in range(rhs_ndim) if a not in rc + rb)
   return lc, rc, lb, rb, lf, rf
-
-
-def quant_dot_general_with_status(lhs, rhs, dimension_numbers, precision=None,
-                                  preferred_element_type=None, *, key=None, grad_state=None,
-                                  x_clip=None, measure=False,
-                                  config: QuantConfig = QuantConfig(), out_sharding=None,
-                                  stored_clip_only: bool = False):
-  """:func:`quant_dot_general` that also returns whether ``lhs`` was finite."""
-  _check_config(config)
-  _check_float("lhs", lhs)
-  _check_float("rhs", rhs)
-  canon, out_shape, sizes = _dense_canonical(lhs, rhs, dimension_numbers)
-  if not config.enabled or 0 in sizes:
-    kw = _lax_kwargs(preferred_element_type, out_sharding)
-    return (lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, **kw),
-            jnp.ones((), jnp.bool_))
-  key, grad_state, x_clip, measure, static = _state_inputs(lhs, key, grad_state, x_clip,
-                                                           measure, config)
-  x, w = canon(lhs, rhs)
-  op = _Op("dense", None, config, backends.resolve(config.backend), jnp.dtype(lhs.dtype),
-           jnp.dtype(rhs.dtype), _out_dtype(lhs, preferred_element_type), 1, static,
-           bool(stored_clip_only))
-  y, ok = _qapply(op, x, w, x_clip, grad_state, key, measure)
-  return y.reshape(out_shape), ok
 
 
 def _dense_canonical(lhs, rhs, dimension_numbers):
@@ -565,20 +535,34 @@ def quant_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precisi
                       preferred_element_type=None, *, key: jax.Array | None = None,
                       grad_state: dsgc.GradQuantState | None = None,
                       x_clip: jax.Array | None = None, measure: bool | jax.Array = False,
-                      config: QuantConfig = QuantConfig(), out_sharding=None,
-                      stored_clip_only: bool = False) -> jax.Array:
+                      config: QuantConfig | None = QuantConfig(), out_sharding=None,
+                      stored_clip_only: bool = False, return_status: bool = False):
   """INT8 ``lax.dot_general`` with int8 forward and backward GEMMs.
 
   Same arguments and output layout as :func:`jax.lax.dot_general` (batch dims,
   then ``lhs`` free dims, then ``rhs`` free dims); ``rhs`` is the weight, its
   free dims are the output features (the per-channel scale axis). State
-  arguments and ``preferred_element_type`` as in
-  :func:`quant_conv_general_dilated`; gradients are quantized per tensor.
+  arguments, ``config=None``, ``preferred_element_type``, ``stored_clip_only``
+  and ``return_status`` as in :func:`quant_conv_general_dilated`; gradients
+  are quantized per tensor.
   """
-  return quant_dot_general_with_status(
-      lhs, rhs, dimension_numbers, precision, preferred_element_type, key=key,
-      grad_state=grad_state, x_clip=x_clip, measure=measure, config=config,
-      out_sharding=out_sharding, stored_clip_only=stored_clip_only)[0]
+  if config is not None:
+    _check_config(config)
+  _check_float("lhs", lhs)
+  _check_float("rhs", rhs)
+  canon, out_shape, sizes = _dense_canonical(lhs, rhs, dimension_numbers)
+  if config is None or 0 in sizes:
+    kw = _lax_kwargs(preferred_element_type, out_sharding)
+    y = lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, **kw)
+    return _status(y, jnp.ones((), jnp.bool_), return_status)
+  key, grad_state, x_clip, measure, static = _state_inputs(lhs, key, grad_state, x_clip,
+                                                           measure, config)
+  x, w = canon(lhs, rhs)
+  op = _Op("dense", None, config, backends.resolve(config.backend), jnp.dtype(lhs.dtype),
+           jnp.dtype(rhs.dtype), _out_dtype(lhs, preferred_element_type), 1, static,
+           bool(stored_clip_only))
+  y, ok = _qapply(op, x, w, x_clip, grad_state, key, measure)
+  return _status(y.reshape(out_shape), ok, return_status)
 
 
 def _conv_transpose_padding(k: int, s: int, padding) -> tuple[int, int]:
@@ -600,7 +584,7 @@ def conv_transpose_as_conv(lhs_shape, rhs, strides, padding, rhs_dilation=None,
   """``lax.conv_transpose``'s arguments as a ``conv_general_dilated``'s:
   ``(rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers)`` (the
   kernel flipped and its channel axes swapped with ``transpose_kernel``).
-  Shared by training (:func:`quant_conv_transpose`) and the frozen copy."""
+  Shared by :class:`int8jax.nn.QuantConvTranspose` and its frozen copy."""
   if len(lhs_shape) != rhs.ndim or rhs.ndim < 3:
     raise ValueError(f"lhs and rhs must have the same rank >= 3, got shapes {tuple(lhs_shape)} "
                      f"and {rhs.shape}")
@@ -623,30 +607,6 @@ def conv_transpose_as_conv(lhs_shape, rhs, strides, padding, rhs_dilation=None,
     rhs = jnp.flip(rhs, axis=tuple(dn.rhs_spec[2:]))
     rhs = jnp.swapaxes(rhs, dn.rhs_spec[0], dn.rhs_spec[1])
   return rhs, pads, strides, rd, dn
-
-
-def quant_conv_transpose_with_status(lhs, rhs, strides, padding, rhs_dilation=None,
-                                     dimension_numbers=None, transpose_kernel: bool = False,
-                                     precision=None, preferred_element_type=None, **quant_kw):
-  """:func:`quant_conv_transpose` that also returns whether ``lhs`` was finite."""
-  rhs, pads, lhs_dilation, rd, dn = conv_transpose_as_conv(
-      lhs.shape, rhs, strides, padding, rhs_dilation, dimension_numbers, transpose_kernel)
-  return quant_conv_general_dilated_with_status(
-      lhs, rhs, (1,) * (lhs.ndim - 2), pads, lhs_dilation, rd, dn, precision=precision,
-      preferred_element_type=preferred_element_type, **quant_kw)
-
-
-def quant_conv_transpose(lhs: jax.Array, rhs: jax.Array, strides, padding, rhs_dilation=None,
-                         dimension_numbers=None, transpose_kernel: bool = False,
-                         precision=None, preferred_element_type=None, **quant_kw) -> jax.Array:
-  """INT8 ``lax.conv_transpose``: the fractionally strided convolution, as
-  :func:`quant_conv_general_dilated` with ``lhs_dilation = strides`` (the
-  padding of ``lax.conv_transpose``, optional kernel flip). ``quant_kw`` are
-  the state arguments of :func:`quant_conv_general_dilated` (``key``,
-  ``grad_state``, ``x_clip``, ``measure``, ``config``, ...)."""
-  return quant_conv_transpose_with_status(
-      lhs, rhs, strides, padding, rhs_dilation, dimension_numbers, transpose_kernel,
-      precision, preferred_element_type, **quant_kw)[0]
 
 
 # ---------------------------------------------------------------------------

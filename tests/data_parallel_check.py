@@ -11,7 +11,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import int8jax
-from int8jax import backends, ops
+from int8jax import backends
+from int8jax.backends import xla as xla_backend
 
 FLAX_DN = ("NHWC", "HWIO", "NHWC")
 CASES = {  # x, w, strides, groups
@@ -38,18 +39,17 @@ def main():
   sh, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
   out = {}
   # (a) the per-shard wrapping (local specs, int32-halves psum of the weight
-  # gradient) exercised with the XLA backend's functions inside shard_map:
-  # bit-identical to one device, results batch-sharded.
-  real = ops._Op._data_parallel
-  ops._Op._data_parallel = lambda self: (
-      None if self.config.data_axis is None else
-      (jax.sharding.get_abstract_mesh(), self.config.data_axis, 2))
+  # gradient) exercised with the XLA backend's functions inside shard_map (a
+  # registered copy of the XLA backend declared per_shard): bit-identical to
+  # one device, results batch-sharded.
+  backends.register(xla_backend.BACKEND.replace(name="xla_per_shard", per_shard=True,
+                                                auto_rank=None))
   try:
     for name, case in CASES.items():
       xs, ws, st, g = case
       x = jax.random.normal(jax.random.key(0), xs)
       w = jax.random.normal(jax.random.key(1), ws) * 30.0
-      cfg = int8jax.QuantConfig(backend="xla")
+      cfg = int8jax.QuantConfig(backend="xla_per_shard")
       st0 = int8jax.GradQuantState.initial()
       yshape = jax.eval_shape(lambda a, b: int8jax.quant_conv_general_dilated(
           a, b, st, "SAME", dimension_numbers=FLAX_DN, feature_group_count=g,
@@ -74,7 +74,7 @@ def main():
           "all_gather": hlo.count("all-gather("),
       }
   finally:
-    ops._Op._data_parallel = real
+    backends.unregister("xla_per_shard")
   # (b) the Pallas backend's data-parallel fwd + bwd lowers for CUDA: the
   # kernels inside the per-device (manual) computations, the weight
   # gradient's halves all-reduced.

@@ -38,7 +38,7 @@ def _batch():
 
 def test_capture_float_matches_chain_rule():
   """With quantization off, g is dL/dy: it reproduces the weight gradients."""
-  model = Tiny(int8jax.QuantConfig(enabled=False), nnx.Rngs(0))
+  model = Tiny(None, nnx.Rngs(0))
   x, y = _batch()
   t = dg.capture_tensors(model, loss_fn, x, y)
   assert list(t) == ["conv", "dw", "head"]  # call order
@@ -80,7 +80,7 @@ def test_capture_quantized_leaves_model_alone_and_is_repeatable():
     assert np.all(np.isfinite(t1[k].g)) and np.abs(t1[k].g).max() > 0
   # The quantized head output differs from the float one, but its gradient
   # is still the softmax residual of the (quantized) logits.
-  fmodel = Tiny(int8jax.QuantConfig(enabled=False), nnx.Rngs(0))
+  fmodel = Tiny(None, nnx.Rngs(0))
   tf = dg.capture_tensors(fmodel, loss_fn, x, y)
   np.testing.assert_array_equal(t1["conv"].x, tf["conv"].x)
   assert not np.array_equal(t1["dw"].g, tf["dw"].g)  # int8 backward of the head

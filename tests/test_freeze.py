@@ -31,7 +31,7 @@ def _trained(granularity="tensor", skip=None, off=()):
                  rngs=nnx.Rngs(1, quant=2))
   for path, layer in nnx.iter_graph(m):
     if path in off:
-      layer.config = layer.config.replace(enabled=False)
+      layer.config = None
   m(X)
   m.eval()
   return m

@@ -33,8 +33,10 @@ def _input(kw, batch=(2,)):
 def test_quantconv_off_matches_nnx_conv_exactly(kw):
   x = _input(kw)
   ref = nnx.Conv(**kw, rngs=nnx.Rngs(0))
-  for quant in (None, int8jax.QuantConfig(enabled=False)):
-    q = QuantConv(**kw, config=quant, rngs=nnx.Rngs(0))
+  for switched in (False, True):
+    # config=None, or a quantized layer switched off (it keeps its state tree)
+    q = QuantConv(**kw, config=int8jax.QuantConfig() if switched else None, rngs=nnx.Rngs(0))
+    q.config = None
     np.testing.assert_array_equal(q.kernel[...], ref.kernel[...])
     np.testing.assert_array_equal(q(x), ref(x))
     gq = nnx.grad(lambda m: (m(x) ** 2).sum())(q)
@@ -66,11 +68,12 @@ def test_quantconv_extra_batch_dims_and_dtype():
   assert err < 0.03
 
 
-@pytest.mark.parametrize("quant", [None, int8jax.QuantConfig(enabled=False)])
-def test_quantdense_off_matches_nnx_linear_exactly(quant):
+@pytest.mark.parametrize("switched", [False, True])
+def test_quantdense_off_matches_nnx_linear_exactly(switched):
   x = jax.random.normal(jax.random.key(0), (3, 5, 7))
   ref = nnx.Linear(7, 4, rngs=nnx.Rngs(1))
-  q = QuantDense(7, 4, config=quant, rngs=nnx.Rngs(1))
+  q = QuantDense(7, 4, config=int8jax.QuantConfig() if switched else None, rngs=nnx.Rngs(1))
+  q.config = None  # config=None, or a quantized layer switched off
   np.testing.assert_array_equal(q(x), ref(x))
 
 
@@ -391,12 +394,11 @@ def test_quantconvtranspose_matches_nnx_convtranspose(kw):
 
 
 def test_deprecated_names_still_work_and_warn():
-  """The layer argument ``quant=`` is now ``config=``; the old name warns."""
+  """The layer argument ``quant=`` (``config=`` since 0.1) is gone."""
   cfg = int8jax.QuantConfig(period=3)
-  with pytest.warns(DeprecationWarning, match="config="):
-    old = QuantConv(2, 4, (3, 3), quant=cfg, rngs=nnx.Rngs(0))
-  new = QuantConv(2, 4, (3, 3), config=cfg, rngs=nnx.Rngs(0))
-  assert old.config == new.config == old.quant == cfg
+  with pytest.raises(TypeError, match="'quant'"):
+    QuantConv(2, 4, (3, 3), quant=cfg, rngs=nnx.Rngs(0))
+  assert QuantConv(2, 4, (3, 3), config=cfg, rngs=nnx.Rngs(0)).config == cfg
   with pytest.raises(TypeError, match="config must be an int8jax.QuantConfig"):
     QuantConv(2, 4, (3, 3), config="ui8", rngs=nnx.Rngs(0))
   params = {"w": jnp.zeros(3), "grad_quant": jnp.zeros(int8jax.dsgc.NUM_FIELDS)}

@@ -1,5 +1,7 @@
 """Quantized ops: bit-exact int8 GEMMs, float agreement, transforms, bad input."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -406,7 +408,7 @@ def test_zero_tensors_quantize_without_nan():
     (lambda: int8jax.QuantConfig(grad_clip="mse"), ValueError, "grad_clip"),
     (lambda: int8jax.QuantConfig(weight_granularity="row"), ValueError, "weight_granularity"),
     (lambda: int8jax.QuantConfig(backend="triton"), ValueError, "backend"),
-    (lambda: int8jax.QuantConfig(chunk_k=200_000), ValueError, "chunk_k"),
+    (lambda: int8jax.QuantConfig(enabled=False), ValueError, "enabled=False.*config=None"),
     (lambda: int8jax.QuantConfig(grad_granularity="channel"), ValueError, "grad_granularity"),
     (lambda: int8jax.quant_conv_general_dilated(jnp.ones((4, 4, 4, 2)), jnp.ones((3, 3, 2, 3)),
                                                 (1, 1), "SAME", dimension_numbers=FLAX_DN,
@@ -426,11 +428,42 @@ def test_bad_input_errors(call, exc, match):
 def test_disabled_config_is_exact_lax():
   x = jax.random.normal(jax.random.key(0), (2, 6, 6, 4))
   w = jax.random.normal(jax.random.key(1), (3, 3, 2, 6))
-  off = int8jax.QuantConfig(enabled=False)
+  off = None
   got = int8jax.quant_conv_general_dilated(x, w, (2, 1), "SAME", None, (1, 2), FLAX_DN, 2,
                                            config=off)
   want = lax.conv_general_dilated(x, w, (2, 1), "SAME", None, (1, 2), FLAX_DN, 2)
   np.testing.assert_array_equal(got, want)
+
+
+def test_config_none_dense_is_exact_lax_and_status():
+  x = jax.random.normal(jax.random.key(0), (3, 5))
+  w = jax.random.normal(jax.random.key(1), (5, 4))
+  dn = (((1,), (0,)), ((), ()))
+  y, ok = int8jax.quant_dot_general(x, w, dn, config=None, return_status=True)
+  np.testing.assert_array_equal(y, lax.dot_general(x, w, dn))
+  assert bool(ok)
+  y, ok = int8jax.quant_dot_general(x.at[0, 0].set(jnp.nan), w, dn, key=jax.random.key(0),
+                                    return_status=True)
+  assert not bool(ok) and bool(jnp.isnan(y).any())
+
+
+def test_removed_config_fields_warn_or_fail():
+  """QuantConfig's former fields: enabled=False fails naming config=None;
+  enabled=True and chunk_k warn and are ignored; 'auto' is 'group'."""
+  with pytest.raises(ValueError, match=r"QuantConfig\(enabled=False\).*config=None"):
+    int8jax.QuantConfig(enabled=False)
+  with pytest.raises(ValueError, match="enabled=False"):
+    int8jax.QuantConfig().replace(enabled=False)
+  with pytest.warns(DeprecationWarning, match=r"enabled=True"):
+    assert int8jax.QuantConfig(enabled=True) == int8jax.QuantConfig()
+  with pytest.warns(DeprecationWarning, match=r"chunk_k=16.*CHUNK_K"):
+    assert int8jax.QuantConfig(chunk_k=16) == int8jax.QuantConfig()
+  with pytest.warns(DeprecationWarning, match="grad_granularity='auto'.*'group'"):
+    cfg = int8jax.QuantConfig(grad_granularity="auto")
+  assert cfg == int8jax.QuantConfig() and cfg.grad_granularity == "group"
+  assert hash(cfg) == hash(int8jax.QuantConfig())
+  fields = {f.name for f in dataclasses.fields(int8jax.QuantConfig)}
+  assert not fields & {"enabled", "chunk_k"}
 
 
 # ---------------------------------------------------------------------------
@@ -450,7 +483,7 @@ def test_per_group_gradient_scales_are_exact(case, backend):
   kx, kw, kg = jax.random.split(jax.random.key(11), 3)
   x = jax.random.normal(kx, x_shape, jnp.float32)
   w = jax.random.normal(kw, w_shape, jnp.float32)
-  cfg = int8jax.QuantConfig(grad_rounding="nearest", backend=backend)  # "auto": per group
+  cfg = int8jax.QuantConfig(grad_rounding="nearest", backend=backend)  # "group": per group
   y, vjp = jax.vjp(jax.jit(_conv_op(case, cfg)), x, w)
   o = y.shape[-1]
   # channel scales spread over 3 orders of magnitude (what depthwise layers see)
@@ -499,7 +532,7 @@ def test_per_group_measurement_sees_small_channels():
     _, vjp = jax.vjp(f, int8jax.GradQuantState.initial())
     return int8jax.read_measurement(vjp(gy)[0])
 
-  t, g = measure("tensor"), measure("auto")
+  t, g = measure("tensor"), measure("group")
   assert float(t.distance) < 0.01 < 0.3 < float(t.channel_distance_mean)
   assert float(t.channel_distance_max) > 0.3
   assert float(g.channel_distance_mean) < 0.01 and float(g.channel_distance_max) < 0.01

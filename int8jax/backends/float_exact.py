@@ -19,9 +19,10 @@ products; each partial result is exact in float32 and converted to int32,
 and the int32 partials are summed exactly.
 
 Used by the Pallas backend for the forward and input-gradient GEMMs of
-narrow groups; their weight gradient contracts over batch x pixels (millions
-of products), so it stays on exact int32 arithmetic
-(:func:`int8jax.backends.xla.conv_wgrad`).
+narrow groups (:func:`conv_forward`, :func:`conv_dgrad`, declared as
+fallbacks of :data:`int8jax.backends.pallas.BACKEND`); their weight gradient
+contracts over batch x pixels (millions of products), so it stays on exact
+int32 arithmetic (:func:`int8jax.backends.xla.conv_wgrad`).
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from int8jax import conv_geometry as geom
+from int8jax.backends.base import CHUNK_K, dequant
 from int8jax.conv_spec import ConvSpec
 
-__all__ = ["MAX_EXACT_WINDOW", "conv_exact"]
+__all__ = ["MAX_EXACT_WINDOW", "conv_exact", "conv_forward", "conv_dgrad"]
 
 #: Products one float32 sum may hold and stay exact (``127^2 * n < 2^24``).
 MAX_EXACT_WINDOW = (1 << 24) // (127 * 127)
@@ -73,3 +76,20 @@ def conv_exact(xq: jax.Array, wq: jax.Array, spec: ConvSpec) -> jax.Array:
     part = _bf16_conv(xq, wq[r0:r1], spec, pad).astype(jnp.int32)
     total = part if total is None else total + part
   return total.astype(jnp.float32)
+
+
+def conv_forward(xq: jax.Array, wq: jax.Array, scale, spec: ConvSpec, *,
+                 chunk_k: int = CHUNK_K, out_dtype=jnp.float32) -> jax.Array:
+  """``conv(xq, wq) * scale`` through :func:`conv_exact` (a backend's
+  ``conv_forward``; ``chunk_k`` unused: the window bound splits instead)."""
+  del chunk_k
+  return dequant(conv_exact(xq, wq, spec), scale, out_dtype)
+
+
+def conv_dgrad(gq: jax.Array, wq: jax.Array, scale, spec: ConvSpec, *,
+               chunk_k: int = CHUNK_K, out_dtype=jnp.float32) -> jax.Array:
+  """Input gradient: the transposed conv (JAX's transpose rule) through
+  :func:`conv_exact`, times ``scale``."""
+  del chunk_k
+  t = geom.transpose_spec(spec)
+  return dequant(conv_exact(gq, geom.transpose_kernel(wq, spec), t), scale, out_dtype)

@@ -46,7 +46,11 @@ convolutions over the int8 values with float32 accumulation, exact by the
 bound of :mod:`int8jax.backends.float_exact` (no int8 grouped ``lax`` conv —
 those have a wrong-result bug in XLA:GPU/cuDNN), and their weight gradient
 (a contraction over batch x pixels) on the XLA backend's exact int32
-arithmetic (elementwise multiply-adds and int8 ``dot_general``s).
+arithmetic (elementwise multiply-adds and int8 ``dot_general``s). These
+routes, and the split-K one (:data:`SPLIT_K_MIN_K`), are declared in one
+place, :data:`FALLBACKS` (the backend's ``fallbacks``, listed in the docs
+table of :func:`int8jax.backends.table`); the functions below run only the
+kernels' shapes.
 
 Dense ``(B, M, K) x (B, K, N)``: one kernel call per batch entry (B is 1 for
 ordinary layers).
@@ -67,8 +71,8 @@ import jax.numpy as jnp
 import pallas_kernels as pk
 from int8jax import conv_geometry as geom
 from int8jax import exact
-from int8jax.backends import float_exact, xla
-from int8jax.backends.base import Backend
+from int8jax.backends import float_exact, platform, xla
+from int8jax.backends.base import CHUNK_K, FUNCTIONS, Backend, Fallback, dequant
 from int8jax.conv_spec import ConvSpec
 
 # Grouped convs use the kernel per group only when every group has at least
@@ -163,12 +167,12 @@ def _gemm(a, b, scale, *, chunk_k, interpret, out_dtype=jnp.float32, halves=Fals
       return exact.int8_dot(a, b, (1, 1), chunk_k=chunk_k, halves=True)
     return _int_gemm(a, b, chunk_k=chunk_k, interpret=interpret, halves=True)
   if _split_k_shape(a.shape[0], b.shape[0], a.shape[1]):
-    return xla.dequant(exact.int8_dot(a, b, (1, 1), chunk_k=chunk_k), scale, out_dtype)
+    return dequant(exact.int8_dot(a, b, (1, 1), chunk_k=chunk_k), scale, out_dtype)
   if a.shape[1] <= _chunk(chunk_k) and jnp.dtype(out_dtype) in _KERNEL_OUT_DTYPES:
     # Single int32 accumulator: dequantization (and the cast) fused in the
-    # kernel epilogue, float32(acc) * scale like xla.dequant.
+    # kernel epilogue, float32(acc) * scale like dequant.
     return pk.int8_matmul(a, b, b_scale=scale, out_dtype=out_dtype, interpret=interpret)
-  return xla.dequant(_int_gemm(a, b, chunk_k=chunk_k, interpret=interpret), scale, out_dtype)
+  return dequant(_int_gemm(a, b, chunk_k=chunk_k, interpret=interpret), scale, out_dtype)
 
 
 def _implicit(spec: ConvSpec, which: str) -> bool:
@@ -215,11 +219,9 @@ def _conv(xq, wq, scale, spec: ConvSpec, *, chunk_k, interpret, out_dtype):
 
 
 def conv_forward(xq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
-                 *, chunk_k: int, interpret: bool = False,
+                 *, chunk_k: int = CHUNK_K, interpret: bool = False,
                  out_dtype=jnp.float32) -> jax.Array:
   """``conv(xq, wq) * scale`` as an im2col GEMM; ``scale`` scalar or (O,)."""
-  if not _use_kernel(spec):
-    return xla.dequant(float_exact.conv_exact(xq, wq, spec), scale, out_dtype)
   if _implicit(spec, "forward"):
     return _implicit_call(pk.int8_conv, xq, wq, scale, out_dtype, interpret,
                           window_strides=spec.window_strides, padding=spec.padding)
@@ -229,14 +231,14 @@ def conv_forward(xq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
 
 def _implicit_call(fn, a, b, scale, out_dtype, interpret, **geometry):
   """An implicit-GEMM conv kernel with the epilogue ``float32(acc) * scale``
-  (cast in the kernel when it can write ``out_dtype``), as xla.dequant."""
+  (cast in the kernel when it can write ``out_dtype``), as dequant."""
   if jnp.dtype(out_dtype) in _KERNEL_OUT_DTYPES:
     return fn(a, b, scale=scale, out_dtype=out_dtype, interpret=interpret, **geometry)
-  return xla.dequant(fn(a, b, scale=scale, interpret=interpret, **geometry), 1.0, out_dtype)
+  return dequant(fn(a, b, scale=scale, interpret=interpret, **geometry), 1.0, out_dtype)
 
 
 def conv_dgrad(gq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
-               *, chunk_k: int, interpret: bool = False,
+               *, chunk_k: int = CHUNK_K, interpret: bool = False,
                out_dtype=jnp.float32) -> jax.Array:
   """Input gradient ``(N, *spatial, C)``, split like the XLA backend's.
 
@@ -247,10 +249,6 @@ def conv_dgrad(gq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
   ``g (pixels, O/G) @ w^T`` to patch space with ``out_dtype=int32`` and
   :func:`~int8jax.conv_geometry.col2im` summing exact integers.
   """
-  if not _use_kernel(spec):  # the transposed conv, exact in bf16 (float_exact)
-    t = geom.transpose_spec(spec)
-    return xla.dequant(float_exact.conv_exact(gq, geom.transpose_kernel(wq, spec), t),
-                       scale, out_dtype)
   if _implicit(spec, "dgrad"):
     return _implicit_call(pk.int8_conv_dgrad, gq, wq, scale, out_dtype, interpret,
                           input_shape=spec.lhs_shape, window_strides=spec.window_strides,
@@ -270,19 +268,16 @@ def conv_dgrad(gq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
     parts.append(dp.reshape(m, kw, 1, cg))
   dp = parts[0] if g == 1 else jnp.concatenate(parts, axis=2)  # (m, kw, G, cg)
   dp = dp.reshape(*gq.shape[:-1], kw, g * cg)
-  return xla.dequant(geom.col2im(dp, spec), scale, out_dtype)
+  return dequant(geom.col2im(dp, spec), scale, out_dtype)
 
 
 def conv_wgrad(xq: jax.Array, gq: jax.Array, scale: jax.Array, spec: ConvSpec,
-               *, chunk_k: int, interpret: bool = False,
+               *, chunk_k: int = CHUNK_K, interpret: bool = False,
                out_dtype=jnp.float32, halves: bool = False):
   """Kernel gradient ``(*window, C // G, O)``: a GEMM over transposed patches,
   contracting over batch x output pixels (chunked, exact); ``scale`` scalar
   or (O,). ``halves=True``: the exact integer result as
   :data:`int8jax.exact.Halves` (no scale; see the XLA backend)."""
-  if not _use_kernel(spec):
-    return xla.conv_wgrad(xq, gq, scale, spec, chunk_k=chunk_k, out_dtype=out_dtype,
-                          halves=halves)
   if _implicit(spec, "wgrad"):
     geometry = dict(kernel_shape=spec.rhs_shape, window_strides=spec.window_strides,
                     padding=spec.padding)
@@ -316,19 +311,19 @@ def _per_batch(fn, *arrays):
   return jnp.stack([fn(*(x[i] for x in arrays)) for i in range(arrays[0].shape[0])])
 
 
-def dense_forward(xq, wq, scale, *, chunk_k, interpret=False, out_dtype=jnp.float32):
+def dense_forward(xq, wq, scale, *, chunk_k=CHUNK_K, interpret=False, out_dtype=jnp.float32):
   """``y[b] = x[b] @ w[b] * scale``; scale scalar or per output feature (N,)."""
   return _per_batch(lambda x, w: _gemm(x, w.T, scale, chunk_k=chunk_k, interpret=interpret,
                                        out_dtype=out_dtype), xq, wq)
 
 
-def dense_dgrad(gq, wq, scale, *, chunk_k, interpret=False, out_dtype=jnp.float32):
+def dense_dgrad(gq, wq, scale, *, chunk_k=CHUNK_K, interpret=False, out_dtype=jnp.float32):
   """``dx[b] = g[b] @ w[b].T * scale`` (both operands already K-major)."""
   return _per_batch(lambda g, w: _gemm(g, w, scale, chunk_k=chunk_k, interpret=interpret,
                                        out_dtype=out_dtype), gq, wq)
 
 
-def dense_wgrad(xq, gq, scale, *, chunk_k, interpret=False, out_dtype=jnp.float32,
+def dense_wgrad(xq, gq, scale, *, chunk_k=CHUNK_K, interpret=False, out_dtype=jnp.float32,
                 halves=False):
   """``dw[b] = x[b].T @ g[b] * scale``, contracting over M (the exact
   result's halves, no scale, with ``halves=True``)."""
@@ -337,10 +332,54 @@ def dense_wgrad(xq, gq, scale, *, chunk_k, interpret=False, out_dtype=jnp.float3
   return jax.tree.map(lambda *t: jnp.stack(t), *outs)
 
 
-BACKEND = Backend("pallas", conv_forward, conv_dgrad, conv_wgrad,
-                  dense_forward, dense_dgrad, dense_wgrad)
+# ---------------------------------------------------------------------------
+# The backend: where it runs, and the shapes it hands to other exact routes.
+
+
+def _narrow_groups(spec: ConvSpec) -> bool:
+  return not _use_kernel(spec)
+
+
+_NARROW = (f"groups narrower than {MIN_GROUP_FEATURES} input or output features "
+           "(depthwise)")
+
+#: The shapes on which this backend runs another exact route. The first three
+#: are dispatched by :meth:`~int8jax.backends.base.Backend.function` before
+#: the functions above run; the split-K route is chosen per GEMM in
+#: :func:`_gemm`. All give the kernels' bits (and ``"xla"``'s).
+FALLBACKS = (
+    Fallback(("conv_forward",), _NARROW, "exact bf16 grouped conv (float_exact.conv_forward)",
+             applies=_narrow_groups, run=float_exact.conv_forward),
+    Fallback(("conv_dgrad",), _NARROW, "exact bf16 transposed conv (float_exact.conv_dgrad)",
+             applies=_narrow_groups, run=float_exact.conv_dgrad),
+    Fallback(("conv_wgrad",), _NARROW, "int32 multiply-adds / int8 dot_general "
+             "(xla.conv_wgrad)", applies=_narrow_groups, run=xla.conv_wgrad),
+    Fallback(FUNCTIONS,
+             f"a GEMM with K >= {SPLIT_K_MIN_K} and under {SPLIT_K_MAX_BLOCKS} 128x128 "
+             "output blocks (split-K shapes: weight gradients)",
+             "XLA int8 dot_general, chunked (exact.int8_dot)"),
+)
+
+
+def _check() -> None:
+  if not platform.pallas_allowed():
+    raise ValueError(
+        "backend='pallas' needs a Hopper GPU (compute capability 9.x) with "
+        f"Mosaic GPU; this machine's jax backend is {jax.default_backend()!r}. "
+        "Use backend='xla', backend=None (best available), or "
+        "backend='pallas_interpret' (kernels in interpret mode on CPU, for tests)")
+
+
+BACKEND = Backend(
+    "pallas", "Mosaic GPU int8 kernels of pallas_kernels (Hopper only); bit-identical to "
+    "'xla'", conv_forward, conv_dgrad, conv_wgrad, dense_forward, dense_dgrad, dense_wgrad,
+    check=_check, available=platform.pallas_available, auto_rank=0, per_shard=True,
+    fallbacks=FALLBACKS)
 
 # The same backend with every kernel under Mosaic GPU interpret mode (CPU;
 # bit-exact, slow): ``QuantConfig(backend="pallas_interpret")``. For tests.
-INTERPRETED = Backend("pallas_interpret", *(functools.partial(f, interpret=True)
-                                            for f in BACKEND[1:]))
+INTERPRETED = BACKEND.replace(
+    name="pallas_interpret",
+    description="the 'pallas' kernels in Mosaic GPU interpret mode: runs on a CPU, slowly; "
+    "for tests", check=Backend.check, available=Backend.available, auto_rank=None,
+    **{f: functools.partial(getattr(BACKEND, f), interpret=True) for f in FUNCTIONS})

@@ -50,17 +50,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from int8jax.backends.base import Backend
+from int8jax.backends import platform
+from int8jax.backends.base import CHUNK_K, Backend, dequant
 from int8jax.conv_geometry import (col2im, dgrad_by_transposed_conv, patch_slices, patches,
                                    transpose_kernel, transpose_spec)
 from int8jax.conv_spec import ConvSpec
 from int8jax.exact import int8_dot, int32_sum
-
-
-def dequant(exact: jax.Array, scale, out_dtype=jnp.float32) -> jax.Array:
-  """``float32(exact) * scale`` cast to ``out_dtype`` (the epilogue every
-  backend applies, in this order)."""
-  return (exact.astype(jnp.float32) * scale).astype(out_dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -123,13 +118,13 @@ _DIRECT_FAST_FEATURES = 32
 
 
 def conv_forward(xq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
-                 *, chunk_k: int, out_dtype=jnp.float32) -> jax.Array:
+                 *, chunk_k: int = CHUNK_K, out_dtype=jnp.float32) -> jax.Array:
   """``conv(xq, wq) * scale`` (``scale`` scalar or per output feature ``(O,)``)."""
   return dequant(conv_exact(xq, wq, spec, chunk_k=chunk_k), scale, out_dtype)
 
 
 def conv_dgrad(gq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
-               *, chunk_k: int, out_dtype=jnp.float32) -> jax.Array:
+               *, chunk_k: int = CHUNK_K, out_dtype=jnp.float32) -> jax.Array:
   """Input gradient ``(N, *spatial, C)``, exact.
 
   Unstrided convs: the transposed conv (JAX's transpose rule: input dilation
@@ -161,7 +156,7 @@ def conv_dgrad(gq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
 
 
 def conv_wgrad(xq: jax.Array, gq: jax.Array, scale: jax.Array, spec: ConvSpec,
-               *, chunk_k: int, out_dtype=jnp.float32, halves: bool = False):
+               *, chunk_k: int = CHUNK_K, out_dtype=jnp.float32, halves: bool = False):
   """Kernel gradient ``(*window, C // G, O)``: ``patches^T @ g`` per group.
 
   The patch matrix is built transposed, ``(prod(window) * C//G, M)`` with
@@ -198,16 +193,16 @@ def conv_wgrad(xq: jax.Array, gq: jax.Array, scale: jax.Array, spec: ConvSpec,
 # Dense: lhs (B, M, K), rhs (B, K, N), out (B, M, N).
 
 
-def dense_forward(xq, wq, scale, *, chunk_k, out_dtype=jnp.float32):
+def dense_forward(xq, wq, scale, *, chunk_k=CHUNK_K, out_dtype=jnp.float32):
   return dequant(int8_dot(xq, wq, (2, 1), ((0,), (0,)), chunk_k=chunk_k), scale, out_dtype)
 
 
-def dense_dgrad(gq, wq, scale, *, chunk_k, out_dtype=jnp.float32):
+def dense_dgrad(gq, wq, scale, *, chunk_k=CHUNK_K, out_dtype=jnp.float32):
   # dx[b, m, k] = sum_n g[b, m, n] w[b, k, n]
   return dequant(int8_dot(gq, wq, (2, 2), ((0,), (0,)), chunk_k=chunk_k), scale, out_dtype)
 
 
-def dense_wgrad(xq, gq, scale, *, chunk_k, out_dtype=jnp.float32, halves: bool = False):
+def dense_wgrad(xq, gq, scale, *, chunk_k=CHUNK_K, out_dtype=jnp.float32, halves: bool = False):
   # dw[b, k, n] = sum_m x[b, m, k] g[b, m, n]; x transposed so the GEMM
   # contracts over its last axis (XLA:CPU's int8 kernel; see the module doc).
   dw = int8_dot(jnp.swapaxes(xq, 1, 2), gq, (2, 1), ((0,), (0,)), chunk_k=chunk_k,
@@ -215,5 +210,12 @@ def dense_wgrad(xq, gq, scale, *, chunk_k, out_dtype=jnp.float32, halves: bool =
   return dw if halves else dequant(dw, scale, out_dtype)
 
 
-BACKEND = Backend("xla", conv_forward, conv_dgrad, conv_wgrad,
-                  dense_forward, dense_dgrad, dense_wgrad)
+def _check() -> None:
+  platform.check_xla_allowed("backend='xla'")
+
+
+BACKEND = Backend(
+    "xla", "lax int8 ops with exact int32 accumulation: the exact reference and the CPU "
+    "backend; refused when tracing for a GPU (XLA:GPU gave wrong input gradients)",
+    conv_forward, conv_dgrad, conv_wgrad, dense_forward, dense_dgrad, dense_wgrad,
+    check=_check, auto_rank=1)

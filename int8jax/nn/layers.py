@@ -3,9 +3,9 @@
 Both are drop-in subclasses of their Flax twins (``nnx.Conv``, ``nnx.Linear``):
 same constructor arguments, layouts (NHWC inputs, HWIO kernels), parameter
 initialisation and names, plus ``config: QuantConfig | None`` (the
-quantization config; ``quant=`` is its deprecated former name). With
-``config=None`` or ``QuantConfig(enabled=False)`` they compute exactly what the
-Flax layer computes.
+quantization config). With ``config=None`` they compute exactly what the
+Flax layer computes (the quantization state is still created, so setting
+``layer.config`` switches a model without changing its state tree).
 
 Quantization state (not ``nnx.Param``, so optimizers and filters tell them
 apart, like BatchNorm's ``BatchStat``):
@@ -39,8 +39,6 @@ and ``model.eval()`` stops counting and measuring.
 
 from __future__ import annotations
 
-import warnings
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -50,8 +48,7 @@ from jax import lax
 from int8jax import quant
 from int8jax.config import QuantConfig
 from int8jax.dsgc import GradQuantState
-from int8jax.ops import (quant_conv_general_dilated_with_status, quant_conv_transpose_with_status,
-                         quant_dot_general_with_status)
+from int8jax.ops import conv_transpose_as_conv, quant_conv_general_dilated, quant_dot_general
 
 
 class ActRange(nnx.Variable):
@@ -86,9 +83,6 @@ class QuantCounter(nnx.Variable):
 TRAINABLE = nnx.Any(nnx.Param, GradQuant)
 
 
-#: Default of the deprecated ``quant=`` argument: not given (``config=`` is used).
-_UNSET = object()
-
 #: What a quantized layer's ``measure_mode`` may be (see :func:`set_measure_mode`).
 MEASURE_MODES = ("periodic", "always", "never")
 
@@ -107,11 +101,7 @@ def measure_step(count: jax.Array, period: int, early: bool = False) -> jax.Arra
 class _QuantMixin:
   """State and per-call inputs shared by QuantConv and QuantDense."""
 
-  def _init_quant(self, config, quant, rng_collection, deterministic, rngs):
-    if quant is not _UNSET:
-      warnings.warn(f"{type(self).__name__}(quant=...) is deprecated: use config=...",
-                    DeprecationWarning, stacklevel=3)
-      config = quant
+  def _init_quant(self, config, rng_collection, deterministic, rngs):
     if config is not None and not isinstance(config, QuantConfig):
       raise TypeError(f"config must be an int8jax.QuantConfig or None, "
                       f"got {type(config).__name__}")
@@ -143,17 +133,12 @@ class _QuantMixin:
           "layer's state, before calling the layer")
 
   @property
-  def quant(self) -> QuantConfig | None:
-    """Deprecated name of :attr:`config`."""
-    return self.config
-
-  @property
   def quantized(self) -> bool:
-    return self.config is not None and self.config.enabled
+    return self.config is not None
 
   def _quant_call(self, op, x, *args, **kwargs):
-    """Runs the quantized ``op`` (a ``*_with_status`` op) on ``x``; updates the
-    counters and the cached activation range."""
+    """Runs the quantized ``op`` on ``x`` (with ``return_status=True``);
+    updates the counters and the cached activation range."""
     self._check_concrete()
     cfg = self.config
     cached = self.act_range[...]
@@ -185,7 +170,8 @@ class _QuantMixin:
       grad_state = grad_state.replace(clip=jnp.where(count < cfg.period, 0.0, grad_state.clip))
     y, x_finite = op(x, *args, key=key, grad_state=grad_state,
                      x_clip=fresh, measure=measure, config=cfg,
-                     stored_clip_only=self.measure_mode == "never", **kwargs)
+                     stored_clip_only=self.measure_mode == "never", return_status=True,
+                     **kwargs)
     if not self.deterministic:
       # Non-finite data never reaches the cached range (max|x| itself may
       # come out finite for a NaN tensor: XLA can compile max without NaN
@@ -200,7 +186,7 @@ class QuantConv(_QuantMixin, nnx.Conv):
 
   Args: those of :class:`flax.nnx.Conv`, plus
 
-    quant: :class:`int8jax.QuantConfig` (default: UI8, best available backend);
+    config: :class:`int8jax.QuantConfig` (default: UI8, best available backend);
       ``None`` makes the layer an exact ``nnx.Conv``.
     deterministic: evaluation mode (no counting, no measuring, cached range);
       toggled by ``model.eval()`` / ``model.train()``.
@@ -216,7 +202,7 @@ class QuantConv(_QuantMixin, nnx.Conv):
   """
 
   def __init__(self, in_features: int, out_features: int, kernel_size, strides=1, *,
-               config: QuantConfig | None = QuantConfig(), quant=_UNSET,
+               config: QuantConfig | None = QuantConfig(),
                deterministic: bool = False,
                rng_collection: str = "quant", rngs: nnx.Rngs, **conv_kwargs):
     if "conv_general_dilated" in conv_kwargs:
@@ -224,7 +210,7 @@ class QuantConv(_QuantMixin, nnx.Conv):
     super().__init__(in_features, out_features, kernel_size, strides, rngs=rngs,
                      **conv_kwargs)
     del self.conv_general_dilated  # nnx.Conv.__call__ now finds the method below
-    self._init_quant(config, quant, rng_collection, deterministic, rngs)
+    self._init_quant(config, rng_collection, deterministic, rngs)
 
   def conv_general_dilated(self, lhs, rhs, window_strides, padding, lhs_dilation=None,
                            rhs_dilation=None, dimension_numbers=None,
@@ -233,7 +219,7 @@ class QuantConv(_QuantMixin, nnx.Conv):
       return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                       rhs_dilation, dimension_numbers, feature_group_count,
                                       precision=precision, **kwargs)
-    return self._quant_call(quant_conv_general_dilated_with_status, lhs, rhs, window_strides,
+    return self._quant_call(quant_conv_general_dilated, lhs, rhs, window_strides,
                             padding, lhs_dilation, rhs_dilation, dimension_numbers,
                             feature_group_count, **kwargs)
 
@@ -249,19 +235,19 @@ class QuantDense(_QuantMixin, nnx.Linear):
   """
 
   def __init__(self, in_features: int, out_features: int, *,
-               config: QuantConfig | None = QuantConfig(), quant=_UNSET,
+               config: QuantConfig | None = QuantConfig(),
                deterministic: bool = False,
                rng_collection: str = "quant", rngs: nnx.Rngs, **linear_kwargs):
     if "dot_general" in linear_kwargs:
       raise TypeError("QuantDense does not take dot_general=: it provides its own")
     super().__init__(in_features, out_features, rngs=rngs, **linear_kwargs)
     del self.dot_general
-    self._init_quant(config, quant, rng_collection, deterministic, rngs)
+    self._init_quant(config, rng_collection, deterministic, rngs)
 
   def dot_general(self, lhs, rhs, dimension_numbers, precision=None, **kwargs):
     if not self.quantized:
       return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, **kwargs)
-    return self._quant_call(quant_dot_general_with_status, lhs, rhs, dimension_numbers,
+    return self._quant_call(quant_dot_general, lhs, rhs, dimension_numbers,
                             **kwargs)
 
 
@@ -278,11 +264,11 @@ class QuantConvTranspose(_QuantMixin, nnx.ConvTranspose):
   """
 
   def __init__(self, in_features: int, out_features: int, kernel_size, strides=None, *,
-               config: QuantConfig | None = QuantConfig(), quant=_UNSET,
+               config: QuantConfig | None = QuantConfig(),
                deterministic: bool = False,
                rng_collection: str = "quant", rngs: nnx.Rngs, **kwargs):
     super().__init__(in_features, out_features, kernel_size, strides, rngs=rngs, **kwargs)
-    self._init_quant(config, quant, rng_collection, deterministic, rngs)
+    self._init_quant(config, rng_collection, deterministic, rngs)
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
     if not self.quantized:
@@ -293,12 +279,15 @@ class QuantConvTranspose(_QuantMixin, nnx.ConvTranspose):
         raise ValueError(f"Mask needs to have the same shape as weights. Shapes are: "
                          f"{self.mask.shape}, {self.kernel_shape}")
       kernel = kernel * self.mask
-    return conv_transpose_call(
-        self, inputs, kernel,
-        lambda x, k, strides, padding, dilation: self._quant_call(
-            quant_conv_transpose_with_status, x, k, strides, padding, rhs_dilation=dilation,
-            transpose_kernel=self.transpose_kernel, precision=self.precision,
-            preferred_element_type=self.preferred_element_type))
+
+    def gemm(x, k, strides, padding, dilation):
+      k, pads, lhs_dilation, rd, dn = conv_transpose_as_conv(
+          x.shape, k, strides, padding, dilation, None, self.transpose_kernel)
+      return self._quant_call(quant_conv_general_dilated, x, k, (1,) * (x.ndim - 2), pads,
+                              lhs_dilation, rd, dn, precision=self.precision,
+                              preferred_element_type=self.preferred_element_type)
+
+    return conv_transpose_call(self, inputs, kernel, gemm)
 
 
 def conv_transpose_call(layer: nnx.ConvTranspose, inputs: jax.Array, kernel, gemm) -> jax.Array:
