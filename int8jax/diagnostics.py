@@ -137,7 +137,7 @@ def capture_tensors(model: nnx.Module, loss_fn: Callable[..., jax.Array], *args:
 
   Args:
     model: a model with :class:`~int8jax.nn.QuantConv` / ``QuantDense`` layers
-      (quantized or with ``QuantConfig(enabled=False)``; plain ``nnx.Conv`` /
+      (quantized, or float with ``config=None``; plain ``nnx.Conv`` /
       ``nnx.Linear`` layers are not captured). It is not modified.
     loss_fn: ``loss_fn(model, *args) -> scalar`` (e.g. the training loss).
       The compiled pass is cached per (model structure, ``loss_fn`` object,
