@@ -299,7 +299,8 @@ def tables(results: list[dict], grid: list[Setting]) -> str:
           f"| {mode} | {m:.2f} ± {sd:.2f} | {paired_delta(rm, base)} | "
           f"{', '.join(f'{a:.1f}' for a in acc)} | "
           f"{np.mean([r['final_train_loss'] for r in rm]):.4f} | {dtxt} | {dmtxt} | {coll} | "
-          f"{sum(r['diverged'] for r in rm)}/{len(rm)} | {np.mean([r['wall_s'] for r in rm]):.0f} |")
+          f"{sum(r['diverged'] for r in rm)}/{len(rm)} | "
+          f"{np.mean([r['wall_s'] for r in rm]):.0f} |")
     lines.append("")
   return "\n".join(lines)
 

@@ -29,7 +29,8 @@ Timing: ``--warmup`` untimed steps, then the median (and min / max) of
 per round, so a changing machine load hits all alike), each synchronised
 (``jax.block_until_ready``; PyTorch on the CPU returns when done). The table
 (machine from ``lscpu``, date, versions, commit, 1-minute load average
-before and after) is printed and appended to ``--out`` under the heading "CPU: int8jax against PyTorch".
+before and after) is printed and appended to ``--out`` under the heading
+"CPU: int8jax against PyTorch".
 
 On a shared, oversubscribed machine run it with ``OMP_WAIT_POLICY=PASSIVE``
 (recorded in the table): PyTorch's OpenMP threads otherwise spin-wait and

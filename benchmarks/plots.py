@@ -117,10 +117,13 @@ def main(argv=None):
   fig, ax = plt.subplots(figsize=(6, 4))
   for v, lab in ((t.g, "gradient g"), (t.x, "input x"), (t.w, "weight w")):
     d = _hist(ax, v, lab)
-    lines.append(f"g/x/w  {res.name} {layer} step {steps[-1]}: {lab:10s} kurtosis {d.kurtosis:8.2f} "
+    lines.append(f"g/x/w  {res.name} {layer} step {steps[-1]}: {lab:10s} "
+                 f"kurtosis {d.kurtosis:8.2f} "
                  f"below-one-step {d.below_step:.3f} zeros {d.zero_fraction:.3f}")
   _style(ax, f"{res.name}, layer {layer}, step {steps[-1]} (UI8 training)")
-  fig.tight_layout(); fig.savefig(os.path.join(a.out, "dist_g_x_w.png"), dpi=110); plt.close(fig)
+  fig.tight_layout()
+  fig.savefig(os.path.join(a.out, "dist_g_x_w.png"), dpi=110)
+  plt.close(fig)
 
   fig, ax = plt.subplots(figsize=(6, 4))
   for i, s in enumerate(steps):
@@ -129,7 +132,8 @@ def main(argv=None):
     lines.append(f"train  {res.name} {layer} g at step {s:4d}: kurtosis {d.kurtosis:8.2f} "
                  f"below-one-step {d.below_step:.3f}")
   _style(ax, f"{res.name}, layer {layer}: gradient during training")
-  fig.tight_layout(); fig.savefig(os.path.join(a.out, "dist_g_training.png"), dpi=110)
+  fig.tight_layout()
+  fig.savefig(os.path.join(a.out, "dist_g_training.png"), dpi=110)
   plt.close(fig)
 
   fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -137,20 +141,23 @@ def main(argv=None):
   kurts, below = [], []
   for path, lt in ordered:
     d = _hist(ax, lt.g, path, color=plt.cm.plasma(lt.index / max(len(ordered) - 1, 1)), lw=1)
-    kurts.append(d.kurtosis); below.append(d.below_step)
+    kurts.append(d.kurtosis)
+    below.append(d.below_step)
     lines.append(f"depth  {res.name} #{lt.index:2d} {path:22s} g kurtosis {d.kurtosis:8.2f} "
                  f"below-one-step {d.below_step:.3f}")
   _style(ax, f"{res.name}: gradient across depth (step {steps[-1]})")
   ax.legend(fontsize=5)
   idx = np.arange(len(ordered))
   ax2.plot(idx, kurts, "o-", label="kurtosis of g")
-  ax2.set_yscale("log"); ax2.set_xlabel("quantized layer (depth order)")
+  ax2.set_yscale("log")
+  ax2.set_xlabel("quantized layer (depth order)")
   ax2.set_ylabel("kurtosis of g")
   ax3 = ax2.twinx()
   ax3.plot(idx, below, "s--", color="C1", label="share below one int8 step")
   ax3.set_ylabel("share of g below max|g|/254")
   ax2.set_title("sharpness per layer", fontsize=9)
-  fig.tight_layout(); fig.savefig(os.path.join(a.out, "dist_g_depth.png"), dpi=110)
+  fig.tight_layout()
+  fig.savefig(os.path.join(a.out, "dist_g_depth.png"), dpi=110)
   plt.close(fig)
 
   # Naive (max|g|) vs learned clip: cosine distance per layer on the captured g.
@@ -159,7 +166,8 @@ def main(argv=None):
   stats = snaps[steps[-1]]["stats"]
   for path, lt in ordered:
     dm, dl = _naive_vs_learned(lt.g, stats[path]["clip_ratio"] * np.abs(lt.g).max(), key)
-    dnaive.append(dm); dlearn.append(dl)
+    dnaive.append(dm)
+    dlearn.append(dl)
     lines.append(f"clip   {res.name} {path:22s} d(clip=max|g|) {dm:.5f}  d(learned clip, "
                  f"ratio {stats[path]['clip_ratio']:.3f}) {dl:.5f}")
 
@@ -187,9 +195,12 @@ def main(argv=None):
                    f"{np.median([d.kurtosis for _, d in by_kind[kind]]):.2f}, median "
                    f"below-one-step {np.median([d.below_step for _, d in by_kind[kind]]):.3f}")
   _style(ax, f"{mob.name}: gradient of depthwise vs pointwise convs (step {max(msnaps)})")
-  ax2.set_yscale("log"); ax2.set_xlabel("quantized layer (depth order)")
-  ax2.set_ylabel("kurtosis of g"); ax2.legend(fontsize=7)
-  fig.tight_layout(); fig.savefig(os.path.join(a.out, "dist_g_dw_pw.png"), dpi=110)
+  ax2.set_yscale("log")
+  ax2.set_xlabel("quantized layer (depth order)")
+  ax2.set_ylabel("kurtosis of g")
+  ax2.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(a.out, "dist_g_dw_pw.png"), dpi=110)
   plt.close(fig)
 
   # ---- cosine distance: naive vs learned clip (captured g), and over training.
@@ -199,7 +210,8 @@ def main(argv=None):
   ax = axes[0, 0]
   ax.plot(idx, dnaive, "o-", label="clip = max|g| (naive)")
   ax.plot(idx, dlearn, "s-", label="clip learned by UI8")
-  ax.set_yscale("log"); ax.set_xlabel("quantized layer (depth order)")
+  ax.set_yscale("log")
+  ax.set_xlabel("quantized layer (depth order)")
   ax.set_ylabel("cosine distance d(g, int8 g)")
   ax.set_title(f"{res.name}, step {steps[-1]}, stochastic rounding", fontsize=9)
   ax.legend(fontsize=7)
@@ -216,10 +228,13 @@ def main(argv=None):
       mean_d = [np.mean([v for k, v in e.items() if k != "step"]) for e in ep]
       ax.plot([e["step"] for e in ep], mean_d, "o-" if r["mode"] == "ui8" else "x--",
               label=f"{r['setting']} {r['mode']}", lw=1)
-    ax.set_yscale("log"); ax.set_xlabel("step"); ax.set_ylabel("mean d over quantized layers")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean d over quantized layers")
     ax.set_title("measured d during training (seed 0)", fontsize=9)
     ax.legend(fontsize=6)
-  fig.tight_layout(); fig.savefig(os.path.join(a.out, "cosine_distance.png"), dpi=110)
+  fig.tight_layout()
+  fig.savefig(os.path.join(a.out, "cosine_distance.png"), dpi=110)
   plt.close(fig)
 
   lines.append(f"plots: total {time.time() - t0:.0f} s; figures in {a.out}")

@@ -42,7 +42,6 @@ from benchmarks import train_step as ts  # noqa: E402
 from examples import models  # noqa: E402
 from examples.config import BACKEND_CHOICES, backend_from_cli  # noqa: E402
 from int8jax import modes  # noqa: E402
-from int8jax.dsgc import GradQuantState  # noqa: E402
 from int8jax.nn import quant_layers, set_measure_mode  # noqa: E402
 
 #: Variants this script times: no measuring branch in the compiled step.
@@ -154,7 +153,8 @@ def main(argv=None) -> int:
       med, lo, hi, loss = time_steps(compiled, state, x, y, args.warmup, args.steps)
     except Exception as e:  # pylint: disable=broad-except
       rc = 1
-      emit(f"| {label} | failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+      first = str(e).splitlines()[0][:200] if str(e) else ""
+      emit(f"| {label} | failed: {type(e).__name__}: {first}"
            " | | | | | |", args.out)
       continue
     times[label] = med

@@ -340,12 +340,14 @@ def ops_table(name: str, batch: int, rows: list[dict], bf16: bool) -> list[str]:
       "UI8 fwd / bwd ms", f"UI8 fwd speed-up vs {base}", f"UI8 bwd speed-up vs {base}",
       "UI8 measure step fwd+bwd ms"]
   lines = [f"{name}: QuantConv vs nnx.Conv, forward and backward, batch {batch}:", "",
-           "| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + " |"]
+           "| " + " | ".join(head) + " |",
+           "| " + " | ".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + " |"]
   tot = {k: 0.0 for k in ("bf", "bb", "uf", "ub")}
   for r in rows:
     cells = [r["name"], r["shape"]]
     if "error" in r:
-      lines.append("| " + " | ".join(cells + [f"failed: {r['error']}"] + [""] * (len(head) - 3)) + " |")
+      failed = [f"failed: {r['error']}"] + [""] * (len(head) - 3)
+      lines.append("| " + " | ".join(cells + failed) + " |")
       continue
     for c in cols:
       cells.append(f"{r[f'{c} fwd'] * 1e3:.1f} / {r[f'{c} bwd'] * 1e3:.1f}")
@@ -354,8 +356,10 @@ def ops_table(name: str, batch: int, rows: list[dict], bf16: bool) -> list[str]:
     sb = r[f"{base} bwd"] / r["ui8 bwd"] if r["ui8 bwd"] > 0 else float("nan")
     cells += [f"{sf:.2f}x", f"{sb:.2f}x", f"{r['ui8 measure total'] * 1e3:.1f}"]
     lines.append("| " + " | ".join(cells) + " |")
-    tot["bf"] += r[f"{base} fwd"]; tot["bb"] += r[f"{base} bwd"]
-    tot["uf"] += r["ui8 fwd"]; tot["ub"] += r["ui8 bwd"]
+    tot["bf"] += r[f"{base} fwd"]
+    tot["bb"] += r[f"{base} bwd"]
+    tot["uf"] += r["ui8 fwd"]
+    tot["ub"] += r["ui8 bwd"]
   if tot["uf"] > 0 and tot["ub"] > 0:
     cells = ["all layers above (one each)", ""] + [""] * len(cols) + [
         f"{tot['uf'] * 1e3:.1f} / {tot['ub'] * 1e3:.1f}", f"{tot['bf'] / tot['uf']:.2f}x",
@@ -462,15 +466,18 @@ def main(argv=None):
 def report(sections, args, argv, load_before, rep_ops, rep_step):
   lines = [f"### UI8 vs float on {machine()}", "",
            f"{datetime.date.today().isoformat()}; {versions()}; backend "
-           f"{int8jax.backends.resolve(BACKEND)}; median of {rep_ops} (layers) / {rep_step} (steps) "
+           f"{int8jax.backends.resolve(BACKEND)}; median of {rep_ops} (layers) / {rep_step} "
+           "(steps) "
            "timed calls after warm-up, variants interleaved; 1-min load average "
            f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after; "
-           f"`python benchmarks/train_step.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
+           "`python benchmarks/train_step.py "
+           f"{' '.join(argv if argv is not None else sys.argv[1:])}`"
            .rstrip() + ".", ""]
   for s in sections:
     lines += s + [""]
   lines += ["Backward: the VJP alone (its own jitted program on residuals computed "
-            "beforehand; input, gradient and state are arguments, not constants). Memory: XLA's buffer assignment "
+            "beforehand; input, gradient and state are arguments, not constants). "
+            "Memory: XLA's buffer assignment "
             "for the compiled step (`compiled.memory_analysis()`): temporaries are "
             "activations kept for the backward pass plus scratch; arguments are "
             "parameters, optimizer and quantization state and the batch."]

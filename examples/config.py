@@ -19,7 +19,7 @@ backend, is spelled ``auto`` on the command line), weight granularities and
 gradient roundings :data:`int8jax.config.WEIGHT_GRANULARITIES` /
 :data:`~int8jax.config.GRAD_ROUNDINGS`, clip learners
 :data:`int8jax.dsgc.CLIP_METHODS`, LR deviations
-:data:`int8jax.optim.LR_DEVIATIONS`; optimizers and schedules are
+:data:`int8jax.optim.DISTANCE_KINDS`; optimizers and schedules are
 :mod:`examples.optimizers`' own (``OPTIMIZERS``, ``SCHEDULES``).
 """
 

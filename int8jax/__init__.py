@@ -16,7 +16,8 @@ from int8jax.dsgc import GradQuantState, measure_gradient, read_measurement, upd
 from int8jax.ops import quant_conv_general_dilated, quant_dot_general
 from int8jax import backends, diagnostics, modes, nn, optim
 from int8jax.optim import lr_coefficient
-from int8jax.quant import absmax, cosine_distance, dequantize, fake_quantize, quantize, scale_from_clip
+from int8jax.quant import (absmax, cosine_distance, dequantize, fake_quantize, quantize,
+                           scale_from_clip)
 
 __version__ = "0.1.0"
 
@@ -30,7 +31,8 @@ def __getattr__(attr):
 
 
 __all__ = [
-    "BACKEND_NAMES", "MAX_EXACT_K", "QuantConfig", "GradQuantState", "lr_coefficient", "measure_gradient",
-    "read_measurement", "update_grad_state", "quant_conv_general_dilated", "quant_dot_general", "absmax",
-    "cosine_distance", "dequantize", "fake_quantize", "quantize", "scale_from_clip",
+    "BACKEND_NAMES", "MAX_EXACT_K", "QuantConfig", "GradQuantState", "lr_coefficient",
+    "measure_gradient", "read_measurement", "update_grad_state", "quant_conv_general_dilated",
+    "quant_dot_general", "absmax", "cosine_distance", "dequantize", "fake_quantize", "quantize",
+    "scale_from_clip", "backends", "diagnostics", "modes", "nn", "optim",
 ]

@@ -44,11 +44,12 @@ class QuantConfig:
       scale) or ``"group"`` (the default: one per feature group -- per
       channel in a depthwise conv; one per tensor for ordinary convs and
       dense layers, which have one group). ``"auto"``, its former name, is a
-      deprecated alias of ``"group"``. A group's input- and weight-gradient GEMMs are independent of the other
-      groups', so a scale per group multiplies exact int32 results; finer
-      scales inside a group would sit on a contraction axis. Why per group:
-      in depthwise convs a few channels' gradients are hundreds of times
-      larger than the rest, and one scale rounds the others to noise
+      deprecated alias of ``"group"``. A group's input- and weight-gradient
+      GEMMs are independent of the other groups', so a scale per group
+      multiplies exact int32 results; finer scales inside a group would sit
+      on a contraction axis. Why per group: in depthwise convs a few
+      channels' gradients are hundreds of times larger than the rest, and
+      one scale rounds the others to noise
       (docs/results.md). With per-group scales each group is clipped at
       ``clip_ratio`` times its own ``max|g|`` on every step (one reduction
       over ``g``); the ratio is learned once per layer.

@@ -140,7 +140,8 @@ MODE_NAMES: tuple[str, ...] = tuple(MODES)
 def table() -> str:
   """The modes as a Markdown table (the README quotes it; a test keeps them equal)."""
   esc = lambda t: t.replace("|", "\\|")  # noqa: E731
-  rows = ["| mode | quantized | float dtype | gradient clip | LR scaling | gradient scales | what |",
+  rows = ["| mode | quantized | float dtype | gradient clip | LR scaling | gradient scales "
+          "| what |",
           "| --- | --- | --- | --- | --- | --- | --- |"]
   for m in MODES.values():
     q = m.quantized

@@ -9,7 +9,6 @@ would not exercise. (tests/test_step_memory.py does the same for ResNet-20.)
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import nnx
 
 import int8jax

@@ -120,7 +120,8 @@ def _objective_reference(g, ratio, gmax, noise_weight, keys=64):
     h = np.floor(y + rng.random(g.shape)) * step
     n = h - y * step
     sgh += np.sum(g * h) / keys
-    shh += (np.sum((y * step) ** 2) + 2 * np.sum(y * step * n) + noise_weight * np.sum(n * n)) / keys
+    shh += (np.sum((y * step) ** 2) + 2 * np.sum(y * step * n)
+            + noise_weight * np.sum(n * n)) / keys
   return 1.0 - sgh / np.sqrt(np.sum(g * g) * shh)
 
 

@@ -3,10 +3,8 @@
 import os
 import subprocess
 import sys
-import textwrap
 
 import chex
-import jax
 import numpy as np
 import pytest
 from flax import nnx

@@ -82,7 +82,7 @@ def test_choice_options_are_the_librarys_own_lists():
   assert choices["weight_granularity"] is qc_lib.WEIGHT_GRANULARITIES
   assert choices["grad_rounding"] is qc_lib.GRAD_ROUNDINGS
   assert choices["clip_method"] is dsgc.CLIP_METHODS
-  assert choices["lr_deviation"] is int8jax.optim.LR_DEVIATIONS
+  assert choices["lr_deviation"] is int8jax.optim.DISTANCE_KINDS
   assert choices["optimizer"] is optimizers.OPTIMIZERS
   assert choices["schedule"] is optimizers.SCHEDULES
   # ... and every value of them reaches the library as given.

@@ -16,7 +16,7 @@ import examples
 import int8jax
 from examples import models
 from int8jax.nn import (FrozenConv, FrozenDense, FrozenParam, QuantConv, QuantConvTranspose,
-                        QuantDense, QuantizedWeight, export_serving, freeze, quantize_model)
+                        QuantizedWeight, export_serving, freeze, quantize_model)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = int8jax.QuantConfig(backend="xla", period=2)
@@ -87,7 +87,8 @@ def test_freeze_refuses_float_unmeasured_and_transpose_layers():
     freeze(float_model)
   fresh = models.simple_cnn(num_classes=10, width=4, rngs=nnx.Rngs(0))
   quantize_model(fresh, CFG, rngs=nnx.Rngs(1))
-  with pytest.raises(ValueError, match=r"layer 'convs/1' has no activation range \(act_range=0.0\)"):
+  with pytest.raises(ValueError,
+                     match=r"layer 'convs/1' has no activation range \(act_range=0.0\)"):
     freeze(fresh)
 
 

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import jax.numpy as jnp
 import pytest
 
 import pallas_kernels as pk

@@ -32,7 +32,8 @@ from examples import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB = ["-m", "examples.mnist_flax", "--mode", "ui8", "--model", "simple_cnn", "--width", "4",
-       "--batch-size", "16", "--steps", "6", "--schedule", "constant", "--period", "2", "--log-every", "2", "--lr", "0.05",
+       "--batch-size", "16", "--steps", "6", "--schedule", "constant", "--period", "2",
+       "--log-every", "2", "--lr", "0.05",
        "--warmup-epochs", "0", "--eval-every-epochs", "0", "--eval-batch-size", "500",
        "--checkpoint-every", "2", "--no-progress", "--heartbeat-timeout", "20",
        "--init-timeout", "60"]

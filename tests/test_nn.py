@@ -64,7 +64,8 @@ def test_quantconv_extra_batch_dims_and_dtype():
   y = q(x)
   assert y.shape == (2, 3, 9, 9, 6) and y.dtype == jnp.bfloat16
   ref = nnx.Conv(**kw, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))(x)
-  err = float(jnp.linalg.norm((y - ref).astype(jnp.float32)) / jnp.linalg.norm(ref.astype(jnp.float32)))
+  err = float(jnp.linalg.norm((y - ref).astype(jnp.float32))
+              / jnp.linalg.norm(ref.astype(jnp.float32)))
   assert err < 0.03
 
 

@@ -138,7 +138,8 @@ def test_no_measurement_means_no_change():
   for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(params["conv1"]["grad_quant"])):
     assert float(a) == float(b)  # zero updates: bit-identical state
   # phi from the stored deviation (0.2)
-  np.testing.assert_allclose(upd["conv1"]["kernel"][0, 0, 0, 0], -0.1 * 0.5 * max(np.exp(-4.0), 0.1),
+  np.testing.assert_allclose(upd["conv1"]["kernel"][0, 0, 0, 0],
+                             -0.1 * 0.5 * max(np.exp(-4.0), 0.1),
                              rtol=1e-5)
 
 
@@ -208,7 +209,8 @@ def test_gradient_accumulation_with_multisteps():
   model = _Net(nnx.Rngs(0, quant=1))
   loss_fn = lambda m, x, y: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
   ms = [int8jax.read_measurement(GradQuantState.unpack(
-      nnx.grad(loss_fn, argnums=nnx.DiffState(0, TRAINABLE))(model, x, y)["conv"]["grad_quant"][...]))
+      nnx.grad(loss_fn, argnums=nnx.DiffState(0, TRAINABLE))(model, x, y)
+      ["conv"]["grad_quant"][...]))
         for x, y in xs]
   np.testing.assert_allclose(st.channel_distance_mean,
                              (ms[0].channel_distance_mean + ms[1].channel_distance_mean) / 2,

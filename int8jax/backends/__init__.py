@@ -29,7 +29,7 @@ from int8jax.backends.platform import (XLA_ON_GPU_MESSAGE, assume_pallas_availab
 
 __all__ = ["Backend", "Fallback", "CHUNK_K", "dequant", "BACKENDS", "register", "unregister",
            "names", "resolve", "get", "table", "target_platform", "pallas_available",
-           "assume_pallas_available", "XLA_ON_GPU_MESSAGE"]
+           "assume_pallas_available", "XLA_ON_GPU_MESSAGE", "platform"]
 
 #: Every registered backend by name, in registration order (read-only use:
 #: change it with :func:`register` / :func:`unregister`).

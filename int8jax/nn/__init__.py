@@ -8,7 +8,10 @@ from int8jax.nn.layers import (MEASURE_MODES, TRAINABLE, ActRange, GradQuant, Qu
                                quant_layers, quant_stats, measure_step, set_call_count,
                                set_measure_mode)
 
-__all__ = ["FrozenConv", "FrozenConvTranspose", "FrozenDense", "FrozenParam", "QuantizedWeight",
-           "export_serving", "freeze", "MEASURE_MODES", "TRAINABLE", "ActRange", "GradQuant", "QuantConv", "QuantConvTranspose", "QuantCounter",
-           "QuantDense", "default_skip", "quantizable_layers", "quantize_model", "quant_layers",
-           "measure_step", "grad_quant_stats", "quant_stats", "set_call_count", "set_measure_mode"]
+__all__ = [
+    "FrozenConv", "FrozenConvTranspose", "FrozenDense", "FrozenParam", "QuantizedWeight",
+    "export_serving", "freeze", "MEASURE_MODES", "TRAINABLE", "ActRange", "GradQuant", "QuantConv",
+    "QuantConvTranspose", "QuantCounter", "QuantDense", "default_skip", "quantizable_layers",
+    "quantize_model", "quant_layers", "measure_step", "grad_quant_stats", "quant_stats",
+    "set_call_count", "set_measure_mode",
+]

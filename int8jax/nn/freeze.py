@@ -13,7 +13,8 @@ trained model's ``model.eval()`` outputs, bit for bit (tests/test_freeze.py).
 What the copy keeps and drops:
 
 * ``QuantConv`` / ``QuantConvTranspose`` / ``QuantDense`` become
-  :class:`FrozenConv` / :class:`FrozenConvTranspose` / :class:`FrozenDense`: ``kernel`` is a :class:`QuantizedWeight` (int8),
+  :class:`FrozenConv` / :class:`FrozenConvTranspose` / :class:`FrozenDense`:
+  ``kernel`` is a :class:`QuantizedWeight` (int8),
   ``kernel_scale`` its float32 scale(s), ``act_range`` the cached range; no
   gradient-quantization state, counters or RNG streams. One with
   quantization off becomes the plain ``nnx.Conv`` / ``nnx.Linear`` it computes.
@@ -47,8 +48,8 @@ from int8jax.nn.convert import _constructor_kwargs, _set_child, _walk
 from int8jax.nn.layers import (ActRange, QuantConv, QuantConvTranspose, QuantDense,
                                conv_transpose_call)
 
-__all__ = ["FrozenConv", "FrozenConvTranspose", "FrozenDense", "FrozenParam", "QuantizedWeight", "freeze",
-           "export_serving"]
+__all__ = ["FrozenConv", "FrozenConvTranspose", "FrozenDense", "FrozenParam", "QuantizedWeight",
+           "freeze", "export_serving"]
 
 
 class QuantizedWeight(nnx.Variable):

@@ -39,6 +39,8 @@ and ``model.eval()`` stops counting and measuring.
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
