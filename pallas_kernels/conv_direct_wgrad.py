@@ -1,0 +1,341 @@
+"""Direct-box weight gradient of the INT8 conv: channel-major operands, no shifted copies.
+
+A prototype (issue 24, item 1) of the wgrad kernel that reads each quantized
+tensor once in one extra layout -- no pad, no shifted or transposed *copies*
+per tap -- standalone (not wired into :func:`pallas_kernels.int8_conv.
+int8_conv_wgrad`); same arguments, same bits as
+:func:`pallas_kernels.int8_conv.int8_conv_wgrad_reference`. Stride 1 only.
+
+The GEMM: ``dw[t][c, o] = sum_p x_t[p, c] g[p, o]`` per tap t over the
+pixels p; int8 ``wgmma`` needs both operands K-major (pixels contiguous in
+SMEM): an A tile (tile_m channels, tile_k pixels), a B tile (tile_n output
+channels, tile_k pixels).
+
+Layout: the kernel takes x and g *channel-major*, (C, H, W, N') and (O, Ho,
+Wo, N') (:func:`channel_major`: ``transpose(x, (3, 1, 2, 0))``, the batch
+zero-padded to N' so that W*N' and Wo*N' are multiples of 16 bytes, TMA's
+GMEM stride rule; N' = N for any N that is a multiple of 16). That is one
+transposed tensor each, which the quantize fusion producing x and g can
+write as a second output (XLA fuses quantize + transpose: one more int8
+write); the prototype's wrapper transposes in XLA and counts it as that
+pass. The kernel sees them as (C, H, W*N') and (O, Ho, Wo*N'): the batch is
+the minor pixel dimension, merged with W.
+
+How (stride 1):
+
+* Steps: per tap, the pixel rows (h, chunk j) of g's (Wo*N')-long rows in
+  chunks of ``tile_k`` = ``swizzle`` elements: g's box ``gT[o-tile, h, j*tk
+  : +tk]`` and x's box ``xT[c-tile, h + kh - lo_h, j*tk + (kw - lo_w)*N' :
+  +tk]`` -- the same tk pixels (w, n) shifted by the tap. The merged (W, N')
+  dimension keeps TMA's per-dimension out-of-bounds zero fill exact: a
+  column w + kw - lo_w outside [0, W) is an element index outside [0, W*N')
+  (it cannot spill into the next row, which is another dimension), so
+  padding, ragged rows (past Wo*N') and ragged channels (past C / O) all
+  read zeros. The box start is any element (not a multiple of tk): it is
+  written through an untiled, swizzled view of the (8, swizzle)-tiled SMEM
+  slot (one channel = one swizzle row: the tiling is the identity), the
+  trick of :mod:`pallas_kernels.conv_direct`; Mosaic GPU requires a
+  swizzled box's minor dimension to be exactly ``swizzle`` bytes, hence
+  ``tile_k == swizzle`` and one image row per step.
+* Split-K: the grid is (taps x parts, C tiles, O tiles); a block sums one
+  part of at most INT32_SAFE_K pixels (``part_steps`` steps) of one tap in an
+  int32 ``wgmma`` accumulator (the TMA ring of :mod:`pallas_kernels.
+  conv_common`) and stores it; XLA combines the parts exactly
+  (:func:`pallas_kernels._common.split_halves` / ``join_halves``, as
+  int8_conv_wgrad), then ``* scale[o]``. Steps past the last row read g out
+  of bounds (zeros).
+
+Interpret mode (CPU): the GPU interpreter neither reshapes refs nor reads
+boxes that start below 0, so the same boxes are copied into the tiled slots
+(same logical (rows, tk) tile) and the wrapper pads the low side of H and
+W of x^T in XLA. What only a GPU can confirm: the untiled-view bytes and
+the zero fill below 0.
+
+Constraints: stride 1 (strides > 1: the phase images of x^T, stacked
+along H, would give per-tap row offsets the same way; not done); tile_k ==
+swizzle; N' images padded as above (e.g. N = 8 with W = 7 pads to 16).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels._common import INT32_SAFE_K
+from pallas_kernels._common import MAX_EXACT_PARTS
+from pallas_kernels._common import join_halves
+from pallas_kernels._common import out_transforms
+from pallas_kernels._common import round_up
+from pallas_kernels._common import split_halves
+from pallas_kernels.conv_common import Int8ConvConfig
+from pallas_kernels.conv_common import check_config
+from pallas_kernels.conv_common import check_padding
+from pallas_kernels.conv_common import conv_output_shape
+from pallas_kernels.conv_common import launcher_for
+from pallas_kernels.conv_common import pipelined_accumulate
+from pallas_kernels.conv_common import ring_scratch
+from pallas_kernels.conv_common import select_wgrad_config
+from pallas_kernels.conv_common import static_lookup
+from pallas_kernels.conv_wgrad import _check_wgrad_args
+from pallas_kernels.conv_wgrad import _check_wgrad_epilogue
+from pallas_kernels.conv_wgrad import _check_wgrad_pixels
+from pallas_kernels.conv_wgrad import _wgrad_epilogue
+
+__all__ = ["channel_major", "direct_wgrad_config", "direct_wgrad_operand_bytes",
+           "images_padded", "int8_conv_wgrad_direct", "int8_conv_wgrad_direct_halves"]
+
+_GMEM_STRIDE_BYTES = 16  # TMA: every GMEM stride but the last a multiple of 16 bytes
+_TARGET_BLOCKS = 264     # thread blocks the split-K grid aims for (2 per SM of an H100/H200)
+
+
+def images_padded(n: int, *widths: int) -> int:
+  """N': the least N' >= n with ``w * N'`` a multiple of 16 for every width (TMA strides)."""
+  g = math.gcd(_GMEM_STRIDE_BYTES, *widths)
+  return round_up(max(n, 1), _GMEM_STRIDE_BYTES // g)
+
+
+def channel_major(x, n_img: int | None = None):
+  """(N, H, W, C) -> (C, H, W, N') int8, the images zero-padded to ``n_img``
+  (:func:`images_padded` of W if None): the layout the kernel reads, the one
+  the quantize fusion should emit as a second output."""
+  n, _, w, _ = x.shape
+  n_img = images_padded(n, w) if n_img is None else n_img
+  xt = jnp.transpose(x, (3, 1, 2, 0))
+  if n_img != n:
+    xt = lax.pad(xt, jnp.int8(0), ((0, 0, 0),) * 3 + ((0, n_img - n, 0),))
+  return xt
+
+
+def direct_wgrad_config(c: int, o: int, row_len: int) -> Int8ConvConfig:
+  """select_wgrad_config's tile_m x tile_n with tile_k = swizzle: the swizzle of 128, 64
+  or 32 bytes that pads a (Wo*N')-element row least (ties: the wider)."""
+  base = select_wgrad_config(c, o)
+  sw = min((128, 64, 32), key=lambda s: (round_up(row_len, s), -s))
+  depth = 4 if sw == 128 else 6
+  return Int8ConvConfig(tile_m=base.tile_m, tile_n=base.tile_n, tile_k=sw, swizzle=sw,
+                        max_concurrent_steps=depth)
+
+
+def _split(total_steps: int, blocks_per_part: int, tile_k: int) -> tuple[int, int]:
+  """(parts, steps per part): parts of <= INT32_SAFE_K pixels, enough blocks to fill the
+  GPU, at most MAX_EXACT_PARTS."""
+  max_steps = INT32_SAFE_K // tile_k
+  parts = max(-(-_TARGET_BLOCKS // blocks_per_part), -(-total_steps // max_steps))
+  parts = min(parts, MAX_EXACT_PARTS, total_steps)
+  part_steps = min(-(-total_steps // parts), max_steps)
+  parts = -(-total_steps // part_steps)
+  if parts > MAX_EXACT_PARTS:
+    raise ValueError(f"wgrad needs {parts} parts of {part_steps * tile_k} pixels, more than "
+                     f"{MAX_EXACT_PARTS}")
+  return parts, part_steps
+
+
+def _untiled_view(smem, index):
+  """``smem.at[index]`` of a tiled, swizzled (rows, swizzle) SMEM slot as an untiled,
+  swizzled (rows, swizzle) ref: the same bytes ((8, swizzle) tiling of a one-tile-wide
+  matrix is row-major)."""
+  from jax._src.pallas import core as pallas_core
+  from jax._src.pallas.mosaic_gpu import core as gpu_core
+
+  layout = tuple(smem.transforms)
+  if not (len(layout) == 2 and isinstance(layout[0], gpu_core.UnswizzleRef)
+          and isinstance(layout[1], gpu_core.UntilingTransform)):
+    raise NotImplementedError(f"unexpected SMEM transforms {layout}")
+  physical = pallas_core.TransformedRef(smem.ref, (layout[0],))  # (..., rows/8, 1, 8, sw)
+  slot = physical.at[index]
+  return slot.reshape(slot.shape[0] * slot.shape[2], slot.shape[3])
+
+
+def _wgrad_kernel(xt_gmem, gt_gmem, out_gmem, a_smem, b_smem, barriers, out_smem, *,
+                  taps: tuple[tuple[int, int], ...], n_img: int, row_chunks: int,
+                  parts: int, part_steps: int, config: Int8ConvConfig, tiled_copies: bool):
+  """One (tile_m input channels, tile_n output channels) int32 partial sum of one tap over
+  one part of the pixels per block.
+
+  GMEM: xT (C, H', W'*N') int8, gT (O, Ho, Wo*N') int8, out (taps*parts, Cp, Op) int32.
+  ``taps``: per tap, its (row, column) offset into xT (kh - lo_h, kw - lo_w, plus the low
+  padding added in XLA, if any). ``tiled_copies``: load into the tiled slots (interpret
+  mode) instead of through the untiled views.
+  """
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  tile_m, tile_n, tile_k = config.tile_m, config.tile_n, config.tile_k
+  ks_idx = lax.axis_index("ks")
+  m_idx = lax.axis_index("m")
+  n_idx = lax.axis_index("n")
+  tap = lax.div(ks_idx, jnp.int32(parts))
+  part = ks_idx - tap * parts
+  dh = static_lookup(tap, [t[0] for t in taps])
+  dwn = static_lookup(tap, [t[1] * n_img for t in taps])  # column shift in elements
+  c_rows = pl.ds(m_idx * tile_m, tile_m)
+  o_rows = pl.ds(n_idx * tile_n, tile_n)
+  depth = min(config.max_concurrent_steps, part_steps)
+
+  def issue(step, slot):
+    s = part * part_steps + step
+    h = lax.div(s, jnp.int32(row_chunks))
+    col = (s - h * row_chunks) * tile_k
+    x_box = xt_gmem.at[c_rows, h + dh, pl.ds(col + dwn, tile_k)]
+    g_box = gt_gmem.at[o_rows, h, pl.ds(col, tile_k)]
+    if tiled_copies:
+      a_dst, b_dst = a_smem.at[slot], b_smem.at[slot]
+    else:
+      a_dst, b_dst = _untiled_view(a_smem, slot), _untiled_view(b_smem, slot)
+    plgpu.copy_gmem_to_smem(x_box, a_dst, barriers.at[slot])
+    plgpu.copy_gmem_to_smem(g_box, b_dst, barriers.at[slot])
+
+  acc = pipelined_accumulate(issue, part_steps, depth, a_smem, b_smem, barriers,
+                             (tile_m, tile_n))
+  out_smem[...] = acc
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[ks_idx, c_rows, o_rows])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _plan(g_shape, kernel_shape, config, n_img):
+  """(row_chunks, total steps per tap, parts, part_steps, Cp, Op)."""
+  _, ho, wo, _ = g_shape
+  kh, kw, c, o = kernel_shape
+  row_chunks = -(-(wo * n_img) // config.tile_k)
+  total = ho * row_chunks
+  cp, op = round_up(c, config.tile_m), round_up(o, config.tile_n)
+  parts, part_steps = _split(total, kh * kw * (cp // config.tile_m) * (op // config.tile_n),
+                             config.tile_k)
+  return row_chunks, total, parts, part_steps, cp, op
+
+
+@functools.partial(jax.jit, static_argnames=("kernel_shape", "pads", "out_dtype", "config",
+                                             "launcher", "low_pad_in_xla", "halves"))
+def _impl(x, g, scale, *, kernel_shape, pads, out_dtype, config, launcher, low_pad_in_xla,
+          halves):
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  n, _, w, _ = x.shape
+  kh, kw, c, o = kernel_shape
+  interpret = launcher != "mosaic_gpu"
+  plo = [max(lo, 0) if low_pad_in_xla else 0 for lo, _ in pads]
+  n_img = images_padded(n, w + plo[1], g.shape[2])
+  row_chunks, _, parts, part_steps, cp, op = _plan(g.shape, kernel_shape, config, n_img)
+  # The two channel-major tensors (the quantize fusion's second outputs, in the library).
+  xt = channel_major(x, n_img)
+  if any(plo):
+    xt = lax.pad(xt, jnp.int8(0), ((0, 0, 0), (plo[0], 0, 0), (plo[1], 0, 0), (0, 0, 0)))
+  gt = channel_major(g, n_img)
+  xt = xt.reshape(c, xt.shape[1], xt.shape[2] * n_img)
+  gt = gt.reshape(o, gt.shape[1], gt.shape[2] * n_img)
+  (lo_h, _), (lo_w, _) = pads
+  taps = tuple((i + plo[0] - lo_h, j + plo[1] - lo_w) for i in range(kh) for j in range(kw))
+  depth = min(config.max_concurrent_steps, part_steps)
+  kernel = plgpu.kernel(
+      functools.partial(_wgrad_kernel, taps=taps, n_img=n_img, row_chunks=row_chunks,
+                        parts=parts, part_steps=part_steps, config=config,
+                        tiled_copies=interpret),
+      out_type=jax.ShapeDtypeStruct((kh * kw * parts, cp, op), jnp.int32),
+      scratch_types=ring_scratch(config, depth) + [
+          plgpu.SMEM((config.tile_m, config.tile_n), jnp.int32,
+                     transforms=out_transforms(config.tile_n, jnp.int32)),
+      ],
+      grid=(kh * kw * parts, cp // config.tile_m, op // config.tile_n),
+      grid_names=("ks", "m", "n"),
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+      interpret=launcher if interpret else None,
+      kernel_name="int8_conv_wgrad_direct",
+  )
+  out = kernel(xt, gt)
+  hi, lo = split_halves(out.reshape(kh * kw, parts, cp, op), axis=1)
+  hi, lo = (v[:, :c, :o].reshape(kh, kw, c, o) for v in (hi, lo))
+  if halves:
+    return hi, lo
+  return _wgrad_epilogue(join_halves((hi, lo)), scale, out_dtype)
+
+
+def _setup(x, g, kernel_shape, window_strides, padding, config, interpret, low_pad_in_xla):
+  kernel_shape, strides, pads = _check_wgrad_args(x, g, kernel_shape, window_strides, padding)
+  if strides != (1, 1):
+    raise NotImplementedError(
+        f"int8_conv_wgrad_direct: window_strides={window_strides!r}; only (1, 1) is done")
+  _check_wgrad_pixels(int(np.prod(g.shape[:3])))
+  launcher = launcher_for(interpret)
+  interpret_mode = launcher != "mosaic_gpu"
+  if low_pad_in_xla is None:
+    low_pad_in_xla = interpret_mode
+  if interpret_mode and not low_pad_in_xla and any(lo > 0 for lo, _ in pads):
+    raise ValueError("low_pad_in_xla=False needs the compiled kernel: the GPU interpreter "
+                     "cannot read a TMA box that starts below 0")
+  n, _, w, _ = x.shape
+  _, _, wo, _ = g.shape
+  plo_w = max(pads[1][0], 0) if low_pad_in_xla else 0
+  n_img = images_padded(n, w + plo_w, wo)
+  if config is None:
+    config = direct_wgrad_config(kernel_shape[2], kernel_shape[3], wo * n_img)
+  if not isinstance(config, Int8ConvConfig):
+    raise TypeError(f"config must be an Int8ConvConfig, got {config!r}")
+  if config.tile_k != config.swizzle:
+    raise ValueError(
+        f"config.tile_k={config.tile_k} must equal config.swizzle={config.swizzle}: each step "
+        "loads one swizzle row of pixels per channel through an untiled view")
+  check_config(config, jnp.int32, interpret_mode)
+  empty = min(g.shape) == 0 or min(kernel_shape) == 0
+  return kernel_shape, pads, config, launcher, bool(low_pad_in_xla), empty
+
+
+def int8_conv_wgrad_direct_halves(x, g, *, kernel_shape, window_strides=(1, 1),
+                                  padding="VALID", config: Int8ConvConfig | None = None,
+                                  low_pad_in_xla: bool | None = None, interpret=False):
+  """:func:`int8_conv_wgrad_direct`'s exact integer result, unrounded: (hi, lo) int32
+  (KH, KW, C, O), the integer ``hi * 65536 + lo`` (as
+  :func:`pallas_kernels.int8_conv.int8_conv_wgrad_halves`; the split may differ, the
+  integer does not)."""
+  kernel_shape, pads, config, launcher, low_pad_in_xla, empty = _setup(
+      x, g, kernel_shape, window_strides, padding, config, interpret, low_pad_in_xla)
+  if empty:
+    zero = jnp.zeros(kernel_shape, jnp.int32)
+    return zero, zero
+  return _impl(x, g, None, kernel_shape=kernel_shape, pads=pads, out_dtype=jnp.float32,
+               config=config, launcher=launcher, low_pad_in_xla=low_pad_in_xla, halves=True)
+
+
+def int8_conv_wgrad_direct(x, g, *, kernel_shape, window_strides=(1, 1), padding="VALID",
+                           scale=None, out_dtype=jnp.float32,
+                           config: Int8ConvConfig | None = None,
+                           low_pad_in_xla: bool | None = None, interpret=False):
+  """:func:`pallas_kernels.int8_conv.int8_conv_wgrad` (stride 1) on channel-major boxes.
+
+  Same arguments and result (bit-equal to :func:`int8_conv_wgrad_reference`), plus:
+
+  Args:
+    config: tile_m input channels x tile_n output channels per block, tile_k == swizzle
+      pixels per step; :func:`direct_wgrad_config` if None.
+    low_pad_in_xla: pad the low side of x^T's H and W in XLA instead of reading it as
+      TMA's out-of-bounds zeros. None: only under interpret mode (whose TMA model cannot
+      start a box below 0).
+
+  Raises:
+    NotImplementedError for ``window_strides`` other than (1, 1).
+  """
+  kernel_shape, pads, config, launcher, low_pad_in_xla, empty = _setup(
+      x, g, kernel_shape, window_strides, padding, config, interpret, low_pad_in_xla)
+  scale, out_dtype = _check_wgrad_epilogue(scale, out_dtype, kernel_shape[3])
+  if empty:
+    return _wgrad_epilogue(jnp.zeros(kernel_shape, jnp.float32), scale, out_dtype)
+  return _impl(x, g, scale, kernel_shape=kernel_shape, pads=pads, out_dtype=out_dtype,
+               config=config, launcher=launcher, low_pad_in_xla=low_pad_in_xla, halves=False)
+
+
+def direct_wgrad_operand_bytes(x_shape, kernel_shape, *, padding="SAME") -> dict[str, int]:
+  """Int8 bytes of the stride-1 direct wgrad, from the shapes (the census of issue 24):
+  ``handed`` (x^T + g^T as the compiled kernel reads them: each tensor once, its batch
+  padded to N'), ``x`` and ``g`` (the int8 NHWC tensors)."""
+  n, h, w, c = x_shape
+  kh, kw, _, o = kernel_shape
+  pads = check_padding(padding, (h, w), (kh, kw), (1, 1))
+  _, ho, wo, _ = conv_output_shape(x_shape, kernel_shape, (1, 1), pads)
+  n_img = images_padded(n, w, wo)
+  return {"handed": (c * h * w + o * ho * wo) * n_img, "x": n * h * w * c,
+          "g": n * ho * wo * o}
