@@ -2,7 +2,7 @@
 
   PY=${MOSAIC_OFFLINE_CACHE:-$HOME/.cache/mosaic-offline}/venv/bin/python
   TOOL=../shared/tools/mosaic-offline
-  $PY scripts/dump_conv_direct_wgrad.py --out /tmp/dwgrad && (cd $TOOL && $PY compile.py /tmp/dwgrad)
+  $PY scripts/dump_conv_direct_wgrad.py --out /tmp/dwg && (cd $TOOL && $PY compile.py /tmp/dwg)
 
 Cases: the stride-1 ResNet-50 layers of dump.py's LAYERS (3x3 SAME: the low padding read as
 TMA out-of-bounds zeros; 1x1) at --batch with the default config (direct_wgrad_config), plus
