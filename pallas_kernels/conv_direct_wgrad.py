@@ -58,6 +58,7 @@ swizzle; N' images padded as above (e.g. N = 8 with W = 7 pads to 16).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -76,6 +77,7 @@ from pallas_kernels.conv_common import Int8ConvConfig
 from pallas_kernels.conv_common import check_config
 from pallas_kernels.conv_common import check_padding
 from pallas_kernels.conv_common import conv_output_shape
+from pallas_kernels.conv_common import forward_phase_taps
 from pallas_kernels.conv_common import launcher_for
 from pallas_kernels.conv_common import pipelined_accumulate
 from pallas_kernels.conv_common import ring_scratch
@@ -86,28 +88,50 @@ from pallas_kernels.conv_wgrad import _check_wgrad_epilogue
 from pallas_kernels.conv_wgrad import _check_wgrad_pixels
 from pallas_kernels.conv_wgrad import _wgrad_epilogue
 
-__all__ = ["channel_major", "direct_wgrad_config", "direct_wgrad_operand_bytes",
-           "images_padded", "int8_conv_wgrad_direct", "int8_conv_wgrad_direct_halves"]
+__all__ = ["ChannelMajorLayout", "channel_major", "channel_major_layout", "direct_wgrad_config",
+           "direct_wgrad_operand_bytes", "int8_conv_wgrad_direct",
+           "int8_conv_wgrad_direct_halves"]
 
 _GMEM_STRIDE_BYTES = 16  # TMA: every GMEM stride but the last a multiple of 16 bytes
 _TARGET_BLOCKS = 264     # thread blocks the split-K grid aims for (2 per SM of an H100/H200)
 
 
-def images_padded(n: int, *widths: int) -> int:
-  """N': the least N' >= n with ``w * N'`` a multiple of 16 for every width (TMA strides)."""
-  g = math.gcd(_GMEM_STRIDE_BYTES, *widths)
-  return round_up(max(n, 1), _GMEM_STRIDE_BYTES // g)
+@dataclasses.dataclass(frozen=True)
+class ChannelMajorLayout:
+  """The padded channel-major shapes: ``n_img`` images (N' >= N), x^T's and g^T's columns
+  ``wx`` / ``wo`` (>= the tensors' own), with ``wx * n_img`` and ``wo * n_img`` multiples
+  of 16 (TMA's GMEM stride rule). The padding is zeros: x's is read where the conv reads
+  zeros anyway (past W), g's multiplies as zero."""
+  n_img: int
+  wx: int
+  wo: int
 
 
-def channel_major(x, n_img: int | None = None):
-  """(N, H, W, C) -> (C, H, W, N') int8, the images zero-padded to ``n_img``
-  (:func:`images_padded` of W if None): the layout the kernel reads, the one
-  the quantize fusion should emit as a second output."""
+def channel_major_layout(n: int, x_hwc, g_hwc) -> ChannelMajorLayout:
+  """The layout of fewest bytes for N images, x^T of (H', W', C) and g^T of (Ho, Wo, O)
+  per image: N' = N rounded up to 2^k (k = 0..4) and both widths to multiples of
+  16 / gcd(16, N'). N a multiple of 16: no padding; N = 8: even widths (7x7 -> 8 columns);
+  N = 1: widths of 16."""
+  (hx, wx, c), (ho, wo, o) = x_hwc, g_hwc
+  best = None
+  for k in range(5):
+    n_img = round_up(max(n, 1), 1 << k)
+    q = _GMEM_STRIDE_BYTES // math.gcd(_GMEM_STRIDE_BYTES, n_img)
+    layout = ChannelMajorLayout(n_img, round_up(wx, q), round_up(wo, q))
+    cost = n_img * (hx * layout.wx * c + ho * layout.wo * o)
+    if best is None or (cost, n_img) < best[0]:
+      best = ((cost, n_img), layout)
+  return best[1]
+
+
+def channel_major(x, n_img: int, width: int):
+  """(N, H, W, C) -> (C, H, width, n_img) int8, zero-padded: the layout the kernel reads
+  (:func:`channel_major_layout`), the one the quantize fusion should emit as a second
+  output."""
   n, _, w, _ = x.shape
-  n_img = images_padded(n, w) if n_img is None else n_img
   xt = jnp.transpose(x, (3, 1, 2, 0))
-  if n_img != n:
-    xt = lax.pad(xt, jnp.int8(0), ((0, 0, 0),) * 3 + ((0, n_img - n, 0),))
+  if (n_img, width) != (n, w):
+    xt = lax.pad(xt, jnp.int8(0), ((0, 0, 0),) * 2 + ((0, width - w, 0), (0, n_img - n, 0)))
   return xt
 
 
@@ -210,46 +234,99 @@ def _plan(g_shape, kernel_shape, config, n_img):
   return row_chunks, total, parts, part_steps, cp, op
 
 
-@functools.partial(jax.jit, static_argnames=("kernel_shape", "pads", "out_dtype", "config",
-                                             "launcher", "low_pad_in_xla", "halves"))
-def _impl(x, g, scale, *, kernel_shape, pads, out_dtype, config, launcher, low_pad_in_xla,
-          halves):
+def _x_geometry(x_shape, kernel_shape, strides, pads, low_pad_in_xla):
+  """How the kernel reads x: ``(kind, (H', W') of the image rows it is handed, taps,
+  weights)``; ``taps``: per tap its (row, column) offset into x^T's rows (a column = W'...
+  one image column: N' elements); ``weights``: per tap its (kh, kw).
+
+  Stride 1: x itself (kind "plain"; (lo_h, lo_w) added in XLA if ``low_pad_in_xla``), tap
+  (kh, kw) at (kh - lo_h, kw - lo_w) (plus that padding). Strides s > 1 (kind "phases"):
+  the padded x split into the s*s phase images ``xp[:, a::sh, b::sw]`` that have taps
+  (pallas_kernels.conv_common.forward_phase_taps), stacked along H (Hq rows each); tap
+  (sh*dh + a, sw*dw + b) at (p*Hq + dh, dw) of its phase p.
+  """
+  _, h, w, _ = x_shape
+  kh, kw, _, _ = kernel_shape
+  if strides == (1, 1):
+    plo = tuple(max(lo, 0) if low_pad_in_xla else 0 for lo, _ in pads)
+    taps = tuple((i + plo[0] - pads[0][0], j + plo[1] - pads[1][0])
+                 for i in range(kh) for j in range(kw))
+    weights = tuple((i, j) for i in range(kh) for j in range(kw))
+    return ("plain", plo), (h + plo[0], w + plo[1]), taps, weights
+  sh, sw = strides
+  hq = -(-(h + pads[0][0] + pads[0][1]) // sh)
+  wq = -(-(w + pads[1][0] + pads[1][1]) // sw)
+  ph, pw = forward_phase_taps(kh, sh), forward_phase_taps(kw, sw)
+  phases = tuple((a, b) for a, _ in ph for b, _ in pw)
+  taps, weights = [], []
+  for p, ((a, dhs), (b, dws)) in enumerate((u, v) for u in ph for v in pw):
+    for dh in dhs:
+      for dw in dws:
+        taps.append((p * hq + dh, dw))
+        weights.append((sh * dh + a, sw * dw + b))
+  return ("phases", phases, hq, wq), (len(phases) * hq, wq), tuple(taps), tuple(weights)
+
+
+def _x_channel_major(x, kind, strides, pads, layout: ChannelMajorLayout):
+  """x^T as the kernel reads it: (C, H', W', N') (:func:`_x_geometry`)."""
+  if kind[0] == "plain":
+    plo = kind[1]
+    if any(plo):
+      x = lax.pad(x, jnp.int8(0), ((0, 0, 0), (plo[0], 0, 0), (plo[1], 0, 0), (0, 0, 0)))
+    return channel_major(x, layout.n_img, layout.wx)
+  _, phases, hq, wq = kind
+  _, h, w, _ = x.shape
+  (sh, sw), ((lo_h, _), (lo_w, _)) = strides, pads
+  xp = lax.pad(x, jnp.int8(0), ((0, 0, 0), (lo_h, hq * sh - h - lo_h, 0),
+                                (lo_w, wq * sw - w - lo_w, 0), (0, 0, 0)))
+  split = xp.reshape(x.shape[0], hq, sh, wq, sw, x.shape[3])
+  stacked = jnp.concatenate([split[:, :, a, :, b, :] for a, b in phases], axis=1)
+  # One XLA fusion: pad, phases, transpose.
+  return channel_major(stacked, layout.n_img, layout.wx)
+
+
+@functools.partial(jax.jit, static_argnames=("kernel_shape", "strides", "pads", "out_dtype",
+                                             "config", "launcher", "low_pad_in_xla",
+                                             "halves"))
+def _impl(x, g, scale, *, kernel_shape, strides, pads, out_dtype, config, launcher,
+          low_pad_in_xla, halves):
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
-  n, _, w, _ = x.shape
+  n = x.shape[0]
   kh, kw, c, o = kernel_shape
   interpret = launcher != "mosaic_gpu"
-  plo = [max(lo, 0) if low_pad_in_xla else 0 for lo, _ in pads]
-  n_img = images_padded(n, w + plo[1], g.shape[2])
+  kind, (hx, wx), taps, weights = _x_geometry(x.shape, kernel_shape, strides, pads,
+                                              low_pad_in_xla)
+  _, ho, wo, _ = g.shape
+  layout = channel_major_layout(n, (hx, wx, c), (ho, wo, o))
+  n_img = layout.n_img
   row_chunks, _, parts, part_steps, cp, op = _plan(g.shape, kernel_shape, config, n_img)
   # The two channel-major tensors (the quantize fusion's second outputs, in the library).
-  xt = channel_major(x, n_img)
-  if any(plo):
-    xt = lax.pad(xt, jnp.int8(0), ((0, 0, 0), (plo[0], 0, 0), (plo[1], 0, 0), (0, 0, 0)))
-  gt = channel_major(g, n_img)
-  xt = xt.reshape(c, xt.shape[1], xt.shape[2] * n_img)
-  gt = gt.reshape(o, gt.shape[1], gt.shape[2] * n_img)
-  (lo_h, _), (lo_w, _) = pads
-  taps = tuple((i + plo[0] - lo_h, j + plo[1] - lo_w) for i in range(kh) for j in range(kw))
+  xt = _x_channel_major(x, kind, strides, pads, layout)
+  gt = channel_major(g, n_img, layout.wo)
+  xt = xt.reshape(c, hx, layout.wx * n_img)
+  gt = gt.reshape(o, ho, layout.wo * n_img)
+  ntaps = len(taps)
   depth = min(config.max_concurrent_steps, part_steps)
   kernel = plgpu.kernel(
       functools.partial(_wgrad_kernel, taps=taps, n_img=n_img, row_chunks=row_chunks,
                         parts=parts, part_steps=part_steps, config=config,
                         tiled_copies=interpret),
-      out_type=jax.ShapeDtypeStruct((kh * kw * parts, cp, op), jnp.int32),
+      out_type=jax.ShapeDtypeStruct((ntaps * parts, cp, op), jnp.int32),
       scratch_types=ring_scratch(config, depth) + [
           plgpu.SMEM((config.tile_m, config.tile_n), jnp.int32,
                      transforms=out_transforms(config.tile_n, jnp.int32)),
       ],
-      grid=(kh * kw * parts, cp // config.tile_m, op // config.tile_n),
+      grid=(ntaps * parts, cp // config.tile_m, op // config.tile_n),
       grid_names=("ks", "m", "n"),
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
       interpret=launcher if interpret else None,
       kernel_name="int8_conv_wgrad_direct",
   )
   out = kernel(xt, gt)
-  hi, lo = split_halves(out.reshape(kh * kw, parts, cp, op), axis=1)
-  hi, lo = (v[:, :c, :o].reshape(kh, kw, c, o) for v in (hi, lo))
+  hi, lo = split_halves(out.reshape(ntaps, parts, cp, op), axis=1)
+  order = sorted(range(ntaps), key=lambda t: weights[t][0] * kw + weights[t][1])
+  hi, lo = (jnp.stack([v[t, :c, :o] for t in order]).reshape(kh, kw, c, o) for v in (hi, lo))
   if halves:
     return hi, lo
   return _wgrad_epilogue(join_halves((hi, lo)), scale, out_dtype)
@@ -257,21 +334,18 @@ def _impl(x, g, scale, *, kernel_shape, pads, out_dtype, config, launcher, low_p
 
 def _setup(x, g, kernel_shape, window_strides, padding, config, interpret, low_pad_in_xla):
   kernel_shape, strides, pads = _check_wgrad_args(x, g, kernel_shape, window_strides, padding)
-  if strides != (1, 1):
-    raise NotImplementedError(
-        f"int8_conv_wgrad_direct: window_strides={window_strides!r}; only (1, 1) is done")
   _check_wgrad_pixels(int(np.prod(g.shape[:3])))
   launcher = launcher_for(interpret)
   interpret_mode = launcher != "mosaic_gpu"
   if low_pad_in_xla is None:
     low_pad_in_xla = interpret_mode
-  if interpret_mode and not low_pad_in_xla and any(lo > 0 for lo, _ in pads):
+  if (interpret_mode and not low_pad_in_xla and strides == (1, 1)
+      and any(lo > 0 for lo, _ in pads)):
     raise ValueError("low_pad_in_xla=False needs the compiled kernel: the GPU interpreter "
                      "cannot read a TMA box that starts below 0")
-  n, _, w, _ = x.shape
-  _, _, wo, _ = g.shape
-  plo_w = max(pads[1][0], 0) if low_pad_in_xla else 0
-  n_img = images_padded(n, w + plo_w, wo)
+  _, (hx, wx), _, _ = _x_geometry(x.shape, kernel_shape, strides, pads, low_pad_in_xla)
+  _, ho, wo, o = g.shape
+  n_img = channel_major_layout(x.shape[0], (hx, wx, x.shape[3]), (ho, wo, o)).n_img
   if config is None:
     config = direct_wgrad_config(kernel_shape[2], kernel_shape[3], wo * n_img)
   if not isinstance(config, Int8ConvConfig):
@@ -282,7 +356,7 @@ def _setup(x, g, kernel_shape, window_strides, padding, config, interpret, low_p
         "loads one swizzle row of pixels per channel through an untiled view")
   check_config(config, jnp.int32, interpret_mode)
   empty = min(g.shape) == 0 or min(kernel_shape) == 0
-  return kernel_shape, pads, config, launcher, bool(low_pad_in_xla), empty
+  return kernel_shape, strides, pads, config, launcher, bool(low_pad_in_xla), empty
 
 
 def int8_conv_wgrad_direct_halves(x, g, *, kernel_shape, window_strides=(1, 1),
@@ -292,13 +366,14 @@ def int8_conv_wgrad_direct_halves(x, g, *, kernel_shape, window_strides=(1, 1),
   (KH, KW, C, O), the integer ``hi * 65536 + lo`` (as
   :func:`pallas_kernels.int8_conv.int8_conv_wgrad_halves`; the split may differ, the
   integer does not)."""
-  kernel_shape, pads, config, launcher, low_pad_in_xla, empty = _setup(
+  kernel_shape, strides, pads, config, launcher, low_pad_in_xla, empty = _setup(
       x, g, kernel_shape, window_strides, padding, config, interpret, low_pad_in_xla)
   if empty:
     zero = jnp.zeros(kernel_shape, jnp.int32)
     return zero, zero
-  return _impl(x, g, None, kernel_shape=kernel_shape, pads=pads, out_dtype=jnp.float32,
-               config=config, launcher=launcher, low_pad_in_xla=low_pad_in_xla, halves=True)
+  return _impl(x, g, None, kernel_shape=kernel_shape, strides=strides, pads=pads,
+               out_dtype=jnp.float32, config=config, launcher=launcher,
+               low_pad_in_xla=low_pad_in_xla, halves=True)
 
 
 def int8_conv_wgrad_direct(x, g, *, kernel_shape, window_strides=(1, 1), padding="VALID",
@@ -319,23 +394,27 @@ def int8_conv_wgrad_direct(x, g, *, kernel_shape, window_strides=(1, 1), padding
   Raises:
     NotImplementedError for ``window_strides`` other than (1, 1).
   """
-  kernel_shape, pads, config, launcher, low_pad_in_xla, empty = _setup(
+  kernel_shape, strides, pads, config, launcher, low_pad_in_xla, empty = _setup(
       x, g, kernel_shape, window_strides, padding, config, interpret, low_pad_in_xla)
   scale, out_dtype = _check_wgrad_epilogue(scale, out_dtype, kernel_shape[3])
   if empty:
     return _wgrad_epilogue(jnp.zeros(kernel_shape, jnp.float32), scale, out_dtype)
-  return _impl(x, g, scale, kernel_shape=kernel_shape, pads=pads, out_dtype=out_dtype,
-               config=config, launcher=launcher, low_pad_in_xla=low_pad_in_xla, halves=False)
+  return _impl(x, g, scale, kernel_shape=kernel_shape, strides=strides, pads=pads,
+               out_dtype=out_dtype, config=config, launcher=launcher,
+               low_pad_in_xla=low_pad_in_xla, halves=False)
 
 
-def direct_wgrad_operand_bytes(x_shape, kernel_shape, *, padding="SAME") -> dict[str, int]:
-  """Int8 bytes of the stride-1 direct wgrad, from the shapes (the census of issue 24):
-  ``handed`` (x^T + g^T as the compiled kernel reads them: each tensor once, its batch
-  padded to N'), ``x`` and ``g`` (the int8 NHWC tensors)."""
+def direct_wgrad_operand_bytes(x_shape, kernel_shape, *, window_strides=(1, 1),
+                               padding="SAME") -> dict[str, int]:
+  """Int8 bytes of the direct wgrad, from the shapes (the census of issue 24): ``handed``
+  (x^T + g^T as the compiled kernel reads them: each tensor once, its batch padded to N';
+  strides > 1: x^T's phase images, padded), ``x`` and ``g`` (the int8 NHWC tensors)."""
   n, h, w, c = x_shape
   kh, kw, _, o = kernel_shape
-  pads = check_padding(padding, (h, w), (kh, kw), (1, 1))
-  _, ho, wo, _ = conv_output_shape(x_shape, kernel_shape, (1, 1), pads)
-  n_img = images_padded(n, w, wo)
-  return {"handed": (c * h * w + o * ho * wo) * n_img, "x": n * h * w * c,
+  strides = tuple(window_strides)
+  pads = check_padding(padding, (h, w), (kh, kw), strides)
+  _, ho, wo, _ = conv_output_shape(x_shape, kernel_shape, strides, pads)
+  _, (hx, wx), _, _ = _x_geometry(x_shape, kernel_shape, strides, pads, False)
+  lay = channel_major_layout(n, (hx, wx, c), (ho, wo, o))
+  return {"handed": (c * hx * lay.wx + o * ho * lay.wo) * lay.n_img, "x": n * h * w * c,
           "g": n * ho * wo * o}
