@@ -1,59 +1,70 @@
 """Direct-box weight gradient of the INT8 conv: channel-major operands, no shifted copies.
 
 A prototype (issue 24, item 1) of the wgrad kernel that reads each quantized
-tensor once in one extra layout -- no pad, no shifted or transposed *copies*
-per tap -- standalone (not wired into :func:`pallas_kernels.int8_conv.
-int8_conv_wgrad`); same arguments, same bits as
-:func:`pallas_kernels.int8_conv.int8_conv_wgrad_reference`. Stride 1 only.
+tensor once, in one extra layout -- no shifted or transposed copy per tap --
+standalone (not wired into :func:`pallas_kernels.int8_conv.int8_conv_wgrad`
+yet); same arguments, same bits as
+:func:`pallas_kernels.int8_conv.int8_conv_wgrad_reference`.
 
 The GEMM: ``dw[t][c, o] = sum_p x_t[p, c] g[p, o]`` per tap t over the
 pixels p; int8 ``wgmma`` needs both operands K-major (pixels contiguous in
 SMEM): an A tile (tile_m channels, tile_k pixels), a B tile (tile_n output
 channels, tile_k pixels).
 
-Layout: the kernel takes x and g *channel-major*, (C, H, W, N') and (O, Ho,
-Wo, N') (:func:`channel_major`: ``transpose(x, (3, 1, 2, 0))``, the batch
-zero-padded to N' so that W*N' and Wo*N' are multiples of 16 bytes, TMA's
-GMEM stride rule; N' = N for any N that is a multiple of 16). That is one
+Layout: the kernel takes x and g *channel-major*, (C, H, W', N') and (O,
+Ho, Wo', N') (:func:`channel_major`: ``transpose(x, (3, 1, 2, 0))``,
+zero-padded so that W'*N' and Wo'*N' are multiples of 16 bytes, TMA's GMEM
+stride rule: :func:`channel_major_layout` adds the fewest bytes -- none
+when N is a multiple of 16, one zero column at N = 8 and odd widths). One
 transposed tensor each, which the quantize fusion producing x and g can
-write as a second output (XLA fuses quantize + transpose: one more int8
-write); the prototype's wrapper transposes in XLA and counts it as that
-pass. The kernel sees them as (C, H, W*N') and (O, Ho, Wo*N'): the batch is
-the minor pixel dimension, merged with W.
+write as a second output (XLA fuses quantize + transpose into the pass that
+writes the int8 tensor: one more int8 write); the prototype's wrapper
+transposes in XLA, that pass. The kernel sees them as (C, H, W'*N') and
+(O, Ho, Wo'*N'): the batch is the minor pixel dimension, merged with W.
 
 How (stride 1):
 
-* Steps: per tap, the pixel rows (h, chunk j) of g's (Wo*N')-long rows in
-  chunks of ``tile_k`` = ``swizzle`` elements: g's box ``gT[o-tile, h, j*tk
-  : +tk]`` and x's box ``xT[c-tile, h + kh - lo_h, j*tk + (kw - lo_w)*N' :
-  +tk]`` -- the same tk pixels (w, n) shifted by the tap. The merged (W, N')
-  dimension keeps TMA's per-dimension out-of-bounds zero fill exact: a
-  column w + kw - lo_w outside [0, W) is an element index outside [0, W*N')
-  (it cannot spill into the next row, which is another dimension), so
-  padding, ragged rows (past Wo*N') and ragged channels (past C / O) all
-  read zeros. The box start is any element (not a multiple of tk): it is
-  written through an untiled, swizzled view of the (8, swizzle)-tiled SMEM
-  slot (one channel = one swizzle row: the tiling is the identity), the
-  trick of :mod:`pallas_kernels.conv_direct`; Mosaic GPU requires a
-  swizzled box's minor dimension to be exactly ``swizzle`` bytes, hence
-  ``tile_k == swizzle`` and one image row per step.
+* Steps: per tap, the pixel rows (h, chunk j) of g's rows (Wo*N' elements)
+  in chunks of ``tile_k`` = ``swizzle`` elements: g's box ``gT[o-tile, h,
+  j*tk : +tk]`` and x's box ``xT[c-tile, h + kh - lo_h, j*tk + (kw -
+  lo_w)*N' : +tk]`` -- the same tk pixels (w, n), shifted by the tap. The
+  merged (W', N') dimension keeps TMA's per-dimension out-of-bounds zero
+  fill exact: a column outside [0, W') is an element outside [0, W'*N') (it
+  cannot spill into the next row, another dimension), so the padding, rows
+  and chunks past the end and channels past C / O all read zeros (the zero
+  columns past W are read where the conv reads zeros anyway). The box
+  starts at any element (not a multiple of tk): it is written through an
+  untiled, swizzled view of the (8, swizzle)-tiled SMEM slot (one channel =
+  one swizzle row: the tiling is the identity), the trick of
+  :mod:`pallas_kernels.conv_direct`. Mosaic GPU requires a swizzled box's
+  minor dimension to be exactly ``swizzle`` bytes ("Async copies with
+  swizzle=... require the last dimension of the slice to be exactly ...
+  bytes"), hence ``tile_k == swizzle`` and one image row per step (a box of
+  several rows would have a minor dimension of W'*N' / rows elements).
 * Split-K: the grid is (taps x parts, C tiles, O tiles); a block sums one
   part of at most INT32_SAFE_K pixels (``part_steps`` steps) of one tap in an
-  int32 ``wgmma`` accumulator (the TMA ring of :mod:`pallas_kernels.
-  conv_common`) and stores it; XLA combines the parts exactly
-  (:func:`pallas_kernels._common.split_halves` / ``join_halves``, as
-  int8_conv_wgrad), then ``* scale[o]``. Steps past the last row read g out
-  of bounds (zeros).
+  int32 ``wgmma`` accumulator (the TMA ring of
+  :mod:`pallas_kernels.conv_common`) and stores it; XLA combines the parts
+  exactly (:func:`pallas_kernels._common.split_halves` / ``join_halves``, as
+  int8_conv_wgrad: the result does not depend on the split), then ``*
+  scale[o]``. Steps of the last part past the last row read g out of bounds
+  (zeros).
+
+Strides s > 1: x^T is the padded x's s*s phase images ``xp[:, a::sh,
+b::sw]`` (those with taps), stacked along H (Hq rows each) -- one XLA pass
+(pad, phase split, transpose: the same fusion), ~1.07x x for ResNet-50's
+56x56 stride-2 3x3, 1/4 x for a 1x1 stride 2; tap (sh*dh + a, sw*dw + b)
+reads its phase p at row offset p*Hq + dh, column dw (valid output rows
+never leave their phase; rows past Ho are multiplied by g's zeros).
 
 Interpret mode (CPU): the GPU interpreter neither reshapes refs nor reads
 boxes that start below 0, so the same boxes are copied into the tiled slots
-(same logical (rows, tk) tile) and the wrapper pads the low side of H and
-W of x^T in XLA. What only a GPU can confirm: the untiled-view bytes and
-the zero fill below 0.
+(the same logical (rows, tk) tile) and, at stride 1, the wrapper pads the
+low side of x's H and W in XLA. What only a GPU can confirm: the
+untiled-view bytes and the zero fill below 0 (the ``gpu`` tests of
+``tests/test_conv_direct_wgrad.py`` run both paddings).
 
-Constraints: stride 1 (strides > 1: the phase images of x^T, stacked
-along H, would give per-tap row offsets the same way; not done); tile_k ==
-swizzle; N' images padded as above (e.g. N = 8 with W = 7 pads to 16).
+Lowering: Mosaic GPU's "Lane" semantics (as conv_direct).
 """
 
 from __future__ import annotations
@@ -236,8 +247,8 @@ def _plan(g_shape, kernel_shape, config, n_img):
 
 def _x_geometry(x_shape, kernel_shape, strides, pads, low_pad_in_xla):
   """How the kernel reads x: ``(kind, (H', W') of the image rows it is handed, taps,
-  weights)``; ``taps``: per tap its (row, column) offset into x^T's rows (a column = W'...
-  one image column: N' elements); ``weights``: per tap its (kh, kw).
+  weights)``; ``taps``: per tap its (row, column) offset into x^T's (H', W') image (the
+  kernel multiplies the column offset by N'); ``weights``: per tap its (kh, kw).
 
   Stride 1: x itself (kind "plain"; (lo_h, lo_w) added in XLA if ``low_pad_in_xla``), tap
   (kh, kw) at (kh - lo_h, kw - lo_w) (plus that padding). Strides s > 1 (kind "phases"):
@@ -380,7 +391,7 @@ def int8_conv_wgrad_direct(x, g, *, kernel_shape, window_strides=(1, 1), padding
                            scale=None, out_dtype=jnp.float32,
                            config: Int8ConvConfig | None = None,
                            low_pad_in_xla: bool | None = None, interpret=False):
-  """:func:`pallas_kernels.int8_conv.int8_conv_wgrad` (stride 1) on channel-major boxes.
+  """:func:`pallas_kernels.int8_conv.int8_conv_wgrad` on channel-major boxes.
 
   Same arguments and result (bit-equal to :func:`int8_conv_wgrad_reference`), plus:
 
@@ -389,10 +400,7 @@ def int8_conv_wgrad_direct(x, g, *, kernel_shape, window_strides=(1, 1), padding
       pixels per step; :func:`direct_wgrad_config` if None.
     low_pad_in_xla: pad the low side of x^T's H and W in XLA instead of reading it as
       TMA's out-of-bounds zeros. None: only under interpret mode (whose TMA model cannot
-      start a box below 0).
-
-  Raises:
-    NotImplementedError for ``window_strides`` other than (1, 1).
+      start a box below 0). Strides > 1 pad in the phase split anyway.
   """
   kernel_shape, strides, pads, config, launcher, low_pad_in_xla, empty = _setup(
       x, g, kernel_shape, window_strides, padding, config, interpret, low_pad_in_xla)
@@ -407,8 +415,9 @@ def int8_conv_wgrad_direct(x, g, *, kernel_shape, window_strides=(1, 1), padding
 def direct_wgrad_operand_bytes(x_shape, kernel_shape, *, window_strides=(1, 1),
                                padding="SAME") -> dict[str, int]:
   """Int8 bytes of the direct wgrad, from the shapes (the census of issue 24): ``handed``
-  (x^T + g^T as the compiled kernel reads them: each tensor once, its batch padded to N';
-  strides > 1: x^T's phase images, padded), ``x`` and ``g`` (the int8 NHWC tensors)."""
+  (x^T + g^T as the compiled kernel reads them: each tensor once, padded by
+  :func:`channel_major_layout`; strides > 1: x^T's phase images of the padded x), ``x`` and
+  ``g`` (the int8 NHWC tensors)."""
   n, h, w, c = x_shape
   kh, kw, _, o = kernel_shape
   strides = tuple(window_strides)

@@ -4,8 +4,9 @@
   TOOL=../shared/tools/mosaic-offline
   $PY scripts/dump_conv_direct_wgrad.py --out /tmp/dwg && (cd $TOOL && $PY compile.py /tmp/dwg)
 
-Cases: the stride-1 ResNet-50 layers of dump.py's LAYERS (3x3 SAME: the low padding read as
-TMA out-of-bounds zeros; 1x1) at --batch with the default config (direct_wgrad_config), plus
+Cases: the ResNet-50 layers of dump.py's LAYERS (3x3 and 1x1, strides 1 and 2, SAME: at
+stride 1 the low padding read as TMA out-of-bounds zeros) at --batch with the default config
+(direct_wgrad_config), plus
 every tile_m x tile_n of WGRAD_CONFIGS at each swizzle (32, 64, 128) on conv2_3x3, and one
 ragged shape (odd H/W, N=2, C=24, O=40). --baseline adds int8_conv_wgrad on the layers.
 Exit status 1 if a case fails to lower.
@@ -38,26 +39,29 @@ def main():
 
   S, i8, f32 = jax.ShapeDtypeStruct, jnp.int8, jnp.float32
   w = dump.Writer(os.path.abspath(a.out))
-  layers = {k: v for k, v in dump.LAYERS.items() if v[2] == 1}
-  cases = [(layer, (a.batch, *xs), ks, None, "default") for layer, (xs, ks, _) in layers.items()]
+  layers = dump.LAYERS
+  cases = [(layer, (a.batch, *xs), ks, s, None, "default")
+           for layer, (xs, ks, s) in layers.items()]
   xs, ks, _ = layers["conv2_3x3"]
   for base in pk.WGRAD_CONFIGS:
     for sw in (32, 64, 128):
       cfg = pk.Int8ConvConfig(tile_m=base.tile_m, tile_n=base.tile_n, tile_k=sw, swizzle=sw,
                               max_concurrent_steps=4 if sw == 128 else 6)
-      cases.append(("conv2_3x3", (a.batch, *xs), ks, cfg, f"{base.tile_m}x{base.tile_n}s{sw}"))
-  cases.append(("ragged_5x7", (2, 5, 7, 24), (3, 3, 24, 40), None, "default"))
-  for layer, xs, ks, cfg, cname in cases:
-    gs = pk.conv_output_shape(xs, ks, (1, 1), "SAME")
+      cases.append(("conv2_3x3", (a.batch, *xs), ks, 1, cfg,
+                    f"{base.tile_m}x{base.tile_n}s{sw}"))
+  cases.append(("ragged_5x7", (2, 5, 7, 24), (3, 3, 24, 40), 1, None, "default"))
+  for layer, xs, ks, s, cfg, cname in cases:
+    gs = pk.conv_output_shape(xs, ks, (s, s), "SAME")
     w.case(f"int8_conv_wgrad_direct.{cname}.{layer}.f32",
-           lambda x_, g_, sc, ks=ks, cfg=cfg: dw.int8_conv_wgrad_direct(
-               x_, g_, kernel_shape=ks, padding="SAME", scale=sc, config=cfg),
+           lambda x_, g_, sc, ks=ks, cfg=cfg, s=s: dw.int8_conv_wgrad_direct(
+               x_, g_, kernel_shape=ks, window_strides=(s, s), padding="SAME", scale=sc,
+               config=cfg),
            S(xs, i8), S(gs, i8), S((ks[3],), f32), function="int8_conv_wgrad_direct",
            config=cname, layer=layer, out_dtype="f32", batch=xs[0])
     if a.baseline and cname == "default":
       w.case(f"int8_conv_wgrad.default.{layer}.f32",
-             lambda x_, g_, sc, ks=ks: pk.int8_conv_wgrad(
-                 x_, g_, kernel_shape=ks, padding="SAME", scale=sc),
+             lambda x_, g_, sc, ks=ks, s=s: pk.int8_conv_wgrad(
+                 x_, g_, kernel_shape=ks, window_strides=(s, s), padding="SAME", scale=sc),
              S(xs, i8), S(gs, i8), S((ks[3],), f32), function="int8_conv_wgrad",
              config="default", layer=layer, out_dtype="f32", batch=xs[0])
   print(f"{w.kernels} kernels from {w.cases} cases ({len(w.failed)} failed to lower)")

@@ -266,6 +266,17 @@ def test_errors_name_the_argument():
                               interpret=True)
 
 
+def test_empty_is_zero():
+  """No pixels (VALID with a kernel taller than x) or no output channels: zeros."""
+  x = _int8((2, 2, 5, 16), 1)
+  g = jnp.zeros((2, 0, 3, 8), jnp.int8)
+  got = dw.int8_conv_wgrad_direct(x, g, kernel_shape=(3, 3, 16, 8), scale=2.0, interpret=True)
+  assert got.shape == (3, 3, 16, 8) and not np.any(np.asarray(got))
+  hi, lo = dw.int8_conv_wgrad_direct_halves(x, jnp.zeros((2, 1, 5, 0), jnp.int8),
+                                            kernel_shape=(2, 1, 16, 0), interpret=True)
+  assert hi.shape == lo.shape == (2, 1, 16, 0)
+
+
 # ---------------------------------------------------------------------------
 # On a Hopper GPU.
 # ---------------------------------------------------------------------------
