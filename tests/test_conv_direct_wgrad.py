@@ -67,7 +67,8 @@ INTERPRET_CASES = {
     # N = 2 padded to N' = 16 (W = 7: 7 * N' must be a multiple of 16)
     "3x3_same_f32": ((2, 5, 7, 24), (3, 3, 24, 40), "SAME", jnp.float32, "vector"),
     "1x1_valid_bf16": ((3, 6, 9, 16), (1, 1, 16, 8), "VALID", jnp.bfloat16, "scalar"),
-    "3x3_valid_f32": ((2, 7, 6, 33), (3, 3, 33, 72), "VALID", jnp.float32, None),
+    # two C tiles (the second ragged) x three O tiles (the third ragged)
+    "3x3_valid_f32": ((2, 7, 6, 97), (3, 3, 97, 72), "VALID", jnp.float32, None),
     # a 2x3 kernel, asymmetric padding, and a crop (negative padding)
     "2x3_asym_f32": ((2, 6, 5, 16), (2, 3, 16, 40), ((2, 0), (0, 1)), jnp.float32, "vector"),
     "3x3_crop_f32": ((4, 7, 8, 16), (3, 3, 16, 24), ((-1, 2), (1, -2)), jnp.float32, "vector"),
