@@ -94,10 +94,10 @@ from pallas_kernels.conv_common import pipelined_accumulate
 from pallas_kernels.conv_common import ring_scratch
 from pallas_kernels.conv_common import select_wgrad_config
 from pallas_kernels.conv_common import static_lookup
-from pallas_kernels.conv_wgrad import _check_wgrad_args
-from pallas_kernels.conv_wgrad import _check_wgrad_epilogue
-from pallas_kernels.conv_wgrad import _check_wgrad_pixels
-from pallas_kernels.conv_wgrad import _wgrad_epilogue
+from pallas_kernels.conv_wgrad import check_wgrad_args
+from pallas_kernels.conv_wgrad import check_wgrad_epilogue
+from pallas_kernels.conv_wgrad import check_wgrad_pixels
+from pallas_kernels.conv_wgrad import wgrad_epilogue
 
 __all__ = ["ChannelMajorLayout", "channel_major", "channel_major_layout", "direct_wgrad_config",
            "direct_wgrad_operand_bytes", "int8_conv_wgrad_direct",
@@ -340,12 +340,12 @@ def _impl(x, g, scale, *, kernel_shape, strides, pads, out_dtype, config, launch
   hi, lo = (jnp.stack([v[t, :c, :o] for t in order]).reshape(kh, kw, c, o) for v in (hi, lo))
   if halves:
     return hi, lo
-  return _wgrad_epilogue(join_halves((hi, lo)), scale, out_dtype)
+  return wgrad_epilogue(join_halves((hi, lo)), scale, out_dtype)
 
 
 def _setup(x, g, kernel_shape, window_strides, padding, config, interpret, low_pad_in_xla):
-  kernel_shape, strides, pads = _check_wgrad_args(x, g, kernel_shape, window_strides, padding)
-  _check_wgrad_pixels(int(np.prod(g.shape[:3])))
+  kernel_shape, strides, pads = check_wgrad_args(x, g, kernel_shape, window_strides, padding)
+  check_wgrad_pixels(int(np.prod(g.shape[:3])))
   launcher = launcher_for(interpret)
   interpret_mode = launcher != "mosaic_gpu"
   if low_pad_in_xla is None:
@@ -404,9 +404,9 @@ def int8_conv_wgrad_direct(x, g, *, kernel_shape, window_strides=(1, 1), padding
   """
   kernel_shape, strides, pads, config, launcher, low_pad_in_xla, empty = _setup(
       x, g, kernel_shape, window_strides, padding, config, interpret, low_pad_in_xla)
-  scale, out_dtype = _check_wgrad_epilogue(scale, out_dtype, kernel_shape[3])
+  scale, out_dtype = check_wgrad_epilogue(scale, out_dtype, kernel_shape[3])
   if empty:
-    return _wgrad_epilogue(jnp.zeros(kernel_shape, jnp.float32), scale, out_dtype)
+    return wgrad_epilogue(jnp.zeros(kernel_shape, jnp.float32), scale, out_dtype)
   return _impl(x, g, scale, kernel_shape=kernel_shape, strides=strides, pads=pads,
                out_dtype=out_dtype, config=config, launcher=launcher,
                low_pad_in_xla=low_pad_in_xla, halves=False)
