@@ -2,8 +2,9 @@
 
 A prototype (issue 24, item 1) of the wgrad kernel that reads each quantized
 tensor once, in one extra layout -- no shifted or transposed copy per tap --
-standalone (not wired into :func:`pallas_kernels.int8_conv.int8_conv_wgrad`
-yet); same arguments, same bits as
+taken by the Pallas backend's weight gradient when ``INT8JAX_DIRECT_CONV``
+is on (``int8jax.backends.pallas.DIRECT_CONV["wgrad"]``, for the convs
+:func:`direct_wgrad_accepts`); same arguments, same bits as
 :func:`pallas_kernels.int8_conv.int8_conv_wgrad_reference`.
 
 The GEMM: ``dw[t][c, o] = sum_p x_t[p, c] g[p, o]`` per tap t over the
@@ -100,7 +101,7 @@ from pallas_kernels.conv_wgrad import check_wgrad_pixels
 from pallas_kernels.conv_wgrad import wgrad_epilogue
 
 __all__ = ["ChannelMajorLayout", "channel_major", "channel_major_layout", "direct_wgrad_config",
-           "direct_wgrad_operand_bytes", "int8_conv_wgrad_direct",
+           "direct_wgrad_accepts", "direct_wgrad_operand_bytes", "int8_conv_wgrad_direct",
            "int8_conv_wgrad_direct_halves"]
 
 _GMEM_STRIDE_BYTES = 16  # TMA: every GMEM stride but the last a multiple of 16 bytes
@@ -299,8 +300,8 @@ def _x_channel_major(x, kind, strides, pads, layout: ChannelMajorLayout):
 @functools.partial(jax.jit, static_argnames=("kernel_shape", "strides", "pads", "out_dtype",
                                              "config", "launcher", "low_pad_in_xla",
                                              "halves"))
-def _impl(x, g, scale, *, kernel_shape, strides, pads, out_dtype, config, launcher,
-          low_pad_in_xla, halves):
+def _int8_conv_wgrad_direct_impl(x, g, scale, *, kernel_shape, strides, pads, out_dtype,
+                                 config, launcher, low_pad_in_xla, halves):
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
   n = x.shape[0]
@@ -382,9 +383,9 @@ def int8_conv_wgrad_direct_halves(x, g, *, kernel_shape, window_strides=(1, 1),
   if empty:
     zero = jnp.zeros(kernel_shape, jnp.int32)
     return zero, zero
-  return _impl(x, g, None, kernel_shape=kernel_shape, strides=strides, pads=pads,
-               out_dtype=jnp.float32, config=config, launcher=launcher,
-               low_pad_in_xla=low_pad_in_xla, halves=True)
+  return _int8_conv_wgrad_direct_impl(
+      x, g, None, kernel_shape=kernel_shape, strides=strides, pads=pads, out_dtype=jnp.float32,
+      config=config, launcher=launcher, low_pad_in_xla=low_pad_in_xla, halves=True)
 
 
 def int8_conv_wgrad_direct(x, g, *, kernel_shape, window_strides=(1, 1), padding="VALID",
@@ -407,9 +408,33 @@ def int8_conv_wgrad_direct(x, g, *, kernel_shape, window_strides=(1, 1), padding
   scale, out_dtype = check_wgrad_epilogue(scale, out_dtype, kernel_shape[3])
   if empty:
     return wgrad_epilogue(jnp.zeros(kernel_shape, jnp.float32), scale, out_dtype)
-  return _impl(x, g, scale, kernel_shape=kernel_shape, strides=strides, pads=pads,
-               out_dtype=out_dtype, config=config, launcher=launcher,
-               low_pad_in_xla=low_pad_in_xla, halves=False)
+  return _int8_conv_wgrad_direct_impl(
+      x, g, scale, kernel_shape=kernel_shape, strides=strides, pads=pads, out_dtype=out_dtype,
+      config=config, launcher=launcher, low_pad_in_xla=low_pad_in_xla, halves=False)
+
+
+def direct_wgrad_accepts(x_shape, kernel_shape, *, window_strides=(1, 1), padding="VALID",
+                         interpret=False) -> bool:
+  """Whether :func:`int8_conv_wgrad_direct` with its default config runs this weight
+  gradient (valid arguments assumed; no error raised): N*Ho*Wo within the exact parts'
+  bound, and the row-padded steps of one tap (Ho rows of ceil(Wo*N' / tile_k) steps) in
+  at most MAX_EXACT_PARTS parts of INT32_SAFE_K pixels. ``interpret`` as the call's (it
+  decides where the low padding goes, hence the layout)."""
+  n, h, w, c = x_shape
+  kh, kw, _, o = kernel_shape
+  strides = tuple(window_strides)
+  pads = check_padding(padding, (h, w), (kh, kw), strides)
+  _, ho, wo, _ = conv_output_shape(x_shape, kernel_shape, strides, pads)
+  if n * ho * wo > MAX_EXACT_PARTS * INT32_SAFE_K:
+    return False
+  if min(n, ho, wo, kh, kw, c, o) == 0:
+    return True  # the zero result, no kernel
+  low_pad_in_xla = launcher_for(interpret) != "mosaic_gpu"
+  _, (hx, wx), _, _ = _x_geometry(x_shape, kernel_shape, strides, pads, low_pad_in_xla)
+  n_img = channel_major_layout(n, (hx, wx, c), (ho, wo, o)).n_img
+  config = direct_wgrad_config(c, o, wo * n_img)
+  total = ho * -(-(wo * n_img) // config.tile_k)
+  return total <= MAX_EXACT_PARTS * (INT32_SAFE_K // config.tile_k)
 
 
 def direct_wgrad_operand_bytes(x_shape, kernel_shape, *, window_strides=(1, 1),

@@ -58,11 +58,16 @@ kernels of :mod:`pallas_kernels.int8_conv` instead of the im2col GEMMs above
 :data:`DIRECT_CONV` (env ``INT8JAX_DIRECT_CONV=1``, off by default; not yet run
 on a GPU) the forward (any stride) and the stride-1 input gradient of those
 convs run on the direct-addressing kernels of :mod:`pallas_kernels.conv_direct`
-(per-tap TMA boxes of the NHWC tensor, no shifted copies) instead. Falls back,
-silently (both routes are exact): the strided input gradient and the weight
-gradient (no direct kernel yet), and any conv whose default config has
-``tile_k != swizzle`` (none of ``select_conv_config``'s today) take the route
-they take without the switch.
+(per-tap TMA boxes of the NHWC tensor, no shifted copies), and their weight
+gradient (any stride; plain and ``halves``) on
+:mod:`pallas_kernels.conv_direct_wgrad` (per-tap boxes of channel-major x^T and
+g^T, each transposed once in XLA) instead. Falls back, silently (both routes
+are exact), to the route taken without the switch: the strided input gradient
+(no direct kernel yet); a forward / input gradient whose default config has
+``tile_k != swizzle`` (none of ``select_conv_config``'s today); a weight
+gradient :func:`pallas_kernels.conv_direct_wgrad.direct_wgrad_accepts` rejects
+(N*Ho*Wo, or its row-padded steps, beyond 256 exact parts of INT32_SAFE_K
+pixels -- where the implicit kernel raises too).
 
 Dense ``(B, M, K) x (B, K, N)``: one kernel call per batch entry (B is 1 for
 ordinary layers).
@@ -82,6 +87,7 @@ import jax.numpy as jnp
 
 import pallas_kernels as pk
 from pallas_kernels import conv_direct
+from pallas_kernels import conv_direct_wgrad
 from int8jax import conv_geometry as geom
 from int8jax import exact
 from int8jax.backends import float_exact, platform, xla
@@ -144,17 +150,25 @@ IMPLICIT_GEMM = dict.fromkeys(("forward", "dgrad", "wgrad"), implicit_gemm_from_
 # of the implicit kernels' ~4x). "forward": the forward conv, any stride
 # (strides > 1 through the phase split, one int8 XLA pass); "dgrad": the
 # stride-1 input gradient. Taken for the convs the implicit kernels would take
+# "wgrad": the weight gradient, any stride, plain and halves (data-parallel
+# per-shard), on pallas_kernels.conv_direct_wgrad (x and g transposed once
+# to channel-major in XLA -- the pass a quantize fusion would write as a
+# second output -- and read once per tap as boxes: ~2x the input's bytes
+# handed instead of the implicit kernel's ~9x).
+# Taken for the convs the implicit kernels would take
 # (2-D, ungrouped, undilated; _implicit's contraction bound), whatever
 # IMPLICIT_GEMM says, when the kernel's config has tile_k == swizzle (every
-# select_conv_config config has; _direct). Everything else -- the strided
-# input gradient, the weight gradient, any other config -- runs as without the
+# select_conv_config config has; _direct) -- for the weight gradient, when
+# direct_wgrad_accepts (its default config always has tile_k == swizzle; the
+# exact parts' bound on its row-padded pixel steps; _direct_wgrad). Everything
+# else -- the strided input gradient, any other config -- runs as without the
 # switch (IMPLICIT_GEMM's route); both routes are bit-exact, so the fallback is
 # silent. Bit-exact in interpret mode and compiled by mosaic-offline, NOT yet
 # run on a GPU (2026-12-03: the untiled-view box bytes and TMA's zero fill
 # below 0 are unverified on hardware), hence off by default.
 #
 # The environment variable INT8JAX_DIRECT_CONV, read once when this module is
-# imported, sets both entries: "0" (or unset) off, "1" on. Any other value is
+# imported, sets all three entries: "0" (or unset) off, "1" on. Any other value is
 # a ValueError. Tests set the entries of the dict (monkeypatch);
 # direct_conv_from_env() re-reads a mapping without touching the dict.
 DIRECT_CONV_ENV = "INT8JAX_DIRECT_CONV"
@@ -167,12 +181,12 @@ def direct_conv_from_env(environ=None) -> bool:
   value = (os.environ if environ is None else environ).get(DIRECT_CONV_ENV, "0")
   if value not in ("0", "1"):
     raise ValueError(f"{DIRECT_CONV_ENV} must be '0' (the implicit-GEMM / im2col conv "
-                     "kernels, the default) or '1' (direct-addressing forward and stride-1 "
-                     f"input-gradient kernels), got {value!r}")
+                     "kernels, the default) or '1' (direct-addressing forward, stride-1 "
+                     f"input-gradient and weight-gradient kernels), got {value!r}")
   return value == "1"
 
 
-DIRECT_CONV = dict.fromkeys(("forward", "dgrad"), direct_conv_from_env())
+DIRECT_CONV = dict.fromkeys(("forward", "dgrad", "wgrad"), direct_conv_from_env())
 
 
 # ---------------------------------------------------------------------------
@@ -253,6 +267,18 @@ def _direct(spec: ConvSpec, which: str, k_channels: int, n_channels: int) -> boo
     return False
   config = pk.select_conv_config(k_channels, n_channels)
   return config.tile_k == config.swizzle
+
+
+def _direct_wgrad(spec: ConvSpec, interpret) -> bool:
+  """Whether the weight gradient runs on the direct kernel (see DIRECT_CONV): switched
+  on, a conv the implicit kernels would take, and one
+  :func:`pallas_kernels.conv_direct_wgrad.direct_wgrad_accepts` with its default config
+  (tile_k == swizzle by construction)."""
+  if not DIRECT_CONV.get("wgrad", False) or not _conv_kernel_shape(spec, "wgrad"):
+    return False
+  return conv_direct_wgrad.direct_wgrad_accepts(
+      spec.lhs_shape, spec.rhs_shape, window_strides=spec.window_strides,
+      padding=spec.padding, interpret=interpret)
 
 
 def _use_kernel(spec: ConvSpec) -> bool:
@@ -354,9 +380,15 @@ def conv_wgrad(xq: jax.Array, gq: jax.Array, scale: jax.Array, spec: ConvSpec,
   contracting over batch x output pixels (chunked, exact); ``scale`` scalar
   or (O,). ``halves=True``: the exact integer result as
   :data:`int8jax.exact.Halves` (no scale; see the XLA backend)."""
+  geometry = dict(kernel_shape=spec.rhs_shape, window_strides=spec.window_strides,
+                  padding=spec.padding)
+  if _direct_wgrad(spec, interpret):
+    if halves:
+      return conv_direct_wgrad.int8_conv_wgrad_direct_halves(xq, gq, interpret=interpret,
+                                                             **geometry)
+    return _implicit_call(conv_direct_wgrad.int8_conv_wgrad_direct, xq, gq, scale, out_dtype,
+                          interpret, **geometry)
   if _implicit(spec, "wgrad"):
-    geometry = dict(kernel_shape=spec.rhs_shape, window_strides=spec.window_strides,
-                    padding=spec.padding)
     if halves:
       return pk.int8_conv_wgrad_halves(xq, gq, interpret=interpret, **geometry)
     return _implicit_call(pk.int8_conv_wgrad, xq, gq, scale, out_dtype, interpret, **geometry)
