@@ -313,7 +313,7 @@ def count_gemm(conv: Conv, which: str, *, backend=pallas_backend.INTERPRETED,
 @contextlib.contextmanager
 def direct_route(on: bool):
   """The Pallas backend's :data:`~int8jax.backends.pallas.DIRECT_CONV` switch set
-  to ``on`` (both entries) while tracing, restored after."""
+  to ``on`` (all its entries) while tracing, restored after."""
   saved = dict(pallas_backend.DIRECT_CONV)
   pallas_backend.DIRECT_CONV.update(dict.fromkeys(saved, bool(on)))
   try:
