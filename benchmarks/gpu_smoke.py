@@ -15,8 +15,14 @@ configs are picked up):
 * ``CONV_CONFIGS`` again as ``direct:NAME`` (last): the direct-addressing
   kernels of :mod:`pallas_kernels.conv_direct` (not yet run on a GPU), a 3x3
   SAME forward at stride 1 (float32; the low padding read as TMA's
-  out-of-bounds zeros) and 2 (int32; phase split), and the stride-1 input
-  gradient (``int8_conv_direct_dgrad``, int32).
+  out-of-bounds zeros) and 2 (int32; phase split), the stride-1 input
+  gradient (``int8_conv_direct_dgrad``, int32), and the weight gradient of
+  :mod:`pallas_kernels.conv_direct_wgrad` (float32, the exact sum rounded
+  once) at stride 1 (the low padding read as TMA's out-of-bounds zeros) and 2
+  (phase split) -- its tiles those of the ``WGRAD_CONFIGS`` entry at the same
+  table position (the four select_wgrad_config picks), tile_k = swizzle the
+  entry's (64 or 128) at stride 1 and 32 at stride 2: every swizzle
+  direct_wgrad_config picks.
 
 Each result must equal the XLA integer reference computed on the CPU bit for
 bit (the integers are exact; the float outputs carry no scale except the
@@ -140,6 +146,18 @@ def _check(name: str, interpret: bool) -> str:
                       **kw))(g, w),
                   reference(pk.int8_conv_dgrad_reference, g, w, input_shape=x.shape, **kw),
                   True))
+    from pallas_kernels import conv_direct_wgrad as cdw
+    # CONV_CONFIGS[i] <-> WGRAD_CONFIGS[i]: 64x64, 64x128, 128x64, 128x128
+    tiles = pk.WGRAD_CONFIGS[list(pk.CONV_CONFIGS).index(config)]
+    for strides, sw in (((1, 1), config.swizzle), ((2, 2), 32)):
+      wcfg = pk.Int8ConvConfig(tile_m=tiles.tile_m, tile_n=tiles.tile_n, tile_k=sw, swizzle=sw,
+                               max_concurrent_steps=4 if sw == 128 else 6)
+      kw = dict(kernel_shape=w.shape, window_strides=strides, padding="SAME")
+      g = int8(pk.conv_output_shape(x.shape, w.shape, strides, "SAME"))
+      cases.append((f"direct wgrad s{strides[0]} float32",
+                    jax.jit(lambda x, g, kw=kw, wcfg=wcfg: cdw.int8_conv_wgrad_direct(
+                        x, g, config=wcfg, interpret=interpret, **kw))(x, g),
+                    reference(pk.int8_conv_wgrad_reference, x, g, **kw), True))
   elif kind == "wgrad":
     for strides in ((1, 1), (2, 2)):
       kw = dict(kernel_shape=w.shape, window_strides=strides, padding="SAME")

@@ -44,9 +44,11 @@ def test_smoke_check_reports_a_wrong_result(monkeypatch):
 
 
 def test_smoke_check_reports_a_wrong_direct_result(monkeypatch):
-  """The direct-addressing kernels' cases (forward s1 / s2, stride-1 dgrad) each
-  compare against the reference: an off-by-one element in each is reported."""
+  """The direct-addressing kernels' cases (forward s1 / s2, stride-1 dgrad, wgrad
+  s1 / s2) each compare against the reference: an off-by-one element in each is
+  reported."""
   from pallas_kernels import conv_direct
+  from pallas_kernels import conv_direct_wgrad
   names = gpu_smoke.config_names()
   assert [n for n in names if n.startswith("direct:")] == [
       n.replace("conv:", "direct:") for n in names if n.startswith("conv:")]
@@ -58,10 +60,13 @@ def test_smoke_check_reports_a_wrong_direct_result(monkeypatch):
     return fn
 
   for by, want in ((1, ["direct fwd s1 float32: 1 of", "direct fwd s2 int32: 1 of",
-                        "direct dgrad s1 int32: 1 of"]), (0, [])):
+                        "direct dgrad s1 int32: 1 of", "direct wgrad s1 float32: 1 of",
+                        "direct wgrad s2 float32: 1 of"]), (0, [])):
     monkeypatch.setattr(conv_direct, "int8_conv_direct", wrong(pk.int8_conv_reference, by))
     monkeypatch.setattr(conv_direct, "int8_conv_direct_dgrad",
                         wrong(pk.int8_conv_dgrad_reference, by))
+    monkeypatch.setattr(conv_direct_wgrad, "int8_conv_wgrad_direct",
+                        wrong(pk.int8_conv_wgrad_reference, by))
     why = gpu_smoke._check("direct:CONV_64x64", interpret=True)
     assert all(w in why for w in want) and (why == "") == (not want), why
 
