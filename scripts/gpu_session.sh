@@ -19,14 +19,15 @@
 #      conv/wgrad config fails or hangs, the later phases run with
 #      INT8JAX_IMPLICIT_GEMM=0 (im2col / int8_matmul), and summary.txt says so.
 #      The smoke test also checks the direct-addressing conv kernels
-#      (pallas_kernels.conv_direct, never run on a GPU before); their gate
+#      (pallas_kernels.conv_direct and conv_direct_wgrad, never run on a GPU
+#      before); their gate
 #      key is direct_ok, apart from implicit_ok.
 #   1. ResNet-50 batch 256, bf16 vs UI8 with bf16 float parts (non-measuring
 #      steps), benchmarks/step_time.py: one variant compiled and timed at a
 #      time, each row appended to step.md right after its own measurement.
 #      Then, only if direct_ok, one more row: ui8-bf16 never with
-#      INT8JAX_DIRECT_CONV=1 (forward and stride-1 dgrad on the direct
-#      kernels; 20 steps), its own table in step.md.
+#      INT8JAX_DIRECT_CONV=1 (forward, stride-1 dgrad and wgrad on the
+#      direct kernels; 20 steps), its own table in step.md.
 #   2. the GPU tests (-m gpu -v, per-test timeout), every kernel config.
 #   3. benchmarks/kernels.py --implicit-only: all 11 layers, forward, input
 #      and weight gradients timed separately on argument operands.
