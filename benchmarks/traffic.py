@@ -87,6 +87,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import int8jax  # noqa: E402
 from int8jax import QuantConfig  # noqa: E402
 from int8jax.backends import pallas as pallas_backend  # noqa: E402
+from int8jax.backends.base import CHUNK_K  # noqa: E402
 from int8jax.conv_spec import make_conv_spec  # noqa: E402
 
 #: Primitive names of a Pallas / Mosaic GPU kernel launch in a jaxpr
@@ -290,22 +291,23 @@ def _sds(shape, dtype):
 
 
 def count_gemm(conv: Conv, which: str, *, backend=pallas_backend.INTERPRETED,
-               dtype=jnp.bfloat16, chunk_k: int = QuantConfig().chunk_k) -> Traffic:
+               dtype=jnp.bfloat16, chunk_k: int = CHUNK_K) -> Traffic:
   """Traffic of one GEMM of ``conv`` as the backend plans it (int8 operands in,
-  ``dtype`` out, per-output-channel scale)."""
+  ``dtype`` out, per-output-channel scale; the backend's fallbacks dispatched, as the
+  ops do: depthwise convs off the kernels)."""
   spec = conv.spec()
   c = conv.x_shape[-1]
   o = conv.w_shape[-1]
   x, w, g = (_sds(s, jnp.int8) for s in (conv.x_shape, conv.w_shape, conv.out_shape))
   kw = dict(chunk_k=chunk_k, out_dtype=dtype)
   if which == "fwd":
-    return count(lambda x, w, s: backend.conv_forward(x, w, s, spec, **kw),
+    return count(lambda x, w, s: backend.function("conv_forward")(x, w, s, spec, **kw),
                  x, w, _sds((o,), jnp.float32))
   if which == "dgrad":
-    return count(lambda g, w, s: backend.conv_dgrad(g, w, s, spec, **kw),
+    return count(lambda g, w, s: backend.function("conv_dgrad")(g, w, s, spec, **kw),
                  g, w, _sds((c,), jnp.float32))
   if which == "wgrad":
-    return count(lambda x, g, s: backend.conv_wgrad(x, g, s, spec, **kw),
+    return count(lambda x, g, s: backend.function("conv_wgrad")(x, g, s, spec, **kw),
                  x, g, _sds((o,), jnp.float32))
   raise ValueError(f"which must be one of {GEMMS}, got {which!r}")
 

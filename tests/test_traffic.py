@@ -125,6 +125,18 @@ def test_kernel_operands_within_5x_the_int8_input(stride, counted):
   assert ratio <= 5.0, ratio
 
 
+def test_count_gemm_dispatches_the_backends_fallbacks():
+  """A depthwise conv's GEMMs are counted on the route the ops take (the backend's
+  fallbacks: exact bf16 grouped convs, XLA int32 arithmetic -- no kernel launch), not
+  on per-group im2col GEMMs; and the per-GEMM counts add up to no more than the
+  traced op's."""
+  cv = tf.Conv((2, 8, 8, 32), (3, 3, 1, 32), (1, 1), "SAME", groups=32)
+  got = tf.count_conv(cv)
+  for which in tf.GEMMS:
+    assert got[which].launches == 0 and got[which].kernel == 0, (which, got[which])
+  assert got["around"].passes >= 0 and got["all"].launches == 0, got
+
+
 def test_model_convs_of_resnet50():
   convs = tf.model_convs("resnet50", batch=2, side=64)
   assert not convs[0][2], "the stem stays float"
