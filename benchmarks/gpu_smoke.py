@@ -11,7 +11,18 @@ configs are picked up):
 * ``WGRAD_CONFIGS``: a tiny weight gradient (``int8_conv_wgrad``, float32,
   the exact sum rounded once; stride 1 and 2);
 * ``LIBRARY_CONFIGS``: an ``int8_matmul`` (float32 with a per-column scale
-  and int32).
+  and int32);
+* ``CONV_CONFIGS`` again as ``direct:NAME`` (last): the direct-addressing
+  kernels of :mod:`pallas_kernels.conv_direct` (not yet run on a GPU), a 3x3
+  SAME forward at stride 1 (float32; the low padding read as TMA's
+  out-of-bounds zeros) and 2 (int32; phase split), the stride-1 input
+  gradient (``int8_conv_direct_dgrad``, int32), and the weight gradient of
+  :mod:`pallas_kernels.conv_direct_wgrad` (float32, the exact sum rounded
+  once) at stride 1 (the low padding read as TMA's out-of-bounds zeros) and 2
+  (phase split) -- its tiles those of the ``WGRAD_CONFIGS`` entry at the same
+  table position (the four select_wgrad_config picks), tile_k = swizzle the
+  entry's (64 or 128) at stride 1 and 32 at stride 2: every swizzle
+  direct_wgrad_config picks.
 
 Each result must equal the XLA integer reference computed on the CPU bit for
 bit (the integers are exact; the float outputs carry no scale except the
@@ -26,7 +37,10 @@ barrier costs one time limit, not the run. The parent prints one line per
 config, writes the ``--json`` gate file after every config, and exits 0 when
 every config passed, 1 otherwise. ``implicit_ok`` in the gate file is true
 when every CONV/WGRAD config passed: ``scripts/gpu_session.sh`` runs its
-later phases with ``INT8JAX_IMPLICIT_GEMM=0`` when it is not.
+later phases with ``INT8JAX_IMPLICIT_GEMM=0`` when it is not. ``direct_ok``
+(independent of it) is true when every ``direct`` config passed:
+``scripts/gpu_session.sh`` times the ResNet-50 step with
+``INT8JAX_DIRECT_CONV=1`` only then.
 """
 
 from __future__ import annotations
@@ -66,7 +80,8 @@ def config_names() -> list[str]:
 
   return (named(int8_conv, pk.CONV_CONFIGS, "conv")
           + named(int8_conv, pk.WGRAD_CONFIGS, "wgrad")
-          + named(int8_matmul, pk.LIBRARY_CONFIGS, "matmul"))
+          + named(int8_matmul, pk.LIBRARY_CONFIGS, "matmul")
+          + named(int8_conv, pk.CONV_CONFIGS, "direct"))
 
 
 def _config(name: str):
@@ -74,6 +89,7 @@ def _config(name: str):
   int8_conv, int8_matmul = _modules()
   kind, ident = name.split(":", 1)
   module, table = {"conv": (int8_conv, pk.CONV_CONFIGS),
+                   "direct": (int8_conv, pk.CONV_CONFIGS),
                    "wgrad": (int8_conv, pk.WGRAD_CONFIGS),
                    "matmul": (int8_matmul, pk.LIBRARY_CONFIGS)}[kind]
   return kind, table[int(ident)] if ident.isdigit() else getattr(module, ident)
@@ -114,6 +130,34 @@ def _check(name: str, interpret: bool) -> str:
                         **kw))(g, w),
                     reference(pk.int8_conv_dgrad_reference, g, w, input_shape=x.shape,
                               **kw), True))
+  elif kind == "direct":
+    from pallas_kernels import conv_direct as cd
+    for strides, out in (((1, 1), jnp.float32), ((2, 2), jnp.int32)):
+      kw = dict(window_strides=strides, padding="SAME", out_dtype=out)
+      cases.append((f"direct fwd s{strides[0]} {jnp.dtype(out).name}",
+                    jax.jit(lambda x, w, kw=kw: cd.int8_conv_direct(
+                        x, w, config=config, interpret=interpret, **kw))(x, w),
+                    reference(pk.int8_conv_reference, x, w, **kw), True))
+    kw = dict(padding="SAME", out_dtype=jnp.int32)
+    g = int8(pk.conv_output_shape(x.shape, w.shape, (1, 1), "SAME"))
+    cases.append(("direct dgrad s1 int32",
+                  jax.jit(lambda g, w: cd.int8_conv_direct_dgrad(
+                      g, w, input_shape=x.shape, config=config, interpret=interpret,
+                      **kw))(g, w),
+                  reference(pk.int8_conv_dgrad_reference, g, w, input_shape=x.shape, **kw),
+                  True))
+    from pallas_kernels import conv_direct_wgrad as cdw
+    # CONV_CONFIGS[i] <-> WGRAD_CONFIGS[i]: 64x64, 64x128, 128x64, 128x128
+    tiles = pk.WGRAD_CONFIGS[list(pk.CONV_CONFIGS).index(config)]
+    for strides, sw in (((1, 1), config.swizzle), ((2, 2), 32)):
+      wcfg = pk.Int8ConvConfig(tile_m=tiles.tile_m, tile_n=tiles.tile_n, tile_k=sw, swizzle=sw,
+                               max_concurrent_steps=4 if sw == 128 else 6)
+      kw = dict(kernel_shape=w.shape, window_strides=strides, padding="SAME")
+      g = int8(pk.conv_output_shape(x.shape, w.shape, strides, "SAME"))
+      cases.append((f"direct wgrad s{strides[0]} float32",
+                    jax.jit(lambda x, g, kw=kw, wcfg=wcfg: cdw.int8_conv_wgrad_direct(
+                        x, g, config=wcfg, interpret=interpret, **kw))(x, g),
+                    reference(pk.int8_conv_wgrad_reference, x, g, **kw), True))
   elif kind == "wgrad":
     for strides in ((1, 1), (2, 2)):
       kw = dict(kernel_shape=w.shape, window_strides=strides, padding="SAME")
@@ -182,11 +226,14 @@ def run(names: list[str], interpret: bool, timeout: float, gate: str | None,
   def write_gate():
     if gate:
       by_kind = lambda k: [r for r in results if r["name"].startswith(k + ":")]  # noqa: E731
-      implicit = by_kind("conv") + by_kind("wgrad")
+      def all_ok(kinds):  # every config of these kinds asked for has run and passed
+        got = [r for k in kinds for r in by_kind(k)]
+        return (all(r["status"] == "ok" for r in got)
+                and len(got) == sum(n.split(":")[0] in kinds for n in names))
+
       doc = dict(ok=len(results) == len(names) and all(r["status"] == "ok" for r in results),
-                 implicit_ok=(all(r["status"] == "ok" for r in implicit)
-                              and len(implicit) == sum(n.split(":")[0] in ("conv", "wgrad")
-                                                       for n in names)),
+                 implicit_ok=all_ok(("conv", "wgrad")),
+                 direct_ok=all_ok(("direct",)) and any(n.startswith("direct:") for n in names),
                  interpret=interpret, timeout_s=timeout, results=results)
       tmp = gate + ".tmp"
       with open(tmp, "w") as f:

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/traffic.py                       # ResNet-50 + MobileNetV2
     .venv/bin/python benchmarks/traffic.py --models resnet50 --out traffic.md \\
         --peaks "h200-measured=1000,600,4.0"
+    .venv/bin/python benchmarks/traffic.py --models resnet50 --direct  # INT8JAX_DIRECT_CONV=1
 
 For every distinct conv of ResNet-50 and MobileNetV2 (ImageNet, batch 256,
 224x224; shapes read from ``examples/models.py`` by tracing the model's
@@ -70,6 +71,7 @@ batch; ``--batch`` changes it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import math
@@ -85,6 +87,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import int8jax  # noqa: E402
 from int8jax import QuantConfig  # noqa: E402
 from int8jax.backends import pallas as pallas_backend  # noqa: E402
+from int8jax.backends.base import CHUNK_K  # noqa: E402
 from int8jax.conv_spec import make_conv_spec  # noqa: E402
 
 #: Primitive names of a Pallas / Mosaic GPU kernel launch in a jaxpr
@@ -288,31 +291,49 @@ def _sds(shape, dtype):
 
 
 def count_gemm(conv: Conv, which: str, *, backend=pallas_backend.INTERPRETED,
-               dtype=jnp.bfloat16, chunk_k: int = QuantConfig().chunk_k) -> Traffic:
+               dtype=jnp.bfloat16, chunk_k: int = CHUNK_K) -> Traffic:
   """Traffic of one GEMM of ``conv`` as the backend plans it (int8 operands in,
-  ``dtype`` out, per-output-channel scale)."""
+  ``dtype`` out, per-output-channel scale; the backend's fallbacks dispatched, as the
+  ops do: depthwise convs off the kernels)."""
   spec = conv.spec()
   c = conv.x_shape[-1]
   o = conv.w_shape[-1]
   x, w, g = (_sds(s, jnp.int8) for s in (conv.x_shape, conv.w_shape, conv.out_shape))
   kw = dict(chunk_k=chunk_k, out_dtype=dtype)
   if which == "fwd":
-    return count(lambda x, w, s: backend.conv_forward(x, w, s, spec, **kw),
+    return count(lambda x, w, s: backend.function("conv_forward")(x, w, s, spec, **kw),
                  x, w, _sds((o,), jnp.float32))
   if which == "dgrad":
-    return count(lambda g, w, s: backend.conv_dgrad(g, w, s, spec, **kw),
+    return count(lambda g, w, s: backend.function("conv_dgrad")(g, w, s, spec, **kw),
                  g, w, _sds((c,), jnp.float32))
   if which == "wgrad":
-    return count(lambda x, g, s: backend.conv_wgrad(x, g, s, spec, **kw),
+    return count(lambda x, g, s: backend.function("conv_wgrad")(x, g, s, spec, **kw),
                  x, g, _sds((o,), jnp.float32))
   raise ValueError(f"which must be one of {GEMMS}, got {which!r}")
 
 
+@contextlib.contextmanager
+def direct_route(on: bool):
+  """The Pallas backend's :data:`~int8jax.backends.pallas.DIRECT_CONV` switch set
+  to ``on`` (all its entries) while tracing, restored after."""
+  saved = dict(pallas_backend.DIRECT_CONV)
+  pallas_backend.DIRECT_CONV.update(dict.fromkeys(saved, bool(on)))
+  try:
+    yield
+  finally:
+    pallas_backend.DIRECT_CONV.update(saved)
+
+
 def count_conv(conv: Conv, *, backend: str = "pallas_interpret", dtype=jnp.bfloat16,
-               per_gemm: bool = True) -> dict[str, Traffic]:
+               per_gemm: bool = True, direct: bool | None = None) -> dict[str, Traffic]:
   """``{"fwd", "dgrad", "wgrad", "around", "all"}`` traffic of one quantized
   conv's forward + backward (UI8 non-measuring step); ``"all"`` is the whole
-  traced ``jax.vjp``, ``"around"`` what it has beyond the three GEMMs."""
+  traced ``jax.vjp``, ``"around"`` what it has beyond the three GEMMs.
+  ``direct``: trace with the direct-addressing conv kernels on (True) / off
+  (False) (:func:`direct_route`); None: as the backend's switch stands."""
+  if direct is not None:
+    with direct_route(direct):
+      return count_conv(conv, backend=backend, dtype=dtype, per_gemm=per_gemm)
   cfg = QuantConfig(backend=backend)
   gs = int8jax.GradQuantState.initial().replace(clip=jnp.float32(1e-3))
 
@@ -436,15 +457,16 @@ def gemm_time(flops, nbytes_, peak_flops, bw) -> float:
 
 
 def analyse(convs, peaks: dict[str, tuple[float, float, float]], *,
-            backend="pallas_interpret", progress=None) -> list[dict]:
-  """One row per (quantized conv, GEMM) and one "around" row per conv."""
+            backend="pallas_interpret", progress=None, direct: bool | None = None) -> list[dict]:
+  """One row per (quantized conv, GEMM) and one "around" row per conv
+  (``direct``: as :func:`count_conv`)."""
   rows = []
   for cv, n, quantized in convs:
     if not quantized:
       continue
     if progress:
       progress(cv)
-    tr = count_conv(cv, backend=backend)
+    tr = count_conv(cv, backend=backend, direct=direct)
     bf = cv.bf16_bytes()
     for which in (*GEMMS, "around"):
       t = tr[which]
@@ -562,6 +584,9 @@ def main(argv=None) -> int:
   p.add_argument("--no-default-peaks", action="store_true",
                  help="only the --peaks ceilings, not H200 / H100 SXM")
   p.add_argument("--out", default=None, help="markdown file to append the tables to")
+  p.add_argument("--direct", action="store_true",
+                 help="count with the direct-addressing conv kernels on (the Pallas backend's "
+                 "INT8JAX_DIRECT_CONV switch: forward, stride-1 dgrad, wgrad); default: off")
   args = p.parse_args(argv)
   from examples import models
   names = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -583,7 +608,9 @@ def main(argv=None) -> int:
   header = (f"\n## Conv traffic model (`benchmarks/traffic.py`), "
             f"{datetime.date.today().isoformat()}, jax {jax.__version__}\n\n"
             "int8 bytes counted on the traced program of the Pallas backend "
-            "(pallas_interpret), fusion model and exclusions in the module docstring; "
+            f"(pallas_interpret, direct-addressing conv kernels "
+            f"{'on' if args.direct else 'off'}), fusion model and exclusions in the module "
+            "docstring; "
             f"`python benchmarks/traffic.py {' '.join(sys.argv[1:] if argv is None else argv)}`."
             "\n")
   text = [header]
@@ -592,7 +619,7 @@ def main(argv=None) -> int:
     convs = [c for c in model_convs(m, args.batch, args.side) if c[2]]
     if args.limit:
       convs = convs[:args.limit]
-    rows = analyse(convs, peaks,
+    rows = analyse(convs, peaks, direct=args.direct,
                    progress=lambda cv: print(f"  tracing {m} {cv.label()}", file=sys.stderr,
                                              flush=True))
     t = table(m, rows, peaks, args.batch)

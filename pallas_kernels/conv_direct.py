@@ -2,8 +2,11 @@
 
 A prototype of the forward conv kernel that reads the quantized NHWC int8
 tensor *as produced* -- no pad, no flattening, no shifted copies -- and
-stores its result straight into the NHWC output. Standalone (not wired into
-:func:`pallas_kernels.int8_conv.int8_conv` yet); same arguments, same bits.
+stores its result straight into the NHWC output. Not wired into
+:func:`pallas_kernels.int8_conv.int8_conv`; same arguments, same bits. The
+Pallas backend of int8jax runs it behind a switch (``INT8JAX_DIRECT_CONV=1``:
+forward and stride-1 input gradient; the weight gradient on
+:mod:`pallas_kernels.conv_direct_wgrad`), off by default until a GPU has run it.
 :func:`int8_conv_direct_dgrad`: the stride-1 input gradient by the same
 kernel (g with the flipped, channel-swapped kernel).
 

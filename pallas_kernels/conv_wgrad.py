@@ -66,7 +66,7 @@ __all__ = ["int8_conv_wgrad", "int8_conv_wgrad_halves", "int8_conv_wgrad_referen
 _TARGET_BLOCKS = 264
 
 
-def _check_wgrad_args(x, g, kernel_shape, window_strides, padding):
+def check_wgrad_args(x, g, kernel_shape, window_strides, padding):
   check_int8("x", x, 4, "NHWC (N, H, W, C)")
   check_int8("g", g, 4, "NHWC (N, Ho, Wo, O)")
   kernel_shape = check_shape("kernel_shape", kernel_shape, "(KH, KW, C, O)")
@@ -86,7 +86,7 @@ def _check_wgrad_args(x, g, kernel_shape, window_strides, padding):
   return kernel_shape, strides, pads
 
 
-def _wgrad_epilogue(dw_f32, scale, out_dtype):
+def wgrad_epilogue(dw_f32, scale, out_dtype):
   return epilogue(dw_f32, scale, None, out_dtype)
 
 
@@ -114,10 +114,10 @@ def _wgrad_reference_impl(x, g, scale, *, kernel_shape, strides, pads,
                for s in range(0, pixels, INT32_SAFE_K)]
       taps.append(combine_int32_chunks(jnp.stack(parts)))
   dw = jnp.stack(taps).reshape(kh, kw, c, o)
-  return _wgrad_epilogue(dw, scale, out_dtype)
+  return wgrad_epilogue(dw, scale, out_dtype)
 
 
-def _check_wgrad_epilogue(scale, out_dtype, o):
+def check_wgrad_epilogue(scale, out_dtype, o):
   try:
     out_dtype = jnp.dtype(out_dtype)
   except TypeError:
@@ -128,7 +128,7 @@ def _check_wgrad_epilogue(scale, out_dtype, o):
   return check_vector("scale", scale, o, "O"), out_dtype
 
 
-def _check_wgrad_pixels(pixels):
+def check_wgrad_pixels(pixels):
   if pixels > MAX_EXACT_PARTS * INT32_SAFE_K:
     raise ValueError(
         f"the weight gradient sums over N*Ho*Wo={pixels} pixels, more than "
@@ -147,12 +147,12 @@ def int8_conv_wgrad_reference(x, g, *, kernel_shape, window_strides=(1, 1),
   exactly (:func:`combine_int32_chunks`: one rounding to float32), then
   ``* scale`` and the cast.
   """
-  kernel_shape, strides, pads = _check_wgrad_args(x, g, kernel_shape,
+  kernel_shape, strides, pads = check_wgrad_args(x, g, kernel_shape,
                                                   window_strides, padding)
-  scale, out_dtype = _check_wgrad_epilogue(scale, out_dtype, kernel_shape[3])
-  _check_wgrad_pixels(int(np.prod(g.shape[:3])))
+  scale, out_dtype = check_wgrad_epilogue(scale, out_dtype, kernel_shape[3])
+  check_wgrad_pixels(int(np.prod(g.shape[:3])))
   if min(g.shape) == 0 or x.shape[3] == 0:
-    return _wgrad_epilogue(jnp.zeros(kernel_shape, jnp.float32), scale,
+    return wgrad_epilogue(jnp.zeros(kernel_shape, jnp.float32), scale,
                            out_dtype)
   return _wgrad_reference_impl(x, g, scale, kernel_shape=kernel_shape,
                                strides=strides, pads=pads, out_dtype=out_dtype)
@@ -311,14 +311,14 @@ def _int8_conv_wgrad_impl(x, g, scale, *, kernel_shape, strides, pads,
   hi, lo = (jnp.stack([v[t, :c, :o] for t in order]).reshape(kh, kw, c, o) for v in (hi, lo))
   if halves:
     return hi, lo
-  return _wgrad_epilogue(join_halves((hi, lo)), scale, out_dtype)
+  return wgrad_epilogue(join_halves((hi, lo)), scale, out_dtype)
 
 
 def _wgrad_setup(x, g, kernel_shape, window_strides, padding, config, interpret):
   """Checked arguments of a weight-gradient call: ``(kernel_shape, strides,
   pads, config, launcher, empty)``; ``empty``: the result is all zeros."""
-  kernel_shape, strides, pads = _check_wgrad_args(x, g, kernel_shape, window_strides, padding)
-  _check_wgrad_pixels(int(np.prod(g.shape[:3])))
+  kernel_shape, strides, pads = check_wgrad_args(x, g, kernel_shape, window_strides, padding)
+  check_wgrad_pixels(int(np.prod(g.shape[:3])))
   config, launcher = config_and_launcher(
       config, select_wgrad_config(kernel_shape[2], kernel_shape[3]), jnp.int32, interpret)
   empty = min(g.shape) == 0 or x.shape[3] == 0 or kernel_shape[3] == 0
@@ -379,9 +379,9 @@ def int8_conv_wgrad(x, g, *, kernel_shape, window_strides=(1, 1),
   """
   kernel_shape, strides, pads, config, launcher, empty = _wgrad_setup(
       x, g, kernel_shape, window_strides, padding, config, interpret)
-  scale, out_dtype = _check_wgrad_epilogue(scale, out_dtype, kernel_shape[3])
+  scale, out_dtype = check_wgrad_epilogue(scale, out_dtype, kernel_shape[3])
   if empty:
-    return _wgrad_epilogue(jnp.zeros(kernel_shape, jnp.float32), scale,
+    return wgrad_epilogue(jnp.zeros(kernel_shape, jnp.float32), scale,
                            out_dtype)
   return _int8_conv_wgrad_impl(x, g, scale, kernel_shape=kernel_shape,
                                strides=strides, pads=pads, out_dtype=out_dtype,

@@ -7,9 +7,11 @@
 #
 # Targets: `kernels` (every config of CONV_CONFIGS, WGRAD_CONFIGS and
 # LIBRARY_CONFIGS on six ResNet-50 layers, and int8_matmul; dump.py's two
-# quantize_kmajor cases lower no kernel since that kernel's removal) and
+# quantize_kmajor cases lower no kernel since that kernel's removal), `direct`
+# (pallas_kernels.conv_direct's forward and stride-1 dgrad on the same layers,
+# lowered by scripts/dump_conv_direct.py; `kernels` implies it) and
 # `resnet50` (the ResNet-50 batch-256 forward+backward of a ui8-bf16
-# non-measuring training step). Writes OUTDIR/{kernels,resnet50}/census.txt
+# non-measuring training step). Writes OUTDIR/{kernels,direct,resnet50}/census.txt
 # and prints the census summaries. Exit status 1 on any lowering failure,
 # ptxas failure or register spill (a bug to fix before a GPU window).
 #
@@ -23,6 +25,10 @@ tool=${MOSAIC_OFFLINE:-$root/../shared/tools/mosaic-offline}
 outd=${1:-/tmp/int8jax_sass}
 jobs=${JOBS:-1}
 targets=${TARGETS:-kernels resnet50}
+# `kernels` implies `direct` (once), right after it
+if [[ " $targets " == *" kernels "* ]]; then
+  targets=$(echo " $targets " | sed -e 's/ direct / /g' -e 's/ kernels / kernels direct /')
+fi
 if [[ ! -f $tool/dump.py || ! -f $tool/compile.py || ! -f $tool/setup.sh ]]; then
   echo "compile_kernels.sh: mosaic-offline not found at '$tool' (no dump.py/compile.py/setup.sh);" \
     "set MOSAIC_OFFLINE=/path/to/mosaic-offline" >&2
@@ -37,8 +43,13 @@ mkdir -p "$outd"
 rc=0
 for t in $targets; do
   echo "== $t: dump (lower for CUDA) and compile, --jobs $jobs"
-  (cd "$tool" && "$py" dump.py "$t" --project "$root" --out "$outd/$t" --batch "${BATCH:-256}") \
-    >"$outd/$t.dump.log" 2>&1 || { echo "$t: dump.py FAILED (tail of $outd/$t.dump.log):";
+  if [[ $t == direct ]]; then
+    dump=("$root/scripts/dump_conv_direct.py" --tool "$tool")
+  else
+    dump=(dump.py "$t" --project "$root")
+  fi
+  (cd "$tool" && "$py" "${dump[@]}" --out "$outd/$t" --batch "${BATCH:-256}") \
+    >"$outd/$t.dump.log" 2>&1 || { echo "$t: ${dump[0]##*/} FAILED (tail of $outd/$t.dump.log):";
                                    tail -5 "$outd/$t.dump.log"; rc=1; continue; }
   (cd "$tool" && "$py" compile.py "$outd/$t" --jobs "$jobs") >"$outd/$t.compile.log" 2>&1 || rc=1
   # census.txt: one row per kernel, then the summary line and one line per config

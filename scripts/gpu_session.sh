@@ -11,16 +11,23 @@
 # call run(..., carry=[".whl"])). They are installed first when present.
 #
 # Phases, in priority order; each runs under `timeout -k` with its own limit
-# (env T_SMOKE, T_STEP, T_TESTS, T_KERNELS, T_REST; never past T_TOTAL) and
+# (env T_SMOKE, T_STEP, T_DIRECT, T_TESTS, T_KERNELS, T_REST; never past T_TOTAL) and
 # writes its results to OUTDIR before the next starts:
 #   0. environment (jax, GPU, driver) and benchmarks/gpu_smoke.py: a tiny
 #      forward, input gradient and weight gradient of every kernel config
 #      against the CPU reference, each config under its own limit. If any
 #      conv/wgrad config fails or hangs, the later phases run with
 #      INT8JAX_IMPLICIT_GEMM=0 (im2col / int8_matmul), and summary.txt says so.
+#      The smoke test also checks the direct-addressing conv kernels
+#      (pallas_kernels.conv_direct and conv_direct_wgrad, never run on a GPU
+#      before); their gate
+#      key is direct_ok, apart from implicit_ok.
 #   1. ResNet-50 batch 256, bf16 vs UI8 with bf16 float parts (non-measuring
 #      steps), benchmarks/step_time.py: one variant compiled and timed at a
 #      time, each row appended to step.md right after its own measurement.
+#      Then, only if direct_ok, one more row: ui8-bf16 never with
+#      INT8JAX_DIRECT_CONV=1 (forward, stride-1 dgrad and wgrad on the
+#      direct kernels; 20 steps), its own table in step.md.
 #   2. the GPU tests (-m gpu -v, per-test timeout), every kernel config.
 #   3. benchmarks/kernels.py --implicit-only: all 11 layers, forward, input
 #      and weight gradients timed separately on argument operands.
@@ -81,17 +88,20 @@ export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
 if [[ $dry == 1 ]]; then  # CPU: tiny shapes, interpret mode, short limits
   say "DRY RUN on the CPU (GPU_SESSION_DRY=1): tiny shapes, interpret mode, nothing measured"
   export JAX_PLATFORMS=cpu
-  smoke_args=(--interpret --timeout 40 --only conv:CONV_64x128,wgrad:WGRAD_128x64,matmul:NARROW_CONFIG)
-  t_smoke=${T_SMOKE:-150}
+  smoke_args=(--interpret --timeout 40
+              --only conv:CONV_64x128,wgrad:WGRAD_128x64,matmul:NARROW_CONFIG,direct:CONV_64x128)
+  t_smoke=${T_SMOKE:-180}
   step_args=(--model resnet20 --batch 4 --steps 2 --warmup 1)
+  direct_step_args=(--model resnet20 --batch 4 --steps 2 --warmup 1)
   tests_args=(-k "every_conv_config or wgrad_gpu") xdist_n=0
   kernels_args=(--implicit-only --lower-only)
   rest_args=(--batch 2 --steps 1 --warmup 0) ts_args=(--quick --bf16 --batch50 2) rest_model=resnet20
   layers_args=(--ops resnet20 --ops-kernels 1 --quick --bf16)
   mobilenet_variants="ui8-bf16 never" t_rest=${T_REST:-180}  # XLA:CPU's bf16 MobileNetV2 is slow
 else
-  smoke_args=(--timeout 20) t_smoke=${T_SMOKE:-60}
+  smoke_args=(--timeout 20) t_smoke=${T_SMOKE:-70}
   step_args=(--model resnet50 --batch 256 --steps 30 --warmup 3)
+  direct_step_args=(--model resnet50 --batch 256 --steps 20 --warmup 2)
   tests_args=() xdist_n=4
   kernels_args=(--implicit-only --warmup 3 --iters 20)
   rest_args=(--batch 256 --steps 10 --warmup 2) ts_args=(--repeats 10 --block "steps period 1")
@@ -123,6 +133,14 @@ if [[ $phases == *,0,* ]]; then
   else
     say "GATE: every conv/wgrad config passed; implicit-GEMM convs stay on"
   fi
+  direct_gate=$("$py" -c "import json,sys; print(int(json.load(open(sys.argv[1]))['direct_ok']))" \
+                "$outd/smoke.json" 2>/dev/null)
+  if [[ $direct_gate == 1 ]]; then
+    say "GATE: every direct-addressing conv config passed; phase 1 times INT8JAX_DIRECT_CONV=1 too"
+  else
+    say "GATE: a direct-addressing conv config failed, hung or was not reached;" \
+        "no INT8JAX_DIRECT_CONV=1 row"
+  fi
   archive
 fi
 
@@ -133,6 +151,14 @@ if [[ $phases == *,1,* ]]; then
     --variants "bf16,ui8-bf16 never" --out "$outd/step.md"
   show step "^\| (bf16|ui8)| vs bf16|Error|error" 10
   archive
+  if [[ ${direct_gate:-0} == 1 ]]; then
+    run step_direct "${T_DIRECT:-100}" env INT8JAX_DIRECT_CONV=1 "$py" benchmarks/step_time.py \
+      "${direct_step_args[@]}" --variants "ui8-bf16 never" --out "$outd/step.md"
+    show step_direct "^\| ui8|direct|Error|error" 6
+    archive
+  else
+    say "-- step_direct: skipped (direct_ok is not true in smoke.json, or phase 0 did not run)"
+  fi
 fi
 
 # -- 2. GPU tests, verbose, per-test timeout --------------------------------
@@ -143,7 +169,7 @@ if [[ $phases == *,2,* ]]; then
     say "pytest-timeout missing (not in .whl/?): no per-test limit, only the phase's"
   "$py" -c "import xdist" 2>/dev/null && targs+=(-n "$xdist_n") ||
     say "pytest-xdist missing: tests run in one process"
-  run tests "${T_TESTS:-100}" "$py" -m pytest "${targs[@]}" tests/test_int8_conv_kernels.py \
+  run tests "${T_TESTS:-80}" "$py" -m pytest "${targs[@]}" tests/test_int8_conv_kernels.py \
     tests/test_pallas_backend.py tests/test_pallas_kernels.py
   show tests "(FAILED|ERROR|Timeout)|passed|failed|skipped" 25
   archive
@@ -152,7 +178,7 @@ fi
 # -- 3. kernel / layer table: 11 layers, fwd / dgrad / wgrad separately -----
 if [[ $phases == *,3,* ]]; then
   say "== phase 3: implicit-GEMM kernels vs int8_matmul vs bf16, 11 layers"
-  run kernels "${T_KERNELS:-100}" "$py" benchmarks/kernels.py "${kernels_args[@]}"
+  run kernels "${T_KERNELS:-80}" "$py" benchmarks/kernels.py "${kernels_args[@]}"
   show kernels "^\| l|failures|FAILED" 14
   archive
 fi

@@ -19,7 +19,8 @@ from benchmarks import gpu_smoke  # noqa: E402
 
 def test_smoke_covers_every_config_of_the_tables():
   names = gpu_smoke.config_names()
-  tables = {"conv": pk.CONV_CONFIGS, "wgrad": pk.WGRAD_CONFIGS, "matmul": pk.LIBRARY_CONFIGS}
+  tables = {"conv": pk.CONV_CONFIGS, "wgrad": pk.WGRAD_CONFIGS, "matmul": pk.LIBRARY_CONFIGS,
+            "direct": pk.CONV_CONFIGS}
   assert len(names) == sum(map(len, tables.values())) == len(set(names))
   for name in names:
     kind, config = gpu_smoke._config(name)
@@ -40,6 +41,52 @@ def test_smoke_check_reports_a_wrong_result(monkeypatch):
   monkeypatch.setattr(pk, "int8_matmul", lambda a, b, *, config=None, interpret=False, **kw:
                       real(a, b, **kw))
   assert gpu_smoke._check("matmul:NARROW_CONFIG", interpret=True) == ""
+
+
+def test_smoke_check_reports_a_wrong_direct_result(monkeypatch):
+  """The direct-addressing kernels' cases (forward s1 / s2, stride-1 dgrad, wgrad
+  s1 / s2) each compare against the reference: an off-by-one element in each is
+  reported."""
+  from pallas_kernels import conv_direct
+  from pallas_kernels import conv_direct_wgrad
+  names = gpu_smoke.config_names()
+  assert [n for n in names if n.startswith("direct:")] == [
+      n.replace("conv:", "direct:") for n in names if n.startswith("conv:")]
+  assert names[-len(pk.CONV_CONFIGS):] == [n for n in names if n.startswith("direct:")]
+
+  def wrong(ref, by):
+    def fn(a, b, *, config=None, interpret=False, **kw):
+      return ref(a, b, **kw).at[0, 1, 2, 3].add(by)
+    return fn
+
+  for by, want in ((1, ["direct fwd s1 float32: 1 of", "direct fwd s2 int32: 1 of",
+                        "direct dgrad s1 int32: 1 of", "direct wgrad s1 float32: 1 of",
+                        "direct wgrad s2 float32: 1 of"]), (0, [])):
+    monkeypatch.setattr(conv_direct, "int8_conv_direct", wrong(pk.int8_conv_reference, by))
+    monkeypatch.setattr(conv_direct, "int8_conv_direct_dgrad",
+                        wrong(pk.int8_conv_dgrad_reference, by))
+    monkeypatch.setattr(conv_direct_wgrad, "int8_conv_wgrad_direct",
+                        wrong(pk.int8_conv_wgrad_reference, by))
+    why = gpu_smoke._check("direct:CONV_64x64", interpret=True)
+    assert all(w in why for w in want) and (why == "") == (not want), why
+
+
+def test_smoke_gate_direct_apart_from_implicit(tmp_path):
+  """A failing direct config clears direct_ok only; a failing conv config clears
+  implicit_ok only."""
+  gate = tmp_path / "smoke.json"
+  for fake, implicit_ok, direct_ok in (("direct:CONV_64x64=mismatch", True, False),
+                                       ("conv:CONV_64x64=crash", False, True)):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_smoke.py"), "--timeout", "30",
+         "--json", str(gate), "--only", "conv:CONV_64x64,direct:CONV_64x64",
+         "--fake", f"{fake},"
+         + ("conv:CONV_64x64=ok" if fake.startswith("direct") else "direct:CONV_64x64=ok")],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    doc = json.loads(gate.read_text())
+    assert (doc["ok"], doc["implicit_ok"], doc["direct_ok"]) == (False, implicit_ok,
+                                                                 direct_ok), doc
 
 
 def test_smoke_gate_survives_crash_and_hang(tmp_path):
@@ -71,7 +118,7 @@ def test_smoke_gate_all_ok(tmp_path):
       capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   doc = json.loads(gate.read_text())
-  assert doc["ok"] is True and doc["implicit_ok"] is True
+  assert doc["ok"] is True and doc["implicit_ok"] is True and doc["direct_ok"] is True
   assert len(doc["results"]) == len(names)
 
 

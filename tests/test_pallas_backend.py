@@ -31,6 +31,7 @@ import pallas_kernels as pk
 from int8jax import backends
 from int8jax.backends import pallas as pallas_backend
 from int8jax.backends import platform
+from int8jax.backends import xla
 
 needs_gpu = pytest.mark.skipif(not pk.available(),
                                reason="needs a Hopper GPU (sm_90) with Mosaic GPU")
@@ -81,7 +82,8 @@ def _conv_inputs(case, seed=0):
 # The jitted launchers of the kernels (int8_matmul; the implicit-GEMM convs):
 # one per GEMM product run on a kernel.
 _KERNEL_FUNCS = ("_int8_matmul_padded", "_int8_conv_impl", "_int8_conv_dgrad_impl",
-                 "_int8_conv_wgrad_impl")
+                 "_int8_conv_wgrad_impl", "_int8_conv_direct_impl",
+                 "_int8_conv_wgrad_direct_impl")
 
 
 def _kernel_calls_by_name(fn, *args) -> collections.Counter:
@@ -187,7 +189,7 @@ def test_conv_op_groups_on_kernel(name, monkeypatch):
 
 # The implicit-GEMM conv launchers (pallas_kernels.int8_conv*); the rest of
 # _KERNEL_FUNCS is int8_matmul's.
-_IMPLICIT_FUNCS = _KERNEL_FUNCS[1:]
+_IMPLICIT_FUNCS = _KERNEL_FUNCS[1:4]
 
 # Run in a fresh interpreter with INT8JAX_IMPLICIT_GEMM set (the variable is
 # read once, at import): the conv op of CONV_CASES[argv[2]], its results
@@ -246,6 +248,191 @@ def test_implicit_gemm_from_env(value, on):
 def test_implicit_gemm_env_rejects_other_values(value):
   with pytest.raises(ValueError, match=f"INT8JAX_IMPLICIT_GEMM.*{re.escape(repr(value))}"):
     pallas_backend.implicit_gemm_from_env({"INT8JAX_IMPLICIT_GEMM": value})
+
+
+# The direct-addressing conv kernels (pallas_kernels.conv_direct, DIRECT_CONV):
+# odd spatial sizes, channel counts no multiple of any tile (or of 16: C is
+# padded for TMA), 3x3 and 1x1, strides 1 and 2.
+DIRECT_CASES = {
+    "3x3_s1": ((2, 7, 9, 20), (3, 3, 20, 36), (1, 1), "SAME", None, None, 1),
+    "3x3_s2": ((2, 9, 7, 20), (3, 3, 20, 12), (2, 2), "SAME", None, None, 1),
+    "1x1_s1": ((1, 5, 7, 36), (1, 1, 36, 20), (1, 1), "VALID", None, None, 1),
+    "1x1_s2": ((2, 7, 5, 12), (1, 1, 12, 40), (2, 2), "SAME", None, None, 1),
+}
+_DIRECT = "_int8_conv_direct_impl"
+_DIRECT_WGRAD = "_int8_conv_wgrad_direct_impl"
+
+
+@pytest.mark.parametrize("implicit", [True, False])
+@pytest.mark.parametrize("name", list(DIRECT_CASES))
+def test_direct_conv_switch_interpret_equals_xla(name, implicit, monkeypatch):
+  """DIRECT_CONV on: the forward (any stride) and the stride-1 input gradient
+  launch the direct kernel, the weight gradient (any stride) the direct wgrad
+  kernel, the strided input gradient stays on IMPLICIT_GEMM's route (implicit
+  kernel, or int8_matmul when it is off); fwd + bwd bit-identical to the XLA
+  backend."""
+  monkeypatch.setattr(pallas_backend, "DIRECT_CONV",
+                      dict.fromkeys(pallas_backend.DIRECT_CONV, True))
+  monkeypatch.setattr(pallas_backend, "IMPLICIT_GEMM",
+                      dict.fromkeys(pallas_backend.IMPLICIT_GEMM, implicit))
+  case = DIRECT_CASES[name]
+  cfg = int8jax.QuantConfig(backend="pallas_interpret", grad_rounding="nearest")
+  args = _conv_inputs(case)
+  f = _conv_fwd_bwd(case, cfg)
+  _assert_same_bits(f(*args), _conv_fwd_bwd(case, cfg.replace(backend="xla"))(*args))
+  calls = _kernel_calls_by_name(f, *args)
+  stride1 = case[2] == (1, 1)
+  assert calls[_DIRECT] == (2 if stride1 else 1), calls
+  assert calls[_DIRECT_WGRAD] == 1, calls
+  if implicit:
+    assert calls["_int8_conv_impl"] == 0 and calls["_int8_conv_wgrad_impl"] == 0, calls
+    assert calls["_int8_conv_dgrad_impl"] == (0 if stride1 else 1), calls
+    assert calls["_int8_matmul_padded"] == 0, calls
+  else:
+    assert sum(calls[k] for k in _IMPLICIT_FUNCS) == 0, calls
+    assert calls["_int8_matmul_padded"] == (0 if stride1 else 1), calls
+
+
+@pytest.mark.parametrize("name", ["3x3_s1", "1x1_s2"])
+def test_direct_wgrad_alone(name, monkeypatch):
+  """DIRECT_CONV["wgrad"] alone: only the weight gradient leaves the implicit kernels
+  (the entries are independent); fwd + bwd bit-identical to the XLA backend."""
+  monkeypatch.setattr(pallas_backend, "DIRECT_CONV",
+                      {"forward": False, "dgrad": False, "wgrad": True})
+  monkeypatch.setattr(pallas_backend, "IMPLICIT_GEMM",
+                      dict.fromkeys(pallas_backend.IMPLICIT_GEMM, True))
+  case = DIRECT_CASES[name]
+  cfg = int8jax.QuantConfig(backend="pallas_interpret", grad_rounding="nearest")
+  args = _conv_inputs(case, seed=3)
+  f = _conv_fwd_bwd(case, cfg)
+  _assert_same_bits(f(*args), _conv_fwd_bwd(case, cfg.replace(backend="xla"))(*args))
+  calls = _kernel_calls_by_name(f, *args)
+  assert calls[_DIRECT_WGRAD] == 1 and calls[_DIRECT] == 0, calls
+  assert calls["_int8_conv_wgrad_impl"] == 0 and calls["_int8_conv_impl"] == 1, calls
+
+
+@pytest.mark.parametrize("name", ["3x3_s1", "3x3_s2"])
+def test_direct_wgrad_halves_equal_xla(name, monkeypatch):
+  """The data-parallel per-shard form (conv_wgrad(..., halves=True), what
+  int8jax.parallel psums) on the direct wgrad kernel: the same exact integer as the
+  XLA backend's halves (the split may differ, hi * 65536 + lo may not)."""
+  monkeypatch.setattr(pallas_backend, "DIRECT_CONV",
+                      dict.fromkeys(pallas_backend.DIRECT_CONV, True))
+  case = DIRECT_CASES[name]
+  spec = _spec(case)
+  kx, kg = jax.random.split(jax.random.key(7))
+  xq = jax.random.randint(kx, spec.lhs_shape, -127, 128, jnp.int32).astype(jnp.int8)
+  gq = jax.random.randint(kg, spec.out_shape, -127, 128, jnp.int32).astype(jnp.int8)
+  gq = gq.at[0].set(127)  # large sums: the hi half non-zero
+  f = jax.jit(lambda x, g: pallas_backend.INTERPRETED.conv_wgrad(x, g, 1.0, spec,
+                                                                 halves=True))
+  got = f(xq, gq)
+  want = xla.conv_wgrad(xq, gq, 1.0, spec, halves=True)
+  def exact_int(h):
+    return np.asarray(h[0], np.int64) * 65536 + np.asarray(h[1], np.int64)
+
+  np.testing.assert_array_equal(exact_int(got), exact_int(want))
+  assert np.abs(np.asarray(got[0])).max() > 0  # sums past 2^16: the hi half is exercised
+  calls = _kernel_calls_by_name(f, xq, gq)
+  assert calls[_DIRECT_WGRAD] == 1 and calls["_int8_conv_wgrad_impl"] == 0, calls
+
+
+def test_direct_conv_switch_off_launches_no_direct_kernel(monkeypatch):
+  monkeypatch.setattr(pallas_backend, "DIRECT_CONV",
+                      dict.fromkeys(pallas_backend.DIRECT_CONV, False))
+  monkeypatch.setattr(pallas_backend, "IMPLICIT_GEMM",
+                      dict.fromkeys(pallas_backend.IMPLICIT_GEMM, True))
+  case = DIRECT_CASES["3x3_s1"]
+  f = _conv_fwd_bwd(case, int8jax.QuantConfig(backend="pallas_interpret"))
+  calls = _kernel_calls_by_name(f, *_conv_inputs(case))
+  assert calls[_DIRECT] == 0 and sum(calls[k] for k in _IMPLICIT_FUNCS) == 3, calls
+
+
+def test_direct_conv_policy(monkeypatch):
+  """Grouped / dilated / 1-D convs never take the direct kernels; a config with
+  tile_k != swizzle falls back to the implicit kernel; the weight gradient takes
+  the direct kernel at any stride unless its row-padded pixel steps pass the exact
+  parts' bound."""
+  monkeypatch.setattr(pallas_backend, "DIRECT_CONV",
+                      dict.fromkeys(pallas_backend.DIRECT_CONV, True))
+  for name in ("grouped", "valid_rdil", "lhs_dil", "1d"):
+    assert not pallas_backend._direct(_spec(CONV_CASES[name]), "forward", 64, 64), name
+    assert not pallas_backend._direct_wgrad(_spec(CONV_CASES[name]), True), name
+  s1, s2 = _spec(DIRECT_CASES["3x3_s1"]), _spec(DIRECT_CASES["3x3_s2"])
+  assert pallas_backend._direct_wgrad(s1, True) and pallas_backend._direct_wgrad(s2, False)
+  # 2^25 pixels (256 parts of INT32_SAFE_K): accepted at N = 32 (rows of Wo*N = 1024
+  # pixels, no padding), one more column is too many pixels. N = 2, Wo = 9: each row
+  # of 18 pixels is laid out as 32 (N' = 2, Wo' = 16), one 32-pixel step: 2^20 rows
+  # fill 256 parts of 4096 steps (18.9M pixels, within the pixel bound), 2^20 + 1 not.
+  from pallas_kernels import conv_direct_wgrad as cdw
+  assert cdw.direct_wgrad_accepts((32, 1024, 1024, 8), (1, 1, 8, 8))
+  assert not cdw.direct_wgrad_accepts((32, 1024, 1025, 8), (1, 1, 8, 8))
+  assert cdw.direct_wgrad_accepts((2, 2 ** 20, 9, 8), (1, 1, 8, 8))
+  assert not cdw.direct_wgrad_accepts((2, 2 ** 20 + 1, 9, 8), (1, 1, 8, 8))
+  assert pallas_backend._direct(s1, "forward", 20, 36)
+  assert pallas_backend._direct(s2, "forward", 20, 12)
+  assert pallas_backend._direct(s1, "dgrad", 36, 20)
+  assert not pallas_backend._direct(s2, "dgrad", 12, 20)
+  odd = pk.Int8ConvConfig(tile_m=128, tile_n=64, tile_k=128, swizzle=64)
+  monkeypatch.setattr(pk, "select_conv_config", lambda k, n: odd)
+  assert not pallas_backend._direct(s1, "forward", 20, 36)
+  monkeypatch.undo()
+  monkeypatch.setattr(pallas_backend, "DIRECT_CONV",
+                      dict.fromkeys(pallas_backend.DIRECT_CONV, False))
+  assert not pallas_backend._direct(s1, "forward", 20, 36)
+  assert not pallas_backend._direct_wgrad(s1, True)
+
+
+# A fresh interpreter with INT8JAX_DIRECT_CONV set (read at import): the switch
+# and the kernel launches of DIRECT_CASES[argv[1]]'s traced fwd + bwd.
+_DIRECT_CHILD = """
+import json, sys
+import int8jax
+import test_pallas_backend as t
+case = t.DIRECT_CASES[sys.argv[1]]
+f = t._conv_fwd_bwd(case, int8jax.QuantConfig(backend="pallas_interpret"))
+print(json.dumps({"calls": t._kernel_calls_by_name(f, *t._conv_inputs(case)),
+                  "switch": t.pallas_backend.DIRECT_CONV}))
+"""
+
+
+def _child(code, *argv, **env_vars):
+  tests = os.path.dirname(os.path.abspath(__file__))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **env_vars,
+             PYTHONPATH=os.pathsep.join([tests, os.path.dirname(tests),
+                                         os.environ.get("PYTHONPATH", "")]))
+  return subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True,
+                        text=True, timeout=300, cwd=os.path.dirname(tests))
+
+
+def test_direct_conv_env_switch():
+  """INT8JAX_DIRECT_CONV=1 in a child process: the switch is on (all three
+  entries), the traced stride-1 fwd + bwd launches the direct kernel twice
+  (forward, dgrad) and the direct wgrad kernel once; a bad
+  value fails the import with the variable and the value named."""
+  child = _child(_DIRECT_CHILD, "3x3_s1", INT8JAX_DIRECT_CONV="1", INT8JAX_IMPLICIT_GEMM="1")
+  assert child.returncode == 0, child.stderr[-2000:]
+  report = json.loads(child.stdout.strip().splitlines()[-1])
+  assert report["switch"] == dict.fromkeys(pallas_backend.DIRECT_CONV, True)
+  assert report["calls"].get(_DIRECT, 0) == 2, report
+  assert report["calls"].get(_DIRECT_WGRAD, 0) == 1, report
+  assert report["calls"].get("_int8_conv_wgrad_impl", 0) == 0, report
+  child = _child("import int8jax.backends.pallas", INT8JAX_DIRECT_CONV="yes")
+  assert child.returncode != 0
+  assert "INT8JAX_DIRECT_CONV must be '0'" in child.stderr and "'yes'" in child.stderr, \
+      child.stderr[-2000:]
+
+
+@pytest.mark.parametrize("value, on", [(None, False), ("0", False), ("1", True)])
+def test_direct_conv_from_env(value, on):
+  environ = {} if value is None else {pallas_backend.DIRECT_CONV_ENV: value}
+  assert pallas_backend.direct_conv_from_env(environ) is on
+
+
+@pytest.mark.parametrize("value", ["", "true", "2", " 1"])
+def test_direct_conv_env_rejects_other_values(value):
+  with pytest.raises(ValueError, match=f"INT8JAX_DIRECT_CONV.*{re.escape(repr(value))}"):
+    pallas_backend.direct_conv_from_env({"INT8JAX_DIRECT_CONV": value})
 
 
 def test_use_kernel_policy():

@@ -52,6 +52,23 @@ place, :data:`FALLBACKS` (the backend's ``fallbacks``, listed in the docs
 table of :func:`int8jax.backends.table`); the functions below run only the
 kernels' shapes.
 
+Conv kernels: 2-D, ungrouped, undilated convs run on the implicit-GEMM conv
+kernels of :mod:`pallas_kernels.int8_conv` instead of the im2col GEMMs above
+(:data:`IMPLICIT_GEMM`, env ``INT8JAX_IMPLICIT_GEMM``, on by default). With
+:data:`DIRECT_CONV` (env ``INT8JAX_DIRECT_CONV=1``, off by default; not yet run
+on a GPU) the forward (any stride) and the stride-1 input gradient of those
+convs run on the direct-addressing kernels of :mod:`pallas_kernels.conv_direct`
+(per-tap TMA boxes of the NHWC tensor, no shifted copies), and their weight
+gradient (any stride; plain and ``halves``) on
+:mod:`pallas_kernels.conv_direct_wgrad` (per-tap boxes of channel-major x^T and
+g^T, each transposed once in XLA) instead. Falls back, silently (both routes
+are exact), to the route taken without the switch: the strided input gradient
+(no direct kernel yet); a forward / input gradient whose default config has
+``tile_k != swizzle`` (none of ``select_conv_config``'s today); a weight
+gradient :func:`pallas_kernels.conv_direct_wgrad.direct_wgrad_accepts` rejects
+(N*Ho*Wo, or its row-padded steps, beyond 256 exact parts of INT32_SAFE_K
+pixels -- where the implicit kernel raises too).
+
 Dense ``(B, M, K) x (B, K, N)``: one kernel call per batch entry (B is 1 for
 ordinary layers).
 
@@ -69,6 +86,8 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels as pk
+from pallas_kernels import conv_direct
+from pallas_kernels import conv_direct_wgrad
 from int8jax import conv_geometry as geom
 from int8jax import exact
 from int8jax.backends import float_exact, platform, xla
@@ -124,6 +143,51 @@ def implicit_gemm_from_env(environ=None) -> bool:
 
 IMPLICIT_GEMM = dict.fromkeys(("forward", "dgrad", "wgrad"), implicit_gemm_from_env())
 
+# Which conv GEMMs run on the direct-addressing kernels of
+# pallas_kernels.conv_direct (issue 24: each tap's operand a 4-D TMA box of the
+# NHWC int8 tensor as produced -- no pad, no shifted copies -- and the result
+# stored straight into NHWC; ~1x the input's bytes handed to the kernel instead
+# of the implicit kernels' ~4x). "forward": the forward conv, any stride
+# (strides > 1 through the phase split, one int8 XLA pass); "dgrad": the
+# stride-1 input gradient. Taken for the convs the implicit kernels would take
+# "wgrad": the weight gradient, any stride, plain and halves (data-parallel
+# per-shard), on pallas_kernels.conv_direct_wgrad (x and g transposed once
+# to channel-major in XLA -- the pass a quantize fusion would write as a
+# second output -- and read once per tap as boxes: ~2x the input's bytes
+# handed instead of the implicit kernel's ~9x).
+# Taken for the convs the implicit kernels would take
+# (2-D, ungrouped, undilated; _implicit's contraction bound), whatever
+# IMPLICIT_GEMM says, when the kernel's config has tile_k == swizzle (every
+# select_conv_config config has; _direct) -- for the weight gradient, when
+# direct_wgrad_accepts (its default config always has tile_k == swizzle; the
+# exact parts' bound on its row-padded pixel steps; _direct_wgrad). Everything
+# else -- the strided input gradient, any other config -- runs as without the
+# switch (IMPLICIT_GEMM's route); both routes are bit-exact, so the fallback is
+# silent. Bit-exact in interpret mode and compiled by mosaic-offline, NOT yet
+# run on a GPU (2026-12-03: the untiled-view box bytes and TMA's zero fill
+# below 0 are unverified on hardware), hence off by default.
+#
+# The environment variable INT8JAX_DIRECT_CONV, read once when this module is
+# imported, sets all three entries: "0" (or unset) off, "1" on. Any other value is
+# a ValueError. Tests set the entries of the dict (monkeypatch);
+# direct_conv_from_env() re-reads a mapping without touching the dict.
+DIRECT_CONV_ENV = "INT8JAX_DIRECT_CONV"
+
+
+def direct_conv_from_env(environ=None) -> bool:
+  """Whether ``environ`` (default ``os.environ``) switches the direct-addressing
+  conv kernels on: :data:`DIRECT_CONV_ENV` unset or ``"0"`` -> False, ``"1"``
+  -> True, anything else -> ValueError naming the variable."""
+  value = (os.environ if environ is None else environ).get(DIRECT_CONV_ENV, "0")
+  if value not in ("0", "1"):
+    raise ValueError(f"{DIRECT_CONV_ENV} must be '0' (the implicit-GEMM / im2col conv "
+                     "kernels, the default) or '1' (direct-addressing forward, stride-1 "
+                     f"input-gradient and weight-gradient kernels), got {value!r}")
+  return value == "1"
+
+
+DIRECT_CONV = dict.fromkeys(("forward", "dgrad", "wgrad"), direct_conv_from_env())
+
 
 # ---------------------------------------------------------------------------
 # GEMM helpers: a (M, K) int8, b (N, K) int8, both K-major.
@@ -177,13 +241,44 @@ def _gemm(a, b, scale, *, chunk_k, interpret, out_dtype=jnp.float32, halves=Fals
 
 def _implicit(spec: ConvSpec, which: str) -> bool:
   """Whether this conv GEMM runs on the implicit-GEMM kernel (see IMPLICIT_GEMM)."""
-  if not IMPLICIT_GEMM[which] or spec.nspatial != 2 or spec.feature_group_count != 1:
+  return IMPLICIT_GEMM[which] and _conv_kernel_shape(spec, which)
+
+
+def _conv_kernel_shape(spec: ConvSpec, which: str) -> bool:
+  """Whether the conv kernels (implicit or direct) take this conv GEMM: 2-D,
+  ungrouped, undilated, a per-row contraction within INT32_SAFE_K."""
+  if spec.nspatial != 2 or spec.feature_group_count != 1:
     return False
   if any(d != 1 for d in spec.lhs_dilation + spec.rhs_dilation):
     return False
   _, kw, cg, og = spec.group_dims
   k = {"forward": kw * cg, "dgrad": kw * og, "wgrad": 0}[which]
   return k <= pk.INT32_SAFE_K
+
+
+def _direct(spec: ConvSpec, which: str, k_channels: int, n_channels: int) -> bool:
+  """Whether this conv GEMM runs on the direct-addressing kernel (see DIRECT_CONV):
+  switched on, a conv the implicit kernels would take (geometry, contraction), stride 1
+  for dgrad, and a default config (``select_conv_config(k_channels, n_channels)``) the
+  direct kernel accepts (tile_k == swizzle)."""
+  if not DIRECT_CONV.get(which, False) or not _conv_kernel_shape(spec, which):
+    return False
+  if which == "dgrad" and any(s != 1 for s in spec.window_strides):
+    return False
+  config = pk.select_conv_config(k_channels, n_channels)
+  return config.tile_k == config.swizzle
+
+
+def _direct_wgrad(spec: ConvSpec, interpret) -> bool:
+  """Whether the weight gradient runs on the direct kernel (see DIRECT_CONV): switched
+  on, a conv the implicit kernels would take, and one
+  :func:`pallas_kernels.conv_direct_wgrad.direct_wgrad_accepts` with its default config
+  (tile_k == swizzle by construction)."""
+  if not DIRECT_CONV.get("wgrad", False) or not _conv_kernel_shape(spec, "wgrad"):
+    return False
+  return conv_direct_wgrad.direct_wgrad_accepts(
+      spec.lhs_shape, spec.rhs_shape, window_strides=spec.window_strides,
+      padding=spec.padding, interpret=interpret)
 
 
 def _use_kernel(spec: ConvSpec) -> bool:
@@ -222,6 +317,9 @@ def conv_forward(xq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
                  *, chunk_k: int = CHUNK_K, interpret: bool = False,
                  out_dtype=jnp.float32) -> jax.Array:
   """``conv(xq, wq) * scale`` as an im2col GEMM; ``scale`` scalar or (O,)."""
+  if _direct(spec, "forward", spec.lhs_shape[-1], spec.out_features):
+    return _implicit_call(conv_direct.int8_conv_direct, xq, wq, scale, out_dtype, interpret,
+                          window_strides=spec.window_strides, padding=spec.padding)
   if _implicit(spec, "forward"):
     return _implicit_call(pk.int8_conv, xq, wq, scale, out_dtype, interpret,
                           window_strides=spec.window_strides, padding=spec.padding)
@@ -249,6 +347,10 @@ def conv_dgrad(gq: jax.Array, wq: jax.Array, scale: jax.Array, spec: ConvSpec,
   ``g (pixels, O/G) @ w^T`` to patch space with ``out_dtype=int32`` and
   :func:`~int8jax.conv_geometry.col2im` summing exact integers.
   """
+  if _direct(spec, "dgrad", spec.out_features, spec.lhs_shape[-1]):
+    return _implicit_call(conv_direct.int8_conv_direct_dgrad, gq, wq, scale, out_dtype,
+                          interpret, input_shape=spec.lhs_shape,
+                          window_strides=spec.window_strides, padding=spec.padding)
   if _implicit(spec, "dgrad"):
     return _implicit_call(pk.int8_conv_dgrad, gq, wq, scale, out_dtype, interpret,
                           input_shape=spec.lhs_shape, window_strides=spec.window_strides,
@@ -278,9 +380,15 @@ def conv_wgrad(xq: jax.Array, gq: jax.Array, scale: jax.Array, spec: ConvSpec,
   contracting over batch x output pixels (chunked, exact); ``scale`` scalar
   or (O,). ``halves=True``: the exact integer result as
   :data:`int8jax.exact.Halves` (no scale; see the XLA backend)."""
+  geometry = dict(kernel_shape=spec.rhs_shape, window_strides=spec.window_strides,
+                  padding=spec.padding)
+  if _direct_wgrad(spec, interpret):
+    if halves:
+      return conv_direct_wgrad.int8_conv_wgrad_direct_halves(xq, gq, interpret=interpret,
+                                                             **geometry)
+    return _implicit_call(conv_direct_wgrad.int8_conv_wgrad_direct, xq, gq, scale, out_dtype,
+                          interpret, **geometry)
   if _implicit(spec, "wgrad"):
-    geometry = dict(kernel_shape=spec.rhs_shape, window_strides=spec.window_strides,
-                    padding=spec.padding)
     if halves:
       return pk.int8_conv_wgrad_halves(xq, gq, interpret=interpret, **geometry)
     return _implicit_call(pk.int8_conv_wgrad, xq, gq, scale, out_dtype, interpret, **geometry)
