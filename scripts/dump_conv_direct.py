@@ -1,4 +1,4 @@
-"""Lowers pallas_kernels.conv_direct for CUDA with mosaic-offline's dump.py machinery.
+"""Lowers pallas_kernels.conv_direct and conv_direct_wgrad for CUDA (mosaic-offline's dump.py).
 
   PY=${MOSAIC_OFFLINE_CACHE:-$HOME/.cache/mosaic-offline}/venv/bin/python
   TOOL=../shared/tools/mosaic-offline
@@ -7,8 +7,10 @@
 Cases: the ResNet-50 layers of dump.py's LAYERS (3x3 and 1x1, 56x56 to 7x7, strides 1 and
 2, SAME padding: at stride 1 the low padding read as TMA out-of-bounds zeros) at --batch, every
 CONV_CONFIG with float32 and bfloat16 outputs, and int32 on the first config; one ragged shape
-(odd H/W, C=24, O=40, the small config); the stride-1 dgrad of the two 3x3 layers (bfloat16).
---baseline adds int8_conv on the same cases. Exit status 1 if a case fails to lower.
+(odd H/W, C=24, O=40, the small config); the stride-1 dgrad of the two 3x3 layers (bfloat16);
+the direct weight gradient of every layer (default config), of conv2_3x3 with each wgrad tile
+shape at swizzle 32/64/128, and of a ragged shape. --baseline adds int8_conv and
+int8_conv_wgrad on the same cases. Exit status 1 if a case fails to lower.
 """
 
 import argparse
@@ -35,6 +37,7 @@ def main():
   import jax.numpy as jnp
   import pallas_kernels as pk
   from pallas_kernels import conv_direct as cd
+  from pallas_kernels import conv_direct_wgrad as dw
 
   S, i8, f32 = jax.ShapeDtypeStruct, jnp.int8, jnp.float32
   names = dump._config_names(pk)  # pylint: disable=protected-access
@@ -74,6 +77,32 @@ def main():
                g_, w_, input_shape=xs, padding="SAME", scale=sc, out_dtype=jnp.bfloat16),
            S(gs, i8), S(ks, i8), S((ks[2],), f32), function="int8_conv_direct_dgrad",
            config="default", layer=layer, out_dtype="bf16", batch=xs[0])
+  # The direct weight gradient (conv_direct_wgrad): every ResNet-50 layer with its default config,
+  # the wgrad tile shapes at swizzle 32/64/128 on conv2_3x3, and a ragged shape.
+  wcases = [(layer, (a.batch, *xs), ks, s, None, "default")
+            for layer, (xs, ks, s) in layers.items()]
+  xs, ks, _ = layers["conv2_3x3"]
+  for base in pk.WGRAD_CONFIGS:
+    for sw in (32, 64, 128):
+      cfg = pk.Int8ConvConfig(tile_m=base.tile_m, tile_n=base.tile_n, tile_k=sw, swizzle=sw,
+                              max_concurrent_steps=4 if sw == 128 else 6)
+      wcases.append(("conv2_3x3", (a.batch, *xs), ks, 1, cfg,
+                     f"{base.tile_m}x{base.tile_n}s{sw}"))
+  wcases.append(("ragged_5x7", (2, 5, 7, 24), (3, 3, 24, 40), 1, None, "default"))
+  for layer, xs, ks, s, cfg, cname in wcases:
+    gs = pk.conv_output_shape(xs, ks, (s, s), "SAME")
+    w.case(f"int8_conv_wgrad_direct.{cname}.{layer}.f32",
+           lambda x_, g_, sc, ks=ks, cfg=cfg, s=s: dw.int8_conv_wgrad_direct(
+               x_, g_, kernel_shape=ks, window_strides=(s, s), padding="SAME", scale=sc,
+               config=cfg),
+           S(xs, i8), S(gs, i8), S((ks[3],), f32), function="int8_conv_wgrad_direct",
+           config=cname, layer=layer, out_dtype="f32", batch=xs[0])
+    if a.baseline and cname == "default":
+      w.case(f"int8_conv_wgrad.default.{layer}.f32",
+             lambda x_, g_, sc, ks=ks, s=s: pk.int8_conv_wgrad(
+                 x_, g_, kernel_shape=ks, window_strides=(s, s), padding="SAME", scale=sc),
+             S(xs, i8), S(gs, i8), S((ks[3],), f32), function="int8_conv_wgrad",
+             config="default", layer=layer, out_dtype="f32", batch=xs[0])
   print(f"{w.kernels} kernels from {w.cases} cases ({len(w.failed)} failed to lower)")
   sys.exit(1 if w.failed else 0)
 

@@ -95,3 +95,24 @@ def conv_wgrad(xq, gq, spec):
       dw[offs][:, gi * og:(gi + 1) * og] = (
           xs[:, gi * cg:(gi + 1) * cg].T @ g2[:, gi * og:(gi + 1) * og])
   return dw
+
+
+#: The GPU cases of the direct-addressing kernels' tests (tests/test_conv_direct*.py):
+#: name -> (x shape, kernel shape, padding); a name ending in "_s2" runs at stride 2.
+DIRECT_GPU_CASES = {
+    "conv2_3x3": ((8, 56, 56, 64), (3, 3, 64, 64), "SAME"),
+    "conv3_3x3_s2": ((8, 56, 56, 128), (3, 3, 128, 128), "SAME"),
+    "conv5_3x3": ((8, 7, 7, 512), (3, 3, 512, 512), "SAME"),
+    "ragged": ((3, 9, 13, 24), (3, 3, 24, 40), ((2, 0), (1, 3))),
+    "1x1": ((4, 14, 14, 256), (1, 1, 256, 64), "VALID"),
+}
+
+
+def saturated_int8(shape, seed):
+  """Random int8 in [-127, 127] (a jax array) with a run of saturated +127 rows."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  a = rng.integers(-127, 128, shape).astype(np.int8)
+  flat = a.reshape(-1, shape[-1])
+  flat[: max(1, len(flat) // 5)] = 127
+  return jnp.asarray(a)

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels as pk
+import reference
 from pallas_kernels import conv_direct as cd
 
 # Several blocks in M and N, several K chunks, the 32-byte swizzle, a 2-deep ring that wraps.
@@ -34,13 +35,7 @@ needs_gpu = pytest.mark.skipif(not pk.available(),
                                reason="needs a Hopper GPU (sm_90) with Mosaic GPU")
 
 
-def _int8(shape, seed):
-  """Random int8 in [-127, 127] with a run of saturated +127 rows."""
-  rng = np.random.default_rng(seed)
-  a = rng.integers(-127, 128, shape).astype(np.int8)
-  flat = a.reshape(-1, shape[-1])
-  flat[: max(1, len(flat) // 5)] = 127
-  return jnp.asarray(a)
+_int8 = reference.saturated_int8
 
 
 def _epilogue(o, seed=3):
@@ -302,13 +297,7 @@ def test_errors_name_the_argument():
 # ---------------------------------------------------------------------------
 
 
-GPU_CASES = {
-    "conv2_3x3": ((8, 56, 56, 64), (3, 3, 64, 64), "SAME"),
-    "conv3_3x3_s2": ((8, 56, 56, 128), (3, 3, 128, 128), "SAME"),
-    "conv5_3x3": ((8, 7, 7, 512), (3, 3, 512, 512), "SAME"),
-    "ragged": ((3, 9, 13, 24), (3, 3, 24, 40), ((2, 0), (1, 3))),
-    "1x1": ((4, 14, 14, 256), (1, 1, 256, 64), "VALID"),
-}
+GPU_CASES = reference.DIRECT_GPU_CASES
 
 
 @pytest.mark.gpu
