@@ -27,7 +27,7 @@ How (stride 1; strides s > 1: below):
   identity when the tile has a single column of tiles, and the swizzle is a
   function of the SMEM address). So the kernel writes the box through an
   untiled, swizzled 4-D view of the very SMEM slot that ``wgmma`` reads
-  through its tiled view (:func:`_untiled_box_view`). (Through the tiled
+  through its tiled view (:func:`untiled_view`). (Through the tiled
   view itself, Mosaic GPU tiles the GMEM box too, splitting W into
   (W // 8, W % 8): the start must then be a multiple of 8 -- the reason for
   the shifted copies of :mod:`pallas_kernels.int8_conv`.)
@@ -99,7 +99,8 @@ from pallas_kernels.conv_forward import check_conv_args
 from pallas_kernels.conv_forward import padded_vectors as _vectors
 
 __all__ = ["DirectTile", "direct_kernel_operand_bytes", "direct_tile", "int8_conv_direct",
-           "int8_conv_direct_dgrad"]
+           "int8_conv_direct_dgrad", "resolve_low_pad",
+           "untiled_view"]
 
 _GMEM_STRIDE_BYTES = 16  # TMA: every GMEM stride but the last a multiple of 16 bytes
 _MAX_BOX = 256           # TMA: at most 256 elements per box dimension
@@ -155,10 +156,11 @@ def _ring(config: Int8ConvConfig, depth: int, arrivals: int):
   ]
 
 
-def _untiled_box_view(smem, index, tile: DirectTile):
+def untiled_view(smem, index, lead=None):
   """``smem.at[index]`` of a tiled, swizzled SMEM ref whose last dimension is one tile
-  (``swizzle`` bytes) wide, as an untiled, swizzled (tb, th, tw, last) ref: the same
-  bytes, since the (8, last) tiling of (rows, last) is the row-major layout."""
+  (``swizzle`` bytes) wide, as an untiled, swizzled ref of shape ``(*lead, last)``
+  (default ``lead``: (rows,)): the same bytes, since the (8, last) tiling of (rows, last)
+  is the row-major layout. TMA can then write a box at any start into it."""
   from jax._src.pallas import core as pallas_core
   from jax._src.pallas.mosaic_gpu import core as gpu_core
 
@@ -167,7 +169,15 @@ def _untiled_box_view(smem, index, tile: DirectTile):
           and isinstance(layout[1], gpu_core.UntilingTransform)):
     raise NotImplementedError(f"unexpected SMEM transforms {layout}")
   physical = pallas_core.TransformedRef(smem.ref, (layout[0],))  # (..., rows/8, 1, 8, last)
-  return physical.at[index].reshape(tile.tb, tile.th, tile.tw, physical.shape[-1])
+  slot = physical.at[index]
+  if lead is None:
+    lead = (slot.shape[0] * slot.shape[2],)
+  return slot.reshape(*lead, slot.shape[-1])
+
+
+def _untiled_box_view(smem, index, tile: DirectTile):
+  """:func:`untiled_view` as the (tb, th, tw, last) box of an output tile."""
+  return untiled_view(smem, index, (tile.tb, tile.th, tile.tw))
 
 
 def _out_layout(tile_n: int, out_c: int, out_dtype):
@@ -405,6 +415,18 @@ def _int8_conv_direct_impl(x, w, scale, bias, *, strides, pads, out_dtype, confi
   return out if out_c == o else out[..., :o]
 
 
+def resolve_low_pad(low_pad_in_xla, interpret_mode, strides, pads) -> bool:
+  """Whether XLA pads the low side (``None``: in interpret mode only, whose TMA boxes cannot
+  start below 0; the compiled kernel reads that padding as out-of-bounds zeros)."""
+  if low_pad_in_xla is None:
+    return interpret_mode
+  if (interpret_mode and not low_pad_in_xla and strides == (1, 1)
+      and any(lo > 0 for lo, _ in pads)):
+    raise ValueError("low_pad_in_xla=False needs the compiled kernel: the GPU interpreter "
+                     "cannot read a TMA box that starts below 0")
+  return low_pad_in_xla
+
+
 def _check_direct_config(config: Int8ConvConfig):
   if config.tile_k != config.swizzle:
     raise ValueError(
@@ -456,12 +478,7 @@ def _run_direct(x, w, scale, bias, *, strides, pads, out_dtype, config, tile, lo
                      "pixels")
   if max(tile.tb, tile.th, tile.tw) > _MAX_BOX:
     raise ValueError(f"tile={tile!r}: TMA boxes hold at most {_MAX_BOX} per dimension")
-  if low_pad_in_xla is None:
-    low_pad_in_xla = interpret_mode
-  if (interpret_mode and not low_pad_in_xla and strides == (1, 1)
-      and any(lo > 0 for lo, _ in pads)):
-    raise ValueError("low_pad_in_xla=False needs the compiled kernel: the GPU interpreter "
-                     "cannot read a TMA box that starts below 0")
+  low_pad_in_xla = resolve_low_pad(low_pad_in_xla, interpret_mode, strides, pads)
   # Interpret mode stores the tile whole: the per-slab epilogue would be bit-equal on the
   # GPU, but the interpreter's XLA:CPU does not contract a sliced multiply-add into one
   # FMA as the reference does (1-ulp differences). tests/test_conv_direct.py runs the

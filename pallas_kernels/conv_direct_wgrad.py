@@ -95,6 +95,8 @@ from pallas_kernels.conv_common import pipelined_accumulate
 from pallas_kernels.conv_common import ring_scratch
 from pallas_kernels.conv_common import select_wgrad_config
 from pallas_kernels.conv_common import static_lookup
+from pallas_kernels.conv_direct import resolve_low_pad
+from pallas_kernels.conv_direct import untiled_view
 from pallas_kernels.conv_wgrad import check_wgrad_args
 from pallas_kernels.conv_wgrad import check_wgrad_epilogue
 from pallas_kernels.conv_wgrad import check_wgrad_pixels
@@ -171,22 +173,6 @@ def _split(total_steps: int, blocks_per_part: int, tile_k: int) -> tuple[int, in
   return parts, part_steps
 
 
-def _untiled_view(smem, index):
-  """``smem.at[index]`` of a tiled, swizzled (rows, swizzle) SMEM slot as an untiled,
-  swizzled (rows, swizzle) ref: the same bytes ((8, swizzle) tiling of a one-tile-wide
-  matrix is row-major)."""
-  from jax._src.pallas import core as pallas_core
-  from jax._src.pallas.mosaic_gpu import core as gpu_core
-
-  layout = tuple(smem.transforms)
-  if not (len(layout) == 2 and isinstance(layout[0], gpu_core.UnswizzleRef)
-          and isinstance(layout[1], gpu_core.UntilingTransform)):
-    raise NotImplementedError(f"unexpected SMEM transforms {layout}")
-  physical = pallas_core.TransformedRef(smem.ref, (layout[0],))  # (..., rows/8, 1, 8, sw)
-  slot = physical.at[index]
-  return slot.reshape(slot.shape[0] * slot.shape[2], slot.shape[3])
-
-
 def _wgrad_kernel(xt_gmem, gt_gmem, out_gmem, a_smem, b_smem, barriers, out_smem, *,
                   taps: tuple[tuple[int, int], ...], n_img: int, row_chunks: int,
                   parts: int, part_steps: int, config: Int8ConvConfig, tiled_copies: bool):
@@ -222,7 +208,7 @@ def _wgrad_kernel(xt_gmem, gt_gmem, out_gmem, a_smem, b_smem, barriers, out_smem
     if tiled_copies:
       a_dst, b_dst = a_smem.at[slot], b_smem.at[slot]
     else:
-      a_dst, b_dst = _untiled_view(a_smem, slot), _untiled_view(b_smem, slot)
+      a_dst, b_dst = untiled_view(a_smem, slot), untiled_view(b_smem, slot)
     plgpu.copy_gmem_to_smem(x_box, a_dst, barriers.at[slot])
     plgpu.copy_gmem_to_smem(g_box, b_dst, barriers.at[slot])
 
@@ -349,12 +335,7 @@ def _setup(x, g, kernel_shape, window_strides, padding, config, interpret, low_p
   check_wgrad_pixels(int(np.prod(g.shape[:3])))
   launcher = launcher_for(interpret)
   interpret_mode = launcher != "mosaic_gpu"
-  if low_pad_in_xla is None:
-    low_pad_in_xla = interpret_mode
-  if (interpret_mode and not low_pad_in_xla and strides == (1, 1)
-      and any(lo > 0 for lo, _ in pads)):
-    raise ValueError("low_pad_in_xla=False needs the compiled kernel: the GPU interpreter "
-                     "cannot read a TMA box that starts below 0")
+  low_pad_in_xla = resolve_low_pad(low_pad_in_xla, interpret_mode, strides, pads)
   _, (hx, wx), _, _ = _x_geometry(x.shape, kernel_shape, strides, pads, low_pad_in_xla)
   _, ho, wo, o = g.shape
   n_img = channel_major_layout(x.shape[0], (hx, wx, x.shape[3]), (ho, wo, o)).n_img

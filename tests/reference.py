@@ -116,3 +116,27 @@ def saturated_int8(shape, seed):
   flat = a.reshape(-1, shape[-1])
   flat[: max(1, len(flat) // 5)] = 127
   return jnp.asarray(a)
+
+
+def kernel_int8_operands(fn, *args):
+  """On the traced ``fn(*args)``: (the int8 operand shapes of every Mosaic GPU kernel launch,
+  ``(primitive name, shape)`` of every other int8 array the computation makes)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.extend  # pylint: disable=g-import-not-at-top
+  closed = jax.make_jaxpr(fn)(*args)
+  operands, made = [], []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "custom_vmap_call":  # a kernel launch (interpret mode)
+        operands.extend(v.aval.shape for v in eqn.invars if v.aval.dtype == np.int8)
+        continue
+      made.extend((eqn.primitive.name, v.aval.shape) for v in eqn.outvars
+                  if v.aval.dtype == np.int8)
+      for param in eqn.params.values():
+        if isinstance(param, jax.extend.core.ClosedJaxpr):
+          walk(param.jaxpr)
+        elif isinstance(param, jax.extend.core.Jaxpr):
+          walk(param)
+  walk(closed.jaxpr)
+  return operands, made

@@ -20,7 +20,6 @@ On a Hopper GPU (marked ``gpu``): the compiled kernel against the reference.
 import functools
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -177,25 +176,7 @@ def test_compiled_kernel_lowers_for_cuda(tiles, swizzle):
     assert text.count("custom_call @mosaic_gpu") == 1
 
 
-def _kernel_int8_operands(fn, *args):
-  """(int8 operand shapes of the Mosaic kernel, every int8 array the computation makes)."""
-  closed = jax.make_jaxpr(fn)(*args)
-  operands, made = [], []
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "custom_vmap_call":
-        operands.extend(v.aval.shape for v in eqn.invars if v.aval.dtype == jnp.int8)
-        continue
-      made.extend((eqn.primitive.name, v.aval.shape) for v in eqn.outvars
-                  if v.aval.dtype == jnp.int8)
-      for param in eqn.params.values():
-        if isinstance(param, jax.extend.core.ClosedJaxpr):
-          walk(param.jaxpr)
-        elif isinstance(param, jax.extend.core.Jaxpr):
-          walk(param)
-  walk(closed.jaxpr)
-  return operands, made
+_kernel_int8_operands = reference.kernel_int8_operands
 
 
 def test_kernel_is_handed_one_channel_major_tensor_each():
