@@ -102,8 +102,10 @@ from pallas_kernels.conv_wgrad import check_wgrad_epilogue
 from pallas_kernels.conv_wgrad import check_wgrad_pixels
 from pallas_kernels.conv_wgrad import wgrad_epilogue
 
-__all__ = ["ChannelMajorLayout", "channel_major", "channel_major_layout", "direct_wgrad_config",
-           "direct_wgrad_accepts", "direct_wgrad_operand_bytes", "int8_conv_wgrad_direct",
+__all__ = ["ChannelMajorLayout", "ChannelMajorOperands", "channel_major", "channel_major_layout",
+           "channel_major_operands", "direct_wgrad_config", "direct_wgrad_accepts",
+           "direct_wgrad_operand_bytes", "int8_conv_wgrad_channel_major",
+           "int8_conv_wgrad_channel_major_halves", "int8_conv_wgrad_direct",
            "int8_conv_wgrad_direct_halves"]
 
 _GMEM_STRIDE_BYTES = 16  # TMA: every GMEM stride but the last a multiple of 16 bytes
@@ -283,27 +285,100 @@ def _x_channel_major(x, kind, strides, pads, layout: ChannelMajorLayout):
   return channel_major(stacked, layout.n_img, layout.wx)
 
 
-@functools.partial(jax.jit, static_argnames=("kernel_shape", "strides", "pads", "out_dtype",
-                                             "config", "launcher", "low_pad_in_xla",
+@dataclasses.dataclass(frozen=True)
+class ChannelMajorOperands:
+  """How the direct weight gradient of one conv reads x and g (static, hashable; made by
+  :func:`channel_major_operands`, which checks the arguments).
+
+  :meth:`x` and :meth:`g` map the NHWC int8 tensors to the (C, H', W'*N') and
+  (O, Ho, Wo'*N') int8 tensors the kernel reads (:func:`_x_geometry`,
+  :func:`channel_major_layout`). They are plain XLA (pad, phase split, transpose), so the
+  caller can trace them in the fusion that quantizes x and g, as a second output of it:
+  int8jax's Pallas backend does (its ``conv_wgrad_layout``), and then hands the results to
+  :func:`int8_conv_wgrad_channel_major`. :func:`int8_conv_wgrad_direct` is that with the
+  two maps traced in its own wrapper (one extra XLA pass each).
+  """
+  x_shape: tuple
+  g_shape: tuple
+  kernel_shape: tuple
+  strides: tuple
+  pads: tuple
+  low_pad_in_xla: bool
+
+  def _geometry(self):
+    return _x_geometry(self.x_shape, self.kernel_shape, self.strides, self.pads,
+                       self.low_pad_in_xla)
+
+  @property
+  def layout(self) -> ChannelMajorLayout:
+    _, (hx, wx), _, _ = self._geometry()
+    _, ho, wo, o = self.g_shape
+    return channel_major_layout(self.x_shape[0], (hx, wx, self.x_shape[3]), (ho, wo, o))
+
+  @property
+  def x_cm_shape(self) -> tuple[int, int, int]:
+    _, (hx, _), _, _ = self._geometry()
+    lay = self.layout
+    return (self.x_shape[3], hx, lay.wx * lay.n_img)
+
+  @property
+  def g_cm_shape(self) -> tuple[int, int, int]:
+    lay = self.layout
+    return (self.g_shape[3], self.g_shape[1], lay.wo * lay.n_img)
+
+  def x(self, x: jax.Array) -> jax.Array:
+    """x (N, H, W, C) int8 -> x^T (C, H', W'*N') as the kernel reads it."""
+    _check_operand("x", x, self.x_shape)
+    kind, _, _, _ = self._geometry()
+    return _x_channel_major(x, kind, self.strides, self.pads, self.layout).reshape(
+        self.x_cm_shape)
+
+  def g(self, g: jax.Array) -> jax.Array:
+    """g (N, Ho, Wo, O) int8 -> g^T (O, Ho, Wo'*N') as the kernel reads it."""
+    _check_operand("g", g, self.g_shape)
+    lay = self.layout
+    return channel_major(g, lay.n_img, lay.wo).reshape(self.g_cm_shape)
+
+
+def _check_operand(name, a, shape):
+  if tuple(a.shape) != tuple(shape) or a.dtype != jnp.int8:
+    raise ValueError(f"{name} must be int8 of shape {tuple(shape)} (the shape these "
+                     f"ChannelMajorOperands were made for), got {a.dtype}{list(a.shape)}")
+
+
+def channel_major_operands(x_shape, kernel_shape, *, window_strides=(1, 1), padding="VALID",
+                           low_pad_in_xla: bool | None = None,
+                           interpret=False) -> ChannelMajorOperands:
+  """The :class:`ChannelMajorOperands` of the direct weight gradient of a conv of an
+  (N, H, W, C) int8 input with ``kernel_shape`` (KH, KW, C, O); ``low_pad_in_xla`` and
+  ``interpret`` as :func:`int8_conv_wgrad_direct`'s (together they decide the layout: pass
+  the same ``interpret`` to :func:`int8_conv_wgrad_channel_major`)."""
+  x_shape = tuple(int(d) for d in x_shape)
+  x = jax.ShapeDtypeStruct(x_shape, jnp.int8)
+  if len(x_shape) != 4:
+    raise ValueError(f"x_shape must be NHWC (N, H, W, C), got {x_shape}")
+  kernel_shape = tuple(int(d) for d in kernel_shape)
+  strides = tuple(int(s) for s in window_strides)
+  pads = check_padding(padding, x_shape[1:3], kernel_shape[:2], strides)
+  g = jax.ShapeDtypeStruct(conv_output_shape(x_shape, kernel_shape, strides, pads), jnp.int8)
+  kernel_shape, strides, pads = check_wgrad_args(x, g, kernel_shape, strides, padding)
+  interpret_mode = launcher_for(interpret) != "mosaic_gpu"
+  low = resolve_low_pad(low_pad_in_xla, interpret_mode, strides, pads)
+  return ChannelMajorOperands(x_shape, tuple(g.shape), kernel_shape, strides, pads, bool(low))
+
+
+@functools.partial(jax.jit, static_argnames=("operands", "out_dtype", "config", "launcher",
                                              "halves"))
-def _int8_conv_wgrad_direct_impl(x, g, scale, *, kernel_shape, strides, pads, out_dtype,
-                                 config, launcher, low_pad_in_xla, halves):
+def _wgrad_channel_major_impl(xt, gt, scale, *, operands: ChannelMajorOperands, out_dtype,
+                              config, launcher, halves):
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
-  n = x.shape[0]
-  kh, kw, c, o = kernel_shape
+  kh, kw, c, o = operands.kernel_shape
   interpret = launcher != "mosaic_gpu"
-  kind, (hx, wx), taps, weights = _x_geometry(x.shape, kernel_shape, strides, pads,
-                                              low_pad_in_xla)
-  _, ho, wo, _ = g.shape
-  layout = channel_major_layout(n, (hx, wx, c), (ho, wo, o))
-  n_img = layout.n_img
-  row_chunks, _, parts, part_steps, cp, op = _plan(g.shape, kernel_shape, config, n_img)
-  # The two channel-major tensors (the quantize fusion's second outputs, in the library).
-  xt = _x_channel_major(x, kind, strides, pads, layout)
-  gt = channel_major(g, n_img, layout.wo)
-  xt = xt.reshape(c, hx, layout.wx * n_img)
-  gt = gt.reshape(o, ho, layout.wo * n_img)
+  _, (hx, _), taps, weights = operands._geometry()
+  n_img = operands.layout.n_img
+  row_chunks, _, parts, part_steps, cp, op = _plan(operands.g_shape, operands.kernel_shape,
+                                                   config, n_img)
   ntaps = len(taps)
   depth = min(config.max_concurrent_steps, part_steps)
   kernel = plgpu.kernel(
@@ -330,17 +405,25 @@ def _int8_conv_wgrad_direct_impl(x, g, scale, *, kernel_shape, strides, pads, ou
   return wgrad_epilogue(join_halves((hi, lo)), scale, out_dtype)
 
 
-def _setup(x, g, kernel_shape, window_strides, padding, config, interpret, low_pad_in_xla):
-  kernel_shape, strides, pads = check_wgrad_args(x, g, kernel_shape, window_strides, padding)
-  check_wgrad_pixels(int(np.prod(g.shape[:3])))
+@functools.partial(jax.jit, static_argnames=("operands", "out_dtype", "config", "launcher",
+                                             "halves"))
+def _int8_conv_wgrad_direct_impl(x, g, scale, *, operands, out_dtype, config, launcher,
+                                 halves):
+  # The two channel-major tensors: one XLA pass each here (in the library, the quantize
+  # fusions' second outputs instead: ChannelMajorOperands).
+  return _wgrad_channel_major_impl(operands.x(x), operands.g(g), scale, operands=operands,
+                                   out_dtype=out_dtype, config=config, launcher=launcher,
+                                   halves=halves)
+
+
+def _config_for(operands: ChannelMajorOperands, config, interpret):
   launcher = launcher_for(interpret)
   interpret_mode = launcher != "mosaic_gpu"
-  low_pad_in_xla = resolve_low_pad(low_pad_in_xla, interpret_mode, strides, pads)
-  _, (hx, wx), _, _ = _x_geometry(x.shape, kernel_shape, strides, pads, low_pad_in_xla)
-  _, ho, wo, o = g.shape
-  n_img = channel_major_layout(x.shape[0], (hx, wx, x.shape[3]), (ho, wo, o)).n_img
+  check_wgrad_pixels(int(np.prod(operands.g_shape[:3])))
   if config is None:
-    config = direct_wgrad_config(kernel_shape[2], kernel_shape[3], wo * n_img)
+    _, ho, wo, _ = operands.g_shape
+    config = direct_wgrad_config(operands.kernel_shape[2], operands.kernel_shape[3],
+                                 wo * operands.layout.n_img)
   if not isinstance(config, Int8ConvConfig):
     raise TypeError(f"config must be an Int8ConvConfig, got {config!r}")
   if config.tile_k != config.swizzle:
@@ -348,8 +431,56 @@ def _setup(x, g, kernel_shape, window_strides, padding, config, interpret, low_p
         f"config.tile_k={config.tile_k} must equal config.swizzle={config.swizzle}: each step "
         "loads one swizzle row of pixels per channel through an untiled view")
   check_config(config, jnp.int32, interpret_mode)
+  return config, launcher
+
+
+def _setup(x, g, kernel_shape, window_strides, padding, config, interpret, low_pad_in_xla):
+  kernel_shape, strides, pads = check_wgrad_args(x, g, kernel_shape, window_strides, padding)
+  operands = channel_major_operands(x.shape, kernel_shape, window_strides=strides,
+                                    padding=pads, low_pad_in_xla=low_pad_in_xla,
+                                    interpret=interpret)
+  config, launcher = _config_for(operands, config, interpret)
   empty = min(g.shape) == 0 or min(kernel_shape) == 0
-  return kernel_shape, strides, pads, config, launcher, bool(low_pad_in_xla), empty
+  return operands, config, launcher, empty
+
+
+def _check_cm(xt, gt, operands):
+  if not isinstance(operands, ChannelMajorOperands):
+    raise TypeError(f"operands must be ChannelMajorOperands (channel_major_operands(...)), "
+                    f"got {type(operands).__name__}")
+  for name, a, shape in (("xt", xt, operands.x_cm_shape), ("gt", gt, operands.g_cm_shape)):
+    if tuple(a.shape) != shape or a.dtype != jnp.int8:
+      raise ValueError(f"{name} must be int8 of shape {shape} (operands.{name[0]}(...)), got "
+                       f"{a.dtype}{list(a.shape)}")
+
+
+def int8_conv_wgrad_channel_major(xt, gt, *, operands: ChannelMajorOperands, scale=None,
+                                  out_dtype=jnp.float32, config: Int8ConvConfig | None = None,
+                                  interpret=False):
+  """:func:`int8_conv_wgrad_direct` on operands already in the kernel's layout:
+  ``xt = operands.x(x)``, ``gt = operands.g(g)`` (:class:`ChannelMajorOperands`), e.g.
+  written by the fusions that quantize x and g. Same result, bit for bit."""
+  _check_cm(xt, gt, operands)
+  config, launcher = _config_for(operands, config, interpret)
+  scale, out_dtype = check_wgrad_epilogue(scale, out_dtype, operands.kernel_shape[3])
+  if min(operands.g_shape) == 0 or min(operands.kernel_shape) == 0:
+    return wgrad_epilogue(jnp.zeros(operands.kernel_shape, jnp.float32), scale, out_dtype)
+  return _wgrad_channel_major_impl(xt, gt, scale, operands=operands, out_dtype=out_dtype,
+                                   config=config, launcher=launcher, halves=False)
+
+
+def int8_conv_wgrad_channel_major_halves(xt, gt, *, operands: ChannelMajorOperands,
+                                         config: Int8ConvConfig | None = None,
+                                         interpret=False):
+  """:func:`int8_conv_wgrad_direct_halves` on operands in the kernel's layout (as
+  :func:`int8_conv_wgrad_channel_major`)."""
+  _check_cm(xt, gt, operands)
+  config, launcher = _config_for(operands, config, interpret)
+  if min(operands.g_shape) == 0 or min(operands.kernel_shape) == 0:
+    zero = jnp.zeros(operands.kernel_shape, jnp.int32)
+    return zero, zero
+  return _wgrad_channel_major_impl(xt, gt, None, operands=operands, out_dtype=jnp.float32,
+                                   config=config, launcher=launcher, halves=True)
 
 
 def int8_conv_wgrad_direct_halves(x, g, *, kernel_shape, window_strides=(1, 1),
@@ -359,14 +490,13 @@ def int8_conv_wgrad_direct_halves(x, g, *, kernel_shape, window_strides=(1, 1),
   (KH, KW, C, O), the integer ``hi * 65536 + lo`` (as
   :func:`pallas_kernels.int8_conv.int8_conv_wgrad_halves`; the split may differ, the
   integer does not)."""
-  kernel_shape, strides, pads, config, launcher, low_pad_in_xla, empty = _setup(
+  operands, config, launcher, empty = _setup(
       x, g, kernel_shape, window_strides, padding, config, interpret, low_pad_in_xla)
   if empty:
-    zero = jnp.zeros(kernel_shape, jnp.int32)
+    zero = jnp.zeros(operands.kernel_shape, jnp.int32)
     return zero, zero
-  return _int8_conv_wgrad_direct_impl(
-      x, g, None, kernel_shape=kernel_shape, strides=strides, pads=pads, out_dtype=jnp.float32,
-      config=config, launcher=launcher, low_pad_in_xla=low_pad_in_xla, halves=True)
+  return _int8_conv_wgrad_direct_impl(x, g, None, operands=operands, out_dtype=jnp.float32,
+                                      config=config, launcher=launcher, halves=True)
 
 
 def int8_conv_wgrad_direct(x, g, *, kernel_shape, window_strides=(1, 1), padding="VALID",
@@ -383,15 +513,18 @@ def int8_conv_wgrad_direct(x, g, *, kernel_shape, window_strides=(1, 1), padding
     low_pad_in_xla: pad the low side of x^T's H and W in XLA instead of reading it as
       TMA's out-of-bounds zeros. None: only under interpret mode (whose TMA model cannot
       start a box below 0). Strides > 1 pad in the phase split anyway.
+
+  The channel-major tensors are made here, one XLA pass each; to have the fusions that
+  produce x and g write them instead, use :func:`channel_major_operands` and
+  :func:`int8_conv_wgrad_channel_major`.
   """
-  kernel_shape, strides, pads, config, launcher, low_pad_in_xla, empty = _setup(
+  operands, config, launcher, empty = _setup(
       x, g, kernel_shape, window_strides, padding, config, interpret, low_pad_in_xla)
-  scale, out_dtype = check_wgrad_epilogue(scale, out_dtype, kernel_shape[3])
+  scale, out_dtype = check_wgrad_epilogue(scale, out_dtype, operands.kernel_shape[3])
   if empty:
-    return wgrad_epilogue(jnp.zeros(kernel_shape, jnp.float32), scale, out_dtype)
-  return _int8_conv_wgrad_direct_impl(
-      x, g, scale, kernel_shape=kernel_shape, strides=strides, pads=pads, out_dtype=out_dtype,
-      config=config, launcher=launcher, low_pad_in_xla=low_pad_in_xla, halves=False)
+    return wgrad_epilogue(jnp.zeros(operands.kernel_shape, jnp.float32), scale, out_dtype)
+  return _int8_conv_wgrad_direct_impl(x, g, scale, operands=operands, out_dtype=out_dtype,
+                                      config=config, launcher=launcher, halves=False)
 
 
 def direct_wgrad_accepts(x_shape, kernel_shape, *, window_strides=(1, 1), padding="VALID",

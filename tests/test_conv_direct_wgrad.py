@@ -113,6 +113,47 @@ def test_interpret_one_part_ring_wraps(monkeypatch):
   _check((2, 7, 9, 16), (3, 3, 16, 8), "SAME", scale=None)
 
 
+@pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
+def test_channel_major_entry_is_the_nhwc_entry(strides):
+  """int8_conv_wgrad_channel_major on ChannelMajorOperands.x / .g (the tensors the
+  quantizing fusions write in the library) gives int8_conv_wgrad_direct's bits, and its
+  halves the same exact integer."""
+  x_shape, kernel_shape = (2, 7, 5, 24), (3, 3, 24, 40)
+  g_shape = pk.conv_output_shape(x_shape, kernel_shape, strides, "SAME")
+  x, g = _int8(x_shape, 4), _int8(g_shape, 5)
+  ops = dw.channel_major_operands(x_shape, kernel_shape, window_strides=strides,
+                                  padding="SAME", interpret=True)
+  xt, gt = ops.x(x), ops.g(g)
+  assert xt.shape == ops.x_cm_shape and gt.shape == ops.g_cm_shape
+  assert xt.shape[:2] == (24, 8 if strides == (1, 1) else 4 * 5)  # low pad / 4 phases of 5
+  kw = dict(scale=0.5, config=SMALL, interpret=True)
+  got = dw.int8_conv_wgrad_channel_major(xt, gt, operands=ops, **kw)
+  want = dw.int8_conv_wgrad_direct(x, g, kernel_shape=kernel_shape, window_strides=strides,
+                                   padding="SAME", **kw)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  hi, lo = dw.int8_conv_wgrad_channel_major_halves(xt, gt, operands=ops, config=SMALL,
+                                                   interpret=True)
+  exact = np.asarray(hi, np.int64) * 65536 + np.asarray(lo)
+  np.testing.assert_array_equal(exact * 0.5, np.asarray(want, np.float64))
+
+
+def test_channel_major_entry_rejects_bad_operands():
+  ops = dw.channel_major_operands((2, 6, 6, 16), (3, 3, 16, 8), padding="SAME",
+                                  interpret=True)
+  x, g = _int8((2, 6, 6, 16), 1), _int8((2, 6, 6, 8), 2)
+  with pytest.raises(ValueError, match=r"x must be int8 of shape \(2, 6, 6, 16\)"):
+    ops.x(g)
+  with pytest.raises(ValueError, match="g must be int8"):
+    ops.g(g.astype(jnp.int32))
+  xt, gt = ops.x(x), ops.g(g)
+  with pytest.raises(ValueError, match="xt must be int8 of shape"):
+    dw.int8_conv_wgrad_channel_major(gt, xt, operands=ops, interpret=True)
+  with pytest.raises(TypeError, match="operands must be ChannelMajorOperands"):
+    dw.int8_conv_wgrad_channel_major(xt, gt, operands="SAME", interpret=True)
+  with pytest.raises(ValueError, match="kernel_shape"):
+    dw.channel_major_operands((2, 6, 6, 16), (3, 3, 12, 8), padding="SAME")
+
+
 def test_interpret_halves_are_the_exact_sum():
   x_shape, kernel_shape = (3, 5, 6, 16), (3, 3, 16, 8)
   x, g = _operands(x_shape, kernel_shape, "SAME")

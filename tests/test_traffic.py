@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import pytest
 
 from benchmarks import traffic as tf
+from pallas_kernels import conv_direct_wgrad
 
 # The conv of issue 24: 8x32x32x64 -> 64, 3x3, SAME.
 CONVS = {s: tf.Conv((8, 32, 32, 64), (3, 3, 64, 64), (s, s), "SAME") for s in (1, 2)}
@@ -103,6 +104,70 @@ def test_direct_route_counts(stride, counted, counted_direct):
   else:
     assert got["dgrad"].kernel_in_int8 == off["dgrad"].kernel_in_int8
   assert got["all"].total < off["all"].total
+
+
+def test_multi_output_fusion_model_on_a_known_program():
+  """A quantize-like pass materialised by a barrier, with a reduction and a transpose of
+  it inside the barrier: with multi-output fusion the two read nothing (they are extra
+  outputs of the pass that reads x); without it each reads the int8 tensor once. A
+  reduction of the barrier's *output* is never fused (XLA cannot fuse across it)."""
+  x = jax.ShapeDtypeStruct((64, 128), jnp.float32)
+  n = 64 * 128
+
+  def f(x):
+    q = (x * 3.0).astype(jnp.int8)
+    q, lo, qt = jax.lax.optimization_barrier((q, jnp.min(q), q.T))
+    return q, lo, qt, jnp.max(q)
+
+  fused, unfused = tf.count(f, x), tf.count(f, x, multi_output_fusion=False)
+  # q: 4n read + n written; min: 1 written; q.T: n written; max of the barrier's q:
+  # n read + 1 written -- and, unfused, one read of q each for min and q.T.
+  assert fused.passes == 4 * n + n + 1 + n + n + 1, fused
+  assert unfused.passes == fused.passes + 2 * n, unfused
+
+
+def _flat(fn, *args):
+  closed = jax.make_jaxpr(fn)(*args)
+  env = {v: tf._Node(v.aval) for v in closed.jaxpr.invars}
+  eqns = []
+  tf._flatten(closed.jaxpr, env, eqns)
+  return {n: name for name, _, outs, _ in eqns for n in outs}, eqns
+
+
+def test_direct_route_quantizing_fusion_writes_layouts_and_finiteness():
+  """Issue 24, item 1, on the direct route: the channel-major x^T and g^T the weight
+  gradient kernel reads are outputs of the barriers that materialise the quantized x and
+  g (traced from the quantization itself: the quantizing fusion can write them as extra
+  outputs), not transposes of the materialised int8 tensors; and every finiteness
+  reduction over int8 x / g reads the quantization, not the materialised tensor."""
+  cv = CONVS[1]
+  cfg = tf.QuantConfig(backend="pallas_interpret")
+
+  def fwd_bwd(x, w, gy):
+    def f(x, w):
+      return tf.int8jax.quant_conv_general_dilated(
+          x, w, cv.strides, cv.padding, dimension_numbers=tf.DNUMS, x_clip=4.0,
+          key=jax.random.key(0), config=cfg)
+    y, vjp = jax.vjp(f, x, w)
+    return y, vjp(gy)
+
+  sds = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in (cv.x_shape, cv.w_shape,
+                                                           cv.out_shape)]
+  for direct in (True, False):
+    with tf.direct_route(direct):
+      producer, eqns = _flat(fwd_bwd, *sds)
+    if direct:
+      ops = conv_direct_wgrad.channel_major_operands(
+          cv.x_shape, cv.w_shape, window_strides=cv.strides, padding=cv.padding,
+          interpret=True)
+      cm = [producer.get(n) for name, ins, _, _ in eqns if name in tf.KERNEL_PRIMITIVES
+            for n in ins if n is not None and n.aval.dtype == jnp.int8
+            and n.aval.shape in (ops.x_cm_shape, ops.g_cm_shape)]
+      assert cm == ["optimization_barrier"] * 2, cm  # x^T and g^T, from the barriers
+    mins = [producer.get(ins[0]) for name, ins, _, _ in eqns
+            if name == "reduce_min" and ins[0].aval.dtype == jnp.int8
+            and ins[0].aval.shape in (cv.x_shape, cv.out_shape)]
+    assert len(mins) == 2 and "optimization_barrier" not in mins, mins
 
 
 @pytest.mark.parametrize("stride", [1, pytest.param(2, marks=pytest.mark.xfail(
