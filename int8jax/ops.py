@@ -143,7 +143,20 @@ class _Op:
   def dgrad(self, gq, wq, scale):
     return self._sharded("dgrad", gq, wq, scale, self.x_dtype)
 
+  def wgrad_layout(self):
+    """The layout the backend's conv weight gradient reads x and g in
+    (:meth:`int8jax.backends.Backend.wgrad_layout`), or None: NHWC (dense ops,
+    backends without one, fallbacks, and products run per batch shard)."""
+    if self.kind != "conv":
+      return None
+    impl = backends.get(self.backend)
+    if self._data_parallel(impl) is not None:
+      return None
+    return impl.wgrad_layout(self.spec)
+
   def wgrad(self, xq, gq, scale):
+    if isinstance(xq, _Laid):  # x and g in the backend's layout (see _Laid)
+      return xq.layout.run(xq.value, gq, scale, self.spec, out_dtype=self.w_dtype)
     impl, fn = self._function("wgrad")
     dp = self._data_parallel(impl)
     if dp is None:
@@ -161,6 +174,31 @@ class _Op:
 
     halves = jax.shard_map(local, mesh=mesh, in_specs=(bs, bs), out_specs=(P(), P()))(xq, gq)
     return backends.dequant(exact.join_halves(halves), scale, self.w_dtype)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["value"],
+                   meta_fields=["layout"])
+@dataclasses.dataclass(frozen=True)
+class _Laid:
+  """The int8 x kept for the weight gradient in the backend's layout
+  (:class:`int8jax.backends.WgradLayout`, static): the residual carries the
+  forward pass's choice to the backward pass."""
+  value: jax.Array
+  layout: Any
+
+
+def _quantize_once(x, scale, layout=None, **kwargs):
+  """``(q, q_finite, laid)``: ``x`` quantized (non-finite entries marked), whether
+  it was finite, and ``layout(q)`` (None without a layout), all inside one
+  ``optimization_barrier`` and all computed from the one elementwise
+  quantization: XLA materialises q once, and the finiteness reduction and the
+  layout's copy can be outputs of the fusion that writes q (a multi-output
+  fusion reading the float tensor once) instead of passes over q of their own.
+  """
+  q = quant.quantize(x, scale, mark_nonfinite=True, **kwargs)
+  extra = () if layout is None else (layout(q),)
+  q, ok, *laid = lax.optimization_barrier((q, quant.all_finite_int8(q), *extra))
+  return q, ok, (laid[0] if laid else None)
 
 
 def _all_finite(x):
@@ -203,31 +241,36 @@ def _qapply(op: _Op, x, w, x_clip, grad_state, key, measure):
   return out
 
 
-def _int8_forward(op: _Op, x, wq, sw, x_clip):
+def _int8_forward(op: _Op, x, wq, sw, x_clip, x_layout=None):
   """The forward GEMM on an int8 weight ``wq`` with scale(s) ``sw``:
-  ``(y, x_finite, xq, sx)``. Shared by training (:func:`_qapply_fwd`) and the
-  frozen inference ops, so both compute the same bits."""
+  ``(y, x_finite, xq, sx, x_laid)`` (``x_laid``: ``x_layout(xq)``, or None).
+  Shared by training (:func:`_qapply_fwd`) and the frozen inference ops, so
+  both compute the same bits."""
   sx = quant.scale_from_clip(x_clip)
   # The barrier materialises the int8 tensor once: otherwise XLA fuses the
   # quantization into each consumer (the GEMM's padding, the patches of the
   # weight gradient) and keeps the float32 x alive as the residual instead.
   # The quantization itself stays in the fusion that produces x (BN + ReLU).
-  xq = lax.optimization_barrier(quant.quantize(x, sx, mark_nonfinite=True))
-  x_ok = quant.all_finite_int8(xq)
+  xq, x_ok, x_laid = _quantize_once(x, sx, x_layout)
   ok = x_ok & quant.all_finite_int8(wq)
   y = op.forward(xq, wq, _nan_unless(ok, sx * sw))
   # Materialise the output: otherwise XLA may keep the wider int32 GEMM
   # result alive for the consumers' backward pass and redo the scaling.
   y = lax.optimization_barrier(y)
-  return y, x_ok, xq, sx
+  return y, x_ok, xq, sx, x_laid
 
 
 def _qapply_fwd(op: _Op, x, w, x_clip, grad_state, key, measure):
   """Returns ``(y, x_finite)`` and the residuals."""
   wg = op.config.weight_granularity
   wq, sw = _weight_quant(w, wg)
-  y, x_ok, xq, sx = _int8_forward(op, x, wq, sw, x_clip)
-  res = (xq, wq, sx, sw, w if wg == "channel" else None, grad_state, key, measure)
+  layout = op.wgrad_layout()
+  y, x_ok, xq, sx, x_laid = _int8_forward(op, x, wq, sw, x_clip,
+                                          None if layout is None else layout.x)
+  # The weight gradient's x: in the backend's layout when it has one (x_laid,
+  # written by the quantizing fusion); xq itself is then dead after the forward GEMM.
+  x_res = xq if layout is None else _Laid(x_laid, layout)
+  res = (x_res, wq, sx, sw, w if wg == "channel" else None, grad_state, key, measure)
   return (y, x_ok), res
 
 
@@ -274,15 +317,18 @@ def _qapply_bwd(op: _Op, res, cts):
   stochastic = cfg.grad_rounding == "stochastic"
   # The noise is a hash of the element index, computed inside the quantizing
   # fusion (the clip search scores candidates by its exact variance instead).
-  gq = quant.quantize(g, sg, rounding=cfg.grad_rounding,
-                      noise=quant.uniform_noise(key, g.shape) if stochastic else None,
-                      mark_nonfinite=True)
-  # One quantization pass, shared by both GEMMs (see _qapply_fwd); tying xq to
-  # gq also keeps XLA from hoisting the weight gradient's patch building (it
-  # needs only forward residuals) to the start of the backward pass, where the
-  # patch matrices of every layer would be alive at once.
-  gq, xq = lax.optimization_barrier((gq, xq))
-  ok = quant.all_finite_int8(gq) & jnp.all(jnp.isfinite(clip))
+  layout = xq.layout if isinstance(xq, _Laid) else None
+  # One quantization pass, shared by both GEMMs (see _qapply_fwd), with the
+  # finiteness reduction and the weight gradient's layout of g as outputs of
+  # the same fusion (_quantize_once).
+  gq, g_ok, g_laid = _quantize_once(
+      g, sg, None if layout is None else layout.g, rounding=cfg.grad_rounding,
+      noise=quant.uniform_noise(key, g.shape) if stochastic else None)
+  # Tying x to gq keeps XLA from hoisting the weight gradient's patch building
+  # (it needs only forward residuals) to the start of the backward pass, where
+  # the patch matrices of every layer would be alive at once.
+  xq, gq = lax.optimization_barrier((xq, gq))
+  ok = g_ok & jnp.all(jnp.isfinite(clip))
 
   # Only what the layer's clip learner needs: the candidate search for
   # clip_method="search"; for "gradient" best_ratio 0 says "descend along
@@ -320,7 +366,7 @@ def _qapply_bwd(op: _Op, res, cts):
     dx_scale = jnp.repeat(per_group, cg)
     dw_scale = sg * sx
   dx = op.dgrad(gq, wq, _nan_unless(ok, dx_scale))
-  dw = op.wgrad(xq, gq, _nan_unless(ok, dw_scale))
+  dw = op.wgrad(xq, gq if g_laid is None else g_laid, _nan_unless(ok, dw_scale))
   return dx, dw, jnp.zeros_like(sx), m, None, None
 
 

@@ -113,6 +113,51 @@ def test_check_refuses_and_fallbacks_dispatch():
     backends.unregister("routed")
 
 
+def test_a_backend_layout_reaches_its_weight_gradient():
+  """Backend.conv_wgrad_layout: the ops keep x in the backend's layout as the residual
+  (written in the forward pass, next to the quantization), lay out g the same way in the
+  backward pass, and call the layout's run instead of conv_wgrad; a dispatched fallback
+  for conv_wgrad keeps NHWC. Fwd + bwd bit-identical to xla."""
+  seen = []
+
+  def to_cnhw(q):
+    return jnp.transpose(q, (3, 0, 1, 2))
+
+  def run(xl, gl, scale, spec, *, out_dtype, halves=False):
+    seen.append((xl.shape, gl.shape))
+    back = lambda t: jnp.transpose(t, (1, 2, 3, 0))  # noqa: E731
+    return xla.conv_wgrad(back(xl), back(gl), scale, spec, out_dtype=out_dtype, halves=halves)
+
+  def layout(spec):
+    return base.WgradLayout(key="cnhw", x=to_cnhw, g=to_cnhw, run=run)
+
+  def no_wgrad(*a, **kw):
+    raise AssertionError("conv_wgrad must not run: the layout's run replaces it")
+
+  laid = xla.BACKEND.replace(name="laid", description="xla, wgrad on a CNHW layout",
+                             check=base.Backend.check, auto_rank=None,
+                             conv_wgrad=no_wgrad, conv_wgrad_layout=layout)
+  fell = laid.replace(name="fell", description="falls back", fallbacks=(base.Fallback(
+      ("conv_wgrad",), "every conv (a test)", "xla.conv_wgrad", applies=lambda spec: True,
+      run=xla.conv_wgrad),))
+  for b in (laid, fell):
+    backends.register(b)
+  try:
+    want = _conv_fwd_bwd(int8jax.QuantConfig(backend="xla"))
+    for name, n_runs in (("laid", 1), ("fell", 0)):
+      seen.clear()
+      got = _conv_fwd_bwd(int8jax.QuantConfig(backend=name))
+      assert len(seen) == n_runs, (name, seen)
+      for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    assert fell.wgrad_layout(None) is None
+  finally:
+    for b in (laid, fell):
+      backends.unregister(b.name)
+  with pytest.raises(TypeError, match="conv_wgrad_layout must be callable or None"):
+    xla.BACKEND.replace(conv_wgrad_layout=3)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(functions=("conv_fwd",), when="w", route="r"), "unknown"),
     (dict(functions=("dense_forward",), when="w", route="r", applies=bool, run=print),

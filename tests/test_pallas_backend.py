@@ -83,7 +83,7 @@ def _conv_inputs(case, seed=0):
 # one per GEMM product run on a kernel.
 _KERNEL_FUNCS = ("_int8_matmul_padded", "_int8_conv_impl", "_int8_conv_dgrad_impl",
                  "_int8_conv_wgrad_impl", "_int8_conv_direct_impl",
-                 "_int8_conv_wgrad_direct_impl")
+                 "_int8_conv_wgrad_direct_impl", "_wgrad_channel_major_impl")
 
 
 def _kernel_calls_by_name(fn, *args) -> collections.Counter:
@@ -260,7 +260,11 @@ DIRECT_CASES = {
     "1x1_s2": ((2, 7, 5, 12), (1, 1, 12, 40), (2, 2), "SAME", None, None, 1),
 }
 _DIRECT = "_int8_conv_direct_impl"
-_DIRECT_WGRAD = "_int8_conv_wgrad_direct_impl"
+# Through the ops, the direct wgrad kernel is handed x and g in its channel-major layout,
+# written by the quantizing fusions (WgradLayout): its NHWC wrapper (which transposes) is
+# not called.
+_DIRECT_WGRAD = "_wgrad_channel_major_impl"
+_DIRECT_WGRAD_NHWC = "_int8_conv_wgrad_direct_impl"
 
 
 @pytest.mark.parametrize("implicit", [True, False])
@@ -283,7 +287,7 @@ def test_direct_conv_switch_interpret_equals_xla(name, implicit, monkeypatch):
   calls = _kernel_calls_by_name(f, *args)
   stride1 = case[2] == (1, 1)
   assert calls[_DIRECT] == (2 if stride1 else 1), calls
-  assert calls[_DIRECT_WGRAD] == 1, calls
+  assert calls[_DIRECT_WGRAD] == 1 and calls[_DIRECT_WGRAD_NHWC] == 0, calls
   if implicit:
     assert calls["_int8_conv_impl"] == 0 and calls["_int8_conv_wgrad_impl"] == 0, calls
     assert calls["_int8_conv_dgrad_impl"] == (0 if stride1 else 1), calls
@@ -308,6 +312,7 @@ def test_direct_wgrad_alone(name, monkeypatch):
   _assert_same_bits(f(*args), _conv_fwd_bwd(case, cfg.replace(backend="xla"))(*args))
   calls = _kernel_calls_by_name(f, *args)
   assert calls[_DIRECT_WGRAD] == 1 and calls[_DIRECT] == 0, calls
+  assert calls[_DIRECT_WGRAD_NHWC] == 0, calls
   assert calls["_int8_conv_wgrad_impl"] == 0 and calls["_int8_conv_impl"] == 1, calls
 
 
@@ -334,7 +339,7 @@ def test_direct_wgrad_halves_equal_xla(name, monkeypatch):
   np.testing.assert_array_equal(exact_int(got), exact_int(want))
   assert np.abs(np.asarray(got[0])).max() > 0  # sums past 2^16: the hi half is exercised
   calls = _kernel_calls_by_name(f, xq, gq)
-  assert calls[_DIRECT_WGRAD] == 1 and calls["_int8_conv_wgrad_impl"] == 0, calls
+  assert calls[_DIRECT_WGRAD_NHWC] == 1 and calls["_int8_conv_wgrad_impl"] == 0, calls
 
 
 def test_direct_conv_switch_off_launches_no_direct_kernel(monkeypatch):

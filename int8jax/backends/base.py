@@ -22,7 +22,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-__all__ = ["Backend", "Fallback", "CHUNK_K", "FUNCTIONS", "dequant"]
+__all__ = ["Backend", "Fallback", "WgradLayout", "CHUNK_K", "FUNCTIONS", "dequant"]
 
 #: Longest contraction accumulated in one int32 sum (``127 * 127 * CHUNK_K <
 #: 2**31``, see :data:`int8jax.MAX_EXACT_K`); longer ones are split into
@@ -85,6 +85,32 @@ class Fallback:
 
 
 @dataclasses.dataclass(frozen=True)
+class WgradLayout:
+  """The operand layout a backend's conv weight gradient reads, for one conv
+  (:attr:`Backend.conv_wgrad_layout`).
+
+  The ops trace :attr:`x` in the fusion that quantizes x (the forward pass)
+  and :attr:`g` in the one that quantizes g (the backward pass) -- a second
+  output of each, written while the float tensor is read anyway -- keep
+  ``x(xq)`` as the residual instead of ``xq``, and call :attr:`run` instead
+  of ``conv_wgrad``, so the backend gets its layout without a pass of its
+  own over the int8 tensors.
+
+  Attributes:
+    key: hashable and comparable; equal keys mean the same layout (the
+      value is static data of the traced program).
+    x: int8 (N, *S, C) -> the layout's x.
+    g: int8 (N, *S', O) -> the layout's g.
+    run: ``run(x_laid, g_laid, scale, spec, *, out_dtype, halves=False)``:
+      what ``conv_wgrad`` returns, on the laid-out operands.
+  """
+  key: object
+  x: Callable = dataclasses.field(compare=False)
+  g: Callable = dataclasses.field(compare=False)
+  run: Callable = dataclasses.field(compare=False)
+
+
+@dataclasses.dataclass(frozen=True)
 class Backend:
   """The six int8 products of a quantized conv / dense layer, and where they run.
 
@@ -123,6 +149,10 @@ class Backend:
       shard, the weight gradient as exact integer halves summed across
       devices); ``False``: the ops are ``lax`` ops XLA partitions itself.
     fallbacks: the shapes on which another exact route runs instead.
+    conv_wgrad_layout: ``conv_wgrad_layout(spec) -> WgradLayout | None``: the
+      layout its conv weight gradient wants x and g in, for this conv (None:
+      int8 NHWC, as ``conv_wgrad`` takes them). Use it through
+      :meth:`wgrad_layout`, which leaves dispatched fallbacks NHWC.
   """
   name: str
   description: str
@@ -137,6 +167,7 @@ class Backend:
   auto_rank: int | None = None
   per_shard: bool = False
   fallbacks: tuple[Fallback, ...] = ()
+  conv_wgrad_layout: Callable | None = None
 
   def __post_init__(self):
     if not isinstance(self.name, str) or not self.name.isidentifier():
@@ -147,6 +178,9 @@ class Backend:
       if not callable(getattr(self, f)):
         raise TypeError(f"Backend {self.name!r}: {f} must be callable, "
                         f"got {getattr(self, f)!r}")
+    if self.conv_wgrad_layout is not None and not callable(self.conv_wgrad_layout):
+      raise TypeError(f"Backend {self.name!r}: conv_wgrad_layout must be callable or None, "
+                      f"got {self.conv_wgrad_layout!r}")
     object.__setattr__(self, "fallbacks", tuple(self.fallbacks))
 
   def function(self, which: str) -> Callable:
@@ -168,6 +202,17 @@ class Backend:
       return own(a, b, scale, spec, **kw)
 
     return dispatch
+
+  def wgrad_layout(self, spec) -> WgradLayout | None:
+    """:attr:`conv_wgrad_layout` for this conv, or None where the backend
+    has none or a dispatched fallback runs its weight gradient (fallbacks
+    take NHWC operands)."""
+    if self.conv_wgrad_layout is None:
+      return None
+    if any(f.applies(spec) for f in self.fallbacks
+           if "conv_wgrad" in f.functions and f.run is not None):
+      return None
+    return self.conv_wgrad_layout(spec)
 
   def replace(self, **changes) -> "Backend":
     return dataclasses.replace(self, **changes)

@@ -91,7 +91,7 @@ from pallas_kernels import conv_direct_wgrad
 from int8jax import conv_geometry as geom
 from int8jax import exact
 from int8jax.backends import float_exact, platform, xla
-from int8jax.backends.base import CHUNK_K, FUNCTIONS, Backend, Fallback, dequant
+from int8jax.backends.base import CHUNK_K, FUNCTIONS, Backend, Fallback, WgradLayout, dequant
 from int8jax.conv_spec import ConvSpec
 
 # Grouped convs use the kernel per group only when every group has at least
@@ -411,6 +411,33 @@ def conv_wgrad(xq: jax.Array, gq: jax.Array, scale: jax.Array, spec: ConvSpec,
   return jax.tree.map(cat, *outs)
 
 
+def _wgrad_channel_major(xt, gt, scale, spec: ConvSpec, *, operands, interpret,
+                         out_dtype=jnp.float32, halves: bool = False):
+  """:func:`conv_wgrad` on the direct kernel's channel-major operands (WgradLayout.run)."""
+  if halves:
+    return conv_direct_wgrad.int8_conv_wgrad_channel_major_halves(
+        xt, gt, operands=operands, interpret=interpret)
+  return _implicit_call(functools.partial(conv_direct_wgrad.int8_conv_wgrad_channel_major,
+                                          operands=operands),
+                        xt, gt, scale, out_dtype, interpret)
+
+
+def conv_wgrad_layout(spec: ConvSpec, *, interpret: bool = False) -> WgradLayout | None:
+  """Where the weight gradient runs on the direct kernel (:func:`_direct_wgrad`): the
+  channel-major layout it reads (:class:`pallas_kernels.conv_direct_wgrad.ChannelMajorOperands`),
+  so that the ops have the fusions quantizing x and g write it as a second output (no
+  transposing pass of their own). Otherwise None (NHWC)."""
+  if not _direct_wgrad(spec, interpret):
+    return None
+  operands = conv_direct_wgrad.channel_major_operands(
+      spec.lhs_shape, spec.rhs_shape, window_strides=spec.window_strides,
+      padding=spec.padding, interpret=interpret)
+  return WgradLayout(key=("pallas.channel_major", operands, bool(interpret)),
+                     x=operands.x, g=operands.g,
+                     run=functools.partial(_wgrad_channel_major, operands=operands,
+                                           interpret=interpret))
+
+
 # ---------------------------------------------------------------------------
 # Dense: lhs (B, M, K), rhs (B, K, N), out (B, M, N); one kernel call per b.
 
@@ -482,7 +509,7 @@ BACKEND = Backend(
     "pallas", "Mosaic GPU int8 kernels of pallas_kernels (Hopper only); bit-identical to "
     "'xla'", conv_forward, conv_dgrad, conv_wgrad, dense_forward, dense_dgrad, dense_wgrad,
     check=_check, available=platform.pallas_available, auto_rank=0, per_shard=True,
-    fallbacks=FALLBACKS)
+    fallbacks=FALLBACKS, conv_wgrad_layout=conv_wgrad_layout)
 
 # The same backend with every kernel under Mosaic GPU interpret mode (CPU;
 # bit-exact, slow): ``QuantConfig(backend="pallas_interpret")``. For tests.
@@ -490,4 +517,5 @@ INTERPRETED = BACKEND.replace(
     name="pallas_interpret",
     description="the 'pallas' kernels in Mosaic GPU interpret mode: runs on a CPU, slowly; "
     "for tests", check=Backend.check, available=Backend.available, auto_rank=None,
+    conv_wgrad_layout=functools.partial(conv_wgrad_layout, interpret=True),
     **{f: functools.partial(getattr(BACKEND, f), interpret=True) for f in FUNCTIONS})
