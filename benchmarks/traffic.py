@@ -34,9 +34,22 @@ weight gradient "wgrad"):
     materialised tensor written by an XLA pass costs its bytes once plus one
     read of each materialised tensor it is computed from (one fusion per
     materialised result; chains of pads, slices and elementwise ops between
-    them are assumed fused).
+    them are assumed fused). Multi-output fusion: a pass that reads a
+    materialised tensor another XLA pass writes (not a barrier's, kernel's or
+    GEMM's result) is taken as an extra output of that pass's fusion and
+    reads nothing of its own -- XLA:GPU's producer-consumer multi-output
+    fusion. The ops rely on it: the finiteness reduction over the int8 x / g
+    and the weight gradient's channel-major copies (the Pallas backend's
+    ``WgradLayout``, direct route) are computed from the quantization inside
+    its ``optimization_barrier``. Whether XLA:GPU does fuse them is checked
+    on a GPU by ``benchmarks/fusion_check.py``; XLA:CPU does not (it has no
+    multi-output fusion); ``count(..., multi_output_fusion=False)`` counts
+    them as passes of their own.
   - *XLA GEMMs*: operands and results of XLA ``conv_general_dilated`` /
     ``dot_general`` (depthwise convs run as exact bf16 convs, not kernels).
+  - The weight gradient on a backend with a layout (``Backend.wgrad_layout``:
+    the direct route) is traced on the laid-out operands, plus the writes of
+    the two laid-out copies (the quantizing fusions' extra outputs).
   - *around* (per conv, not per GEMM): the quantize passes of x, w and g and
     the finiteness reductions over the int8 tensors, from the traced
     ``jax.vjp`` of ``int8jax.quant_conv_general_dilated`` (UI8's
@@ -190,9 +203,11 @@ def _flatten(jaxpr, env: dict, eqns: list) -> None:
     eqns.append((name, ins, outs, subs))
 
 
-def _count(jaxpr, t: Traffic) -> None:
+def _count(jaxpr, t: Traffic, multi_output_fusion: bool = True) -> None:
   """Adds ``jaxpr``'s traffic to ``t`` (nested calls inlined; loops and
-  conditionals counted on their own, once per body)."""
+  conditionals counted on their own, once per body). ``multi_output_fusion``:
+  a pass reading a tensor that another XLA pass writes is taken as an extra
+  output of that pass's fusion (module docstring), reading nothing of its own."""
   env = {v: _Node(v.aval) for v in jaxpr.invars}
   eqns: list = []
   _flatten(jaxpr, env, eqns)
@@ -235,15 +250,23 @@ def _count(jaxpr, t: Traffic) -> None:
         continue
       seen.add(u)
       if u in materialised:
+        if multi_output_fusion and _written_by_xla_pass(u, producer, skip):
+          continue  # fused with the pass that writes u: u's own reads are counted there
         t.passes += nbytes(u.aval)
       elif u in producer:
         stack.extend(n for n in producer[u][1] if n is not None)
 
 
-def count(fn, *args) -> Traffic:
-  """Traffic of ``fn(*args)`` (abstract ``args``: traced only, never run)."""
+def _written_by_xla_pass(node, producer, skip) -> bool:
+  prod = producer.get(node)
+  return prod is not None and prod[0] not in skip and not prod[2]
+
+
+def count(fn, *args, multi_output_fusion: bool = True) -> Traffic:
+  """Traffic of ``fn(*args)`` (abstract ``args``: traced only, never run);
+  ``multi_output_fusion`` as :func:`_count`'s."""
   t = Traffic()
-  _count(jax.make_jaxpr(fn)(*args).jaxpr, t)
+  _count(jax.make_jaxpr(fn)(*args).jaxpr, t, multi_output_fusion)
   return t
 
 
@@ -307,8 +330,17 @@ def count_gemm(conv: Conv, which: str, *, backend=pallas_backend.INTERPRETED,
     return count(lambda g, w, s: backend.function("conv_dgrad")(g, w, s, spec, **kw),
                  g, w, _sds((c,), jnp.float32))
   if which == "wgrad":
-    return count(lambda x, g, s: backend.function("conv_wgrad")(x, g, s, spec, **kw),
-                 x, g, _sds((o,), jnp.float32))
+    layout = backend.wgrad_layout(spec)
+    if layout is None:
+      return count(lambda x, g, s: backend.function("conv_wgrad")(x, g, s, spec, **kw),
+                   x, g, _sds((o,), jnp.float32))
+    # The operands in the backend's layout, as the ops hand them: extra outputs of the
+    # fusions quantizing x and g (their writes are this GEMM's; their reads are fused).
+    xl, gl = jax.eval_shape(layout.x, x), jax.eval_shape(layout.g, g)
+    t = count(lambda xl, gl, s: layout.run(xl, gl, s, spec, out_dtype=dtype),
+              xl, gl, _sds((o,), jnp.float32))
+    t.passes += nbytes(xl) + nbytes(gl)
+    return t
   raise ValueError(f"which must be one of {GEMMS}, got {which!r}")
 
 

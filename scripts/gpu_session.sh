@@ -11,7 +11,7 @@
 # call run(..., carry=[".whl"])). They are installed first when present.
 #
 # Phases, in priority order; each runs under `timeout -k` with its own limit
-# (env T_SMOKE, T_STEP, T_DIRECT, T_TESTS, T_KERNELS, T_REST; never past T_TOTAL) and
+# (env T_SMOKE, T_FUSIONS, T_STEP, T_DIRECT, T_TESTS, T_KERNELS, T_REST; never past T_TOTAL) and
 # writes its results to OUTDIR before the next starts:
 #   0. environment (jax, GPU, driver) and benchmarks/gpu_smoke.py: a tiny
 #      forward, input gradient and weight gradient of every kernel config
@@ -21,7 +21,9 @@
 #      The smoke test also checks the direct-addressing conv kernels
 #      (pallas_kernels.conv_direct and conv_direct_wgrad, never run on a GPU
 #      before); their gate
-#      key is direct_ok, apart from implicit_ok.
+#      key is direct_ok, apart from implicit_ok. Then benchmarks/fusion_check.py
+#      (compile only, INT8JAX_DIRECT_CONV=1): which fusions read the float x and
+#      dy of a quantized conv -- the traffic model's multi-output-fusion assumption.
 #   1. ResNet-50 batch 256, bf16 vs UI8 with bf16 float parts (non-measuring
 #      steps), benchmarks/step_time.py: one variant compiled and timed at a
 #      time, each row appended to step.md right after its own measurement.
@@ -98,6 +100,8 @@ if [[ $dry == 1 ]]; then  # CPU: tiny shapes, interpret mode, short limits
   rest_args=(--batch 2 --steps 1 --warmup 0) ts_args=(--quick --bf16 --batch50 2) rest_model=resnet20
   layers_args=(--ops resnet20 --ops-kernels 1 --quick --bf16)
   mobilenet_variants="ui8-bf16 never" t_rest=${T_REST:-180}  # XLA:CPU's bf16 MobileNetV2 is slow
+  fusion_args=(--backend pallas_interpret --batch 2 --side 8 --channels 16 32)
+  t_fusions=${T_FUSIONS:-240}
 else
   smoke_args=(--timeout 20) t_smoke=${T_SMOKE:-70}
   step_args=(--model resnet50 --batch 256 --steps 30 --warmup 3)
@@ -107,6 +111,7 @@ else
   rest_args=(--batch 256 --steps 10 --warmup 2) ts_args=(--repeats 10 --block "steps period 1")
   rest_model=resnet50 layers_args=(--ops resnet50 --ops-kernels 3 --repeats 10 --block layers)
   mobilenet_variants="bf16,ui8-bf16 never" t_rest=${T_REST:-90}
+  fusion_args=(--backend pallas) t_fusions=${T_FUSIONS:-90}
 fi
 
 # -- 0. environment and smoke test -------------------------------------------
@@ -141,6 +146,11 @@ if [[ $phases == *,0,* ]]; then
     say "GATE: a direct-addressing conv config failed, hung or was not reached;" \
         "no INT8JAX_DIRECT_CONV=1 row"
   fi
+  # The traffic model's multi-output-fusion assumption, on the direct route (compile
+  # only, nothing runs): how many fusions read the float x and dy (1 each is the model).
+  run fusions "$t_fusions" env INT8JAX_DIRECT_CONV=1 "$py" benchmarks/fusion_check.py \
+    "${fusion_args[@]}" --out "$logd/fusions.json" --hlo "$logd/fusions_hlo.txt"
+  show fusions "^fusion_check" 2
   archive
 fi
 

@@ -247,3 +247,19 @@ def test_cli_errors(argv, match, capsys):
   with pytest.raises(SystemExit):
     tf.main(argv)
   assert match in capsys.readouterr().err
+
+
+def test_fusion_check_finds_the_quantizing_fusions(tmp_path, capsys):
+  """benchmarks/fusion_check.py (run on a GPU to check the traffic model's multi-output
+  fusion) on XLA:CPU: it finds x and dy among the compiled entry's parameters and the
+  fusions that read them, among them the one writing int8 x / int8 dy."""
+  from benchmarks import fusion_check
+  out = tmp_path / "f.json"
+  assert fusion_check.main(["--backend", "xla", "--batch", "2", "--side", "6",
+                            "--channels", "16", "24", "--out", str(out)]) == 0
+  import json
+  report = json.loads(out.read_text())
+  assert report["platform"] == "cpu" and report["reads"]["x"] >= 1, report
+  for key, shape in (("x", "s8[2,6,6,16]"), ("dy", "s8[2,6,6,24]")):
+    assert any(shape in r["writes"] for r in report["readers"][key]), report["readers"][key]
+  assert "fusions reading float x" in capsys.readouterr().out
