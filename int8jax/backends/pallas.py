@@ -258,12 +258,10 @@ def _conv_kernel_shape(spec: ConvSpec, which: str) -> bool:
 
 def _direct(spec: ConvSpec, which: str, k_channels: int, n_channels: int) -> bool:
   """Whether this conv GEMM runs on the direct-addressing kernel (see DIRECT_CONV):
-  switched on, a conv the implicit kernels would take (geometry, contraction), stride 1
-  for dgrad, and a default config (``select_conv_config(k_channels, n_channels)``) the
-  direct kernel accepts (tile_k == swizzle)."""
+  switched on, a conv the implicit kernels would take (geometry, contraction), and a
+  default config (``select_conv_config(k_channels, n_channels)``) the direct kernel
+  accepts (tile_k == swizzle)."""
   if not DIRECT_CONV.get(which, False) or not _conv_kernel_shape(spec, which):
-    return False
-  if which == "dgrad" and any(s != 1 for s in spec.window_strides):
     return False
   config = pk.select_conv_config(k_channels, n_channels)
   return config.tile_k == config.swizzle
