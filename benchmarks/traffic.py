@@ -158,6 +158,16 @@ _INLINED = frozenset({"jit", "pjit", "closed_call", "core_call", "custom_jvp_cal
                       "custom_vjp_call", "custom_vjp_call_jaxpr", "remat", "checkpoint"})
 
 
+#: Equations whose result is their operand's buffer (no XLA pass): a jax Ref made from
+#: an array and frozen back (a kernel writing into it in place: input_output_aliases),
+#: and a row-major reshape (a bitcast in XLA).
+_ALIASES = frozenset({"new_ref", "mutable_array", "freeze", "reshape"})
+
+
+def _is_ref(aval) -> bool:
+  return type(aval).__name__ == "AbstractRef"  # jax._src.state.types (no public name)
+
+
 class _Node:
   """One tensor of the flattened program."""
   __slots__ = ("aval",)
@@ -167,8 +177,8 @@ class _Node:
 
 
 def _flatten(jaxpr, env: dict, eqns: list) -> None:
-  """Appends ``(name, in nodes, out nodes, sub-jaxprs)`` of ``jaxpr`` to
-  ``eqns``, inlining call-like equations (``env``: var -> node)."""
+  """Appends ``(name, in nodes, out nodes, sub-jaxprs, in nodes passed as Refs)`` of
+  ``jaxpr`` to ``eqns``, inlining call-like equations (``env``: var -> node)."""
   for v in jaxpr.constvars:
     env.setdefault(v, _Node(v.aval))
   for eqn in jaxpr.eqns:
@@ -185,9 +195,14 @@ def _flatten(jaxpr, env: dict, eqns: list) -> None:
       for ov, sv in zip(eqn.outvars, call.outvars):
         env[ov] = sub_env[sv] if _is_var(sv) else _Node(ov.aval)
       continue
+    if name in _ALIASES and len(ins) >= 1 and ins[0] is not None and (
+        name != "reshape" or eqn.params.get("dimensions") is None):
+      env[eqn.outvars[0]] = ins[0]
+      continue
     outs = [_Node(v.aval) for v in eqn.outvars]
     env.update(zip(eqn.outvars, outs))
-    eqns.append((name, ins, outs, subs))
+    refs = {n for v, n in zip(eqn.invars, ins) if n is not None and _is_ref(v.aval)}
+    eqns.append((name, ins, outs, subs, refs))
 
 
 def _count(jaxpr, t: Traffic) -> None:
@@ -196,11 +211,11 @@ def _count(jaxpr, t: Traffic) -> None:
   env = {v: _Node(v.aval) for v in jaxpr.invars}
   eqns: list = []
   _flatten(jaxpr, env, eqns)
-  producer = {}
+  producer, written = {}, set()
   materialised = {env[v] for v in jaxpr.invars}
   materialised.update(env[v] for v in jaxpr.outvars if _is_var(v))
   materialised.update(n for v, n in env.items() if v in set(jaxpr.constvars))
-  for name, ins, outs, subs in eqns:
+  for name, ins, outs, subs, ref_ins in eqns:
     for n in outs:
       producer[n] = (name, ins, subs)
     real_ins = [n for n in ins if n is not None]
@@ -210,10 +225,15 @@ def _count(jaxpr, t: Traffic) -> None:
     elif name in _REDUCTIONS:
       materialised.update(outs)
     if name in KERNEL_PRIMITIVES:
+      # A Ref operand is a result written in place (input_output_aliases), counted once
+      # as written: by the launch that made the buffer, else by the first that takes it.
+      refs = [n for n in real_ins if n in ref_ins]
+      real_ins = [n for n in real_ins if n not in ref_ins]
       t.launches += 1
       t.kernel_in += sum(nbytes(n.aval) for n in real_ins)
       t.kernel_in_int8 += sum(nbytes(n.aval) for n in real_ins if n.aval.dtype == jnp.int8)
-      t.kernel_out += sum(nbytes(n.aval) for n in outs)
+      t.kernel_out += sum(nbytes(n.aval) for n in (*outs, *refs) if n not in written)
+      written.update((*outs, *refs))
     elif name in XLA_GEMM_PRIMITIVES:
       t.xla_gemm += sum(nbytes(n.aval) for n in (*real_ins, *outs))
       if any(jnp.issubdtype(n.aval.dtype, jnp.floating) for n in real_ins):
