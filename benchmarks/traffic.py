@@ -24,7 +24,9 @@ weight gradient "wgrad"):
 
   - *kernel*: every operand and result of every kernel launch (what the
     kernel is handed: the padded, row-shifted int8 copies, the weight
-    matrix, the scale/bias vectors, the output grid), read/written once.
+    matrix, the scale/bias vectors, the output grid), read/written once; a
+    buffer launches write in place (a jax Ref operand: input_output_aliases,
+    the direct strided dgrad's phases) is counted once, as written, not read.
   - *XLA passes* around the launches (pad, phase split, shifted copies,
     transposes, the grid-to-NHWC slice, the strided-dgrad interleave, the
     wgrad part combination, dequantization) under a simple fusion model:
@@ -34,7 +36,8 @@ weight gradient "wgrad"):
     materialised tensor written by an XLA pass costs its bytes once plus one
     read of each materialised tensor it is computed from (one fusion per
     materialised result; chains of pads, slices and elementwise ops between
-    them are assumed fused).
+    them are assumed fused; a row-major reshape, and a Ref's making and
+    freezing, are the same buffer: no pass).
   - *XLA GEMMs*: operands and results of XLA ``conv_general_dilated`` /
     ``dot_general`` (depthwise convs run as exact bf16 convs, not kernels).
   - *around* (per conv, not per GEMM): the quantize passes of x, w and g and
