@@ -609,7 +609,7 @@ def main(argv=None) -> int:
   p.add_argument("--out", default=None, help="markdown file to append the tables to")
   p.add_argument("--direct", action="store_true",
                  help="count with the direct-addressing conv kernels on (the Pallas backend's "
-                 "INT8JAX_DIRECT_CONV switch: forward, stride-1 dgrad, wgrad); default: off")
+                 "INT8JAX_DIRECT_CONV switch: forward, dgrad, wgrad); default: off")
   args = p.parse_args(argv)
   from examples import models
   names = [m.strip() for m in args.models.split(",") if m.strip()]

@@ -5,10 +5,10 @@ tensor *as produced* -- no pad, no flattening, no shifted copies -- and
 stores its result straight into the NHWC output. Not wired into
 :func:`pallas_kernels.int8_conv.int8_conv`; same arguments, same bits. The
 Pallas backend of int8jax runs it behind a switch (``INT8JAX_DIRECT_CONV=1``:
-forward and stride-1 input gradient; the weight gradient on
+forward and input gradient, any stride; the weight gradient on
 :mod:`pallas_kernels.conv_direct_wgrad`), off by default until a GPU has run it.
-:func:`int8_conv_direct_dgrad`: the stride-1 input gradient by the same
-kernel (g with the flipped, channel-swapped kernel).
+:func:`int8_conv_direct_dgrad`: the input gradient by the same kernel (stride 1:
+g with the flipped, channel-swapped kernel; strides > 1: below).
 
 How (stride 1; strides s > 1: below):
 
@@ -64,10 +64,50 @@ the kernel is the same (per-tap image / row / column offsets). TMA's
 element strides would read the phases in place, but Mosaic GPU does not
 expose them.
 
-Not done (to wire in): the strided input gradient (int8_conv's sub-pixel
-phases: one launch per phase, each this kernel on g; then an interleave),
-tile_k > swizzle (several boxes per step), and wgrad (a separate problem:
-its operands are pixel-major).
+Strided input gradient (:func:`int8_conv_direct_dgrad`, s > 1): the
+sub-pixel phases of :mod:`pallas_kernels.conv_dgrad` indexed by the output
+pixel's residue (:func:`direct_dgrad_phases`): ``dx[s*q + a] = sum_m
+g[q + (a+lo)//s - m] * w[(a+lo)%s + s*m]`` per dimension, a stride-1
+correlation of g over the phase grid (N, ceil(H/sh), ceil(W/sw)), run by this
+kernel with per-tap box offsets into g itself (below 0 / past the end: TMA
+zero fill; no padded g, no shifted copies). Each phase's tile goes straight
+into dx: dx (N, H', W', C') (H' = ceil(H/sh)*sh, W' likewise, C' = C rounded
+up to 16 bytes) *is*, row-major, the 5-D array (N, H'/sh, sh, W'/sw, sw*C'),
+in which phase (a, b) is the box ``[n, q_h, a, q_w, b*C' + c]``: the kernel's
+output store is one 5-D TMA box per swizzled slab (:class:`PhaseStore`). No
+interleave pass; dx is written once.
+
+* One launch per phase, chained through one buffer: the first launch makes dx
+  (its ``out_type``), the others take it as a ``jax.Ref``
+  (``jax.new_ref`` / ``jax.freeze``), which ``plgpu.kernel`` lowers as the
+  launch's ``input_output_aliases`` (checked on jax 0.11.2 and 0.12: the
+  lowered custom calls alias dx; XLA writes it in place). Why not one launch
+  over all phases: the phases have different tap counts (3x3 stride 2: 4 / 2
+  / 2 / 1), and the TMA ring's prologue and trip count are static per launch;
+  one grid would need a per-block step count or every phase padded to the
+  most taps (3x3 stride 2: 16 steps instead of 9, 1.78x the MACs). The cost
+  of separate launches: sh*sw launches instead of one, each reading its
+  boxes of g (the launches together read g sh*sw times: for C = O at
+  stride 2, the int8 input's bytes; L2 absorbs part of it when g fits).
+* Each launch writes only its own phase's bytes (order-independent): a
+  store never crosses into the next phase's channels, so the store slab is
+  the widest (128 / 64 / 32 bytes) whose channels divide C' (a tile's chunks
+  at or past C' are skipped: ``pl.when``); if none does, C' is rounded up to
+  the 32-byte slab instead and dx costs a slice (:func:`_phase_layout`:
+  float32 C = 4 mod 8, bfloat16 C = 8 mod 16). H or W no multiple of the
+  stride: dx' has H' > H rows, sliced (one XLA pass of dx). ResNet-50's
+  strided convs (even sizes, C a multiple of 64) have neither.
+* Phases no kernel tap reaches (1x1 stride 2: a or b odd) are a launch with
+  no taps -- no g, no weights, no TMA ring -- that stores the epilogue of a
+  zero accumulator (bias, or 0 times scale) into its phase: it writes those
+  pixels once, as any route must, and reads only scale / bias (one launch
+  each: 25-30 registers, 18-34 KiB of SMEM). No fill pass of dx before.
+* Interpret mode: g padded on the low side in XLA by the most negative tap
+  offset (as :func:`resolve_low_pad`), boxes and stores row by row, the tile
+  stored whole then copied by column chunks (same chunks, same skips).
+
+Not done: tile_k > swizzle (several boxes per step), and wgrad here (a
+separate problem: its operands are pixel-major; :mod:`conv_direct_wgrad`).
 """
 
 from __future__ import annotations
