@@ -36,8 +36,8 @@ weight gradient "wgrad"):
     materialised tensor written by an XLA pass costs its bytes once plus one
     read of each materialised tensor it is computed from (one fusion per
     materialised result; chains of pads, slices and elementwise ops between
-    them are assumed fused; a row-major reshape, and a Ref's making and
-    freezing, are the same buffer: no pass).
+    them are assumed fused; a Ref's making and freezing, and a row-major
+    reshape of it, are the same buffer: no pass).
   - *XLA GEMMs*: operands and results of XLA ``conv_general_dilated`` /
     ``dot_general`` (depthwise convs run as exact bf16 convs, not kernels).
   - *around* (per conv, not per GEMM): the quantize passes of x, w and g and
@@ -162,9 +162,12 @@ _INLINED = frozenset({"jit", "pjit", "closed_call", "core_call", "custom_jvp_cal
 
 
 #: Equations whose result is their operand's buffer (no XLA pass): a jax Ref made from
-#: an array and frozen back (a kernel writing into it in place: input_output_aliases),
-#: and a row-major reshape (a bitcast in XLA).
-_ALIASES = frozenset({"new_ref", "mutable_array", "freeze", "reshape"})
+#: an array and frozen back (kernels writing into it in place: input_output_aliases),
+#: and a row-major reshape of such a buffer (a bitcast in XLA). Other reshapes are
+#: counted as the model always has (a materialised reshape = one pass), though XLA
+#: makes them bitcasts too: the implicit route's 1x1 convs' flat views
+#: ((N*H*W, C) in, (M, O) out) are counted as passes.
+_REF_ALIASES = frozenset({"new_ref", "mutable_array", "freeze"})
 
 
 def _is_ref(aval) -> bool:
@@ -179,9 +182,11 @@ class _Node:
     self.aval = aval
 
 
-def _flatten(jaxpr, env: dict, eqns: list) -> None:
+def _flatten(jaxpr, env: dict, eqns: list, in_place: set | None = None) -> None:
   """Appends ``(name, in nodes, out nodes, sub-jaxprs, in nodes passed as Refs)`` of
-  ``jaxpr`` to ``eqns``, inlining call-like equations (``env``: var -> node)."""
+  ``jaxpr`` to ``eqns``, inlining call-like equations (``env``: var -> node;
+  ``in_place``: the buffers made into Refs)."""
+  in_place = set() if in_place is None else in_place
   for v in jaxpr.constvars:
     env.setdefault(v, _Node(v.aval))
   for eqn in jaxpr.eqns:
@@ -194,13 +199,15 @@ def _flatten(jaxpr, env: dict, eqns: list) -> None:
       for sv, n in zip(call.invars, ins):
         if n is None:
           sub_env[sv] = _Node(sv.aval)
-      _flatten(call, sub_env, eqns)
+      _flatten(call, sub_env, eqns, in_place)
       for ov, sv in zip(eqn.outvars, call.outvars):
         env[ov] = sub_env[sv] if _is_var(sv) else _Node(ov.aval)
       continue
-    if name in _ALIASES and len(ins) >= 1 and ins[0] is not None and (
-        name != "reshape" or eqn.params.get("dimensions") is None):
+    if ins and ins[0] is not None and (
+        name in _REF_ALIASES or (name == "reshape" and ins[0] in in_place
+                                 and eqn.params.get("dimensions") is None)):
       env[eqn.outvars[0]] = ins[0]
+      in_place.add(ins[0])
       continue
     outs = [_Node(v.aval) for v in eqn.outvars]
     env.update(zip(eqn.outvars, outs))
