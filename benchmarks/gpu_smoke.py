@@ -15,8 +15,9 @@ configs are picked up):
 * ``CONV_CONFIGS`` again as ``direct:NAME`` (last): the direct-addressing
   kernels of :mod:`pallas_kernels.conv_direct` (not yet run on a GPU), a 3x3
   SAME forward at stride 1 (float32; the low padding read as TMA's
-  out-of-bounds zeros) and 2 (int32; phase split), the stride-1 input
-  gradient (``int8_conv_direct_dgrad``, int32), and the weight gradient of
+  out-of-bounds zeros) and 2 (int32; phase split), the input gradient
+  (``int8_conv_direct_dgrad``, int32) at stride 1 and 2 (one launch per output
+  phase, each storing into dx in place), and the weight gradient of
   :mod:`pallas_kernels.conv_direct_wgrad` (float32, the exact sum rounded
   once) at stride 1 (the low padding read as TMA's out-of-bounds zeros) and 2
   (phase split) -- its tiles those of the ``WGRAD_CONFIGS`` entry at the same
@@ -138,14 +139,15 @@ def _check(name: str, interpret: bool) -> str:
                     jax.jit(lambda x, w, kw=kw: cd.int8_conv_direct(
                         x, w, config=config, interpret=interpret, **kw))(x, w),
                     reference(pk.int8_conv_reference, x, w, **kw), True))
-    kw = dict(padding="SAME", out_dtype=jnp.int32)
-    g = int8(pk.conv_output_shape(x.shape, w.shape, (1, 1), "SAME"))
-    cases.append(("direct dgrad s1 int32",
-                  jax.jit(lambda g, w: cd.int8_conv_direct_dgrad(
-                      g, w, input_shape=x.shape, config=config, interpret=interpret,
-                      **kw))(g, w),
-                  reference(pk.int8_conv_dgrad_reference, g, w, input_shape=x.shape, **kw),
-                  True))
+    for strides in ((1, 1), (2, 2)):  # stride 2: one launch per output phase, in place
+      kw = dict(window_strides=strides, padding="SAME", out_dtype=jnp.int32)
+      g = int8(pk.conv_output_shape(x.shape, w.shape, strides, "SAME"))
+      cases.append((f"direct dgrad s{strides[0]} int32",
+                    jax.jit(lambda g, w, kw=kw: cd.int8_conv_direct_dgrad(
+                        g, w, input_shape=x.shape, config=config, interpret=interpret,
+                        **kw))(g, w),
+                    reference(pk.int8_conv_dgrad_reference, g, w, input_shape=x.shape, **kw),
+                    True))
     from pallas_kernels import conv_direct_wgrad as cdw
     # CONV_CONFIGS[i] <-> WGRAD_CONFIGS[i]: 64x64, 64x128, 128x64, 128x128
     tiles = pk.WGRAD_CONFIGS[list(pk.CONV_CONFIGS).index(config)]

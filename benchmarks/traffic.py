@@ -24,7 +24,9 @@ weight gradient "wgrad"):
 
   - *kernel*: every operand and result of every kernel launch (what the
     kernel is handed: the padded, row-shifted int8 copies, the weight
-    matrix, the scale/bias vectors, the output grid), read/written once.
+    matrix, the scale/bias vectors, the output grid), read/written once; a
+    buffer launches write in place (a jax Ref operand: input_output_aliases,
+    the direct strided dgrad's phases) is counted once, as written, not read.
   - *XLA passes* around the launches (pad, phase split, shifted copies,
     transposes, the grid-to-NHWC slice, the strided-dgrad interleave, the
     wgrad part combination, dequantization) under a simple fusion model:
@@ -34,7 +36,8 @@ weight gradient "wgrad"):
     materialised tensor written by an XLA pass costs its bytes once plus one
     read of each materialised tensor it is computed from (one fusion per
     materialised result; chains of pads, slices and elementwise ops between
-    them are assumed fused). Multi-output fusion: a pass that reads a
+    them are assumed fused; a Ref's making and freezing, and a row-major
+    reshape of it, are the same buffer: no pass). Multi-output fusion: a pass that reads a
     materialised tensor another XLA pass writes (not a barrier's, kernel's or
     GEMM's result) is taken as an extra output of that pass's fusion and
     reads nothing of its own -- XLA:GPU's producer-consumer multi-output
@@ -171,6 +174,19 @@ _INLINED = frozenset({"jit", "pjit", "closed_call", "core_call", "custom_jvp_cal
                       "custom_vjp_call", "custom_vjp_call_jaxpr", "remat", "checkpoint"})
 
 
+#: Equations whose result is their operand's buffer (no XLA pass): a jax Ref made from
+#: an array and frozen back (kernels writing into it in place: input_output_aliases),
+#: and a row-major reshape of such a buffer (a bitcast in XLA). Other reshapes are
+#: counted as the model always has (a materialised reshape = one pass), though XLA
+#: makes them bitcasts too: the implicit route's 1x1 convs' flat views
+#: ((N*H*W, C) in, (M, O) out) are counted as passes.
+_REF_ALIASES = frozenset({"new_ref", "mutable_array", "freeze"})
+
+
+def _is_ref(aval) -> bool:
+  return type(aval).__name__ == "AbstractRef"  # jax._src.state.types (no public name)
+
+
 class _Node:
   """One tensor of the flattened program."""
   __slots__ = ("aval",)
@@ -179,9 +195,11 @@ class _Node:
     self.aval = aval
 
 
-def _flatten(jaxpr, env: dict, eqns: list) -> None:
-  """Appends ``(name, in nodes, out nodes, sub-jaxprs)`` of ``jaxpr`` to
-  ``eqns``, inlining call-like equations (``env``: var -> node)."""
+def _flatten(jaxpr, env: dict, eqns: list, in_place: set | None = None) -> None:
+  """Appends ``(name, in nodes, out nodes, sub-jaxprs, in nodes passed as Refs)`` of
+  ``jaxpr`` to ``eqns``, inlining call-like equations (``env``: var -> node;
+  ``in_place``: the buffers made into Refs)."""
+  in_place = set() if in_place is None else in_place
   for v in jaxpr.constvars:
     env.setdefault(v, _Node(v.aval))
   for eqn in jaxpr.eqns:
@@ -194,13 +212,20 @@ def _flatten(jaxpr, env: dict, eqns: list) -> None:
       for sv, n in zip(call.invars, ins):
         if n is None:
           sub_env[sv] = _Node(sv.aval)
-      _flatten(call, sub_env, eqns)
+      _flatten(call, sub_env, eqns, in_place)
       for ov, sv in zip(eqn.outvars, call.outvars):
         env[ov] = sub_env[sv] if _is_var(sv) else _Node(ov.aval)
       continue
+    if ins and ins[0] is not None and (
+        name in _REF_ALIASES or (name == "reshape" and ins[0] in in_place
+                                 and eqn.params.get("dimensions") is None)):
+      env[eqn.outvars[0]] = ins[0]
+      in_place.add(ins[0])
+      continue
     outs = [_Node(v.aval) for v in eqn.outvars]
     env.update(zip(eqn.outvars, outs))
-    eqns.append((name, ins, outs, subs))
+    refs = {n for v, n in zip(eqn.invars, ins) if n is not None and _is_ref(v.aval)}
+    eqns.append((name, ins, outs, subs, refs))
 
 
 def _count(jaxpr, t: Traffic, multi_output_fusion: bool = True) -> None:
@@ -211,11 +236,11 @@ def _count(jaxpr, t: Traffic, multi_output_fusion: bool = True) -> None:
   env = {v: _Node(v.aval) for v in jaxpr.invars}
   eqns: list = []
   _flatten(jaxpr, env, eqns)
-  producer = {}
+  producer, written = {}, set()
   materialised = {env[v] for v in jaxpr.invars}
   materialised.update(env[v] for v in jaxpr.outvars if _is_var(v))
   materialised.update(n for v, n in env.items() if v in set(jaxpr.constvars))
-  for name, ins, outs, subs in eqns:
+  for name, ins, outs, subs, ref_ins in eqns:
     for n in outs:
       producer[n] = (name, ins, subs)
     real_ins = [n for n in ins if n is not None]
@@ -225,16 +250,21 @@ def _count(jaxpr, t: Traffic, multi_output_fusion: bool = True) -> None:
     elif name in _REDUCTIONS:
       materialised.update(outs)
     if name in KERNEL_PRIMITIVES:
+      # A Ref operand is a result written in place (input_output_aliases), counted once
+      # as written: by the launch that made the buffer, else by the first that takes it.
+      refs = [n for n in real_ins if n in ref_ins]
+      real_ins = [n for n in real_ins if n not in ref_ins]
       t.launches += 1
       t.kernel_in += sum(nbytes(n.aval) for n in real_ins)
       t.kernel_in_int8 += sum(nbytes(n.aval) for n in real_ins if n.aval.dtype == jnp.int8)
-      t.kernel_out += sum(nbytes(n.aval) for n in outs)
+      t.kernel_out += sum(nbytes(n.aval) for n in (*outs, *refs) if n not in written)
+      written.update((*outs, *refs))
     elif name in XLA_GEMM_PRIMITIVES:
       t.xla_gemm += sum(nbytes(n.aval) for n in (*real_ins, *outs))
       if any(jnp.issubdtype(n.aval.dtype, jnp.floating) for n in real_ins):
         t.xla_gemm_float = True
     for sub in subs:
-      _count(sub, t)
+      _count(sub, t, multi_output_fusion)
   # One fusion per materialised tensor an XLA pass writes: its bytes plus one
   # read of each materialised tensor it is computed from.
   skip = KERNEL_PRIMITIVES | XLA_GEMM_PRIMITIVES | _BARRIERS
@@ -618,7 +648,7 @@ def main(argv=None) -> int:
   p.add_argument("--out", default=None, help="markdown file to append the tables to")
   p.add_argument("--direct", action="store_true",
                  help="count with the direct-addressing conv kernels on (the Pallas backend's "
-                 "INT8JAX_DIRECT_CONV switch: forward, stride-1 dgrad, wgrad); default: off")
+                 "INT8JAX_DIRECT_CONV switch: forward, dgrad, wgrad); default: off")
   args = p.parse_args(argv)
   from examples import models
   names = [m.strip() for m in args.models.split(",") if m.strip()]

@@ -5,10 +5,10 @@ tensor *as produced* -- no pad, no flattening, no shifted copies -- and
 stores its result straight into the NHWC output. Not wired into
 :func:`pallas_kernels.int8_conv.int8_conv`; same arguments, same bits. The
 Pallas backend of int8jax runs it behind a switch (``INT8JAX_DIRECT_CONV=1``:
-forward and stride-1 input gradient; the weight gradient on
+forward and input gradient, any stride; the weight gradient on
 :mod:`pallas_kernels.conv_direct_wgrad`), off by default until a GPU has run it.
-:func:`int8_conv_direct_dgrad`: the stride-1 input gradient by the same
-kernel (g with the flipped, channel-swapped kernel).
+:func:`int8_conv_direct_dgrad`: the input gradient by the same kernel (stride 1:
+g with the flipped, channel-swapped kernel; strides > 1: below).
 
 How (stride 1; strides s > 1: below):
 
@@ -64,10 +64,50 @@ the kernel is the same (per-tap image / row / column offsets). TMA's
 element strides would read the phases in place, but Mosaic GPU does not
 expose them.
 
-Not done (to wire in): the strided input gradient (int8_conv's sub-pixel
-phases: one launch per phase, each this kernel on g; then an interleave),
-tile_k > swizzle (several boxes per step), and wgrad (a separate problem:
-its operands are pixel-major).
+Strided input gradient (:func:`int8_conv_direct_dgrad`, s > 1): the
+sub-pixel phases of :mod:`pallas_kernels.conv_dgrad` indexed by the output
+pixel's residue (:func:`direct_dgrad_phases`): ``dx[s*q + a] = sum_m
+g[q + (a+lo)//s - m] * w[(a+lo)%s + s*m]`` per dimension, a stride-1
+correlation of g over the phase grid (N, ceil(H/sh), ceil(W/sw)), run by this
+kernel with per-tap box offsets into g itself (below 0 / past the end: TMA
+zero fill; no padded g, no shifted copies). Each phase's tile goes straight
+into dx: dx (N, H', W', C') (H' = ceil(H/sh)*sh, W' likewise, C' = C rounded
+up to 16 bytes) *is*, row-major, the 5-D array (N, H'/sh, sh, W'/sw, sw*C'),
+in which phase (a, b) is the box ``[n, q_h, a, q_w, b*C' + c]``: the kernel's
+output store is one 5-D TMA box per swizzled slab (:class:`PhaseStore`). No
+interleave pass; dx is written once.
+
+* One launch per phase, chained through one buffer: the first launch makes dx
+  (its ``out_type``), the others take it as a ``jax.Ref``
+  (``jax.new_ref`` / ``jax.freeze``), which ``plgpu.kernel`` lowers as the
+  launch's ``input_output_aliases`` (checked on jax 0.11.2 and 0.12: the
+  lowered custom calls alias dx; XLA writes it in place). Why not one launch
+  over all phases: the phases have different tap counts (3x3 stride 2: 4 / 2
+  / 2 / 1), and the TMA ring's prologue and trip count are static per launch;
+  one grid would need a per-block step count or every phase padded to the
+  most taps (3x3 stride 2: 16 steps instead of 9, 1.78x the MACs). The cost
+  of separate launches: sh*sw launches instead of one, each reading its
+  boxes of g (the launches together read g sh*sw times: for C = O at
+  stride 2, the int8 input's bytes; L2 absorbs part of it when g fits).
+* Each launch writes only its own phase's bytes (order-independent): a
+  store never crosses into the next phase's channels, so the store slab is
+  the widest (128 / 64 / 32 bytes) whose channels divide C' (a tile's chunks
+  at or past C' are skipped: ``pl.when``); if none does, C' is rounded up to
+  the 32-byte slab instead and dx costs a slice (:func:`_phase_layout`:
+  float32 C = 4 mod 8, bfloat16 C = 8 mod 16). H or W no multiple of the
+  stride: dx' has H' > H rows, sliced (one XLA pass of dx). ResNet-50's
+  strided convs (even sizes, C a multiple of 64) have neither.
+* Phases no kernel tap reaches (1x1 stride 2: a or b odd) are a launch with
+  no taps -- no g, no weights, no TMA ring -- that stores the epilogue of a
+  zero accumulator (bias, or 0 times scale) into its phase: it writes those
+  pixels once, as any route must, and reads only scale / bias (one launch
+  each: 25-30 registers, 18-34 KiB of SMEM). No fill pass of dx before.
+* Interpret mode: g padded on the low side in XLA by the most negative tap
+  offset (as :func:`resolve_low_pad`), boxes and stores row by row, the tile
+  stored whole then copied by column chunks (same chunks, same skips).
+
+Not done: tile_k > swizzle (several boxes per step), and wgrad here (a
+separate problem: its operands are pixel-major; :mod:`conv_direct_wgrad`).
 """
 
 from __future__ import annotations
@@ -98,8 +138,8 @@ from pallas_kernels.conv_dgrad import check_dgrad_args
 from pallas_kernels.conv_forward import check_conv_args
 from pallas_kernels.conv_forward import padded_vectors as _vectors
 
-__all__ = ["DirectTile", "direct_kernel_operand_bytes", "direct_tile", "int8_conv_direct",
-           "int8_conv_direct_dgrad", "resolve_low_pad",
+__all__ = ["DirectTile", "PhaseStore", "direct_dgrad_phases", "direct_kernel_operand_bytes",
+           "direct_tile", "int8_conv_direct", "int8_conv_direct_dgrad", "resolve_low_pad",
            "untiled_view"]
 
 _GMEM_STRIDE_BYTES = 16  # TMA: every GMEM stride but the last a multiple of 16 bytes
@@ -206,12 +246,67 @@ def _store(ref, value, optimized):
     store(ref, value, optimized=optimized)
 
 
+@dataclasses.dataclass(frozen=True)
+class PhaseStore:
+  """Where a strided-dgrad launch stores its tile: output phase (a, b) of dx viewed as
+  (N, Hq, sh, Wq, sw*C') (row-major dx (N, Hq*sh, Wq*sw, C') itself), output channel c
+  of the tile at column ``b*c_pad + c`` of the last dimension; ``chunk`` channels per
+  store (a divisor of ``c_pad``: no store crosses into the next phase's channels)."""
+  a: int
+  b: int
+  c_pad: int
+  chunk: int
+  guard: bool = True  # whether a tile's chunk can start at or past c_pad
+
+
+def _store_phase(out_smem, out_gmem, phase: PhaseStore, *, tile: DirectTile, origin, n_col,
+                 tile_n: int, swizzled: bool, row_copies: bool):
+  """Stores the output tile (SMEM: ``tile_n // chunk`` swizzled slabs, or one untiled
+  (tile_m, tile_n) tile) into phase (a, b) of the 5-D dx view (:class:`PhaseStore`):
+  per chunk of ``chunk`` channels one 5-D TMA box ``[n0:+tb, h0:+th, a, w0:+tw,
+  b*C' + c0 : +chunk]`` (row by row under the interpreter). Chunks at or past C'
+  (channels of the tile beyond dx's) are skipped: in this view they are the next
+  phase's channels, which TMA would not clip."""
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  tb, th, tw = tile.tb, tile.th, tile.tw
+  n0, h0, w0 = origin
+  chunk = phase.chunk
+  for j in range(tile_n // chunk):
+    c0 = n_col + j * chunk
+
+    def store(j=j, c0=c0):
+      chans = pl.ds(phase.b * phase.c_pad + c0, chunk)
+      if row_copies:
+        for b in range(tb):
+          for i in range(th):
+            rows = pl.ds((b * th + i) * tw, tw)
+            src = (out_smem.at[j, rows] if swizzled
+                   else out_smem.at[rows, pl.ds(j * chunk, chunk)])
+            plgpu.copy_smem_to_gmem(src, out_gmem.at[n0 + b, h0 + i, phase.a, pl.ds(w0, tw),
+                                                     chans], commit_group=False)
+      else:
+        if not swizzled:
+          raise NotImplementedError("the compiled strided dgrad stores swizzled slabs")
+        plgpu.copy_smem_to_gmem(
+            untiled_view(out_smem, j, (tb, th, 1, tw)),
+            out_gmem.at[pl.ds(n0, tb), pl.ds(h0, th), pl.ds(phase.a, 1), pl.ds(w0, tw), chans],
+            commit_group=False)
+
+    if phase.guard:
+      pl.when(c0 < phase.c_pad)(store)
+    else:
+      store()
+
+
 def _direct_kernel(x_gmem, w_gmem, scale_gmem, bias_gmem, out_gmem, a_smem, b_smem,
                    barriers, scale_smem, bias_smem, vec_barriers, out_smem, *,
                    tile: DirectTile, grid_hw: tuple[int, int],
                    taps: tuple[tuple[int, int, int], ...], offset_hw: tuple[int, int],
                    config: Int8ConvConfig, k_chunks: int,
-                   has_bias: bool, int_out: bool, row_copies: bool, out_chunk: int | None):
+                   has_bias: bool, int_out: bool, row_copies: bool, out_chunk: int | None,
+                   phase: PhaseStore | None = None):
   """One (tb x th x tw pixels, tile_n channels) output tile per block.
 
   GMEM: x (N', H', W', C') int8 (C' a multiple of 16; stride s > 1: the s*s
@@ -222,7 +317,10 @@ def _direct_kernel(x_gmem, w_gmem, scale_gmem, bias_gmem, out_gmem, a_smem, b_sm
   ``row_copies``: copy each box row by row into the tiled slot (interpret
   mode) instead of one box into the untiled view. ``out_chunk``: output
   channels per swizzled output slab (None: one untiled tile;
-  :func:`_out_layout`).
+  :func:`_out_layout`). ``phase``: store into output phase (a, b) of the 5-D view
+  (N, Hq, sh, Wq, sw*C') of dx (:class:`PhaseStore`; strided dgrad) instead of the
+  NHWC output. No taps (a dgrad phase no kernel tap reaches): no loads, the
+  epilogue of a zero accumulator (x_gmem, w_gmem, a_smem, b_smem, barriers None).
   """
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -268,8 +366,11 @@ def _direct_kernel(x_gmem, w_gmem, scale_gmem, bias_gmem, out_gmem, a_smem, b_sm
     plgpu.copy_gmem_to_smem(w_gmem.at[n_slice, pl.ds(step * tile_k, tile_k)],
                             b_smem.at[slot], barriers.at[slot])
 
-  acc = _pipelined_accumulate(issue, num_steps, depth, a_smem, b_smem, barriers,
-                              (tile_m, tile_n))
+  if num_steps:
+    acc = _pipelined_accumulate(issue, num_steps, depth, a_smem, b_smem, barriers,
+                                (tile_m, tile_n))
+  else:  # a phase without taps: epilogue(0)
+    acc = pl.run_scoped(lambda acc_ref: acc_ref[...], plgpu.ACC((tile_m, tile_n), jnp.int32))
   swizzled = out_chunk is not None
   chunks = tile_n // out_chunk if swizzled else 1
   out_chunk = out_chunk or tile_n
@@ -297,7 +398,10 @@ def _direct_kernel(x_gmem, w_gmem, scale_gmem, bias_gmem, out_gmem, a_smem, b_sm
     else:
       _store(out_smem, out, optimized=False)
   plgpu.commit_smem()
-  for j in range(chunks):
+  if phase is not None:
+    _store_phase(out_smem, out_gmem, phase, tile=tile, origin=(n0, h0, w0),
+                 n_col=n_idx * tile_n, tile_n=tile_n, swizzled=swizzled, row_copies=row_copies)
+  for j in range(chunks if phase is None else 0):
     chans = pl.ds(n_idx * tile_n + j * out_chunk, out_chunk)
     src = out_smem.at[j] if swizzled else out_smem
     if row_copies:
@@ -494,34 +598,192 @@ def int8_conv_direct_dgrad(g, w, *, input_shape, window_strides=(1, 1), padding=
                            scale=None, bias=None, out_dtype=jnp.float32,
                            config: Int8ConvConfig | None = None, tile: DirectTile | None = None,
                            low_pad_in_xla: bool | None = None, interpret=False):
-  """:func:`pallas_kernels.int8_conv.int8_conv_dgrad` (stride 1) by the same kernel.
+  """:func:`pallas_kernels.int8_conv.int8_conv_dgrad` by the same kernel, any stride.
 
-  The stride-1 input gradient is the stride-1 conv of g with the kernel
-  flipped in space and C, O swapped, padded (KH-1-lo, KH-1-hi) (a crop where
-  negative): the kernel reads g as given (no pad, no copies) and writes dx
-  (N, H, W, C). Arguments as :func:`int8_conv_dgrad` (``config``:
-  ``select_conv_config(O, C)`` if None), plus ``tile`` and ``low_pad_in_xla``
-  as :func:`int8_conv_direct`. Bit-equal to
+  Stride 1: the stride-1 conv of g with the kernel flipped in space and C, O
+  swapped, padded (KH-1-lo, KH-1-hi) (a crop where negative): the kernel reads g
+  as given (no pad, no copies) and writes dx (N, H, W, C). Strides s > 1: one
+  launch per output phase (:func:`direct_dgrad_phases`), each a stride-1
+  correlation of g (per-tap boxes, out-of-bounds zeros) stored in place into its
+  phase of dx (module docstring). Arguments as :func:`int8_conv_dgrad`
+  (``config``: ``select_conv_config(O, C)`` if None), plus ``tile`` (strided:
+  a tile of the phase grid (N, ceil(H/sh), ceil(W/sw))) and ``low_pad_in_xla`` as
+  :func:`int8_conv_direct`. Bit-equal to
   :func:`pallas_kernels.int8_conv.int8_conv_dgrad_reference`.
-
-  Raises:
-    NotImplementedError for ``window_strides`` other than (1, 1) (strided
-    dgrad needs int8_conv's sub-pixel phases and an interleave).
   """
   input_shape, strides, pads = check_dgrad_args(g, w, input_shape, window_strides, padding)
-  if strides != (1, 1):
-    raise NotImplementedError(
-        f"int8_conv_direct_dgrad: window_strides={window_strides!r}; only (1, 1) is done")
   scale, bias, out_dtype = _check_epilogue_args(scale, bias, out_dtype, w.shape[2], "C")
   kh, kw, c, o = w.shape
   _check_contraction(kh * kw * o, "this dgrad")
   if min(input_shape) == 0 or min(g.shape) == 0:
     return _empty_or_zero_k(input_shape, scale, bias, out_dtype)
+  config = config or select_conv_config(o, c)
+  if strides != (1, 1):
+    return _run_direct_dgrad_strided(g, w, scale, bias, input_shape=input_shape,
+                                     strides=strides, pads=pads, out_dtype=out_dtype,
+                                     config=config, tile=tile, low_pad_in_xla=low_pad_in_xla,
+                                     interpret=interpret)
   t_pads = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip((kh, kw), pads))
   w_t = jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2))  # (KH, KW, O, C): a tiny XLA op
   return _run_direct(g, w_t, scale, bias, strides=(1, 1), pads=t_pads, out_dtype=out_dtype,
-                     config=config or select_conv_config(o, c), tile=tile,
-                     low_pad_in_xla=low_pad_in_xla, interpret=interpret)
+                     config=config, tile=tile, low_pad_in_xla=low_pad_in_xla,
+                     interpret=interpret)
+
+
+def _run_direct_dgrad_strided(g, w, scale, bias, *, input_shape, strides, pads, out_dtype,
+                              config, tile, low_pad_in_xla, interpret):
+  """The strided dgrad of checked, non-empty arguments (w: (KH, KW, C, O))."""
+  n, h, wd, _ = input_shape
+  kh, kw, _, _ = w.shape
+  _check_direct_config(config)
+  launcher = _launcher(interpret)
+  interpret_mode = launcher != "mosaic_gpu"
+  _check_config(config, out_dtype, interpret_mode)
+  if _phase_layout(config.tile_n, 1, out_dtype) is None:
+    raise ValueError(f"config.tile_n={config.tile_n}: the strided direct dgrad stores "
+                     "32-byte slabs, so a tile row must be a multiple of 32 bytes of "
+                     f"{jnp.dtype(out_dtype).name}")
+  hq, wq = -(-h // strides[0]), -(-wd // strides[1])
+  if tile is None:
+    tile = direct_tile(n, hq, wq, config.tile_m, -(-kh // strides[0]), -(-kw // strides[1]))
+  if not isinstance(tile, DirectTile) or tile.pixels != config.tile_m:
+    raise ValueError(f"tile={tile!r} must be a DirectTile of config.tile_m={config.tile_m} "
+                     "pixels")
+  if max(tile.tb, tile.th, tile.tw) > _MAX_BOX:
+    raise ValueError(f"tile={tile!r}: TMA boxes hold at most {_MAX_BOX} per dimension")
+  # The low padding the boxes read out of bounds: the most negative tap offset into g.
+  reach = [max(0, -min(t[d] for *_, taps, _ in direct_dgrad_phases((kh, kw), strides, pads)
+                       for t in taps)) for d in (1, 2)]
+  low_pad_in_xla = resolve_low_pad(low_pad_in_xla, interpret_mode, (1, 1),
+                                   tuple((r, 0) for r in reach))
+  # As _run_direct: interpret mode stores the tile whole (one epilogue expression).
+  return _int8_conv_direct_dgrad_impl(g, w, scale, bias, input_shape=input_shape,
+                                      strides=strides, pads=pads, out_dtype=out_dtype,
+                                      config=config, launcher=launcher, tile=tile,
+                                      low_pad_in_xla=bool(low_pad_in_xla),
+                                      slab_out=not interpret_mode)
+
+
+def direct_dgrad_phases(kernel_hw, strides, pads):
+  """The output phases of a strided dgrad as stride-1 correlations of g.
+
+  dx[s*q + a] = sum_m g[q + (a + lo) // s - m] * w[(a + lo) % s + s*m] per dimension
+  (the sub-pixel phases of :func:`pallas_kernels.conv_dgrad.dgrad_plan`, indexed by
+  a = i mod s instead of (i + lo) mod s; g is zero outside [0, Ho)). Returns per phase
+  (a, b) in row-major order: (a, b, taps, weights) with taps ((0, dh, dw), ...) the box
+  offsets into g and weights ((kh, kw), ...) the kernel tap of each; no taps: a phase
+  no kernel tap reaches (1x1 stride 2: a or b odd), epilogue(0).
+  """
+  def dim(k, s, lo):
+    out = []
+    for a in range(s):
+      rho = (a + lo) % s
+      out.append([((a + lo) // s - m, rho + s * m) for m in range(len(range(rho, k, s)))])
+    return out
+
+  ph = dim(kernel_hw[0], strides[0], pads[0][0])
+  pw = dim(kernel_hw[1], strides[1], pads[1][0])
+  phases = []
+  for a, hs in enumerate(ph):
+    for b, ws in enumerate(pw):
+      taps = tuple((0, dh, dw) for dh, _ in hs for dw, _ in ws)
+      weights = tuple((kh, kw) for _, kh in hs for _, kw in ws)
+      phases.append((a, b, taps, weights))
+  return tuple(phases)
+
+
+def _phase_layout(tile_n: int, c: int, out_dtype):
+  """(swizzle bytes, channels per store, C') of the strided dgrad's phase stores: the
+  widest swizzled slab (128, 64, 32 bytes) whose channels divide both the tile's and C'
+  = C rounded up to 16 bytes (a store must not cross into the next phase's channels);
+  if none divides C', C' = C rounded up to the 32-byte slab (dx then costs a slice).
+  None if tile_n's row is no multiple of 32 bytes."""
+  size = jnp.dtype(out_dtype).itemsize
+  c16 = _round_up(c, _GMEM_STRIDE_BYTES // size)
+  for swizzle in (128, 64, 32):
+    chunk = swizzle // size
+    if (tile_n * size) % swizzle == 0 and c16 % chunk == 0:
+      return swizzle, chunk, c16
+  if (tile_n * size) % 32:
+    return None
+  return 32, 32 // size, _round_up(c, 32 // size)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "input_shape", "strides", "pads", "out_dtype", "config", "launcher", "tile",
+    "low_pad_in_xla", "slab_out"))
+def _int8_conv_direct_dgrad_impl(g, w, scale, bias, *, input_shape, strides, pads,
+                                 out_dtype, config, launcher, tile, low_pad_in_xla, slab_out):
+  """One launch per output phase (:func:`direct_dgrad_phases`), each storing into its
+  phase of the one dx buffer: the first launch creates it, the others take it as a
+  ``jax.Ref`` (the launch's input_output_aliases: in place, no copy, no interleave)."""
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  n, h, wd, c = input_shape
+  kh, kw, _, o = w.shape
+  sh, sw = strides
+  hq, wq = -(-h // sh), -(-wd // sw)
+  interpret = launcher != "mosaic_gpu"
+  phases = direct_dgrad_phases((kh, kw), strides, pads)
+  cp = _round_up(max(o, 1), config.tile_k)
+  op = _round_up(c, config.tile_n)
+  o16 = _round_up(o, _GMEM_STRIDE_BYTES)
+  all_taps = [t for *_, taps, _ in phases for t in taps]
+  low = tuple(max(0, -min(t[d] for t in all_taps)) if low_pad_in_xla else 0 for d in (1, 2))
+  if o16 != o or any(low):
+    g = lax.pad(g, jnp.int8(0), ((0, 0, 0), (low[0], 0, 0), (low[1], 0, 0), (0, o16 - o, 0)))
+  swizzle, chunk, c_pad = _phase_layout(config.tile_n, c, out_dtype)
+  scale_p, bias_p = _vectors(scale, bias, c, op)
+  k_chunks = cp // config.tile_k
+  grid_hw = (-(-hq // tile.th), -(-wq // tile.tw))
+  grid = (-(-n // tile.tb) * grid_hw[0] * grid_hw[1], op // config.tile_n)
+  if slab_out:
+    out_tile = plgpu.SMEM((config.tile_n // chunk, config.tile_m, chunk), out_dtype,
+                          transforms=(plgpu.TilingTransform((8, chunk)),
+                                      plgpu.SwizzleTransform(swizzle)))
+  else:
+    out_tile = plgpu.SMEM((config.tile_m, config.tile_n), out_dtype)
+  vectors = [plgpu.SMEM((config.tile_n,), jnp.float32), plgpu.SMEM((config.tile_n,), jnp.float32),
+             plgpu.Barrier(num_barriers=2)]
+  out_type = jax.ShapeDtypeStruct((n, hq, sh, wq, sw * c_pad), out_dtype)
+  dx = None
+  for a, b, taps, weights in phases:
+    body = functools.partial(
+        _direct_kernel, tile=tile, grid_hw=grid_hw, taps=taps, offset_hw=low, config=config,
+        k_chunks=k_chunks, has_bias=bias is not None, int_out=out_dtype == jnp.int32,
+        row_copies=interpret, out_chunk=chunk if slab_out else None,
+        phase=PhaseStore(a, b, c_pad, chunk, guard=op > c_pad))
+    if taps:
+      depth = min(config.max_concurrent_steps, len(taps) * k_chunks)
+      arrivals = 1 + (tile.tb * tile.th if interpret else 1)
+      scratch = _ring(config, depth, arrivals) + vectors + [out_tile]
+      operands = (g, _weight_matrix(w, _Taps(offsets=(0,) * len(weights), weights=weights),
+                                    op, cp), scale_p, bias_p)
+    else:  # epilogue(0): no g, no weights, no ring
+      scratch = vectors + [out_tile]
+      operands = (scale_p, bias_p)
+      body = functools.partial(_zero_phase_body, body)
+    kernel = plgpu.kernel(
+        body, out_type=out_type if dx is None else (), scratch_types=scratch, grid=grid,
+        grid_names=("m", "n"),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+        interpret=launcher if interpret else None,
+        kernel_name=f"int8_conv_direct_dgrad_phase{a}{b}")
+    if dx is None:
+      dx = jax.new_ref(kernel(*operands))
+    else:
+      kernel(*operands, dx)
+  dx = jax.freeze(dx).reshape(n, hq * sh, wq * sw, c_pad)
+  if (hq * sh, wq * sw, c_pad) != (h, wd, c):  # ragged: a slice of dx
+    dx = dx[:, :h, :wd, :c]
+  return dx
+
+
+def _zero_phase_body(body, scale_gmem, bias_gmem, out_gmem, scale_smem, bias_smem, vec_barriers,
+                     out_smem):
+  """``body`` (:func:`_direct_kernel` of a phase without taps) without g, weights, ring."""
+  body(None, None, scale_gmem, bias_gmem, out_gmem, None, None, None, scale_smem, bias_smem,
+       vec_barriers, out_smem)
 
 
 def direct_kernel_operand_bytes(x_shape, w_shape, *, padding="SAME", config=None,

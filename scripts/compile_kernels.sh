@@ -8,8 +8,9 @@
 # Targets: `kernels` (every config of CONV_CONFIGS, WGRAD_CONFIGS and
 # LIBRARY_CONFIGS on six ResNet-50 layers, and int8_matmul; dump.py's two
 # quantize_kmajor cases lower no kernel since that kernel's removal), `direct`
-# (pallas_kernels.conv_direct's forward and stride-1 dgrad on the same layers,
-# lowered by scripts/dump_conv_direct.py; `kernels` implies it) and
+# (pallas_kernels.conv_direct's forward and dgrad -- stride 2: a kernel per
+# output phase -- and conv_direct_wgrad on the same layers, lowered by
+# scripts/dump_conv_direct.py; `kernels` implies it) and
 # `resnet50` (the ResNet-50 batch-256 forward+backward of a ui8-bf16
 # non-measuring training step). Writes OUTDIR/{kernels,direct,resnet50}/census.txt
 # and prints the census summaries. Exit status 1 on any lowering failure,

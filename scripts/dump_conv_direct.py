@@ -8,6 +8,8 @@ Cases: the ResNet-50 layers of dump.py's LAYERS (3x3 and 1x1, 56x56 to 7x7, stri
 2, SAME padding: at stride 1 the low padding read as TMA out-of-bounds zeros) at --batch, every
 CONV_CONFIG with float32 and bfloat16 outputs, and int32 on the first config; one ragged shape
 (odd H/W, C=24, O=40, the small config); the stride-1 dgrad of the two 3x3 layers (bfloat16);
+the stride-2 dgrad (one kernel per output phase) of the two stride-2 layers with every
+CONV_CONFIG (bfloat16), float32 and int32 on the first config, and of a ragged shape;
 the direct weight gradient of every layer (default config), of conv2_3x3 with each wgrad tile
 shape at swizzle 32/64/128, and of a ragged shape. --baseline adds int8_conv and
 int8_conv_wgrad on the same cases. Exit status 1 if a case fails to lower.
@@ -77,6 +79,29 @@ def main():
                g_, w_, input_shape=xs, padding="SAME", scale=sc, out_dtype=jnp.bfloat16),
            S(gs, i8), S(ks, i8), S((ks[2],), f32), function="int8_conv_direct_dgrad",
            config="default", layer=layer, out_dtype="bf16", batch=xs[0])
+  # Strided dgrad (one kernel per output phase, stored in place into dx): the two stride-2
+  # layers (3x3: 4 phases of 4/2/2/1 taps; 1x1: 1 phase of 1 tap + 3 epilogue(0) phases)
+  # with every CONV_CONFIG (bfloat16), float32 and int32 on the first config, and a ragged
+  # shape (odd H/W, C=40: a slab that C' does not hold whole, the small config).
+  dcases = [(layer, cfg, dname) for layer in ("conv3_3x3_s2", "conv3_down_s2")
+            for cfg in pk.CONV_CONFIGS for dname in ("bf16",)]
+  dcases += [("conv3_3x3_s2", pk.CONV_CONFIGS[0], "f32"),
+             ("conv3_3x3_s2", pk.CONV_CONFIGS[0], "i32"), ("ragged_7x9", small, "f32")]
+  for layer, cfg, dname in dcases:
+    if layer == "ragged_7x9":
+      xs, ks = (2, 7, 9, 40), (3, 3, 40, 24)
+    else:
+      xs, ks, _ = layers[layer]
+      xs = (a.batch, *xs)
+    gs = pk.conv_output_shape(xs, ks, (2, 2), "SAME")
+    dt, cname = dtypes[dname], names.get(id(cfg), cfg.name)
+    scale = None if dname == "i32" else S((ks[2],), f32)
+    w.case(f"int8_conv_direct_dgrad.{cname}.{layer}.{dname}",
+           lambda g_, w_, sc, xs=xs, cfg=cfg, dt=dt: cd.int8_conv_direct_dgrad(
+               g_, w_, input_shape=xs, window_strides=(2, 2), padding="SAME", scale=sc,
+               out_dtype=dt, config=cfg),
+           S(gs, i8), S(ks, i8), scale, function="int8_conv_direct_dgrad", config=cname,
+           layer=layer, out_dtype=dname, batch=xs[0])
   # The direct weight gradient (conv_direct_wgrad): every ResNet-50 layer with its default config,
   # the wgrad tile shapes at swizzle 32/64/128 on conv2_3x3, and a ragged shape.
   wcases = [(layer, (a.batch, *xs), ks, s, None, "default")

@@ -28,7 +28,7 @@
 #      steps), benchmarks/step_time.py: one variant compiled and timed at a
 #      time, each row appended to step.md right after its own measurement.
 #      Then, only if direct_ok, one more row: ui8-bf16 never with
-#      INT8JAX_DIRECT_CONV=1 (forward, stride-1 dgrad and wgrad on the
+#      INT8JAX_DIRECT_CONV=1 (forward, dgrad (any stride) and wgrad on the
 #      direct kernels; 20 steps), its own table in step.md.
 #   2. the GPU tests (-m gpu -v, per-test timeout), every kernel config.
 #   3. benchmarks/kernels.py --implicit-only: all 11 layers, forward, input

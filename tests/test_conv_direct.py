@@ -2,7 +2,8 @@
 
 On any machine (CPU included):
   * the kernel under Mosaic GPU interpret mode equals int8_conv_reference (and, as the
-    stride-1 dgrad, int8_conv_dgrad_reference) bit for bit on
+    dgrad, int8_conv_dgrad_reference; strided: one launch per output phase, stored in place
+    into dx, phases without taps epilogue(0)) bit for bit on
     ragged shapes (odd H/W, C and O no tile multiples, C < 16, N no multiple of the tile's
     images), SAME / VALID / asymmetric / cropping padding, 1x1, 3x3 and 2x3 kernels, int32 /
     float32 / bfloat16 outputs, scalar and per-channel scale, bias; strides 2 and (2, 1)
@@ -10,10 +11,12 @@ On any machine (CPU included):
   * the compiled kernel lowers for CUDA from the host (Mosaic GPU's own TMA / layout / wgmma
     checks) with box starts below 0 and not multiples of 8, for every config;
   * the traced computation hands the kernel x itself: no pad, no copy (int8 operand bytes
-    = x + the weight matrix);
+    = x + the weight matrix); the strided dgrad's launches g itself and write one dx in
+    place (no interleave);
   * argument errors name the argument and its value.
 On a Hopper GPU (marked ``gpu``): the compiled kernel against the reference -- the check of
-what interpret mode cannot see (the untiled box view, the out-of-bounds fill below 0).
+what interpret mode cannot see (the untiled box view, the out-of-bounds fill below 0; the
+strided dgrad's 5-D box stores of swizzled slabs and its launches chained in place).
 """
 
 import functools
@@ -170,6 +173,80 @@ def test_interpret_dgrad_matches_reference(case):
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+# (input shape, w shape, strides, padding, out dtype, scale kind, bias)
+STRIDED_DGRAD_CASES = {
+    # odd H/W; C = 40: stores of 8 float32 channels, the tile's chunks past C' skipped
+    "3x3_s2_same_f32": ((2, 7, 9, 40), (3, 3, 40, 24), (2, 2), "SAME", jnp.float32, "vector",
+                        True),
+    # three of the four phases have no tap: epilogue(0) = bias
+    "1x1_s2_bias": ((1, 9, 6, 24), (1, 1, 24, 16), (2, 2), "VALID", jnp.float32, "vector",
+                    True),
+    "3x2_s21_crop_i32": ((2, 8, 5, 16), (3, 2, 16, 8), (2, 1), ((1, -1), (1, 0)), jnp.int32,
+                         None, False),
+    # C = 20 bfloat16: no store slab divides C' = 24, so C' = 32 and a slice; O = 3: g's
+    # channels padded to 16 bytes for TMA
+    "3x3_s2_c20_bf16": ((1, 6, 5, 20), (3, 3, 20, 3), (2, 2), "SAME", jnp.bfloat16, "scalar",
+                        False),
+}
+
+
+def _strided_dgrad_args(case):
+  x_shape, w_shape, strides, padding, dt, scale, bias = STRIDED_DGRAD_CASES[case]
+  g_shape = pk.conv_output_shape(x_shape, w_shape, strides, padding)
+  g, w = _int8(g_shape, 5), _int8(w_shape, 6)
+  kw = dict(input_shape=x_shape, window_strides=strides, padding=padding, out_dtype=dt)
+  if dt != jnp.int32:
+    s, b = _epilogue(x_shape[3])
+    kw["scale"] = {"vector": s, "scalar": 0.375}[scale]
+    kw["bias"] = b if bias else None
+  return g, w, kw
+
+
+@pytest.mark.parametrize("case", list(STRIDED_DGRAD_CASES))
+def test_interpret_strided_dgrad_matches_reference(case):
+  """Strides > 1: one launch per output phase, each a stride-1 correlation of g stored into
+  its phase of the (N, H/s, s, W/s, s*C') view of dx (3x3 stride 2: 4 / 2 / 2 / 1 taps)."""
+  g, w, kw = _strided_dgrad_args(case)
+  got = cd.int8_conv_direct_dgrad(g, w, config=SMALL, interpret=True, **kw)
+  want = pk.int8_conv_dgrad_reference(g, w, **kw)
+  assert got.shape == want.shape == kw["input_shape"] and got.dtype == want.dtype
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_interpret_strided_dgrad_slabs():
+  """The compiled kernel's phase stores (swizzled slabs of 8 int32 channels, one store per
+  slab and phase) under the interpreter: bit-exact."""
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  g, w, kw = _strided_dgrad_args("3x3_s2_same_f32")
+  kw = dict(kw, out_dtype=jnp.int32, scale=None, bias=None)
+  x_shape, strides, pads = cd.check_dgrad_args(g, w, kw["input_shape"], (2, 2), "SAME")
+  assert cd._phase_layout(32, 40, jnp.int32) == (32, 8, 40)
+  got = cd._int8_conv_direct_dgrad_impl(
+      g, w, None, None, input_shape=x_shape, strides=strides, pads=pads, out_dtype=jnp.int32,
+      config=SMALL, launcher=plgpu.InterpretGPUParams(), tile=cd.direct_tile(2, 4, 5, 64, 2, 2),
+      low_pad_in_xla=True, slab_out=True)
+  want = pk.int8_conv_dgrad_reference(g, w, **kw)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_strided_dgrad_phases_are_dgrad_plans():
+  """direct_dgrad_phases has the implicit kernel's sub-pixel phases (dgrad_plan: the same
+  kernel taps per phase), indexed by the output pixel's residue; 1x1 stride 2: one phase."""
+  from pallas_kernels.conv_dgrad import dgrad_plan
+  for x_shape, w_shape, pads in (((1, 8, 8, 8), (3, 3, 8, 8), ((0, 1), (0, 1))),
+                                 ((1, 9, 7, 8), (3, 3, 8, 8), ((1, 1), (1, 1))),
+                                 ((1, 8, 7, 8), (3, 2, 8, 8), ((2, 0), (0, 1))),
+                                 ((1, 8, 8, 8), (1, 1, 8, 8), ((0, 0), (0, 0)))):
+    phases = cd.direct_dgrad_phases(w_shape[:2], (2, 2), pads)
+    plan, *_ = dgrad_plan(x_shape, w_shape, (2, 2), pads, 64, 32, 32, 4)
+    assert (sorted(sorted(wt) for *_, wt in phases if wt)
+            == sorted(sorted(t.weights) for t in plan.launches)), (x_shape, w_shape, pads)
+  taps = [len(t) for *_, t, _ in cd.direct_dgrad_phases((3, 3), (2, 2), ((1, 1), (1, 1)))]
+  assert taps == [1, 2, 2, 4]
+  assert [len(t) for *_, t, _ in cd.direct_dgrad_phases((1, 1), (2, 2), ((0, 0),) * 2)] == \
+      [1, 0, 0, 0]
+
+
 def test_direct_tile_picks_least_waste():
   assert cd.direct_tile(256, 56, 56, 128, 3, 3) == cd.DirectTile(2, 8, 8)   # 56 = 7 x 8
   assert cd.direct_tile(256, 56, 56, 64, 3, 3) == cd.DirectTile(1, 8, 8)
@@ -207,12 +284,19 @@ def test_compiled_kernel_lowers_for_cuda(config):
     assert text.count("custom_call @mosaic_gpu") == 1
 
 
-def test_compiled_dgrad_lowers_for_cuda():
-  x_shape, w_shape = (2, 9, 13, 72), (3, 3, 72, 64)
-  g_shape = pk.conv_output_shape(x_shape, w_shape, (1, 1), "SAME")
-  f = functools.partial(cd.int8_conv_direct_dgrad, input_shape=x_shape, padding="SAME",
-                        out_dtype=jnp.bfloat16)
-  assert _lower_for_cuda(f, _sds(g_shape), _sds(w_shape)).count("custom_call @mosaic_gpu") == 1
+@pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
+def test_compiled_dgrad_lowers_for_cuda(strides):
+  """Stride 2: four kernels (output phases), the last three writing into the first's output
+  (output_operand_aliases: dx in place); 1x1: three of them epilogue(0) only."""
+  for w_shape, dt in (((3, 3, 72, 64), jnp.bfloat16), ((1, 1, 72, 64), jnp.float32)):
+    x_shape = (2, 9, 13, 72)
+    g_shape = pk.conv_output_shape(x_shape, w_shape, strides, "SAME")
+    f = functools.partial(cd.int8_conv_direct_dgrad, input_shape=x_shape, padding="SAME",
+                          out_dtype=dt, window_strides=strides, scale=jnp.ones((72,)))
+    text = _lower_for_cuda(f, _sds(g_shape), _sds(w_shape))
+    launches = strides[0] * strides[1]
+    assert text.count("custom_call @mosaic_gpu") == launches
+    assert text.count("output_operand_aliases") == launches - 1
 
 
 _kernel_int8_operands = reference.kernel_int8_operands
@@ -237,6 +321,27 @@ def test_kernel_is_handed_x_itself():
   assert operands == [(4 * 8, 29, 29, 64), (64, 9 * 64)]
   assert cd.direct_kernel_operand_bytes((256, 56, 56, 64), w.shape)[0] / (256 * 56 * 56 * 64) \
       < 1.001
+
+
+def test_strided_dgrad_is_handed_g_itself():
+  """Stride-2 dgrad of 8x32x32x64 (3x3 SAME): each phase launch is handed g itself and its
+  weight matrix (4 / 2 / 2 / 1 taps), no pad, no copy; dx is made by the first launch,
+  written in place by the others (a Ref) and only reshaped: no interleave, no slice."""
+  x_shape, w = (8, 32, 32, 64), _sds((3, 3, 64, 64))
+  g = _sds(pk.conv_output_shape(x_shape, w.shape, (2, 2), "SAME"))
+  dgrad = lambda g, w: cd.int8_conv_direct_dgrad(g, w, input_shape=x_shape,
+                                                 window_strides=(2, 2), padding="SAME",
+                                                 scale=0.5)
+  operands, made = _kernel_int8_operands(dgrad, g, w)
+  assert operands == [g.shape, (64, 4 * 64), g.shape, (64, 2 * 64), g.shape, (64, 2 * 64),
+                      g.shape, (64, 64)]
+  assert all(int(np.prod(s)) <= 9 * 64 * 64 for _, s in made), made  # weights only
+  jaxpr = jax.make_jaxpr(dgrad)(g, w).eqns[-1].params["jaxpr"]
+  after = [e.primitive.name for e in jaxpr.eqns[[e.primitive.name for e in jaxpr.eqns]
+                                                .index("new_ref"):]]
+  assert [n for n in after if n not in ("slice", "squeeze", "stack", "pad", "reshape")] == \
+      ["new_ref", "custom_vmap_call", "custom_vmap_call", "custom_vmap_call", "freeze"], after
+  assert after[-2:] == ["freeze", "reshape"]
 
 
 def test_interpret_path_pads_the_low_side_only():
@@ -267,9 +372,15 @@ def test_errors_name_the_argument():
   with pytest.raises(TypeError, match="x must be an int8 array"):
     cd.int8_conv_direct(x.astype(jnp.int32), w, interpret=True)
   g = _int8((1, 3, 3, 8), 3)
-  with pytest.raises(NotImplementedError, match=r"window_strides=\(2, 2\)"):
+  with pytest.raises(ValueError, match="low_pad_in_xla=False"):
     cd.int8_conv_direct_dgrad(g, w, input_shape=(1, 6, 6, 16), window_strides=(2, 2),
-                              padding="SAME")
+                              padding="SAME", config=SMALL, low_pad_in_xla=False,
+                              interpret=True)
+  narrow = pk.Int8ConvConfig(tile_m=64, tile_n=8, tile_k=32, swizzle=32)
+  with pytest.raises(ValueError, match="config.tile_n=8"):
+    cd.int8_conv_direct_dgrad(g, w, input_shape=(1, 6, 6, 16), window_strides=(2, 2),
+                              padding="SAME", out_dtype=jnp.bfloat16, config=narrow,
+                              interpret=True)
   with pytest.raises(ValueError, match="g must have the forward output's shape"):
     cd.int8_conv_direct_dgrad(g, w, input_shape=(1, 4, 4, 16), interpret=True)
 
@@ -301,14 +412,39 @@ def test_gpu_matches_reference(case, low_pad_in_xla):
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("case", ["conv2_3x3", "ragged"])
-def test_gpu_dgrad_matches_reference(case):
+@pytest.mark.parametrize("case, stride", [("conv2_3x3", 1), ("ragged", 1), ("conv3_3x3_s2", 2),
+                                          ("ragged", 2), ("1x1", 2)])
+def test_gpu_dgrad_matches_reference(case, stride):
+  """Stride 2: the per-phase launches, their 5-D box stores into dx and the in-place
+  chaining (1x1: three epilogue(0) phases)."""
   x_shape, w_shape, padding = GPU_CASES[case]
-  g_shape = pk.conv_output_shape(x_shape, w_shape, (1, 1), padding)
+  strides = (stride, stride)
+  g_shape = pk.conv_output_shape(x_shape, w_shape, strides, padding)
   g, w = _int8(g_shape, 5), _int8(w_shape, 6)
-  kw = dict(input_shape=x_shape, padding=padding, out_dtype=jnp.int32)
+  kw = dict(input_shape=x_shape, window_strides=strides, padding=padding, out_dtype=jnp.int32)
   got = jax.jit(functools.partial(cd.int8_conv_direct_dgrad, **kw))(g, w)
   cpu = jax.devices("cpu")[0]
   with jax.default_device(cpu):
     want = pk.int8_conv_dgrad_reference(jax.device_put(g, cpu), jax.device_put(w, cpu), **kw)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_strided_dgrad_epilogue():
+  """1x1 stride 2 with scale and bias, C = 40 (stores of 8 float32 channels, some skipped):
+  the three phases without taps are the bias exactly; the other within 1 float32 ulp (the
+  GPU's fused multiply-add vs the CPU reference's)."""
+  x_shape, w_shape = (2, 9, 11, 40), (1, 1, 40, 64)
+  g = _int8(pk.conv_output_shape(x_shape, w_shape, (2, 2), "SAME"), 5)
+  w = _int8(w_shape, 6)
+  s, b = _epilogue(40)
+  kw = dict(input_shape=x_shape, window_strides=(2, 2), padding="SAME", scale=s, bias=b)
+  got = np.asarray(jax.jit(functools.partial(cd.int8_conv_direct_dgrad, **kw))(g, w))
+  cpu = jax.devices("cpu")[0]
+  with jax.default_device(cpu):
+    want = np.asarray(pk.int8_conv_dgrad_reference(jax.device_put(g, cpu),
+                                                   jax.device_put(w, cpu), **kw))
+  np.testing.assert_array_equal(got[:, 1::2], want[:, 1::2])
+  np.testing.assert_array_equal(got[:, :, 1::2], want[:, :, 1::2])
+  assert np.all(np.abs(got - want) <= np.spacing(np.abs(want))), np.abs(got - want).max()

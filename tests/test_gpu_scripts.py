@@ -44,7 +44,7 @@ def test_smoke_check_reports_a_wrong_result(monkeypatch):
 
 
 def test_smoke_check_reports_a_wrong_direct_result(monkeypatch):
-  """The direct-addressing kernels' cases (forward s1 / s2, stride-1 dgrad, wgrad
+  """The direct-addressing kernels' cases (forward s1 / s2, dgrad s1 / s2, wgrad
   s1 / s2) each compare against the reference: an off-by-one element in each is
   reported."""
   from pallas_kernels import conv_direct
@@ -60,7 +60,8 @@ def test_smoke_check_reports_a_wrong_direct_result(monkeypatch):
     return fn
 
   for by, want in ((1, ["direct fwd s1 float32: 1 of", "direct fwd s2 int32: 1 of",
-                        "direct dgrad s1 int32: 1 of", "direct wgrad s1 float32: 1 of",
+                        "direct dgrad s1 int32: 1 of", "direct dgrad s2 int32: 1 of",
+                        "direct wgrad s1 float32: 1 of",
                         "direct wgrad s2 float32: 1 of"]), (0, [])):
     monkeypatch.setattr(conv_direct, "int8_conv_direct", wrong(pk.int8_conv_reference, by))
     monkeypatch.setattr(conv_direct, "int8_conv_direct_dgrad",

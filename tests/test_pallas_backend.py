@@ -83,7 +83,8 @@ def _conv_inputs(case, seed=0):
 # one per GEMM product run on a kernel.
 _KERNEL_FUNCS = ("_int8_matmul_padded", "_int8_conv_impl", "_int8_conv_dgrad_impl",
                  "_int8_conv_wgrad_impl", "_int8_conv_direct_impl",
-                 "_int8_conv_wgrad_direct_impl", "_wgrad_channel_major_impl")
+                 "_int8_conv_wgrad_direct_impl", "_wgrad_channel_major_impl",
+                 "_int8_conv_direct_dgrad_impl")
 
 
 def _kernel_calls_by_name(fn, *args) -> collections.Counter:
@@ -265,16 +266,17 @@ _DIRECT = "_int8_conv_direct_impl"
 # not called.
 _DIRECT_WGRAD = "_wgrad_channel_major_impl"
 _DIRECT_WGRAD_NHWC = "_int8_conv_wgrad_direct_impl"
+_DIRECT_DGRAD_STRIDED = "_int8_conv_direct_dgrad_impl"
 
 
 @pytest.mark.parametrize("implicit", [True, False])
 @pytest.mark.parametrize("name", list(DIRECT_CASES))
 def test_direct_conv_switch_interpret_equals_xla(name, implicit, monkeypatch):
   """DIRECT_CONV on: the forward (any stride) and the stride-1 input gradient
-  launch the direct kernel, the weight gradient (any stride) the direct wgrad
-  kernel, the strided input gradient stays on IMPLICIT_GEMM's route (implicit
-  kernel, or int8_matmul when it is off); fwd + bwd bit-identical to the XLA
-  backend."""
+  launch the direct kernel, the strided input gradient the direct per-phase kernels
+  (1x1 stride 2: three phases epilogue(0)), the weight gradient (any stride) the
+  direct wgrad kernel, whatever IMPLICIT_GEMM says; fwd + bwd bit-identical to the
+  XLA backend."""
   monkeypatch.setattr(pallas_backend, "DIRECT_CONV",
                       dict.fromkeys(pallas_backend.DIRECT_CONV, True))
   monkeypatch.setattr(pallas_backend, "IMPLICIT_GEMM",
@@ -287,14 +289,10 @@ def test_direct_conv_switch_interpret_equals_xla(name, implicit, monkeypatch):
   calls = _kernel_calls_by_name(f, *args)
   stride1 = case[2] == (1, 1)
   assert calls[_DIRECT] == (2 if stride1 else 1), calls
+  assert calls[_DIRECT_DGRAD_STRIDED] == (0 if stride1 else 1), calls
   assert calls[_DIRECT_WGRAD] == 1 and calls[_DIRECT_WGRAD_NHWC] == 0, calls
-  if implicit:
-    assert calls["_int8_conv_impl"] == 0 and calls["_int8_conv_wgrad_impl"] == 0, calls
-    assert calls["_int8_conv_dgrad_impl"] == (0 if stride1 else 1), calls
-    assert calls["_int8_matmul_padded"] == 0, calls
-  else:
-    assert sum(calls[k] for k in _IMPLICIT_FUNCS) == 0, calls
-    assert calls["_int8_matmul_padded"] == (0 if stride1 else 1), calls
+  assert sum(calls[k] for k in _IMPLICIT_FUNCS) == 0, calls
+  assert calls["_int8_matmul_padded"] == 0, calls
 
 
 @pytest.mark.parametrize("name", ["3x3_s1", "1x1_s2"])
@@ -377,7 +375,7 @@ def test_direct_conv_policy(monkeypatch):
   assert pallas_backend._direct(s1, "forward", 20, 36)
   assert pallas_backend._direct(s2, "forward", 20, 12)
   assert pallas_backend._direct(s1, "dgrad", 36, 20)
-  assert not pallas_backend._direct(s2, "dgrad", 12, 20)
+  assert pallas_backend._direct(s2, "dgrad", 12, 20)
   odd = pk.Int8ConvConfig(tile_m=128, tile_n=64, tile_k=128, swizzle=64)
   monkeypatch.setattr(pk, "select_conv_config", lambda k, n: odd)
   assert not pallas_backend._direct(s1, "forward", 20, 36)

@@ -56,16 +56,17 @@ Conv kernels: 2-D, ungrouped, undilated convs run on the implicit-GEMM conv
 kernels of :mod:`pallas_kernels.int8_conv` instead of the im2col GEMMs above
 (:data:`IMPLICIT_GEMM`, env ``INT8JAX_IMPLICIT_GEMM``, on by default). With
 :data:`DIRECT_CONV` (env ``INT8JAX_DIRECT_CONV=1``, off by default; not yet run
-on a GPU) the forward (any stride) and the stride-1 input gradient of those
-convs run on the direct-addressing kernels of :mod:`pallas_kernels.conv_direct`
-(per-tap TMA boxes of the NHWC tensor, no shifted copies), and their weight
-gradient (any stride; plain and ``halves``) on
+on a GPU) the forward and the input gradient (any stride) of those convs run on
+the direct-addressing kernels of :mod:`pallas_kernels.conv_direct` (per-tap TMA
+boxes of the NHWC tensor, no shifted copies; the strided input gradient as one
+launch per output phase, each storing into dx in place: no interleave), and
+their weight gradient (any stride; plain and ``halves``) on
 :mod:`pallas_kernels.conv_direct_wgrad` (per-tap boxes of channel-major x^T and
 g^T, each transposed once in XLA) instead. Falls back, silently (both routes
-are exact), to the route taken without the switch: the strided input gradient
-(no direct kernel yet); a forward / input gradient whose default config has
-``tile_k != swizzle`` (none of ``select_conv_config``'s today); a weight
-gradient :func:`pallas_kernels.conv_direct_wgrad.direct_wgrad_accepts` rejects
+are exact), to the route taken without the switch: a forward / input gradient
+whose default config has ``tile_k != swizzle`` (none of
+``select_conv_config``'s today); a weight gradient
+:func:`pallas_kernels.conv_direct_wgrad.direct_wgrad_accepts` rejects
 (N*Ho*Wo, or its row-padded steps, beyond 256 exact parts of INT32_SAFE_K
 pixels -- where the implicit kernel raises too).
 
@@ -148,24 +149,27 @@ IMPLICIT_GEMM = dict.fromkeys(("forward", "dgrad", "wgrad"), implicit_gemm_from_
 # NHWC int8 tensor as produced -- no pad, no shifted copies -- and the result
 # stored straight into NHWC; ~1x the input's bytes handed to the kernel instead
 # of the implicit kernels' ~4x). "forward": the forward conv, any stride
-# (strides > 1 through the phase split, one int8 XLA pass); "dgrad": the
-# stride-1 input gradient. Taken for the convs the implicit kernels would take
-# "wgrad": the weight gradient, any stride, plain and halves (data-parallel
-# per-shard), on pallas_kernels.conv_direct_wgrad (x and g transposed once
-# to channel-major in XLA -- the pass a quantize fusion would write as a
-# second output -- and read once per tap as boxes: ~2x the input's bytes
-# handed instead of the implicit kernel's ~9x).
-# Taken for the convs the implicit kernels would take
-# (2-D, ungrouped, undilated; _implicit's contraction bound), whatever
-# IMPLICIT_GEMM says, when the kernel's config has tile_k == swizzle (every
-# select_conv_config config has; _direct) -- for the weight gradient, when
-# direct_wgrad_accepts (its default config always has tile_k == swizzle; the
-# exact parts' bound on its row-padded pixel steps; _direct_wgrad). Everything
-# else -- the strided input gradient, any other config -- runs as without the
-# switch (IMPLICIT_GEMM's route); both routes are bit-exact, so the fallback is
-# silent. Bit-exact in interpret mode and compiled by mosaic-offline, NOT yet
-# run on a GPU (2026-12-03: the untiled-view box bytes and TMA's zero fill
-# below 0 are unverified on hardware), hence off by default.
+# (strides > 1 through the phase split, one int8 XLA pass). "dgrad": the input
+# gradient, any stride (strides > 1: one launch per output phase reading g
+# itself, each storing its phase into one dx in place -- no padded g, no shifted
+# copies, no interleave: 1.07x the int8 input's bytes handed at stride 2 for the
+# issue's 3x3 64->64 conv, instead of the implicit kernel's 3.66x). "wgrad": the
+# weight gradient, any stride, plain and halves (data-parallel per-shard), on
+# pallas_kernels.conv_direct_wgrad (x and g transposed once to channel-major in
+# XLA -- the pass a quantize fusion would write as a second output -- and read
+# once per tap as boxes: ~2x the input's bytes handed instead of the implicit
+# kernel's ~9x).
+# Taken for the convs the implicit kernels would take (2-D, ungrouped,
+# undilated; _implicit's contraction bound), whatever IMPLICIT_GEMM says, when
+# the kernel's config has tile_k == swizzle (every select_conv_config config
+# has; _direct) -- for the weight gradient, when direct_wgrad_accepts (its
+# default config always has tile_k == swizzle; the exact parts' bound on its
+# row-padded pixel steps; _direct_wgrad). Everything else -- any other config --
+# runs as without the switch (IMPLICIT_GEMM's route); both routes are
+# bit-exact, so the fallback is silent. Bit-exact in interpret mode and compiled
+# by mosaic-offline, NOT yet run on a GPU (2026-12-03: the untiled-view box
+# bytes, TMA's zero fill below 0 and the strided dgrad's 5-D box stores into dx
+# chained in place are unverified on hardware), hence off by default.
 #
 # The environment variable INT8JAX_DIRECT_CONV, read once when this module is
 # imported, sets all three entries: "0" (or unset) off, "1" on. Any other value is
@@ -181,7 +185,7 @@ def direct_conv_from_env(environ=None) -> bool:
   value = (os.environ if environ is None else environ).get(DIRECT_CONV_ENV, "0")
   if value not in ("0", "1"):
     raise ValueError(f"{DIRECT_CONV_ENV} must be '0' (the implicit-GEMM / im2col conv "
-                     "kernels, the default) or '1' (direct-addressing forward, stride-1 "
+                     "kernels, the default) or '1' (direct-addressing forward, "
                      f"input-gradient and weight-gradient kernels), got {value!r}")
   return value == "1"
 
@@ -258,12 +262,10 @@ def _conv_kernel_shape(spec: ConvSpec, which: str) -> bool:
 
 def _direct(spec: ConvSpec, which: str, k_channels: int, n_channels: int) -> bool:
   """Whether this conv GEMM runs on the direct-addressing kernel (see DIRECT_CONV):
-  switched on, a conv the implicit kernels would take (geometry, contraction), stride 1
-  for dgrad, and a default config (``select_conv_config(k_channels, n_channels)``) the
-  direct kernel accepts (tile_k == swizzle)."""
+  switched on, a conv the implicit kernels would take (geometry, contraction), and a
+  default config (``select_conv_config(k_channels, n_channels)``) the direct kernel
+  accepts (tile_k == swizzle)."""
   if not DIRECT_CONV.get(which, False) or not _conv_kernel_shape(spec, which):
-    return False
-  if which == "dgrad" and any(s != 1 for s in spec.window_strides):
     return False
   config = pk.select_conv_config(k_channels, n_channels)
   return config.tile_k == config.swizzle
