@@ -399,13 +399,14 @@ def _ws_kernel(a_gmem, b_gmem, a_scale_gmem, b_scale_gmem, bias_gmem, out_gmem,
           acc = chunk_sum(step0, 0, k_iters)
           out = acc if int_out else acc.astype(jnp.float32)
         else:  # int32 per chunk, chunks summed in float32 in chunk order
-          def add_chunk(c, total):
-            return total + chunk_sum(step0, c * chunk_iters, chunk_iters).astype(jnp.float32)
+          def add_chunk(c, total, n_steps=chunk_iters):
+            part = chunk_sum(step0, c * chunk_iters, n_steps)
+            return total + part.astype(jnp.float32)
 
           out = chunk_sum(step0, 0, chunk_iters).astype(jnp.float32)
           out = lax.fori_loop(1, full_chunks, add_chunk, out)
-          if last_chunk:
-            out = add_chunk(full_chunks, out)
+          if last_chunk:  # the ragged last chunk: fewer steps
+            out = add_chunk(full_chunks, out, last_chunk)
         if not int_out:
           row_layout = plgpu.Layout.WGMMA.reduce(1)
           col_layout = plgpu.Layout.WGMMA.reduce(0)

@@ -18,6 +18,7 @@ fails to lower.
 
 import argparse
 import os
+import importlib
 import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -39,7 +40,7 @@ def main():
   import jax
   import jax.numpy as jnp
   import pallas_kernels as pk
-  from pallas_kernels import int8_matmul_ws as ws
+  ws = importlib.import_module("pallas_kernels.int8_matmul_ws")  # pk.int8_matmul_ws: the function
 
   S, i8, f32 = jax.ShapeDtypeStruct, jnp.int8, jnp.float32
   dtypes = {"f32": jnp.float32, "bf16": jnp.bfloat16, "i32": jnp.int32}

@@ -20,7 +20,7 @@ from benchmarks import gpu_smoke  # noqa: E402
 def test_smoke_covers_every_config_of_the_tables():
   names = gpu_smoke.config_names()
   tables = {"conv": pk.CONV_CONFIGS, "wgrad": pk.WGRAD_CONFIGS, "matmul": pk.LIBRARY_CONFIGS,
-            "direct": pk.CONV_CONFIGS}
+            "direct": pk.CONV_CONFIGS, "ws": pk.WS_CONFIGS}
   assert len(names) == sum(map(len, tables.values())) == len(set(names))
   for name in names:
     kind, config = gpu_smoke._config(name)
@@ -52,7 +52,11 @@ def test_smoke_check_reports_a_wrong_direct_result(monkeypatch):
   names = gpu_smoke.config_names()
   assert [n for n in names if n.startswith("direct:")] == [
       n.replace("conv:", "direct:") for n in names if n.startswith("conv:")]
-  assert names[-len(pk.CONV_CONFIGS):] == [n for n in names if n.startswith("direct:")]
+  # the kernels never run on a GPU come last: the direct ones, then int8_matmul_ws's
+  n_ws = len(pk.WS_CONFIGS)
+  assert names[-n_ws - len(pk.CONV_CONFIGS):-n_ws] == [n for n in names
+                                                        if n.startswith("direct:")]
+  assert names[-n_ws:] == [n for n in names if n.startswith("ws:")]
 
   def wrong(ref, by):
     def fn(a, b, *, config=None, interpret=False, **kw):
@@ -69,6 +73,31 @@ def test_smoke_check_reports_a_wrong_direct_result(monkeypatch):
                         wrong(pk.int8_conv_wgrad_reference, by))
     why = gpu_smoke._check("direct:CONV_64x64", interpret=True)
     assert all(w in why for w in want) and (why == "") == (not want), why
+
+
+def test_smoke_check_reports_a_wrong_ws_result(monkeypatch):
+  """int8_matmul_ws's three cases (float32 with scales, int32, float32 over K chunks) each
+  compare against the reference: an off-by-one element in each is reported."""
+  real = pk.int8_matmul_reference
+  for by, want in ((1, ["ws float32: 1 of", "ws int32: 1 of", "ws chunks float32: 1 of"]),
+                   (0, [])):
+    monkeypatch.setattr(pk, "int8_matmul_ws", lambda a, b, *, config=None, interpret=False,
+                        by=by, **kw: real(a, b, k_chunk=config.k_chunk, **kw).at[3, 5].add(by))
+    why = gpu_smoke._check("ws:WS_NARROW_CONFIG", interpret=True)
+    assert all(w in why for w in want) and (why == "") == (not want), why
+
+
+def test_smoke_gate_ws_apart_from_the_others(tmp_path):
+  """A failing int8_matmul_ws config clears ws_ok only."""
+  gate = tmp_path / "smoke.json"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_smoke.py"), "--timeout", "30",
+       "--json", str(gate), "--only", "conv:CONV_64x64,direct:CONV_64x64,ws:WS_SHORT_CONFIG",
+       "--fake", "conv:CONV_64x64=ok,direct:CONV_64x64=ok,ws:WS_SHORT_CONFIG=mismatch"],
+      capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1, proc.stdout + proc.stderr
+  doc = json.loads(gate.read_text())
+  assert (doc["implicit_ok"], doc["direct_ok"], doc["ws_ok"]) == (True, True, False), doc
 
 
 def test_smoke_gate_direct_apart_from_implicit(tmp_path):
@@ -119,6 +148,7 @@ def test_smoke_gate_all_ok(tmp_path):
   assert proc.returncode == 0, proc.stdout + proc.stderr
   doc = json.loads(gate.read_text())
   assert doc["ok"] is True and doc["implicit_ok"] is True and doc["direct_ok"] is True
+  assert doc["ws_ok"] is True
   assert len(doc["results"]) == len(names)
 
 

@@ -9,6 +9,7 @@ reference.
 """
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ import pytest
 
 import pallas_kernels as pk
 from pallas_kernels import _common
-from pallas_kernels import int8_matmul_ws as ws
+ws = importlib.import_module("pallas_kernels.int8_matmul_ws")  # pk.int8_matmul_ws: the function
 
 C = ws.Int8MatmulWSConfig
 needs_gpu = pytest.mark.skipif(not pk.available(),
@@ -97,9 +98,10 @@ def test_interpret_matches_reference(name, epilogue):
 
 
 def test_interpret_k_chunks_flush_to_float32():
-  """k_chunk = 3 steps, K = 8 steps and a bit: three full chunks and a ragged last one,
-  each a fresh int32 accumulator, summed in float32 in chunk order (the reference's)."""
-  a, b = _operands(m=70, n=40, k=520)
+  """k_chunk = 3 steps, K = 8 steps (460 padded to 512): two full chunks and a shorter
+  last one, each a fresh int32 accumulator, summed in float32 in chunk order (the
+  reference's)."""
+  a, b = _operands(m=70, n=40, k=460)
   config = C(tile_m=64, tile_n=32, tile_k=64, swizzle=64, max_concurrent_steps=2,
              k_chunk=192, num_consumers=1, num_ctas=2)
   a_scale, b_scale, bias = _scales(70, 40)
