@@ -226,3 +226,26 @@ def test_bad_arguments_are_named(script, args, what, capsys):
     importlib.import_module(f"benchmarks.{script}").main(args)
   assert e.value.code == 2
   assert what in capsys.readouterr().err
+
+
+def test_kernels_tables_with_ws_have_matching_columns():
+  """benchmarks/kernels.py --with-ws: the header, rule and rows of both tables have as many
+  cells as each other, and the ws cells say int8_matmul_ws's time and its speed-up."""
+  from benchmarks import kernels
+
+  def cells(line):
+    return line.count("|")
+
+  for with_ws in (False, True):
+    head, rule = kernels.implicit_header(with_ws).split("\n")
+    r = {"gop": 1.0, "exact": "yes", "mm_fwd": 2e-3, "ws_fwd": 1e-3, "mm_dgrad": 3e-3,
+         "ws_dgrad": "failed: X"}
+    row = kernels.implicit_row("l", r, with_ws)
+    assert cells(head) == cells(rule) == cells(row), (head, rule, row)
+    assert (" 1.000 | 2.00x | failed: X |  |" in row) == with_ws, row
+    t = {"t_kernel": 2e-3, "t_int8": 2e-3, "t_bf16": 4e-3, "tops_kernel": 1.0, "tops_int8": 1.0,
+         "tops_bf16": 0.5, "rel_err": 0.0, "t_ws": 1e-3, "tops_ws": 2.0, "ws_rel_err": 0.0}
+    lines = kernels.markdown_table([("sq", 1, 2, 3, t), ("x", 1, 2, 3, "failed: Y")],
+                                   with_ws).splitlines()
+    assert len({cells(line) for line in lines}) == 1, lines
+    assert (" 1.000 | 2.0 | 2.00x |" in lines[2]) == with_ws, lines[2]
