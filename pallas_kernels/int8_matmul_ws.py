@@ -129,11 +129,11 @@ class Int8MatmulWSConfig:
   tile_n: int = 256
   tile_k: int = 128
   swizzle: int = 128
-  max_concurrent_steps: int = 4
+  max_concurrent_steps: int = 3
   k_chunk: int = INT32_SAFE_K
   num_consumers: int = 2
   wg_split: str = "m"
-  epi_tile_n: int | None = None
+  epi_tile_n: int | None = 64
   grid_minor: str = "n"
   grid_tile_width: int = 8
   num_ctas: int | None = None
@@ -195,16 +195,17 @@ class Int8MatmulWSConfig:
 # 128x256 block tile, two consumers of 64x256 (m64n256k32 wgmma), 128-wide
 # K steps (48 KiB a step, 3 slots) and a float32 epilogue in 64-column
 # stores (2 slots per consumer): 214 KiB of the 227.
-WS_DEFAULT_CONFIG = Int8MatmulWSConfig(tile_m=128, tile_n=256, tile_k=128,
-                                       max_concurrent_steps=3, epi_tile_n=64)
+WS_DEFAULT_CONFIG = Int8MatmulWSConfig()
 # N <= 64 (conv GEMMs with 64 channels, K = 64 or 576): 256x64 tiles, two
 # consumers of 128x64, 64-wide K steps (no padding of K = 64 or 576), 6 slots.
 WS_NARROW_CONFIG = Int8MatmulWSConfig(tile_m=256, tile_n=64, tile_k=64,
-                                      swizzle=64, max_concurrent_steps=6)
+                                      swizzle=64, max_concurrent_steps=6,
+                                      epi_tile_n=None)
 # M <= 64 (a conv's weight gradient as one GEMM: M = output channels, N =
 # KH*KW*C, long K): 64x192 tiles, two consumers of 64x96 side by side.
 WS_SHORT_CONFIG = Int8MatmulWSConfig(tile_m=64, tile_n=192, tile_k=128,
-                                     max_concurrent_steps=4, wg_split="n")
+                                     max_concurrent_steps=4, wg_split="n",
+                                     epi_tile_n=None)
 # Every config select_ws_config picks; the tests lower and run each.
 WS_CONFIGS = (WS_DEFAULT_CONFIG, WS_NARROW_CONFIG, WS_SHORT_CONFIG)
 

@@ -51,7 +51,7 @@ def main():
               wg_split="n")
   tall = C(tile_m=256, tile_n=128, tile_k=128, max_concurrent_steps=3, epi_tile_n=32)
   small = C(tile_m=64, tile_n=32, tile_k=64, swizzle=64, max_concurrent_steps=2,
-            num_consumers=1)
+            num_consumers=1, epi_tile_n=None)
   sq4, sq8 = (4096, 4096, 4096), (8192, 8192, 8192)
   cases = [("sq4096", sq4, None, "f32"), ("sq4096", sq4, None, "bf16"),
            ("sq4096", sq4, None, "i32"), ("sq8192", sq8, None, "f32"),

@@ -26,11 +26,12 @@ needs_gpu = pytest.mark.skipif(not pk.available(),
 
 # Small configs for the interpreter. Each block gets several tiles (num_ctas < tiles), so
 # the ring's slots wrap across tile boundaries; K is ragged (zero-padded to whole steps).
-TWO_M = C(tile_m=128, tile_n=32, tile_k=64, swizzle=64, max_concurrent_steps=3, num_ctas=2)
+TWO_M = C(tile_m=128, tile_n=32, tile_k=64, swizzle=64, max_concurrent_steps=3,
+          epi_tile_n=None, num_ctas=2)
 TWO_N = C(tile_m=64, tile_n=64, tile_k=32, swizzle=32, max_concurrent_steps=2,
           wg_split="n", epi_tile_n=16, grid_minor="m", grid_tile_width=2, num_ctas=3)
 ONE = C(tile_m=64, tile_n=32, tile_k=64, swizzle=64, max_concurrent_steps=2,
-        num_consumers=1, grid_tile_width=1, num_ctas=4)
+        num_consumers=1, epi_tile_n=None, grid_tile_width=1, num_ctas=4)
 SMALL_CONFIGS = {"2wg_m": TWO_M, "2wg_n_epi16": TWO_N, "1wg": ONE}
 
 M, N, K = 130, 72, 200  # no multiples of any tile
@@ -103,7 +104,7 @@ def test_interpret_k_chunks_flush_to_float32():
   reference's)."""
   a, b = _operands(m=70, n=40, k=460)
   config = C(tile_m=64, tile_n=32, tile_k=64, swizzle=64, max_concurrent_steps=2,
-             k_chunk=192, num_consumers=1, num_ctas=2)
+             k_chunk=192, num_consumers=1, epi_tile_n=None, num_ctas=2)
   a_scale, b_scale, bias = _scales(70, 40)
   got = ws.int8_matmul_ws(a, b, a_scale=a_scale, b_scale=b_scale, bias=bias, config=config,
                           interpret=True)
@@ -169,7 +170,7 @@ def test_select_ws_config():
   for config in ws.WS_CONFIGS:
     for out_dtype in (jnp.float32, jnp.bfloat16, jnp.int32):
       assert config.smem_bytes(out_dtype) <= _common.SMEM_LIMIT_BYTES, (config, out_dtype)
-  assert ws.WS_DEFAULT_CONFIG.wg_tile == (64, 256)
+  assert ws.WS_DEFAULT_CONFIG == C() and ws.WS_DEFAULT_CONFIG.wg_tile == (64, 256)
   assert ws.WS_SHORT_CONFIG.wg_tile == (64, 96)
 
 
@@ -223,15 +224,15 @@ def test_bad_inputs():
   with pytest.raises(ValueError, match="K <= k_chunk.*K=70, k_chunk=64"):
     ws.int8_matmul_ws(*_operands(m=4, n=5, k=70), out_dtype=jnp.int32,
                       config=C(tile_m=128, tile_n=32, tile_k=64, swizzle=64, k_chunk=64,
-                               max_concurrent_steps=2))
+                               max_concurrent_steps=2, epi_tile_n=None))
   # and its own
   with pytest.raises(TypeError, match="config must be an Int8MatmulWSConfig"):
     ws.int8_matmul_ws(a, b, config=pk.DEFAULT_CONFIG)
   with pytest.raises(ValueError, match="shared memory with out_dtype=float32"):
     ws.int8_matmul_ws(a, b, config=C(max_concurrent_steps=4))
   with pytest.raises(ValueError, match="rows of 16 bytes of bfloat16"):
-    ws.int8_matmul_ws(a, b, out_dtype=jnp.bfloat16, config=C(tile_m=64, tile_n=16,
-                                                             wg_split="n"))
+    ws.int8_matmul_ws(a, b, out_dtype=jnp.bfloat16,
+                      config=C(tile_m=64, tile_n=16, wg_split="n", epi_tile_n=None))
 
 
 # ---------------------------------------------------------------------------
