@@ -21,35 +21,38 @@ latencies the one-tile-per-block kernel exposes (issue 24):
   (``tile_m / num_consumers``, ``tile_n``) or (``tile_m``,
   ``tile_n / num_consumers``) part of the block's tile (``wg_split``), and
   one producer warpgroup issues every TMA load into a ring of
-  ``max_concurrent_steps`` shared-memory slots
-  (``plgpu.emit_pipeline_warp_specialized``; the producer keeps 40 registers
-  per thread, ``setmaxnreg`` gives the rest to the consumers);
-* **epilogue overlapped**: once a tile's last slot is consumed the producer
-  starts loading the next tile while the consumers convert, scale and store
-  (TMA) the finished one; the store of one tile drains during the next tile's
-  main loop.
+  ``max_concurrent_steps`` shared-memory slots (``setmaxnreg``: the producer
+  keeps 40 registers a thread, the consumers share the rest, as in jax's
+  ``emit_pipeline_warp_specialized``). The ring, its barriers and the loops
+  are written out here rather than taken from
+  ``emit_pipeline_warp_specialized``: that runs one pipeline per tile, whose
+  producer waits for the tile's last slot before loading the next tile (no
+  prefetch across tiles: with K = 64, one step a tile, no prefetch at all)
+  and whose slots cannot be released one step late without racing the next
+  tile's loads;
+* **latency hidden**: the ring's steps are numbered over all of a block's
+  (tile, K step) pairs, so the producer loads the next tile's first steps
+  while the consumers finish the current one; a consumer keeps one ``wgmma``
+  in flight (``wgmma_wait(1)``) and releases a slot a step late; the
+  epilogue's TMA stores (``epi_tile_n`` columns at a time, 2 SMEM slots)
+  drain during the next tile's main loop.
 
-What it does not do (yet): a consumer waits for its ``wgmma`` before it
-releases the slot (``wgmma_wait(0)`` each step; the per-tile pipelines of
-``emit_pipeline_warp_specialized`` cannot release the last slot late without
-racing the next tile's loads), so one consumer alone does not overlap
-consecutive ``wgmma``s -- two consumers do, between them; both consumers
-finish a tile together, so the tensor cores idle during the epilogue's
-register work (a "ping-pong" schedule would hide it); no clusters / TMA
-multicast.
+K > ``k_chunk``: a fresh int32 accumulator (``plgpu.ACC``) per chunk, chunks
+summed in float32 in chunk order in registers (the reference's bits).
+
+What it does not do (yet): both consumers finish a tile together, so the
+tensor cores idle during the epilogue's register work (a "ping-pong"
+schedule, consumers on alternate tiles, would hide it); no clusters / TMA
+multicast; no split-K (a GEMM with few output tiles uses few SMs).
 
 **Not used by the library yet**: int8jax's backends call
 :func:`~pallas_kernels.int8_matmul.int8_matmul` and the conv kernels. This
 kernel has been checked bit-exact against the integer reference in the CPU
 interpreter and compiled to SASS offline (mosaic-offline: registers, spills,
 wgmma shapes; ``pallas_kernels/README.md``), but has never run on a GPU: its
-barriers, timing and speed are unmeasured. ``benchmarks/gpu_smoke.py`` and
-``benchmarks/kernels.py`` check and time it in the next GPU session.
-
-Multi-chunk K (K > ``k_chunk``): the consumers flush the int32 accumulator
-into a float32 running sum held in registers at each chunk boundary inside
-the pipeline (twice the accumulator registers; the offline census shows which
-tiles that fits).
+barriers (a hang), results on hardware and speed are unchecked.
+``benchmarks/gpu_smoke.py`` and ``benchmarks/kernels.py`` check and time it
+in the next GPU session.
 
 Public API: :class:`Int8MatmulWSConfig`, :data:`WS_CONFIGS`,
 :func:`select_ws_config`, :func:`int8_matmul_ws`.
