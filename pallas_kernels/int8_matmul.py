@@ -133,6 +133,8 @@ def _check_operand(name, x):
 
 
 def check_matmul_args(a, b, a_scale, b_scale, bias, out_dtype):
+  """Checks the GEMM's arguments (errors name the argument and value); returns
+  (a_scale, b_scale, bias) as float32 vectors of length M, N, N (or None)."""
   _check_operand("a", a)
   _check_operand("b", b)
   m, k = a.shape
@@ -157,6 +159,7 @@ def check_matmul_args(a, b, a_scale, b_scale, bias, out_dtype):
 
 
 def check_int32_k(k: int, k_chunk: int, out_dtype):
+  """out_dtype=int32 returns one int32 accumulator: K must fit one chunk."""
   if jnp.dtype(out_dtype) == jnp.int32 and k > k_chunk:
     raise ValueError(
         f"out_dtype=int32 needs K <= k_chunk (one int32 accumulator), got "
