@@ -83,6 +83,7 @@ __all__ = [
     "Int8MatmulWSConfig",
     "WS_CONFIGS",
     "WS_DEFAULT_CONFIG",
+    "WS_DEFAULT_K64_CONFIG",
     "WS_NARROW_CONFIG",
     "WS_SHORT_CONFIG",
     "int8_matmul_ws",
@@ -199,6 +200,11 @@ class Int8MatmulWSConfig:
 # K steps (48 KiB a step, 3 slots) and a float32 epilogue in 64-column
 # stores (2 slots per consumer): 214 KiB of the 227.
 WS_DEFAULT_CONFIG = Int8MatmulWSConfig()
+# The same tile with 64-wide K steps (swizzle 64, 6 slots: the same SMEM), for
+# K that 128-wide steps would pad by 64 (K = 64: 1x1 convs on 64 channels;
+# K = 576: 3x3 convs on 64 channels).
+WS_DEFAULT_K64_CONFIG = Int8MatmulWSConfig(tile_k=64, swizzle=64,
+                                           max_concurrent_steps=6)
 # N <= 64 (conv GEMMs with 64 channels, K = 64 or 576): 256x64 tiles, two
 # consumers of 128x64, 64-wide K steps (no padding of K = 64 or 576), 6 slots.
 WS_NARROW_CONFIG = Int8MatmulWSConfig(tile_m=256, tile_n=64, tile_k=64,
@@ -210,17 +216,20 @@ WS_SHORT_CONFIG = Int8MatmulWSConfig(tile_m=64, tile_n=192, tile_k=128,
                                      max_concurrent_steps=4, wg_split="n",
                                      epi_tile_n=None)
 # Every config select_ws_config picks; the tests lower and run each.
-WS_CONFIGS = (WS_DEFAULT_CONFIG, WS_NARROW_CONFIG, WS_SHORT_CONFIG)
+WS_CONFIGS = (WS_DEFAULT_CONFIG, WS_DEFAULT_K64_CONFIG, WS_NARROW_CONFIG,
+              WS_SHORT_CONFIG)
 
 
 def select_ws_config(m: int, n: int, k: int) -> Int8MatmulWSConfig:
   """The config :func:`int8_matmul_ws` uses for an (M, N, K) problem by
   default: :data:`WS_NARROW_CONFIG` for N <= 64, :data:`WS_SHORT_CONFIG` for
-  M <= 64, else :data:`WS_DEFAULT_CONFIG`."""
-  del k
+  M <= 64, else :data:`WS_DEFAULT_CONFIG`, or :data:`WS_DEFAULT_K64_CONFIG`
+  where 128-wide K steps would pad K by 64 (K % 128 in [1, 64])."""
   if n <= 64:
     return WS_NARROW_CONFIG
-  return WS_SHORT_CONFIG if m <= 64 else WS_DEFAULT_CONFIG
+  if m <= 64:
+    return WS_SHORT_CONFIG
+  return WS_DEFAULT_K64_CONFIG if 0 < k % 128 <= 64 else WS_DEFAULT_CONFIG
 
 
 def num_sms() -> int:

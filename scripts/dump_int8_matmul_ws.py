@@ -7,7 +7,8 @@ on the same GEMMs to compare.
 
 Cases (GEMM (M, N, K), the config select_ws_config picks unless named): 4096^3 and 8192^3
 (float32, bfloat16; int32 at 4096^3), the conv-shaped 802816x64x64 and 802816x64x576
-(N = 64: forward / dgrad of ResNet-50's 64-channel layers at batch 256; bfloat16, float32) and
+(N = 64: forward / dgrad of ResNet-50's 64-channel layers at batch 256; bfloat16, float32),
+802816x256x64 (a 1x1 64->256 forward, K = 64; bfloat16) and
 64x576x802816 (a weight gradient as one GEMM: M = O, N = 9C, K = B*H*W, seven K chunks;
 float32); the 128x256 block tile shared by two consumers the other way (two 128x128, wg_split
 "n") and as 256x128 (two 128x128 along M), both at 4096^3 float32; a ragged shape on a small
@@ -60,6 +61,7 @@ def main():
            ("conv_802816x64x64", (802816, 64, 64), None, "f32"),
            ("conv_802816x64x576", (802816, 64, 576), None, "bf16"),
            ("conv_802816x64x576", (802816, 64, 576), None, "f32"),
+           ("conv_802816x256x64", (802816, 256, 64), None, "bf16"),
            ("wgrad_64x576x802816", (64, 576, 802816), None, "f32"),
            ("sq4096", sq4, (split_n, "128x256_split_n"), "f32"),
            ("sq4096", sq4, (tall, "256x128_split_m"), "f32"),

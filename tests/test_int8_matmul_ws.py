@@ -168,6 +168,12 @@ def test_select_ws_config():
   assert ws.select_ws_config(802816, 64, 576) is ws.WS_NARROW_CONFIG
   assert ws.select_ws_config(64, 576, 802816) is ws.WS_SHORT_CONFIG
   assert ws.select_ws_config(4096, 4096, 4096) is ws.WS_DEFAULT_CONFIG
+  for k in (64, 576, 4160):  # 128-wide steps would pad these by 64
+    assert ws.select_ws_config(802816, 256, k) is ws.WS_DEFAULT_K64_CONFIG
+  for k in (128, 640, 740):
+    assert ws.select_ws_config(802816, 256, k) is ws.WS_DEFAULT_CONFIG
+  assert all(ws.select_ws_config(m, n, k) in ws.WS_CONFIGS for m in (1, 64, 65, 10**6)
+             for n in (1, 64, 65, 4096) for k in (1, 64, 65, 128, 10**6))
   for config in ws.WS_CONFIGS:
     for out_dtype in (jnp.float32, jnp.bfloat16, jnp.int32):
       assert config.smem_bytes(out_dtype) <= _common.SMEM_LIMIT_BYTES, (config, out_dtype)
