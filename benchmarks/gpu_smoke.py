@@ -23,7 +23,13 @@ configs are picked up):
   (phase split) -- its tiles those of the ``WGRAD_CONFIGS`` entry at the same
   table position (the four select_wgrad_config picks), tile_k = swizzle the
   entry's (64 or 128) at stride 1 and 32 at stride 2: every swizzle
-  direct_wgrad_config picks.
+  direct_wgrad_config picks;
+* ``WS_CONFIGS`` as ``ws:NAME`` (after the direct ones): the persistent,
+  warp-specialised GEMM of :mod:`pallas_kernels.int8_matmul_ws` (not yet run
+  on a GPU) on a ragged 300x136x400 GEMM with two blocks, so each block loops
+  over several tiles and the TMA ring wraps across them: float32 with row and
+  column scales, int32, and float32 with ``k_chunk = 2 * tile_k`` (several
+  int32 chunks a tile, summed in float32: exact).
 
 Each result must equal the XLA integer reference computed on the CPU bit for
 bit (the integers are exact; the float outputs carry no scale except the
@@ -41,13 +47,16 @@ when every CONV/WGRAD config passed: ``scripts/gpu_session.sh`` runs its
 later phases with ``INT8JAX_IMPLICIT_GEMM=0`` when it is not. ``direct_ok``
 (independent of it) is true when every ``direct`` config passed:
 ``scripts/gpu_session.sh`` times the ResNet-50 step with
-``INT8JAX_DIRECT_CONV=1`` only then.
+``INT8JAX_DIRECT_CONV=1`` only then. ``ws_ok`` (independent too) is true
+when every ``ws`` config passed: ``scripts/gpu_session.sh`` runs the
+int8_matmul_ws GPU tests and timings only then.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import json
 import os
@@ -63,16 +72,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _modules():
-  """The modules pallas_kernels.int8_conv / .int8_matmul (the package's
-  attributes of those names are the functions)."""
+  """The modules pallas_kernels.int8_conv / .int8_matmul / .int8_matmul_ws (the
+  package's attributes of those names are the functions)."""
   return (importlib.import_module("pallas_kernels.int8_conv"),
-          importlib.import_module("pallas_kernels.int8_matmul"))
+          importlib.import_module("pallas_kernels.int8_matmul"),
+          importlib.import_module("pallas_kernels.int8_matmul_ws"))
 
 
 def config_names() -> list[str]:
   """``KIND:NAME`` of every config in the kernel tables, in table order."""
   import pallas_kernels as pk
-  int8_conv, int8_matmul = _modules()
+  int8_conv, int8_matmul, int8_matmul_ws = _modules()
 
   def named(module, table, kind):
     names = {id(v): k for k, v in vars(module).items() if k[:1].isupper() and
@@ -82,17 +92,19 @@ def config_names() -> list[str]:
   return (named(int8_conv, pk.CONV_CONFIGS, "conv")
           + named(int8_conv, pk.WGRAD_CONFIGS, "wgrad")
           + named(int8_matmul, pk.LIBRARY_CONFIGS, "matmul")
-          + named(int8_conv, pk.CONV_CONFIGS, "direct"))
+          + named(int8_conv, pk.CONV_CONFIGS, "direct")
+          + named(int8_matmul_ws, int8_matmul_ws.WS_CONFIGS, "ws"))
 
 
 def _config(name: str):
   import pallas_kernels as pk
-  int8_conv, int8_matmul = _modules()
+  int8_conv, int8_matmul, int8_matmul_ws = _modules()
   kind, ident = name.split(":", 1)
   module, table = {"conv": (int8_conv, pk.CONV_CONFIGS),
                    "direct": (int8_conv, pk.CONV_CONFIGS),
                    "wgrad": (int8_conv, pk.WGRAD_CONFIGS),
-                   "matmul": (int8_matmul, pk.LIBRARY_CONFIGS)}[kind]
+                   "matmul": (int8_matmul, pk.LIBRARY_CONFIGS),
+                   "ws": (int8_matmul_ws, int8_matmul_ws.WS_CONFIGS)}[kind]
   return kind, table[int(ident)] if ident.isdigit() else getattr(module, ident)
 
 
@@ -168,6 +180,22 @@ def _check(name: str, interpret: bool) -> str:
                     jax.jit(lambda x, g, kw=kw: pk.int8_conv_wgrad(
                         x, g, config=config, interpret=interpret, **kw))(x, g),
                     reference(pk.int8_conv_wgrad_reference, x, g, **kw), True))
+  elif kind == "ws":
+    a, b = int8((300, 400)), int8((136, 400))
+    a_scale = jnp.linspace(0.25, 1.5, 300, dtype=jnp.float32)
+    b_scale = jnp.linspace(0.5, 2.0, 136, dtype=jnp.float32)
+    several = dataclasses.replace(config, num_ctas=2)  # several tiles a block
+    chunks = dataclasses.replace(several, k_chunk=2 * config.tile_k)
+    for label, cfg, out, kw, exact in (
+        ("ws float32", several, jnp.float32, dict(a_scale=a_scale, b_scale=b_scale),
+         interpret),
+        ("ws int32", several, jnp.int32, {}, True),
+        ("ws chunks float32", chunks, jnp.float32, {}, True)):
+      cases.append((label,
+                    jax.jit(lambda a, b, kw=kw, out=out, cfg=cfg: pk.int8_matmul_ws(
+                        a, b, out_dtype=out, config=cfg, interpret=interpret, **kw))(a, b),
+                    reference(pk.int8_matmul_reference, a, b, out_dtype=out,
+                              k_chunk=cfg.k_chunk, **kw), exact))
   else:
     a, b = int8((200, 300)), int8((136, 300))
     scale = jnp.linspace(0.5, 2.0, 136, dtype=jnp.float32)
@@ -236,6 +264,7 @@ def run(names: list[str], interpret: bool, timeout: float, gate: str | None,
       doc = dict(ok=len(results) == len(names) and all(r["status"] == "ok" for r in results),
                  implicit_ok=all_ok(("conv", "wgrad")),
                  direct_ok=all_ok(("direct",)) and any(n.startswith("direct:") for n in names),
+                 ws_ok=all_ok(("ws",)) and any(n.startswith("ws:") for n in names),
                  interpret=interpret, timeout_s=timeout, results=results)
       tmp = gate + ".tmp"
       with open(tmp, "w") as f:

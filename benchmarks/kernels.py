@@ -8,6 +8,7 @@ Usage::
   python benchmarks/kernels.py --convs-only  # only the QuantConv section
   python benchmarks/kernels.py --implicit-only  # only the implicit-conv section
   python benchmarks/kernels.py --implicit-only --lower-only  # CPU: lower all
+  python benchmarks/kernels.py --square-only --with-ws  # 4096^3, 8192^3 only
 
 For every GEMM shape (M, N, K) it times, on the device, three programs that
 compute the same (M, N) product of K-major operands:
@@ -17,7 +18,11 @@ compute the same (M, N) product of K-major operands:
                 epilogue;
   xla_int8      ``lax.dot_general(int8, int8, preferred_element_type=int32)``
                 (cuBLAS IMMA), int32 result, no dequantization;
-  xla_bf16      ``lax.dot_general(bf16, bf16, preferred_element_type=f32)``.
+  xla_bf16      ``lax.dot_general(bf16, bf16, preferred_element_type=f32)``;
+  int8_matmul_ws  (``--with-ws``) ``pk.int8_matmul_ws``, the persistent,
+                warp-specialised kernel, same arguments and epilogue as
+                int8_matmul (never run on a GPU before: gpu_session.sh passes
+                --with-ws only when its smoke test passed).
 
 Each is jitted, run ``--warmup`` times, then timed ``--iters`` times with
 ``block_until_ready`` around each call (device-synchronised wall clock; the
@@ -58,7 +63,9 @@ downsample), batch 256, each timed like the GEMMs (jitted, warm-up,
 with TOP/s = 2 * B*Ho*Wo*O*KH*KW*C / time (useful MACs); "bwd" is dgrad +
 wgrad (kernels) against the bf16 VJP w.r.t. (x, w). The kernels are checked
 first: int32 fwd / dgrad outputs and the float32 wgrad (exactly rounded) at
-batch 2 equal the CPU references exactly.
+batch 2 equal the CPU references exactly. With ``--with-ws`` four more
+columns time ``pk.int8_matmul_ws`` on the same two GEMMs as int8_matmul
+(operands, scales and output dtype alike) and its speed-up over int8_matmul.
 Rows are printed and appended to RESULTS.md as they finish.
 
 The markdown tables are printed and appended to benchmarks/RESULTS.md with the
@@ -136,7 +143,7 @@ def _time(fn, args, warmup: int, iters: int) -> float:
   return statistics.median(times)
 
 
-def bench_shape(m, n, k, warmup, iters):
+def bench_shape(m, n, k, warmup, iters, with_ws=False):
   key_a, key_b, key_s = jax.random.split(jax.random.key(0), 3)
   a = jax.random.randint(key_a, (m, k), -127, 128, jnp.int32).astype(jnp.int8)
   b = jax.random.randint(key_b, (n, k), -127, 128, jnp.int32).astype(jnp.int8)
@@ -160,28 +167,51 @@ def bench_shape(m, n, k, warmup, iters):
   t_kernel = _time(kernel, (a, b, a_scale, b_scale), warmup, iters)
   t_int8 = _time(xla_int8, (a, b), warmup, iters)
   t_bf16 = _time(xla_bf16, (a16, b16), warmup, iters)
+  r = dict(t_kernel=t_kernel, t_int8=t_int8, t_bf16=t_bf16,
+           tops_kernel=ops / t_kernel / 1e12, tops_int8=ops / t_int8 / 1e12,
+           tops_bf16=ops / t_bf16 / 1e12, rel_err=rel)
+  if with_ws:
+    try:
+      ws = jax.jit(lambda a, b, sa, sb: pk.int8_matmul_ws(a, b, a_scale=sa, b_scale=sb))
+      got_ws = ws(a, b, a_scale, b_scale)
+      r["ws_rel_err"] = float(jnp.max(jnp.abs(got_ws - want)) /
+                              jnp.maximum(jnp.max(jnp.abs(want)), 1e-30))
+      r["t_ws"] = _time(ws, (a, b, a_scale, b_scale), warmup, iters)
+      r["tops_ws"] = ops / r["t_ws"] / 1e12
+    except Exception as e:  # pylint: disable=broad-except
+      r["t_ws"] = f"failed: {type(e).__name__}: {str(e)[:60]}"
   del a, b, a16, b16, got, want
-  return dict(t_kernel=t_kernel, t_int8=t_int8, t_bf16=t_bf16,
-              tops_kernel=ops / t_kernel / 1e12, tops_int8=ops / t_int8 / 1e12,
-              tops_bf16=ops / t_bf16 / 1e12, rel_err=rel)
+  return r
 
 
-def markdown_table(rows) -> str:
+def markdown_table(rows, with_ws=False) -> str:
+  """The GEMM table; ``with_ws``: four more columns, int8_matmul_ws's time,
+  TOP/s, speed-up over int8_matmul and max relative error."""
+  ws_head = " int8_matmul_ws ms | TOP/s | ws vs int8_matmul | ws max rel err |"
   lines = [
       "| GEMM | M | N | K | int8_matmul ms | TOP/s | XLA int8 ms | TOP/s "
-      "| XLA bf16 ms | TFLOP/s | vs int8 | vs bf16 | max rel err |",
-      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+      "| XLA bf16 ms | TFLOP/s | vs int8 | vs bf16 | max rel err |"
+      + (ws_head if with_ws else ""),
+      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+      + ("---:|" * 4 if with_ws else ""),
   ]
   for label, m, n, k, r in rows:
     if isinstance(r, str):
-      lines.append(f"| {label} | {m} | {n} | {k} | {r} | | | | | | | | |")
+      lines.append(f"| {label} | {m} | {n} | {k} | {r} | | | | | | | | |"
+                   + (" | | | |" if with_ws else ""))
       continue
+    ws_cells = ""
+    if with_ws:
+      t_ws = r.get("t_ws")
+      ws_cells = (f" {t_ws*1e3:.3f} | {r['tops_ws']:.1f} | {r['t_kernel']/t_ws:.2f}x | "
+                  f"{r['ws_rel_err']:.1e} |" if isinstance(t_ws, float)
+                  else f" {t_ws} | | | |")
     lines.append(
         f"| {label} | {m} | {n} | {k} | {r['t_kernel']*1e3:.3f} | "
         f"{r['tops_kernel']:.1f} | {r['t_int8']*1e3:.3f} | {r['tops_int8']:.1f} "
         f"| {r['t_bf16']*1e3:.3f} | {r['tops_bf16']:.1f} | "
         f"{r['t_int8']/r['t_kernel']:.2f}x | {r['t_bf16']/r['t_kernel']:.2f}x | "
-        f"{r['rel_err']:.1e} |")
+        f"{r['rel_err']:.1e} |" + ws_cells)
   return "\n".join(lines)
 
 
@@ -340,9 +370,10 @@ def _wgrad_int8_xla(x, g, *, ks, strides, pads, chunk=131072):
   return total.reshape(ks, ks, c, o)
 
 
-def _implicit_programs(layer, out_dtype):
+def _implicit_programs(layer, out_dtype, with_ws=False):
   """One layer's timed programs: ({name: (jitted fn, operand names)},
-  {operand name: ShapeDtypeStruct}, useful MACs)."""
+  {operand name: ShapeDtypeStruct}, useful MACs). ``with_ws``: also
+  int8_matmul_ws on int8_matmul's two GEMMs (ws_fwd, ws_dgrad)."""
   _, h, w, cin, cout, ks, stride = layer
   x_shape, w_shape, g_shape, strides, pads = _layer_geometry(
       h, w, cin, cout, ks, stride)
@@ -368,17 +399,22 @@ def _implicit_programs(layer, out_dtype):
     dgrad_gemm = (n * h * w, cin, ks * ks * cout)
   else:  # int8jax's strided dgrad: int32 to patch space (col2im untimed)
     dgrad_gemm = (n * ho * wo, ks * ks * cin, cout)
-  for name, (m, nn, k) in (("mm_fwd", fwd_gemm), ("mm_dgrad", dgrad_gemm)):
-    specs[name + "_a"] = sds((m, k), jnp.int8)
-    specs[name + "_b"] = sds((nn, k), jnp.int8)
-    if name == "mm_dgrad" and stride > 1:
-      fn = functools.partial(pk.int8_matmul, out_dtype=jnp.int32)
-      programs[name] = (jax.jit(fn), (name + "_a", name + "_b"))
+  gemms = [(pk.int8_matmul, "mm_fwd", "mm_fwd", fwd_gemm),
+           (pk.int8_matmul, "mm_dgrad", "mm_dgrad", dgrad_gemm)]
+  if with_ws:  # the same GEMMs, operands and outputs
+    gemms += [(pk.int8_matmul_ws, "ws_fwd", "mm_fwd", fwd_gemm),
+              (pk.int8_matmul_ws, "ws_dgrad", "mm_dgrad", dgrad_gemm)]
+  for gemm_fn, name, ops, (m, nn, k) in gemms:
+    specs[ops + "_a"] = sds((m, k), jnp.int8)
+    specs[ops + "_b"] = sds((nn, k), jnp.int8)
+    if ops == "mm_dgrad" and stride > 1:
+      fn = functools.partial(gemm_fn, out_dtype=jnp.int32)
+      programs[name] = (jax.jit(fn), (ops + "_a", ops + "_b"))
     else:
-      specs[name + "_s"] = sds((nn,), jnp.float32)
-      programs[name] = (jax.jit(lambda a, b, s: pk.int8_matmul(
+      specs[ops + "_s"] = sds((nn,), jnp.float32)
+      programs[name] = (jax.jit(lambda a, b, s, gemm_fn=gemm_fn: gemm_fn(
           a, b, b_scale=s, out_dtype=out_dtype)),
-                        (name + "_a", name + "_b", name + "_s"))
+                        (ops + "_a", ops + "_b", ops + "_s"))
   programs["wgrad"] = (jax.jit(lambda x, g, s: pk.int8_conv_wgrad(
       x, g, kernel_shape=w_shape, window_strides=strides, padding=pads,
       scale=s)), ("x", "g", "s_out"))
@@ -425,8 +461,8 @@ def _check_implicit_exact(layer) -> bool:
               np.array_equal(np.asarray(got_dw), np.asarray(want_dw)))
 
 
-def bench_implicit_layer(layer, warmup, iters, out_dtype):
-  programs, specs, macs = _implicit_programs(layer, out_dtype)
+def bench_implicit_layer(layer, warmup, iters, out_dtype, with_ws=False):
+  programs, specs, macs = _implicit_programs(layer, out_dtype, with_ws)
   r = {"gop": 2.0 * macs / 1e9}
   try:
     r["exact"] = "yes" if _check_implicit_exact(layer) else "NO"
@@ -453,9 +489,19 @@ IMPLICIT_HEADER = (
     "| wgrad vs XLA | bf16 bwd ms | bwd (dgrad+wgrad) vs bf16 | exact |\n"
     "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:"
     "|---:|---:|---:|---:|---:|---:|---|")
+# --with-ws: int8_matmul_ws on int8_matmul's two GEMMs, after the other columns
+IMPLICIT_WS_HEADER = (" ws fwd-GEMM ms | ws vs matmul fwd | ws dgrad-GEMM ms "
+                      "| ws vs matmul dgrad |", "---:|---:|---:|---:|")
 
 
-def implicit_row(name, r) -> str:
+def implicit_header(with_ws=False) -> str:
+  if not with_ws:
+    return IMPLICIT_HEADER
+  head, rule = IMPLICIT_HEADER.split("\n")
+  return f"{head}{IMPLICIT_WS_HEADER[0]}\n{rule}{IMPLICIT_WS_HEADER[1]}"
+
+
+def implicit_row(name, r, with_ws=False) -> str:
   def ms(key):
     v = r.get(key)
     return f"{v * 1e3:.3f}" if isinstance(v, float) else str(v)
@@ -481,13 +527,15 @@ def implicit_row(name, r) -> str:
           f"| {ms('bf16_dgrad')} | {ratio(('bf16_dgrad',), 'dgrad')} "
           f"| {ms('wgrad')} | {tops('wgrad')} | {ms('wgrad_int8')} "
           f"| {ratio(('wgrad_int8',), 'wgrad')} | {ms('bf16_bwd')} "
-          f"| {bwd_ratio} | {r['exact']} |")
+          f"| {bwd_ratio} | {r['exact']} |"
+          + (f" {ms('ws_fwd')} | {ratio(('mm_fwd',), 'ws_fwd')} | {ms('ws_dgrad')} "
+             f"| {ratio(('mm_dgrad',), 'ws_dgrad')} |" if with_ws else ""))
 
 
 def implicit_section(warmup, iters, out_dtype, quick, append_to=None,
-                     title=""):
+                     title="", with_ws=False):
   layers = IMPLICIT_CONV_LAYERS[::3] if quick else IMPLICIT_CONV_LAYERS
-  head = (f"\n### {title}\n\n" if title else "") + IMPLICIT_HEADER
+  head = (f"\n### {title}\n\n" if title else "") + implicit_header(with_ws)
   print(head, flush=True)
   if append_to:
     with open(append_to, "a", encoding="utf-8") as f:
@@ -495,7 +543,8 @@ def implicit_section(warmup, iters, out_dtype, quick, append_to=None,
   rows = []
   for layer in layers:
     row = implicit_row(layer[0], bench_implicit_layer(layer, warmup, iters,
-                                                       out_dtype))
+                                                       out_dtype, with_ws),
+                       with_ws)
     rows.append(row)
     print(row, flush=True)
     if append_to:  # as it goes: a run cut short keeps its rows
@@ -504,12 +553,12 @@ def implicit_section(warmup, iters, out_dtype, quick, append_to=None,
   return "\n".join([IMPLICIT_HEADER] + rows)
 
 
-def lower_implicit_section(out_dtype) -> int:
+def lower_implicit_section(out_dtype, with_ws=False) -> int:
   """CPU check: every program of the section lowers for CUDA (Mosaic GPU's
   own checks included), on shapes only; times nothing."""
   failures = 0
   for layer in IMPLICIT_CONV_LAYERS:
-    programs, specs, _ = _implicit_programs(layer, out_dtype)
+    programs, specs, _ = _implicit_programs(layer, out_dtype, with_ws)
     for name, (fn, operand_names) in programs.items():
       try:
         fn.trace(*(specs[k] for k in operand_names)).lower(
@@ -565,11 +614,16 @@ def main(argv=None) -> int:
   parser.add_argument("--lower-only", action="store_true",
                       help="no GPU needed: lower every program of the "
                       "implicit-conv section for CUDA, time nothing")
+  parser.add_argument("--with-ws", action="store_true",
+                      help="also time pk.int8_matmul_ws next to int8_matmul "
+                      "(GEMM table and the implicit section's GEMM columns)")
+  parser.add_argument("--square-only", action="store_true",
+                      help="only the GEMM table on 4096^3 and 8192^3")
   args = parser.parse_args(argv)
   conv_out = jnp.dtype(args.conv_out)
 
   if args.lower_only:
-    return lower_implicit_section(conv_out)
+    return lower_implicit_section(conv_out, args.with_ws)
   if not pk.available():
     print(f"benchmarks/kernels.py needs a Hopper GPU (sm_90) with Mosaic GPU; "
           f"this machine's jax backend is {jax.default_backend()!r}. "
@@ -581,7 +635,9 @@ def main(argv=None) -> int:
          f"{args.warmup} warm-up runs; `python benchmarks/kernels.py"
          f"{' --quick' if args.quick else ''}"
          f"{' --convs-only' if args.convs_only else ''}"
-         f"{' --implicit-only' if args.implicit_only else ''}`.\n")
+         f"{' --implicit-only' if args.implicit_only else ''}"
+         f"{' --square-only' if args.square_only else ''}"
+         f"{' --with-ws' if args.with_ws else ''}`.\n")
   when = (f"{device.device_kind}, {datetime.date.today().isoformat()}, "
           f"jax {jax.__version__}")
   if args.implicit_only:
@@ -589,20 +645,29 @@ def main(argv=None) -> int:
              f"({when}; {args.conv_out} outputs)\n\n{how}")
     implicit_section(args.warmup, args.iters, conv_out, args.quick,
                      append_to=None if args.no_append else RESULTS,
-                     title=title)
+                     title=title, with_ws=args.with_ws)
     return 0
   rows = []
-  for label, m, n, k in ([] if args.convs_only else gemm_shapes(args.quick)):
+  shapes = [] if args.convs_only else gemm_shapes(args.quick)
+  if args.square_only:
+    shapes = shapes[:2]
+  for label, m, n, k in shapes:
     try:
-      r = bench_shape(m, n, k, args.warmup, args.iters)
+      r = bench_shape(m, n, k, args.warmup, args.iters, args.with_ws)
     except Exception as e:  # pylint: disable=broad-except
       r = f"failed: {type(e).__name__}: {str(e)[:80]}"
     rows.append((label, m, n, k, r))
-    print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
+    print(markdown_table(rows[-1:], args.with_ws).splitlines()[-1], flush=True)
   text = ""
   if rows:
     text += (f"### int8_matmul vs XLA ({when})\n\n{how}\n"
-             f"{markdown_table(rows)}\n")
+             f"{markdown_table(rows, args.with_ws)}\n")
+  if args.square_only:
+    print(text)
+    if not args.no_append:
+      with open(RESULTS, "a", encoding="utf-8") as f:
+        f.write("\n" + text)
+    return 0
   print("\nQuantConv forward+backward vs nnx.Conv (bf16):", flush=True)
   text += (f"\n### QuantConv fwd+bwd vs nnx.Conv bf16, ResNet-50 3x3 ({when})"
            f"\n\n{how}\n{conv_section(args.warmup, args.iters)}\n")
@@ -616,7 +681,7 @@ def main(argv=None) -> int:
       args.warmup, args.iters, conv_out, args.quick,
       append_to=None if args.no_append else RESULTS,
       title=(f"Implicit-GEMM int8 conv kernels vs int8_matmul vs bf16 conv "
-             f"({when}; {args.conv_out} outputs)\n\n{how}"))
+             f"({when}; {args.conv_out} outputs)\n\n{how}"), with_ws=args.with_ws)
   return 0
 
 

@@ -6,6 +6,11 @@ XLA references, usable without the rest of the library.
 * :func:`int8_matmul` -- ``(a @ b.T) * a_scale[:, None] * b_scale + bias``
   with a: (M, K) int8, b: (N, K) int8 (both K-major), exact int32
   accumulation and a fused dequantizing epilogue; :func:`int8_matmul_reference`.
+* :func:`int8_matmul_ws` -- the same GEMM, bits and arguments on a
+  persistent, warp-specialised kernel (a TMA producer warpgroup, 1-2 wgmma
+  consumers, one pipeline across all of a block's tiles;
+  :class:`Int8MatmulWSConfig`, :data:`WS_CONFIGS`, :func:`select_ws_config`).
+  Not used by int8jax yet: it has never run on a GPU.
 * :func:`int8_conv` / :func:`int8_conv_dgrad` / :func:`int8_conv_wgrad` --
   implicit-GEMM int8 conv (NHWC x HWIO), its input and weight gradients:
   per-tap shifted TMA windows of the padded input, int32 accumulators,
@@ -22,7 +27,7 @@ XLA references, usable without the rest of the library.
 
 Every kernel also runs on CPU with ``interpret=True`` (bit-exact, slow).
 
-Modules: ``int8_matmul``; ``int8_conv`` (the conv API, implemented in
+Modules: ``int8_matmul``; ``int8_matmul_ws``; ``int8_conv`` (the conv API, implemented in
 ``conv_common``, ``conv_forward``, ``conv_dgrad``, ``conv_wgrad``);
 ``_common`` (what they share).
 """
@@ -50,6 +55,10 @@ from pallas_kernels.int8_matmul import LIBRARY_CONFIGS
 from pallas_kernels.int8_matmul import int8_matmul
 from pallas_kernels.int8_matmul import int8_matmul_reference
 from pallas_kernels.int8_matmul import select_config
+from pallas_kernels.int8_matmul_ws import WS_CONFIGS
+from pallas_kernels.int8_matmul_ws import Int8MatmulWSConfig
+from pallas_kernels.int8_matmul_ws import int8_matmul_ws
+from pallas_kernels.int8_matmul_ws import select_ws_config
 from pallas_kernels.quantize import quantize_kmajor
 from pallas_kernels.quantize import quantize_kmajor_reference
 
@@ -59,8 +68,10 @@ __all__ = [
     "INT32_SAFE_K",
     "Int8ConvConfig",
     "Int8MatmulConfig",
+    "Int8MatmulWSConfig",
     "LIBRARY_CONFIGS",
     "WGRAD_CONFIGS",
+    "WS_CONFIGS",
     "available",
     "combine_int32_chunks",
     "conv_output_shape",
@@ -73,11 +84,13 @@ __all__ = [
     "int8_conv_wgrad_reference",
     "int8_matmul",
     "int8_matmul_reference",
+    "int8_matmul_ws",
     "join_halves",
     "quantize_kmajor",
     "quantize_kmajor_reference",
     "select_config",
     "select_conv_config",
+    "select_ws_config",
     "select_wgrad_config",
     "split_halves",
 ]

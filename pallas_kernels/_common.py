@@ -6,7 +6,8 @@ none of them imports another's private names:
 
 * limits: :data:`INT32_SAFE_K` (products one int32 accumulator may sum),
   :data:`SMEM_LIMIT_BYTES`, :data:`OUT_DTYPES`;
-* argument checking (:func:`check_vector`), :func:`round_up`;
+* argument checking (:func:`check_vector`), :func:`round_up`, zero padding
+  (:func:`pad1d`, :func:`pad2d`);
 * the float epilogue :func:`epilogue` in the order the kernels apply it, and
   the SMEM transforms of an output tile (:func:`out_transforms`);
 * the exact combination of int32 partial sums (:func:`split_halves`,
@@ -64,6 +65,17 @@ def check_tiling(config, extra_int_fields=()):
 
 def round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
+
+
+def pad2d(x, rows: int, cols: int):
+  """``x`` (2-D) zero-padded at the end to ``(rows, cols)``."""
+  pad = ((0, rows - x.shape[0]), (0, cols - x.shape[1]))
+  return x if pad == ((0, 0), (0, 0)) else jnp.pad(x, pad)
+
+
+def pad1d(x, size: int):
+  """``x`` (1-D) zero-padded at the end to ``size``."""
+  return x if x.shape[0] == size else jnp.pad(x, (0, size - x.shape[0]))
 
 
 def check_vector(name, v, size, size_name):

@@ -47,6 +47,8 @@ from pallas_kernels._common import check_tiling
 from pallas_kernels._common import check_vector
 from pallas_kernels._common import epilogue
 from pallas_kernels._common import out_transforms
+from pallas_kernels._common import pad1d
+from pallas_kernels._common import pad2d
 from pallas_kernels._common import round_up
 
 __all__ = [
@@ -117,7 +119,8 @@ def select_config(m: int, n: int, k: int) -> Int8MatmulConfig:
 
 
 # ----------------------------------------------------------------------------
-# Argument checking (shared by the kernel wrapper and the reference).
+# Argument checking (shared by the kernel wrapper, the reference and
+# int8_matmul_ws).
 # ----------------------------------------------------------------------------
 
 
@@ -129,7 +132,9 @@ def _check_operand(name, x):
     raise ValueError(f"{name} must be 2-D, got {name}.shape={tuple(np.shape(x))}")
 
 
-def _check_args(a, b, a_scale, b_scale, bias, out_dtype):
+def check_matmul_args(a, b, a_scale, b_scale, bias, out_dtype):
+  """Checks the GEMM's arguments (errors name the argument and value); returns
+  (a_scale, b_scale, bias) as float32 vectors of length M, N, N (or None)."""
   _check_operand("a", a)
   _check_operand("b", b)
   m, k = a.shape
@@ -153,7 +158,8 @@ def _check_args(a, b, a_scale, b_scale, bias, out_dtype):
   return a_scale, b_scale, bias
 
 
-def _check_int32_k(k: int, k_chunk: int, out_dtype):
+def check_int32_k(k: int, k_chunk: int, out_dtype):
+  """out_dtype=int32 returns one int32 accumulator: K must fit one chunk."""
   if jnp.dtype(out_dtype) == jnp.int32 and k > k_chunk:
     raise ValueError(
         f"out_dtype=int32 needs K <= k_chunk (one int32 accumulator), got "
@@ -201,10 +207,10 @@ def int8_matmul_reference(a, b, *, a_scale=None, b_scale=None, bias=None,
   contracts ``(acc * a_scale) * b_scale + bias`` into a multiply and an FMA;
   the kernel does the same, so results agree bit for bit.
   """
-  a_scale, b_scale, bias = _check_args(a, b, a_scale, b_scale, bias, out_dtype)
+  a_scale, b_scale, bias = check_matmul_args(a, b, a_scale, b_scale, bias, out_dtype)
   if not 0 < k_chunk <= INT32_SAFE_K:
     raise ValueError(f"{k_chunk=} must be in [1, {INT32_SAFE_K}]")
-  _check_int32_k(a.shape[1], k_chunk, out_dtype)
+  check_int32_k(a.shape[1], k_chunk, out_dtype)
   return _reference_impl(a, b, a_scale, b_scale, bias,
                          out_dtype=jnp.dtype(out_dtype), k_chunk=int(k_chunk))
 
@@ -359,15 +365,6 @@ def _int8_matmul_padded(a, b, a_scale, b_scale, bias, *, out_dtype, config,
   return kernel(a, b, a_scale, b_scale, bias)
 
 
-def _pad2(x, rows: int, cols: int):
-  pad = ((0, rows - x.shape[0]), (0, cols - x.shape[1]))
-  return x if pad == ((0, 0), (0, 0)) else jnp.pad(x, pad)
-
-
-def _pad1(x, size: int):
-  return x if x.shape[0] == size else jnp.pad(x, (0, size - x.shape[0]))
-
-
 def int8_matmul(a, b, *, a_scale=None, b_scale=None, bias=None,
                 out_dtype=jnp.float32, config: Int8MatmulConfig | None = None,
                 interpret: bool = False):
@@ -406,13 +403,13 @@ def int8_matmul(a, b, *, a_scale=None, b_scale=None, bias=None,
     y = int8_matmul(a, b, a_scale=0.5, b_scale=jnp.full((128,), 2.0))
     # y == 512.0 everywhere
   """
-  a_scale, b_scale, bias = _check_args(a, b, a_scale, b_scale, bias, out_dtype)
+  a_scale, b_scale, bias = check_matmul_args(a, b, a_scale, b_scale, bias, out_dtype)
   if config is None:
     config = select_config(a.shape[0], b.shape[0], a.shape[1])
   if not isinstance(config, Int8MatmulConfig):
     raise TypeError(f"config must be an Int8MatmulConfig, got {config!r}")
   out_dtype = jnp.dtype(out_dtype)
-  _check_int32_k(a.shape[1], config.k_chunk, out_dtype)
+  check_int32_k(a.shape[1], config.k_chunk, out_dtype)
   if not interpret and config.smem_bytes(out_dtype) > SMEM_LIMIT_BYTES:
     raise ValueError(
         f"{config=} needs {config.smem_bytes(out_dtype)} bytes of shared "
@@ -429,11 +426,11 @@ def int8_matmul(a, b, *, a_scale=None, b_scale=None, bias=None,
   ones_m = jnp.ones((m,), jnp.float32)
   ones_n = jnp.ones((n,), jnp.float32)
   out = _int8_matmul_padded(
-      _pad2(a, m_pad, k_pad),
-      _pad2(b, n_pad, k_pad),
-      _pad1(ones_m if a_scale is None else a_scale, m_pad),
-      _pad1(ones_n if b_scale is None else b_scale, n_pad),
-      _pad1(jnp.zeros((n,), jnp.float32) if bias is None else bias, n_pad),
+      pad2d(a, m_pad, k_pad),
+      pad2d(b, n_pad, k_pad),
+      pad1d(ones_m if a_scale is None else a_scale, m_pad),
+      pad1d(ones_n if b_scale is None else b_scale, n_pad),
+      pad1d(jnp.zeros((n,), jnp.float32) if bias is None else bias, n_pad),
       out_dtype=out_dtype, config=config, interpret=bool(interpret),
       has_bias=has_bias)
   if (m_pad, n_pad) != (m, n):

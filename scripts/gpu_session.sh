@@ -11,7 +11,8 @@
 # call run(..., carry=[".whl"])). They are installed first when present.
 #
 # Phases, in priority order; each runs under `timeout -k` with its own limit
-# (env T_SMOKE, T_FUSIONS, T_STEP, T_DIRECT, T_TESTS, T_KERNELS, T_REST; never past T_TOTAL) and
+# (env T_SMOKE, T_FUSIONS, T_STEP, T_DIRECT, T_TESTS, T_KERNELS, T_KERNELS_WS, T_REST;
+# never past T_TOTAL) and
 # writes its results to OUTDIR before the next starts:
 #   0. environment (jax, GPU, driver) and benchmarks/gpu_smoke.py: a tiny
 #      forward, input gradient and weight gradient of every kernel config
@@ -21,7 +22,10 @@
 #      The smoke test also checks the direct-addressing conv kernels
 #      (pallas_kernels.conv_direct and conv_direct_wgrad, never run on a GPU
 #      before); their gate
-#      key is direct_ok, apart from implicit_ok. Then benchmarks/fusion_check.py
+#      key is direct_ok, apart from implicit_ok. Last, it checks
+#      pallas_kernels.int8_matmul_ws (persistent, warp-specialised GEMM, never
+#      run on a GPU either); its key ws_ok gates the int8_matmul_ws tests of
+#      phase 2 and its timings in phase 3. Then benchmarks/fusion_check.py
 #      (compile only, INT8JAX_DIRECT_CONV=1): which fusions read the float x and
 #      dy of a quantized conv -- the traffic model's multi-output-fusion assumption.
 #   1. ResNet-50 batch 256, bf16 vs UI8 with bf16 float parts (non-measuring
@@ -30,9 +34,13 @@
 #      Then, only if direct_ok, one more row: ui8-bf16 never with
 #      INT8JAX_DIRECT_CONV=1 (forward, dgrad (any stride) and wgrad on the
 #      direct kernels; 20 steps), its own table in step.md.
-#   2. the GPU tests (-m gpu -v, per-test timeout), every kernel config.
+#   2. the GPU tests (-m gpu -v, per-test timeout), every kernel config
+#      (tests/test_int8_matmul_ws.py too, last, only if ws_ok).
 #   3. benchmarks/kernels.py --implicit-only: all 11 layers, forward, input
-#      and weight gradients timed separately on argument operands.
+#      and weight gradients timed separately on argument operands (with
+#      --with-ws if ws_ok: int8_matmul_ws on int8_matmul's GEMMs too); then,
+#      only if ws_ok, kernels.py --square-only --with-ws: 4096^3 and 8192^3,
+#      int8_matmul vs int8_matmul_ws vs XLA int8 / bf16 (T_KERNELS_WS).
 #   4. the rest: MobileNetV2 steps, float32 parts, period 1 (the measuring
 #      step), the XLA:GPU 2x-dgrad repro, train_step.py's per-layer table
 #      (QuantConv vs nnx.Conv, forward and backward as separate programs).
@@ -91,27 +99,28 @@ if [[ $dry == 1 ]]; then  # CPU: tiny shapes, interpret mode, short limits
   say "DRY RUN on the CPU (GPU_SESSION_DRY=1): tiny shapes, interpret mode, nothing measured"
   export JAX_PLATFORMS=cpu
   smoke_args=(--interpret --timeout 40
-              --only conv:CONV_64x128,wgrad:WGRAD_128x64,matmul:NARROW_CONFIG,direct:CONV_64x128)
-  t_smoke=${T_SMOKE:-180}
+              --only "conv:CONV_64x128,wgrad:WGRAD_128x64,matmul:NARROW_CONFIG,direct:CONV_64x128,$(
+                     )ws:WS_SHORT_CONFIG")
+  t_smoke=${T_SMOKE:-200}
   step_args=(--model resnet20 --batch 4 --steps 2 --warmup 1)
   direct_step_args=(--model resnet20 --batch 4 --steps 2 --warmup 1)
   tests_args=(-k "every_conv_config or wgrad_gpu") xdist_n=0
-  kernels_args=(--implicit-only --lower-only)
+  kernels_args=(--implicit-only --lower-only) square_args=()
   rest_args=(--batch 2 --steps 1 --warmup 0) ts_args=(--quick --bf16 --batch50 2) rest_model=resnet20
   layers_args=(--ops resnet20 --ops-kernels 1 --quick --bf16)
   mobilenet_variants="ui8-bf16 never" t_rest=${T_REST:-180}  # XLA:CPU's bf16 MobileNetV2 is slow
   fusion_args=(--backend pallas_interpret --batch 2 --side 8 --channels 16 32)
   t_fusions=${T_FUSIONS:-240}
 else
-  smoke_args=(--timeout 20) t_smoke=${T_SMOKE:-70}
+  smoke_args=(--timeout 20) t_smoke=${T_SMOKE:-85}
   step_args=(--model resnet50 --batch 256 --steps 30 --warmup 3)
   direct_step_args=(--model resnet50 --batch 256 --steps 20 --warmup 2)
   tests_args=() xdist_n=4
-  kernels_args=(--implicit-only --warmup 3 --iters 20)
+  kernels_args=(--implicit-only --warmup 3 --iters 20) square_args=(--warmup 3 --iters 20)
   rest_args=(--batch 256 --steps 10 --warmup 2) ts_args=(--repeats 10 --block "steps period 1")
   rest_model=resnet50 layers_args=(--ops resnet50 --ops-kernels 3 --repeats 10 --block layers)
   mobilenet_variants="bf16,ui8-bf16 never" t_rest=${T_REST:-90}
-  fusion_args=(--backend pallas) t_fusions=${T_FUSIONS:-90}
+  fusion_args=(--backend pallas) t_fusions=${T_FUSIONS:-60}
 fi
 
 # -- 0. environment and smoke test -------------------------------------------
@@ -146,6 +155,13 @@ if [[ $phases == *,0,* ]]; then
     say "GATE: a direct-addressing conv config failed, hung or was not reached;" \
         "no INT8JAX_DIRECT_CONV=1 row"
   fi
+  ws_gate=$("$py" -c "import json,sys; print(int(json.load(open(sys.argv[1]))['ws_ok']))" \
+            "$outd/smoke.json" 2>/dev/null)
+  if [[ $ws_gate == 1 ]]; then
+    say "GATE: every int8_matmul_ws config passed; phases 2-3 test and time it"
+  else
+    say "GATE: an int8_matmul_ws config failed, hung or was not reached; not tested or timed"
+  fi
   # The traffic model's multi-output-fusion assumption, on the direct route (compile
   # only, nothing runs): how many fusions read the float x and dy (1 each is the model).
   run fusions "$t_fusions" env INT8JAX_DIRECT_CONV=1 "$py" benchmarks/fusion_check.py \
@@ -179,8 +195,9 @@ if [[ $phases == *,2,* ]]; then
     say "pytest-timeout missing (not in .whl/?): no per-test limit, only the phase's"
   "$py" -c "import xdist" 2>/dev/null && targs+=(-n "$xdist_n") ||
     say "pytest-xdist missing: tests run in one process"
-  run tests "${T_TESTS:-80}" "$py" -m pytest "${targs[@]}" tests/test_int8_conv_kernels.py \
-    tests/test_pallas_backend.py tests/test_pallas_kernels.py
+  tfiles=(tests/test_int8_conv_kernels.py tests/test_pallas_backend.py tests/test_pallas_kernels.py)
+  [[ ${ws_gate:-0} == 1 ]] && tfiles+=(tests/test_int8_matmul_ws.py)
+  run tests "${T_TESTS:-80}" "$py" -m pytest "${targs[@]}" "${tfiles[@]}"
   show tests "(FAILED|ERROR|Timeout)|passed|failed|skipped" 25
   archive
 fi
@@ -188,9 +205,19 @@ fi
 # -- 3. kernel / layer table: 11 layers, fwd / dgrad / wgrad separately -----
 if [[ $phases == *,3,* ]]; then
   say "== phase 3: implicit-GEMM kernels vs int8_matmul vs bf16, 11 layers"
-  run kernels "${T_KERNELS:-80}" "$py" benchmarks/kernels.py "${kernels_args[@]}"
+  ws_args=()
+  [[ ${ws_gate:-0} == 1 ]] && ws_args=(--with-ws)
+  run kernels "${T_KERNELS:-80}" "$py" benchmarks/kernels.py "${kernels_args[@]}" "${ws_args[@]}"
   show kernels "^\| l|failures|FAILED" 14
   archive
+  if [[ ${ws_gate:-0} == 1 ]]; then
+    run kernels_ws "${T_KERNELS_WS:-45}" "$py" benchmarks/kernels.py --square-only --with-ws \
+      "${square_args[@]}"
+    show kernels_ws "^\| square|needs a Hopper|FAILED|failed" 4
+    archive
+  else
+    say "-- kernels_ws: skipped (ws_ok is not true in smoke.json, or phase 0 did not run)"
+  fi
 fi
 
 # -- 4. the rest ---------------------------------------------------------------

@@ -20,7 +20,7 @@ from benchmarks import gpu_smoke  # noqa: E402
 def test_smoke_covers_every_config_of_the_tables():
   names = gpu_smoke.config_names()
   tables = {"conv": pk.CONV_CONFIGS, "wgrad": pk.WGRAD_CONFIGS, "matmul": pk.LIBRARY_CONFIGS,
-            "direct": pk.CONV_CONFIGS}
+            "direct": pk.CONV_CONFIGS, "ws": pk.WS_CONFIGS}
   assert len(names) == sum(map(len, tables.values())) == len(set(names))
   for name in names:
     kind, config = gpu_smoke._config(name)
@@ -52,7 +52,11 @@ def test_smoke_check_reports_a_wrong_direct_result(monkeypatch):
   names = gpu_smoke.config_names()
   assert [n for n in names if n.startswith("direct:")] == [
       n.replace("conv:", "direct:") for n in names if n.startswith("conv:")]
-  assert names[-len(pk.CONV_CONFIGS):] == [n for n in names if n.startswith("direct:")]
+  # the kernels never run on a GPU come last: the direct ones, then int8_matmul_ws's
+  n_ws = len(pk.WS_CONFIGS)
+  assert names[-n_ws - len(pk.CONV_CONFIGS):-n_ws] == [n for n in names
+                                                        if n.startswith("direct:")]
+  assert names[-n_ws:] == [n for n in names if n.startswith("ws:")]
 
   def wrong(ref, by):
     def fn(a, b, *, config=None, interpret=False, **kw):
@@ -70,6 +74,31 @@ def test_smoke_check_reports_a_wrong_direct_result(monkeypatch):
                         wrong(pk.int8_conv_wgrad_reference, by))
     why = gpu_smoke._check("direct:CONV_64x64", interpret=True)
     assert all(w in why for w in want) and (why == "") == (not want), why
+
+
+def test_smoke_check_reports_a_wrong_ws_result(monkeypatch):
+  """int8_matmul_ws's three cases (float32 with scales, int32, float32 over K chunks) each
+  compare against the reference: an off-by-one element in each is reported."""
+  real = pk.int8_matmul_reference
+  for by, want in ((1, ["ws float32: 1 of", "ws int32: 1 of", "ws chunks float32: 1 of"]),
+                   (0, [])):
+    monkeypatch.setattr(pk, "int8_matmul_ws", lambda a, b, *, config=None, interpret=False,
+                        by=by, **kw: real(a, b, k_chunk=config.k_chunk, **kw).at[3, 5].add(by))
+    why = gpu_smoke._check("ws:WS_NARROW_CONFIG", interpret=True)
+    assert all(w in why for w in want) and (why == "") == (not want), why
+
+
+def test_smoke_gate_ws_apart_from_the_others(tmp_path):
+  """A failing int8_matmul_ws config clears ws_ok only."""
+  gate = tmp_path / "smoke.json"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_smoke.py"), "--timeout", "30",
+       "--json", str(gate), "--only", "conv:CONV_64x64,direct:CONV_64x64,ws:WS_SHORT_CONFIG",
+       "--fake", "conv:CONV_64x64=ok,direct:CONV_64x64=ok,ws:WS_SHORT_CONFIG=mismatch"],
+      capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1, proc.stdout + proc.stderr
+  doc = json.loads(gate.read_text())
+  assert (doc["implicit_ok"], doc["direct_ok"], doc["ws_ok"]) == (True, True, False), doc
 
 
 def test_smoke_gate_direct_apart_from_implicit(tmp_path):
@@ -120,6 +149,7 @@ def test_smoke_gate_all_ok(tmp_path):
   assert proc.returncode == 0, proc.stdout + proc.stderr
   doc = json.loads(gate.read_text())
   assert doc["ok"] is True and doc["implicit_ok"] is True and doc["direct_ok"] is True
+  assert doc["ws_ok"] is True
   assert len(doc["results"]) == len(names)
 
 
@@ -197,3 +227,26 @@ def test_bad_arguments_are_named(script, args, what, capsys):
     importlib.import_module(f"benchmarks.{script}").main(args)
   assert e.value.code == 2
   assert what in capsys.readouterr().err
+
+
+def test_kernels_tables_with_ws_have_matching_columns():
+  """benchmarks/kernels.py --with-ws: the header, rule and rows of both tables have as many
+  cells as each other, and the ws cells say int8_matmul_ws's time and its speed-up."""
+  from benchmarks import kernels
+
+  def cells(line):
+    return line.count("|")
+
+  for with_ws in (False, True):
+    head, rule = kernels.implicit_header(with_ws).split("\n")
+    r = {"gop": 1.0, "exact": "yes", "mm_fwd": 2e-3, "ws_fwd": 1e-3, "mm_dgrad": 3e-3,
+         "ws_dgrad": "failed: X"}
+    row = kernels.implicit_row("l", r, with_ws)
+    assert cells(head) == cells(rule) == cells(row), (head, rule, row)
+    assert (" 1.000 | 2.00x | failed: X |  |" in row) == with_ws, row
+    t = {"t_kernel": 2e-3, "t_int8": 2e-3, "t_bf16": 4e-3, "tops_kernel": 1.0, "tops_int8": 1.0,
+         "tops_bf16": 0.5, "rel_err": 0.0, "t_ws": 1e-3, "tops_ws": 2.0, "ws_rel_err": 0.0}
+    lines = kernels.markdown_table([("sq", 1, 2, 3, t), ("x", 1, 2, 3, "failed: Y")],
+                                   with_ws).splitlines()
+    assert len({cells(line) for line in lines}) == 1, lines
+    assert (" 1.000 | 2.0 | 2.00x |" in lines[2]) == with_ws, lines[2]
