@@ -63,6 +63,18 @@ def check_tiling(config, extra_int_fields=()):
     raise ValueError(f"{max_concurrent_steps=} must be >= 1")
 
 
+def check_smem(config, out_dtype, interpret, name=None):
+  """A compiled kernel's block fits Hopper's shared memory: ``config.smem_bytes(out_dtype)``
+  <= :data:`SMEM_LIMIT_BYTES` (interpret mode has no such limit). ``name``: how the error
+  names the config (default: its repr)."""
+  if interpret or config.smem_bytes(out_dtype) <= SMEM_LIMIT_BYTES:
+    return
+  raise ValueError(
+      f"config={name or config!r} needs {config.smem_bytes(out_dtype)} bytes of shared memory "
+      f"with out_dtype={jnp.dtype(out_dtype).name}, more than the {SMEM_LIMIT_BYTES} a Hopper "
+      "block can have; lower max_concurrent_steps or the tile sizes")
+
+
 def round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
 

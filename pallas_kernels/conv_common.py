@@ -103,7 +103,7 @@ import numpy as np
 
 from pallas_kernels._common import INT32_SAFE_K
 from pallas_kernels._common import OUT_DTYPES
-from pallas_kernels._common import SMEM_LIMIT_BYTES
+from pallas_kernels._common import check_smem
 from pallas_kernels._common import check_tiling
 from pallas_kernels._common import check_vector
 from pallas_kernels._common import epilogue
@@ -325,11 +325,7 @@ def config_and_launcher(config, default, out_dtype, interpret):
 def check_config(config, out_dtype, interpret):
   if not isinstance(config, Int8ConvConfig):
     raise TypeError(f"config must be an Int8ConvConfig, got {config!r}")
-  if not interpret and config.smem_bytes(out_dtype) > SMEM_LIMIT_BYTES:
-    raise ValueError(
-        f"config={config.name} needs {config.smem_bytes(out_dtype)} bytes of "
-        f"shared memory, more than the {SMEM_LIMIT_BYTES} a Hopper block can "
-        "have; lower max_concurrent_steps or the tile sizes")
+  check_smem(config, out_dtype, interpret, config.name)
 
 
 # ----------------------------------------------------------------------------

@@ -42,7 +42,7 @@ import numpy as np
 
 from pallas_kernels._common import INT32_SAFE_K
 from pallas_kernels._common import OUT_DTYPES
-from pallas_kernels._common import SMEM_LIMIT_BYTES
+from pallas_kernels._common import check_smem
 from pallas_kernels._common import check_tiling
 from pallas_kernels._common import check_vector
 from pallas_kernels._common import epilogue
@@ -410,11 +410,7 @@ def int8_matmul(a, b, *, a_scale=None, b_scale=None, bias=None,
     raise TypeError(f"config must be an Int8MatmulConfig, got {config!r}")
   out_dtype = jnp.dtype(out_dtype)
   check_int32_k(a.shape[1], config.k_chunk, out_dtype)
-  if not interpret and config.smem_bytes(out_dtype) > SMEM_LIMIT_BYTES:
-    raise ValueError(
-        f"{config=} needs {config.smem_bytes(out_dtype)} bytes of shared "
-        f"memory, more than the {SMEM_LIMIT_BYTES} a Hopper block can have; "
-        "lower max_concurrent_steps or the tile sizes")
+  check_smem(config, out_dtype, interpret)
   m, k = a.shape
   n = b.shape[0]
   if m == 0 or n == 0:

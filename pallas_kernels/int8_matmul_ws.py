@@ -69,7 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels._common import INT32_SAFE_K
-from pallas_kernels._common import SMEM_LIMIT_BYTES
+from pallas_kernels._common import check_smem
 from pallas_kernels._common import check_tiling
 from pallas_kernels._common import out_transforms
 from pallas_kernels._common import pad1d
@@ -515,12 +515,7 @@ def int8_matmul_ws(a, b, *, a_scale=None, b_scale=None, bias=None,
     raise TypeError(f"config must be an Int8MatmulWSConfig, got {config!r}")
   out_dtype = jnp.dtype(out_dtype)
   check_int32_k(a.shape[1], config.k_chunk, out_dtype)
-  if not interpret and config.smem_bytes(out_dtype) > SMEM_LIMIT_BYTES:
-    raise ValueError(
-        f"{config=} needs {config.smem_bytes(out_dtype)} bytes of shared "
-        f"memory with out_dtype={out_dtype.name}, more than the "
-        f"{SMEM_LIMIT_BYTES} a Hopper block can have; lower "
-        "max_concurrent_steps or the tile sizes")
+  check_smem(config, out_dtype, interpret)
   store_bytes = (config.epi_tile_n or config.wg_tile[1]) * out_dtype.itemsize
   if store_bytes % 32:
     raise ValueError(

@@ -490,3 +490,17 @@ def test_matmul_gpu_int32_out_is_exact(config):
   got = jax.jit(functools.partial(pk.int8_matmul, out_dtype=jnp.int32,
                                   config=config))(a, b)
   np.testing.assert_array_equal(np.asarray(got), _exact_int(a, b))
+
+
+def test_check_smem_names_the_config_and_the_bytes():
+  """One shared-memory check for every kernel (pallas_kernels._common.check_smem): a
+  compiled block over Hopper's 227 KiB is refused with the config and its bytes;
+  interpret mode has no limit."""
+  big = pk.Int8MatmulConfig(tile_m=256, tile_n=256, tile_k=256, max_concurrent_steps=8)
+  need = big.smem_bytes(jnp.float32)
+  assert need > _common.SMEM_LIMIT_BYTES
+  with pytest.raises(ValueError, match=f"needs {need} bytes of shared memory with "
+                     "out_dtype=float32"):
+    _common.check_smem(big, jnp.float32, interpret=False)
+  _common.check_smem(big, jnp.float32, interpret=True)
+  _common.check_smem(pk.select_config(128, 128, 128), jnp.float32, interpret=False)
