@@ -146,13 +146,39 @@ class _Op:
   def wgrad_layout(self):
     """The layout the backend's conv weight gradient reads x and g in
     (:meth:`int8jax.backends.Backend.wgrad_layout`), or None: NHWC (dense ops,
-    backends without one, fallbacks, and products run per batch shard)."""
+    backends without one, fallbacks). Per batch shard (``data_axis``): each
+    device's shard in the layout of the local conv, the shards stacked along
+    the layout's first axis (a container sharded like the batch), and a
+    ``run`` that sums the shards' exact halves across devices."""
     if self.kind != "conv":
       return None
     impl = backends.get(self.backend)
-    if self._data_parallel(impl) is not None:
+    dp = self._data_parallel(impl)
+    if dp is None:
+      return impl.wgrad_layout(self.spec)
+    mesh, axis, shards = dp
+    local_spec = self._local_spec(shards)
+    local = impl.wgrad_layout(local_spec)
+    if local is None:
       return None
-    return impl.wgrad_layout(self.spec)
+    sharded = P(axis)
+
+    def per_shard(f):
+      return lambda q: jax.shard_map(f, mesh=mesh, in_specs=sharded, out_specs=sharded)(q)
+
+    def run(xl, gl, scale, spec, *, out_dtype, halves=False):
+      del spec  # the local conv's: local_spec
+
+      def body(x, g):
+        h = local.run(x, g, None, local_spec, out_dtype=out_dtype, halves=True)
+        return jax.tree.map(lambda v: lax.psum(v, axis), h)
+
+      h = jax.shard_map(body, mesh=mesh, in_specs=(sharded, sharded),
+                        out_specs=(P(), P()))(xl, gl)
+      return h if halves else backends.dequant(exact.join_halves(h), scale, out_dtype)
+
+    return backends.WgradLayout(key=("per_shard", local.key, axis, shards),
+                                x=per_shard(local.x), g=per_shard(local.g), run=run)
 
   def wgrad(self, xq, gq, scale):
     if isinstance(xq, _Laid):  # x and g in the backend's layout (see _Laid)

@@ -49,9 +49,26 @@ def test_sharded_equals_one_device(result, case):
   assert r["all_gather"] == 0  # no activation is gathered
 
 
+@pytest.mark.parametrize("case", ["s1", "s2", "depthwise"])
+def test_sharded_layout_equals_one_device(result, case):
+  """A backend with a weight-gradient layout (Backend.conv_wgrad_layout) under data_axis:
+  each shard laid out for the local conv (the layout's run sees the local shapes), the
+  halves summed across devices -- bit-identical to one device, nothing gathered."""
+  r = result["laid_" + case]
+  assert all(r["equal"]), r
+  assert r["measurement_rel"] < 1e-2, r
+  assert r["y_spec"] == r["dx_spec"] == "P('data',)"
+  assert r["all_gather"] == 0
+  local = {tuple(s) for _, s in result["laid_runs"]}
+  assert (2, 8, 8, 8) in local and (2, 9, 8, 8) in local, result["laid_runs"]
+  assert [8, 2, 8, 8] in [x for x, _ in result["laid_runs"]], result["laid_runs"]  # CNHW
+
+
 def test_pallas_data_parallel_lowers_for_cuda(result):
   r = result["cuda"]
   assert r["mosaic"] >= 3 and r["manual"] > 0 and r["all_reduce"] >= 2, r
+  d = result["cuda_direct"]  # the direct kernels; the wgrad on its per-shard layout
+  assert d["mosaic"] >= 3 and d["wgrad_direct"] >= 1 and d["all_reduce"] >= 2, d
 
 
 def test_data_parallel_errors_name_the_problem(result):

@@ -23,12 +23,12 @@ user code).
 from __future__ import annotations
 
 from int8jax.backends import base, pallas, platform, xla
-from int8jax.backends.base import CHUNK_K, Backend, Fallback, dequant
+from int8jax.backends.base import CHUNK_K, Backend, Fallback, WgradLayout, dequant
 from int8jax.backends.platform import (XLA_ON_GPU_MESSAGE, assume_pallas_available,
                                        pallas_available, target_platform)
 
-__all__ = ["Backend", "Fallback", "CHUNK_K", "dequant", "BACKENDS", "register", "unregister",
-           "names", "resolve", "get", "table", "target_platform", "pallas_available",
+__all__ = ["Backend", "Fallback", "WgradLayout", "CHUNK_K", "dequant", "BACKENDS", "register",
+           "unregister", "names", "resolve", "get", "table", "target_platform", "pallas_available",
            "assume_pallas_available", "XLA_ON_GPU_MESSAGE", "platform"]
 
 #: Every registered backend by name, in registration order (read-only use:
