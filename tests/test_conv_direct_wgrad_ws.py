@@ -251,11 +251,11 @@ GPU_CASES = reference.DIRECT_GPU_CASES
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("num_ctas", [None, 3])
-@pytest.mark.parametrize("low_pad_in_xla", [False, True])
-@pytest.mark.parametrize("case", list(GPU_CASES))
+@pytest.mark.parametrize("case, low_pad_in_xla, num_ctas",
+                         [(c, lo, None) for c in GPU_CASES for lo in (False, True)]
+                         + [("conv5_3x3", False, 3), ("ragged", False, 3), ("1x1", True, 5)])
 def test_gpu_matches_reference(case, low_pad_in_xla, num_ctas):
-  """Default configs (one block per SM), and 3 blocks (many work items a block)."""
+  """Default configs (one block per SM), and 3 or 5 blocks (many work items a block)."""
   x_shape, ks, padding = GPU_CASES[case]
   strides = (2, 2) if case.endswith("_s2") else (1, 1)
   g_shape = pk.conv_output_shape(x_shape, ks, strides, padding)
