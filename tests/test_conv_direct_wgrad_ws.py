@@ -6,7 +6,9 @@ On any machine (CPU included):
     barriers, one TMA ring across all of a block's work items) the kernel equals
     int8_conv_wgrad_reference bit for bit on small ragged shapes: stride 1 SAME with odd
     sizes, stride 2, channel counts no tile multiples, several work items per block (the ring
-    wraps across items), 1 and 2 consumers split either way, the default config;
+    wraps across items), 1 and 2 consumers split either way, the default config; its race
+    detector sees no race in one case, and does see one when the consumers do not wait for
+    their TMA stores before reusing the output slot;
   * its halves are the non-persistent kernel's exact integer, and the channel-major entry gives
     the NHWC entry's bits;
   * every default config (tile shape x swizzle) lowers for CUDA from the host (Mosaic GPU's
@@ -71,12 +73,43 @@ def _run(case, fn):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_interpret_matches_reference(case):
+  """The first case with the interpreter's race detector: the ring across work items and the
+  consumers' output slots reused while their stores drain have no race it can see."""
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+
+  races = case == "s1_same_2wg_n"
+  interpret = plgpu.InterpretGPUParams(detect_races=True) if races else True
+
   def check(x, g, config, kw):
-    got = dws.int8_conv_wgrad_direct_ws(x, g, config=config, interpret=True, **kw)
+    got = dws.int8_conv_wgrad_direct_ws(x, g, config=config, interpret=interpret, **kw)
     want = pk.int8_conv_wgrad_reference(x, g, **kw)
     assert got.shape == want.shape == kw["kernel_shape"] and got.dtype == want.dtype
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+  gpu_callbacks.reset_gpu_interpret_mode_state()
   _run(case, check)
+  if races:
+    assert gpu_callbacks.get_races().races_found is False
+
+
+def test_interpret_race_detector_sees_an_unawaited_store(monkeypatch):
+  """The check above can fail: without waiting for its previous TMA store to have read the
+  output slot, a consumer's next write to it is a race."""
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+
+  # A shape no other test uses: the jit cache must not serve this kernel.
+  x, g = _int8((1, 5, 6, 24), 1), _int8((1, 5, 6, 40), 2)
+  monkeypatch.setattr(plgpu, "wait_smem_to_gmem", lambda n, wait_read_only=False: None)
+  gpu_callbacks.reset_gpu_interpret_mode_state()
+  try:
+    with pytest.raises(Exception, match="RACE DETECTED|no threads observed phase"):
+      jax.block_until_ready(dws.int8_conv_wgrad_direct_ws(
+          x, g, kernel_shape=(3, 3, 24, 40), padding="SAME", config=TWO_N,
+          interpret=plgpu.InterpretGPUParams(detect_races=True)))
+  finally:
+    gpu_callbacks.reset_gpu_interpret_mode_state()
 
 
 def test_several_items_per_block():
