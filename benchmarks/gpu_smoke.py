@@ -29,7 +29,14 @@ configs are picked up):
   on a GPU) on a ragged 300x136x400 GEMM with two blocks, so each block loops
   over several tiles and the TMA ring wraps across them: float32 with row and
   column scales, int32, and float32 with ``k_chunk = 2 * tile_k`` (several
-  int32 chunks a tile, summed in float32: exact).
+  int32 chunks a tile, summed in float32: exact);
+* ``DIRECT_WGRAD_WS_CONFIGS`` as ``direct_ws:NAME`` (last): the persistent,
+  warp-specialised direct weight gradient of
+  :mod:`pallas_kernels.conv_direct_wgrad_ws` (not yet run on a GPU; float32,
+  the exact sum rounded once) at stride 1 SAME with the entry's swizzle (128)
+  on 2 blocks (many work items a block: the ring wraps across items; the low
+  padding read as TMA's out-of-bounds zeros), at stride 2 with swizzle 64 on
+  one block per SM, and at stride 1 with swizzle 32 on 3 blocks.
 
 Each result must equal the XLA integer reference computed on the CPU bit for
 bit (the integers are exact; the float outputs carry no scale except the
@@ -49,7 +56,9 @@ later phases with ``INT8JAX_IMPLICIT_GEMM=0`` when it is not. ``direct_ok``
 ``scripts/gpu_session.sh`` times the ResNet-50 step with
 ``INT8JAX_DIRECT_CONV=1`` only then. ``ws_ok`` (independent too) is true
 when every ``ws`` config passed: ``scripts/gpu_session.sh`` runs the
-int8_matmul_ws GPU tests and timings only then.
+int8_matmul_ws GPU tests and timings only then. ``direct_ws_ok`` (independent
+as well) is true when every ``direct_ws`` config passed: the GPU session runs
+the conv_direct_wgrad_ws GPU tests and timings only then.
 """
 
 from __future__ import annotations
@@ -79,10 +88,15 @@ def _modules():
           importlib.import_module("pallas_kernels.int8_matmul_ws"))
 
 
+def _direct_ws_module():
+  return importlib.import_module("pallas_kernels.conv_direct_wgrad_ws")
+
+
 def config_names() -> list[str]:
   """``KIND:NAME`` of every config in the kernel tables, in table order."""
   import pallas_kernels as pk
   int8_conv, int8_matmul, int8_matmul_ws = _modules()
+  dws = _direct_ws_module()
 
   def named(module, table, kind):
     names = {id(v): k for k, v in vars(module).items() if k[:1].isupper() and
@@ -93,7 +107,8 @@ def config_names() -> list[str]:
           + named(int8_conv, pk.WGRAD_CONFIGS, "wgrad")
           + named(int8_matmul, pk.LIBRARY_CONFIGS, "matmul")
           + named(int8_conv, pk.CONV_CONFIGS, "direct")
-          + named(int8_matmul_ws, int8_matmul_ws.WS_CONFIGS, "ws"))
+          + named(int8_matmul_ws, int8_matmul_ws.WS_CONFIGS, "ws")
+          + named(dws, dws.DIRECT_WGRAD_WS_CONFIGS, "direct_ws"))
 
 
 def _config(name: str):
@@ -104,7 +119,9 @@ def _config(name: str):
                    "direct": (int8_conv, pk.CONV_CONFIGS),
                    "wgrad": (int8_conv, pk.WGRAD_CONFIGS),
                    "matmul": (int8_matmul, pk.LIBRARY_CONFIGS),
-                   "ws": (int8_matmul_ws, int8_matmul_ws.WS_CONFIGS)}[kind]
+                   "ws": (int8_matmul_ws, int8_matmul_ws.WS_CONFIGS),
+                   "direct_ws": (_direct_ws_module(),
+                                 _direct_ws_module().DIRECT_WGRAD_WS_CONFIGS)}[kind]
   return kind, table[int(ident)] if ident.isdigit() else getattr(module, ident)
 
 
@@ -196,6 +213,19 @@ def _check(name: str, interpret: bool) -> str:
                         a, b, out_dtype=out, config=cfg, interpret=interpret, **kw))(a, b),
                     reference(pk.int8_matmul_reference, a, b, out_dtype=out,
                               k_chunk=cfg.k_chunk, **kw), exact))
+  elif kind == "direct_ws":
+    dws = _direct_ws_module()
+    for label, strides, sw, num_ctas in (("s1 2 blocks", (1, 1), config.swizzle, 2),
+                                         ("s2", (2, 2), 64, None),
+                                         ("s1 sw32 3 blocks", (1, 1), 32, 3)):
+      cfg = dataclasses.replace(config, tile_k=sw, swizzle=sw, num_ctas=num_ctas,
+                                max_concurrent_steps=4 if sw == 128 else 6)
+      kw = dict(kernel_shape=w.shape, window_strides=strides, padding="SAME")
+      g = int8(pk.conv_output_shape(x.shape, w.shape, strides, "SAME"))
+      cases.append((f"direct_ws wgrad {label} float32",
+                    jax.jit(lambda x, g, kw=kw, cfg=cfg: dws.int8_conv_wgrad_direct_ws(
+                        x, g, config=cfg, interpret=interpret, **kw))(x, g),
+                    reference(pk.int8_conv_wgrad_reference, x, g, **kw), True))
   else:
     a, b = int8((200, 300)), int8((136, 300))
     scale = jnp.linspace(0.5, 2.0, 136, dtype=jnp.float32)
@@ -265,6 +295,8 @@ def run(names: list[str], interpret: bool, timeout: float, gate: str | None,
                  implicit_ok=all_ok(("conv", "wgrad")),
                  direct_ok=all_ok(("direct",)) and any(n.startswith("direct:") for n in names),
                  ws_ok=all_ok(("ws",)) and any(n.startswith("ws:") for n in names),
+                 direct_ws_ok=(all_ok(("direct_ws",))
+                               and any(n.startswith("direct_ws:") for n in names)),
                  interpret=interpret, timeout_s=timeout, results=results)
       tmp = gate + ".tmp"
       with open(tmp, "w") as f:

@@ -9,6 +9,7 @@ Usage::
   python benchmarks/kernels.py --implicit-only  # only the implicit-conv section
   python benchmarks/kernels.py --implicit-only --lower-only  # CPU: lower all
   python benchmarks/kernels.py --square-only --with-ws  # 4096^3, 8192^3 only
+  python benchmarks/kernels.py --direct-wgrad-only  # direct wgrad vs its persistent variant
 
 For every GEMM shape (M, N, K) it times, on the device, three programs that
 compute the same (M, N) product of K-major operands:
@@ -67,6 +68,18 @@ batch 2 equal the CPU references exactly. With ``--with-ws`` four more
 columns time ``pk.int8_matmul_ws`` on the same two GEMMs as int8_matmul
 (operands, scales and output dtype alike) and its speed-up over int8_matmul.
 Rows are printed and appended to RESULTS.md as they finish.
+
+Fourth section (``--direct-wgrad-only``, alone): the direct weight gradient
+(``conv_direct_wgrad.int8_conv_wgrad_channel_major``, one work item per block)
+against its persistent, warp-specialised variant
+(``conv_direct_wgrad_ws.int8_conv_wgrad_channel_major_ws``; never run on a GPU
+before: gpu_session.sh runs this section only when its smoke test passed) on
+three ResNet-50 layers at batch 256 (3x3 64@56, 3x3/2 128, 3x3 512@7: long K,
+strided, short K), both on the channel-major operands the library's quantizing
+fusions write (the transposes untimed), float32 with a per-channel scale; the
+"exact" column says whether the two results are equal bit for bit (both are
+the exact sum rounded once). ``--no-direct-baseline`` times the persistent
+kernel alone (when the non-persistent one failed its smoke test).
 
 The markdown tables are printed and appended to benchmarks/RESULTS.md with the
 card, date and jax version. Without a GPU the script says so and exits 0
@@ -572,6 +585,104 @@ def lower_implicit_section(out_dtype, with_ws=False) -> int:
   return 1 if failures else 0
 
 
+# The direct weight gradient vs its persistent variant: (name, x shape, kernel shape, stride).
+DIRECT_WGRAD_LAYERS = (
+    ("conv2_3x3 56x56 64", (BATCH, 56, 56, 64), (3, 3, 64, 64), 1),
+    ("conv3_3x3_s2 128", (BATCH, 56, 56, 128), (3, 3, 128, 128), 2),
+    ("conv5_3x3 7x7 512", (BATCH, 7, 7, 512), (3, 3, 512, 512), 1),
+)
+
+
+def _direct_wgrad_programs(layer, baseline=True):
+  """({name: jitted fn of (xt, gt, scale)}, {operand: ShapeDtypeStruct}, useful MACs)."""
+  from pallas_kernels import conv_direct_wgrad as dw
+  from pallas_kernels import conv_direct_wgrad_ws as dws
+  _, x_shape, w_shape, s = layer
+  ops = dw.channel_major_operands(x_shape, w_shape, window_strides=(s, s), padding="SAME")
+  n, ho, wo, o = ops.g_shape
+  macs = n * ho * wo * o * w_shape[0] * w_shape[1] * w_shape[2]
+  specs = {"xt": jax.ShapeDtypeStruct(ops.x_cm_shape, jnp.int8),
+           "gt": jax.ShapeDtypeStruct(ops.g_cm_shape, jnp.int8),
+           "scale": jax.ShapeDtypeStruct((o,), jnp.float32)}
+  programs = {}
+  if baseline:
+    programs["direct"] = jax.jit(lambda xt, gt, sc: dw.int8_conv_wgrad_channel_major(
+        xt, gt, operands=ops, scale=sc))
+  programs["direct_ws"] = jax.jit(lambda xt, gt, sc: dws.int8_conv_wgrad_channel_major_ws(
+      xt, gt, operands=ops, scale=sc))
+  return programs, specs, macs
+
+
+DIRECT_WGRAD_HEADER = (
+    "| layer (batch 256) | GOP | direct wgrad ms | TOP/s | persistent (ws) ms | TOP/s "
+    "| ws vs direct | exact |\n|---|---:|---:|---:|---:|---:|---:|---|")
+
+
+def direct_wgrad_row(name, r) -> str:
+  def ms(key):
+    v = r.get(key)
+    return f"{v * 1e3:.3f}" if isinstance(v, float) else str(v or "")
+
+  def tops(key):
+    v = r.get(key)
+    return f"{r['gop'] / v / 1e3:.1f}" if isinstance(v, float) else ""
+
+  a, b = r.get("direct"), r.get("direct_ws")
+  ratio = f"{a / b:.2f}x" if isinstance(a, float) and isinstance(b, float) else ""
+  return (f"| {name} | {r['gop']:.1f} | {ms('direct')} | {tops('direct')} "
+          f"| {ms('direct_ws')} | {tops('direct_ws')} | {ratio} | {r.get('exact', '')} |")
+
+
+def bench_direct_wgrad_layer(layer, warmup, iters, baseline=True):
+  programs, specs, macs = _direct_wgrad_programs(layer, baseline)
+  r = {"gop": 2.0 * macs / 1e9}
+  ops = _random_operands(jax.random.key(5), specs)
+  args = (ops["xt"], ops["gt"], ops["scale"])
+  outs = {}
+  for name, fn in programs.items():
+    try:
+      outs[name] = np.asarray(fn(*args))
+      r[name] = _time(fn, args, warmup, iters)
+    except Exception as e:  # pylint: disable=broad-except
+      r[name] = f"failed: {type(e).__name__}: {str(e)[:60]}"
+  if len(outs) == 2:
+    r["exact"] = "yes" if np.array_equal(outs["direct"], outs["direct_ws"]) else "NO"
+  return r
+
+
+def direct_wgrad_section(warmup, iters, baseline=True, append_to=None, title=""):
+  head = (f"\n### {title}\n\n" if title else "") + DIRECT_WGRAD_HEADER
+  print(head, flush=True)
+  if append_to:
+    with open(append_to, "a", encoding="utf-8") as f:
+      f.write(head + "\n")
+  for layer in DIRECT_WGRAD_LAYERS:
+    row = direct_wgrad_row(layer[0], bench_direct_wgrad_layer(layer, warmup, iters,
+                                                              baseline))
+    print(row, flush=True)
+    if append_to:  # as it goes: a run cut short keeps its rows
+      with open(append_to, "a", encoding="utf-8") as f:
+        f.write(row + "\n")
+
+
+def lower_direct_wgrad_section(baseline=True) -> int:
+  """CPU check: every program of the direct-wgrad section lowers for CUDA."""
+  failures = 0
+  for layer in DIRECT_WGRAD_LAYERS:
+    programs, specs, _ = _direct_wgrad_programs(layer, baseline)
+    for name, fn in programs.items():
+      try:
+        fn.trace(specs["xt"], specs["gt"], specs["scale"]).lower(
+            lowering_platforms=("cuda",))
+        status = "ok"
+      except Exception as e:  # pylint: disable=broad-except
+        failures += 1
+        status = f"FAILED {type(e).__name__}: {str(e)[:160]}"
+      print(f"{layer[0]:20s} {name:11s} {status}", flush=True)
+  print(f"{failures} failures")
+  return 1 if failures else 0
+
+
 def smoke() -> int:
   """Tiny interpret-mode run: checks the kernel on CPU, times nothing."""
   a = jnp.asarray(np.random.default_rng(0).integers(-127, 128, (130, 200)),
@@ -619,10 +730,18 @@ def main(argv=None) -> int:
                       "(GEMM table and the implicit section's GEMM columns)")
   parser.add_argument("--square-only", action="store_true",
                       help="only the GEMM table on 4096^3 and 8192^3")
+  parser.add_argument("--direct-wgrad-only", action="store_true",
+                      help="only the direct weight gradient vs its persistent, "
+                      "warp-specialised variant (conv_direct_wgrad_ws)")
+  parser.add_argument("--no-direct-baseline", action="store_true",
+                      help="--direct-wgrad-only without the non-persistent kernel")
   args = parser.parse_args(argv)
   conv_out = jnp.dtype(args.conv_out)
+  baseline = not args.no_direct_baseline
 
   if args.lower_only:
+    if args.direct_wgrad_only:
+      return lower_direct_wgrad_section(baseline)
     return lower_implicit_section(conv_out, args.with_ws)
   if not pk.available():
     print(f"benchmarks/kernels.py needs a Hopper GPU (sm_90) with Mosaic GPU; "
@@ -640,6 +759,14 @@ def main(argv=None) -> int:
          f"{' --with-ws' if args.with_ws else ''}`.\n")
   when = (f"{device.device_kind}, {datetime.date.today().isoformat()}, "
           f"jax {jax.__version__}")
+  if args.direct_wgrad_only:
+    title = (f"Direct weight gradient vs its persistent, warp-specialised variant ({when}; "
+             f"float32, channel-major operands)\n\nMedian of {args.iters} device-synchronised "
+             f"runs after {args.warmup} warm-up runs; `python benchmarks/kernels.py "
+             f"--direct-wgrad-only{'' if baseline else ' --no-direct-baseline'}`.\n")
+    direct_wgrad_section(args.warmup, args.iters, baseline,
+                         append_to=None if args.no_append else RESULTS, title=title)
+    return 0
   if args.implicit_only:
     title = (f"Implicit-GEMM int8 conv kernels vs int8_matmul vs bf16 conv "
              f"({when}; {args.conv_out} outputs)\n\n{how}")

@@ -373,9 +373,8 @@ def _wgrad_channel_major_impl(xt, gt, scale, *, operands: ChannelMajorOperands, 
                               config, launcher, halves):
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
-  kh, kw, c, o = operands.kernel_shape
   interpret = launcher != "mosaic_gpu"
-  _, (hx, _), taps, weights = operands._geometry()
+  _, _, taps, _ = operands._geometry()
   n_img = operands.layout.n_img
   row_chunks, _, parts, part_steps, cp, op = _plan(operands.g_shape, operands.kernel_shape,
                                                    config, n_img)
@@ -396,8 +395,19 @@ def _wgrad_channel_major_impl(xt, gt, scale, *, operands: ChannelMajorOperands, 
       interpret=launcher if interpret else None,
       kernel_name="int8_conv_wgrad_direct",
   )
-  out = kernel(xt, gt)
-  hi, lo = split_halves(out.reshape(ntaps, parts, cp, op), axis=1)
+  return _join_parts(kernel(xt, gt), scale, operands=operands, parts=parts,
+                     out_dtype=out_dtype, halves=halves)
+
+
+def _join_parts(out, scale, *, operands: ChannelMajorOperands, parts, out_dtype, halves):
+  """The kernel's (taps*parts, Cp, Op) int32 partial sums (tap-major, in
+  :func:`_x_geometry`'s tap order) -> the exact (hi, lo) halves (KH, KW, C, O), or, unless
+  ``halves``, the exact sum rounded once ``* scale`` (also used by
+  :mod:`pallas_kernels.conv_direct_wgrad_ws`)."""
+  kh, kw, c, o = operands.kernel_shape
+  _, _, taps, weights = operands._geometry()
+  ntaps = len(taps)
+  hi, lo = split_halves(out.reshape(ntaps, parts, *out.shape[1:]), axis=1)
   order = sorted(range(ntaps), key=lambda t: weights[t][0] * kw + weights[t][1])
   hi, lo = (jnp.stack([v[t, :c, :o] for t in order]).reshape(kh, kw, c, o) for v in (hi, lo))
   if halves:

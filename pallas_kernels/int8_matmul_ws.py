@@ -248,11 +248,75 @@ def num_sms() -> int:
 # ----------------------------------------------------------------------------
 
 
-def _consumer_registers(num_consumers: int) -> int:
+def consumer_registers(num_consumers: int) -> int:
   """setmaxnreg of a consumer: the register file (64 Ki, 512 a thread of one
   warpgroup) less the producer's share, split evenly, at most 256 (as
   jax's ``emit_pipeline_warp_specialized`` computes it)."""
   return int(min(256, (512 - PRODUCER_REGISTERS) / num_consumers) // 8 * 8)
+
+
+# The ring, shared with pallas_kernels.conv_direct_wgrad_ws: ``slots`` SMEM slots
+# serve ring steps 0, 1, 2, ... (slot ``step % slots``), numbered by producer and
+# consumers alike across all of a block's work items. Per slot a "produced" barrier
+# (the producer's TMA arrivals with their byte counts) and a "consumed" barrier (one
+# arrival per consumer warpgroup).
+
+
+def ring_produce(issue, consumed, step0, n_steps, slots):
+  """Producer: ring steps ``step0 .. step0 + n_steps - 1``; ``issue(i, slot)`` starts
+  the TMA loads of the i-th of them into ``slot`` (arriving on its "produced"
+  barrier), once the consumers have released the slot's previous step."""
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  @pl.loop(0, n_steps)
+  def _k(i):
+    step = step0 + i
+    slot = lax.rem(step, slots)
+
+    @pl.when(step >= slots)  # the slot's previous step is consumed
+    def _():
+      plgpu.barrier_wait(consumed.at[slot])
+
+    issue(i, slot)
+
+
+def ring_drain(consumed, total_steps, slots):
+  """Producer, after its last step: wait for the consumers' releases of the last (up
+  to) ``slots`` of the ``total_steps`` ring steps, so no arrival is left unawaited."""
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  @pl.loop(lax.max(total_steps - slots, 0), total_steps)
+  def _drain(step):
+    plgpu.barrier_wait(consumed.at[lax.rem(step, slots)])
+
+
+def ring_consume(acc_ref, a_ring, b_ring, produced, consumed, step0, n_steps, slots,
+                 wg_a, wg_b):
+  """Consumer: ``acc_ref += sum a_ring[slot][wg_a] @ b_ring[slot][wg_b].T`` over ring
+  steps ``step0 .. step0 + n_steps - 1`` (int8 ``wgmma``; b K-major). Keeps one
+  ``wgmma`` in flight and releases each slot a step late (the last once its ``wgmma``
+  is done); returns when every step is done and released."""
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  @pl.loop(0, n_steps)
+  def _k(i):
+    step = step0 + i
+    slot = lax.rem(step, slots)
+    plgpu.barrier_wait(produced.at[slot])
+    # b is (tile_n, tile_k), K-major: wgmma reads it transposed.
+    plgpu.wgmma(acc_ref, a_ring.at[slot].at[wg_a],
+                b_ring.at[slot].at[wg_b].transpose((1, 0)))
+    plgpu.wgmma_wait(1)  # the previous step's wgmma is done: release it
+
+    @pl.when(i > 0)
+    def _():
+      plgpu.barrier_arrive(consumed.at[lax.rem(step - 1, slots)])
+
+  plgpu.wgmma_wait(0)
+  plgpu.barrier_arrive(consumed.at[lax.rem(step0 + n_steps - 1, slots)])
 
 
 def _ws_kernel(a_gmem, b_gmem, a_scale_gmem, b_scale_gmem, bias_gmem, out_gmem,
@@ -325,30 +389,19 @@ def _ws_kernel(a_gmem, b_gmem, a_scale_gmem, b_scale_gmem, bias_gmem, out_gmem,
       def _tile(info):
         (lin,) = info.index
         m_idx, n_idx = tile_index(lin)
-        step0 = info.local_index * k_iters
 
-        @pl.loop(0, k_iters)
-        def _k(k):
-          step = step0 + k
-          slot = lax.rem(step, slots)
-
-          @pl.when(step >= slots)  # the slot's previous step is consumed
-          def _():
-            plgpu.barrier_wait(consumed.at[slot])
-
+        def issue(k, slot):
           k_slice = pl.ds(k * tile_k, tile_k)
           plgpu.copy_gmem_to_smem(a_gmem.at[pl.ds(m_idx * tile_m, tile_m), k_slice],
                                   a_ring.at[slot], produced.at[slot])
           plgpu.copy_gmem_to_smem(b_gmem.at[pl.ds(n_idx * tile_n, tile_n), k_slice],
                                   b_ring.at[slot], produced.at[slot])
 
+        ring_produce(issue, consumed, info.local_index * k_iters, k_iters, slots)
+
       # Leave no arrival unawaited: the consumers' releases of the last
       # (up to) `slots` steps.
-      total_steps = local_tiles() * k_iters
-
-      @pl.loop(lax.max(total_steps - slots, 0), total_steps)
-      def _drain(step):
-        plgpu.barrier_wait(consumed.at[lax.rem(step, slots)])
+      ring_drain(consumed, local_tiles() * k_iters, slots)
 
     def local_tiles():
       sm, num_ctas = lax.axis_index("sm"), lax.axis_size("sm")
@@ -360,36 +413,18 @@ def _ws_kernel(a_gmem, b_gmem, a_scale_gmem, b_scale_gmem, bias_gmem, out_gmem,
     else:
       wg_a, wg_b = slice(None), pl.ds(wg * wg_n, wg_n)
 
-    def run_steps(acc_ref, step0, k0, n_steps):
-      """wgmma over K steps k0 .. k0+n_steps-1 (ring steps from step0);
-      returns when every one is done and its slot released."""
-      @pl.loop(0, n_steps)
-      def _k(i):
-        step = step0 + k0 + i
-        slot = lax.rem(step, slots)
-        plgpu.barrier_wait(produced.at[slot])
-        # b is (tile_n, tile_k), K-major: wgmma reads it transposed.
-        plgpu.wgmma(acc_ref, a_ring.at[slot].at[wg_a],
-                    b_ring.at[slot].at[wg_b].transpose((1, 0)))
-        plgpu.wgmma_wait(1)  # the previous step's wgmma is done: release it
-
-        @pl.when(i > 0)
-        def _():
-          plgpu.barrier_arrive(consumed.at[lax.rem(step - 1, slots)])
-
-      plgpu.wgmma_wait(0)
-      plgpu.barrier_arrive(consumed.at[lax.rem(step0 + k0 + n_steps - 1, slots)])
-
     def chunk_sum(step0, k0, n_steps):
-      """The exact int32 sum of K steps k0 .. k0+n_steps-1 (one chunk)."""
+      """The exact int32 sum of K steps k0 .. k0+n_steps-1 (one chunk; ring
+      steps from step0)."""
       def scope(acc_ref):
-        run_steps(acc_ref, step0, k0, n_steps)
+        ring_consume(acc_ref, a_ring, b_ring, produced, consumed, step0 + k0, n_steps,
+                     slots, wg_a, wg_b)
         return acc_ref[...]
 
       return pl.run_scoped(scope, plgpu.ACC((wg_m, wg_n), jnp.int32))
 
     def consumer():
-      plgpu.set_max_registers(_consumer_registers(consumers), action="increase")
+      plgpu.set_max_registers(consumer_registers(consumers), action="increase")
 
       @tile_loop()
       def _tile(info):

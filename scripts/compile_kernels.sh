@@ -12,9 +12,12 @@
 # output phase -- and conv_direct_wgrad on the same layers, lowered by
 # scripts/dump_conv_direct.py; `kernels` implies it), `ws`
 # (pallas_kernels.int8_matmul_ws on 4096^3, 8192^3 and the conv-shaped GEMMs,
-# lowered by scripts/dump_int8_matmul_ws.py; `kernels` implies it too) and
+# lowered by scripts/dump_int8_matmul_ws.py; `kernels` implies it too),
+# `direct_ws` (pallas_kernels.conv_direct_wgrad_ws, the persistent,
+# warp-specialised direct weight gradient, on the ResNet-50 layers, lowered by
+# scripts/dump_conv_direct_wgrad_ws.py; `kernels` implies it too) and
 # `resnet50` (the ResNet-50 batch-256 forward+backward of a ui8-bf16
-# non-measuring training step). Writes OUTDIR/{kernels,direct,ws,resnet50}/census.txt
+# non-measuring training step). Writes OUTDIR/{kernels,direct,ws,direct_ws,resnet50}/census.txt
 # and prints the census summaries. Exit status 1 on any lowering failure,
 # ptxas failure or register spill (a bug to fix before a GPU window).
 #
@@ -28,10 +31,10 @@ tool=${MOSAIC_OFFLINE:-$root/../shared/tools/mosaic-offline}
 outd=${1:-/tmp/int8jax_sass}
 jobs=${JOBS:-1}
 targets=${TARGETS:-kernels resnet50}
-# `kernels` implies `direct` and `ws` (once each), right after it
+# `kernels` implies `direct`, `ws` and `direct_ws` (once each), right after it
 if [[ " $targets " == *" kernels "* ]]; then
-  targets=$(echo " $targets " | sed -e 's/ direct / /g' -e 's/ ws / /g' \
-                                    -e 's/ kernels / kernels direct ws /')
+  targets=$(echo " $targets " | sed -e 's/ direct / /g' -e 's/ ws / /g' -e 's/ direct_ws / /g' \
+                                    -e 's/ kernels / kernels direct ws direct_ws /')
 fi
 if [[ ! -f $tool/dump.py || ! -f $tool/compile.py || ! -f $tool/setup.sh ]]; then
   echo "compile_kernels.sh: mosaic-offline not found at '$tool' (no dump.py/compile.py/setup.sh);" \
@@ -51,6 +54,8 @@ for t in $targets; do
     dump=("$root/scripts/dump_conv_direct.py" --tool "$tool")
   elif [[ $t == ws ]]; then
     dump=("$root/scripts/dump_int8_matmul_ws.py" --tool "$tool")
+  elif [[ $t == direct_ws ]]; then
+    dump=("$root/scripts/dump_conv_direct_wgrad_ws.py" --tool "$tool")
   else
     dump=(dump.py "$t" --project "$root")
   fi

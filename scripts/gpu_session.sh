@@ -11,7 +11,8 @@
 # call run(..., carry=[".whl"])). They are installed first when present.
 #
 # Phases, in priority order; each runs under `timeout -k` with its own limit
-# (env T_SMOKE, T_FUSIONS, T_STEP, T_DIRECT, T_TESTS, T_KERNELS, T_KERNELS_WS, T_REST;
+# (env T_SMOKE, T_FUSIONS, T_STEP, T_DIRECT, T_TESTS, T_KERNELS, T_KERNELS_WS,
+# T_KERNELS_DWS, T_REST;
 # never past T_TOTAL) and
 # writes its results to OUTDIR before the next starts:
 #   0. environment (jax, GPU, driver) and benchmarks/gpu_smoke.py: a tiny
@@ -25,7 +26,10 @@
 #      key is direct_ok, apart from implicit_ok. Last, it checks
 #      pallas_kernels.int8_matmul_ws (persistent, warp-specialised GEMM, never
 #      run on a GPU either); its key ws_ok gates the int8_matmul_ws tests of
-#      phase 2 and its timings in phase 3. Then benchmarks/fusion_check.py
+#      phase 2 and its timings in phase 3. After it, the persistent,
+#      warp-specialised direct weight gradient (conv_direct_wgrad_ws, never run
+#      on a GPU): its key direct_ws_ok gates its tests (phase 2) and timing
+#      (phase 3) likewise. Then benchmarks/fusion_check.py
 #      (compile only, INT8JAX_DIRECT_CONV=1): which fusions read the float x and
 #      dy of a quantized conv -- the traffic model's multi-output-fusion assumption.
 #   1. ResNet-50 batch 256, bf16 vs UI8 with bf16 float parts (non-measuring
@@ -35,12 +39,16 @@
 #      INT8JAX_DIRECT_CONV=1 (forward, dgrad (any stride) and wgrad on the
 #      direct kernels; 20 steps), its own table in step.md.
 #   2. the GPU tests (-m gpu -v, per-test timeout), every kernel config
-#      (tests/test_int8_matmul_ws.py too, last, only if ws_ok).
+#      (tests/test_int8_matmul_ws.py too, last, only if ws_ok;
+#      tests/test_conv_direct_wgrad_ws.py only if direct_ws_ok).
 #   3. benchmarks/kernels.py --implicit-only: all 11 layers, forward, input
 #      and weight gradients timed separately on argument operands (with
 #      --with-ws if ws_ok: int8_matmul_ws on int8_matmul's GEMMs too); then,
 #      only if ws_ok, kernels.py --square-only --with-ws: 4096^3 and 8192^3,
-#      int8_matmul vs int8_matmul_ws vs XLA int8 / bf16 (T_KERNELS_WS).
+#      int8_matmul vs int8_matmul_ws vs XLA int8 / bf16 (T_KERNELS_WS); then,
+#      only if direct_ws_ok, kernels.py --direct-wgrad-only: the direct wgrad
+#      vs conv_direct_wgrad_ws on 3 ResNet-50 layers (T_KERNELS_DWS, 30 s;
+#      --no-direct-baseline unless direct_ok).
 #   4. the rest: MobileNetV2 steps, float32 parts, period 1 (the measuring
 #      step), the XLA:GPU 2x-dgrad repro, train_step.py's per-layer table
 #      (QuantConv vs nnx.Conv, forward and backward as separate programs).
@@ -100,23 +108,24 @@ if [[ $dry == 1 ]]; then  # CPU: tiny shapes, interpret mode, short limits
   export JAX_PLATFORMS=cpu
   smoke_args=(--interpret --timeout 40
               --only "conv:CONV_64x128,wgrad:WGRAD_128x64,matmul:NARROW_CONFIG,direct:CONV_64x128,$(
-                     )ws:WS_SHORT_CONFIG")
+                     )ws:WS_SHORT_CONFIG,direct_ws:DW_WS_64x128")
   t_smoke=${T_SMOKE:-200}
   step_args=(--model resnet20 --batch 4 --steps 2 --warmup 1)
   direct_step_args=(--model resnet20 --batch 4 --steps 2 --warmup 1)
   tests_args=(-k "every_conv_config or wgrad_gpu") xdist_n=0
-  kernels_args=(--implicit-only --lower-only) square_args=()
+  kernels_args=(--implicit-only --lower-only) square_args=() dws_args=(--lower-only)
   rest_args=(--batch 2 --steps 1 --warmup 0) ts_args=(--quick --bf16 --batch50 2) rest_model=resnet20
   layers_args=(--ops resnet20 --ops-kernels 1 --quick --bf16)
   mobilenet_variants="ui8-bf16 never" t_rest=${T_REST:-180}  # XLA:CPU's bf16 MobileNetV2 is slow
   fusion_args=(--backend pallas_interpret --batch 2 --side 8 --channels 16 32)
   t_fusions=${T_FUSIONS:-240}
 else
-  smoke_args=(--timeout 20) t_smoke=${T_SMOKE:-85}
+  smoke_args=(--timeout 20) t_smoke=${T_SMOKE:-100}  # 22 configs, a few s each
   step_args=(--model resnet50 --batch 256 --steps 30 --warmup 3)
   direct_step_args=(--model resnet50 --batch 256 --steps 20 --warmup 2)
   tests_args=() xdist_n=4
   kernels_args=(--implicit-only --warmup 3 --iters 20) square_args=(--warmup 3 --iters 20)
+  dws_args=(--warmup 3 --iters 20)
   rest_args=(--batch 256 --steps 10 --warmup 2) ts_args=(--repeats 10 --block "steps period 1")
   rest_model=resnet50 layers_args=(--ops resnet50 --ops-kernels 3 --repeats 10 --block layers)
   mobilenet_variants="bf16,ui8-bf16 never" t_rest=${T_REST:-90}
@@ -162,6 +171,13 @@ if [[ $phases == *,0,* ]]; then
   else
     say "GATE: an int8_matmul_ws config failed, hung or was not reached; not tested or timed"
   fi
+  direct_ws_gate=$("$py" -c "import json,sys; print(int(json.load(open(sys.argv[1]))['direct_ws_ok']))" \
+                   "$outd/smoke.json" 2>/dev/null)
+  if [[ $direct_ws_gate == 1 ]]; then
+    say "GATE: every conv_direct_wgrad_ws config passed; phases 2-3 test and time it"
+  else
+    say "GATE: a conv_direct_wgrad_ws config failed, hung or was not reached; not tested or timed"
+  fi
   # The traffic model's multi-output-fusion assumption, on the direct route (compile
   # only, nothing runs): how many fusions read the float x and dy (1 each is the model).
   run fusions "$t_fusions" env INT8JAX_DIRECT_CONV=1 "$py" benchmarks/fusion_check.py \
@@ -197,6 +213,7 @@ if [[ $phases == *,2,* ]]; then
     say "pytest-xdist missing: tests run in one process"
   tfiles=(tests/test_int8_conv_kernels.py tests/test_pallas_backend.py tests/test_pallas_kernels.py)
   [[ ${ws_gate:-0} == 1 ]] && tfiles+=(tests/test_int8_matmul_ws.py)
+  [[ ${direct_ws_gate:-0} == 1 ]] && tfiles+=(tests/test_conv_direct_wgrad_ws.py)
   run tests "${T_TESTS:-80}" "$py" -m pytest "${targs[@]}" "${tfiles[@]}"
   show tests "(FAILED|ERROR|Timeout)|passed|failed|skipped" 25
   archive
@@ -217,6 +234,15 @@ if [[ $phases == *,3,* ]]; then
     archive
   else
     say "-- kernels_ws: skipped (ws_ok is not true in smoke.json, or phase 0 did not run)"
+  fi
+  if [[ ${direct_ws_gate:-0} == 1 ]]; then
+    [[ ${direct_gate:-0} == 1 ]] || dws_args+=(--no-direct-baseline)
+    run kernels_dws "${T_KERNELS_DWS:-30}" "$py" benchmarks/kernels.py --direct-wgrad-only \
+      "${dws_args[@]}"
+    show kernels_dws "^\| conv|failures|FAILED|failed" 4
+    archive
+  else
+    say "-- kernels_dws: skipped (direct_ws_ok is not true in smoke.json, or phase 0 did not run)"
   fi
 fi
 

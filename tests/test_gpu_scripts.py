@@ -19,8 +19,10 @@ from benchmarks import gpu_smoke  # noqa: E402
 
 def test_smoke_covers_every_config_of_the_tables():
   names = gpu_smoke.config_names()
+  from pallas_kernels import conv_direct_wgrad_ws
   tables = {"conv": pk.CONV_CONFIGS, "wgrad": pk.WGRAD_CONFIGS, "matmul": pk.LIBRARY_CONFIGS,
-            "direct": pk.CONV_CONFIGS, "ws": pk.WS_CONFIGS}
+            "direct": pk.CONV_CONFIGS, "ws": pk.WS_CONFIGS,
+            "direct_ws": conv_direct_wgrad_ws.DIRECT_WGRAD_WS_CONFIGS}
   assert len(names) == sum(map(len, tables.values())) == len(set(names))
   for name in names:
     kind, config = gpu_smoke._config(name)
@@ -52,11 +54,15 @@ def test_smoke_check_reports_a_wrong_direct_result(monkeypatch):
   names = gpu_smoke.config_names()
   assert [n for n in names if n.startswith("direct:")] == [
       n.replace("conv:", "direct:") for n in names if n.startswith("conv:")]
-  # the kernels never run on a GPU come last: the direct ones, then int8_matmul_ws's
-  n_ws = len(pk.WS_CONFIGS)
+  # the kernels never run on a GPU come last: the direct ones, then int8_matmul_ws's, then
+  # conv_direct_wgrad_ws's
+  from pallas_kernels import conv_direct_wgrad_ws
+  n_dws = len(conv_direct_wgrad_ws.DIRECT_WGRAD_WS_CONFIGS)
+  n_ws = len(pk.WS_CONFIGS) + n_dws
   assert names[-n_ws - len(pk.CONV_CONFIGS):-n_ws] == [n for n in names
                                                         if n.startswith("direct:")]
-  assert names[-n_ws:] == [n for n in names if n.startswith("ws:")]
+  assert names[-n_ws:-n_dws] == [n for n in names if n.startswith("ws:")]
+  assert names[-n_dws:] == [n for n in names if n.startswith("direct_ws:")]
 
   def wrong(ref, by):
     def fn(a, b, *, config=None, interpret=False, **kw):
@@ -86,6 +92,42 @@ def test_smoke_check_reports_a_wrong_ws_result(monkeypatch):
                         by=by, **kw: real(a, b, k_chunk=config.k_chunk, **kw).at[3, 5].add(by))
     why = gpu_smoke._check("ws:WS_NARROW_CONFIG", interpret=True)
     assert all(w in why for w in want) and (why == "") == (not want), why
+
+
+def test_smoke_check_reports_a_wrong_direct_ws_result(monkeypatch):
+  """conv_direct_wgrad_ws's three cases (stride 1 on 2 blocks, stride 2, stride 1 swizzle 32
+  on 3 blocks) each compare against the reference: an off-by-one element in each is
+  reported."""
+  from pallas_kernels import conv_direct_wgrad_ws
+  real = pk.int8_conv_wgrad_reference
+  for by, want in ((1, ["direct_ws wgrad s1 2 blocks float32: 1 of",
+                        "direct_ws wgrad s2 float32: 1 of",
+                        "direct_ws wgrad s1 sw32 3 blocks float32: 1 of"]), (0, [])):
+    monkeypatch.setattr(conv_direct_wgrad_ws, "int8_conv_wgrad_direct_ws",
+                        lambda x, g, *, config=None, interpret=False, by=by, **kw:
+                        real(x, g, **kw).at[0, 1, 2, 3].add(by))
+    why = gpu_smoke._check("direct_ws:DW_WS_64x64", interpret=True)
+    assert all(w in why for w in want) and (why == "") == (not want), why
+
+
+def test_smoke_gate_direct_ws_apart_from_the_others(tmp_path):
+  """A failing conv_direct_wgrad_ws config clears direct_ws_ok only; a failing direct
+  config leaves it set."""
+  gate = tmp_path / "smoke.json"
+  for fake, direct_ok, direct_ws_ok in (("direct_ws:DW_WS_128x64=hang", True, False),
+                                        ("direct:CONV_64x64=mismatch", False, True)):
+    other = ("direct:CONV_64x64=ok" if fake.startswith("direct_ws") else
+             "direct_ws:DW_WS_128x64=ok")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_smoke.py"), "--timeout", "3",
+         "--json", str(gate), "--only",
+         "conv:CONV_64x64,direct:CONV_64x64,ws:WS_SHORT_CONFIG,direct_ws:DW_WS_128x64",
+         "--fake", f"conv:CONV_64x64=ok,ws:WS_SHORT_CONFIG=ok,{fake},{other}"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    doc = json.loads(gate.read_text())
+    assert (doc["implicit_ok"], doc["direct_ok"], doc["ws_ok"], doc["direct_ws_ok"]) == (
+        True, direct_ok, True, direct_ws_ok), doc
 
 
 def test_smoke_gate_ws_apart_from_the_others(tmp_path):
@@ -149,7 +191,7 @@ def test_smoke_gate_all_ok(tmp_path):
   assert proc.returncode == 0, proc.stdout + proc.stderr
   doc = json.loads(gate.read_text())
   assert doc["ok"] is True and doc["implicit_ok"] is True and doc["direct_ok"] is True
-  assert doc["ws_ok"] is True
+  assert doc["ws_ok"] is True and doc["direct_ws_ok"] is True
   assert len(doc["results"]) == len(names)
 
 
@@ -250,3 +292,19 @@ def test_kernels_tables_with_ws_have_matching_columns():
                                    with_ws).splitlines()
     assert len({cells(line) for line in lines}) == 1, lines
     assert (" 1.000 | 2.0 | 2.00x |" in lines[2]) == with_ws, lines[2]
+
+
+def test_kernels_direct_wgrad_table_has_matching_columns():
+  """benchmarks/kernels.py --direct-wgrad-only: header, rule and rows have as many cells; a
+  row says both times, the persistent kernel's speed-up and whether the bits agree; without
+  the baseline (--no-direct-baseline) the non-persistent cells are empty."""
+  from benchmarks import kernels
+  head, rule = kernels.DIRECT_WGRAD_HEADER.split("\n")
+  full = kernels.direct_wgrad_row("l", {"gop": 6.0, "direct": 2e-3, "direct_ws": 1e-3,
+                                        "exact": "yes"})
+  alone = kernels.direct_wgrad_row("l", {"gop": 6.0, "direct_ws": "failed: X"})
+  assert head.count("|") == rule.count("|") == full.count("|") == alone.count("|")
+  assert full == "| l | 6.0 | 2.000 | 3.0 | 1.000 | 6.0 | 2.00x | yes |", full
+  assert alone == "| l | 6.0 |  |  | failed: X |  |  |  |", alone
+  programs, specs, _ = kernels._direct_wgrad_programs(kernels.DIRECT_WGRAD_LAYERS[0], False)
+  assert list(programs) == ["direct_ws"] and specs["xt"].shape == (64, 56, 56 * 256)
