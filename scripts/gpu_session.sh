@@ -12,9 +12,8 @@
 #
 # Phases, in priority order; each runs under `timeout -k` with its own limit
 # (env T_SMOKE, T_FUSIONS, T_STEP, T_DIRECT, T_TESTS, T_KERNELS, T_KERNELS_WS,
-# T_KERNELS_DWS, T_REST;
-# never past T_TOTAL) and
-# writes its results to OUTDIR before the next starts:
+# T_KERNELS_DWS, T_REST; never past T_TOTAL) and writes its results to OUTDIR
+# before the next starts:
 #   0. environment (jax, GPU, driver) and benchmarks/gpu_smoke.py: a tiny
 #      forward, input gradient and weight gradient of every kernel config
 #      against the CPU reference, each config under its own limit. If any
@@ -22,8 +21,7 @@
 #      INT8JAX_IMPLICIT_GEMM=0 (im2col / int8_matmul), and summary.txt says so.
 #      The smoke test also checks the direct-addressing conv kernels
 #      (pallas_kernels.conv_direct and conv_direct_wgrad, never run on a GPU
-#      before); their gate
-#      key is direct_ok, apart from implicit_ok. Last, it checks
+#      before); their gate key is direct_ok, apart from implicit_ok. Then it checks
 #      pallas_kernels.int8_matmul_ws (persistent, warp-specialised GEMM, never
 #      run on a GPU either); its key ws_ok gates the int8_matmul_ws tests of
 #      phase 2 and its timings in phase 3. After it, the persistent,
