@@ -61,7 +61,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels._common import SMEM_LIMIT_BYTES
+from pallas_kernels._common import check_smem
 from pallas_kernels._common import check_tiling
 from pallas_kernels._common import out_transforms
 from pallas_kernels.conv_common import launcher_for
@@ -78,6 +78,7 @@ from pallas_kernels.conv_wgrad import check_wgrad_epilogue
 from pallas_kernels.conv_wgrad import check_wgrad_pixels
 from pallas_kernels.conv_wgrad import wgrad_epilogue
 from pallas_kernels.int8_matmul_ws import PRODUCER_REGISTERS
+from pallas_kernels.int8_matmul_ws import check_warp_specialisation
 from pallas_kernels.int8_matmul_ws import consumer_registers
 from pallas_kernels.int8_matmul_ws import num_sms
 from pallas_kernels.int8_matmul_ws import ring_consume
@@ -87,10 +88,6 @@ from pallas_kernels.int8_matmul_ws import ring_produce
 __all__ = ["DIRECT_WGRAD_WS_CONFIGS", "DirectWgradWSConfig", "direct_wgrad_ws_config",
            "int8_conv_wgrad_channel_major_ws", "int8_conv_wgrad_channel_major_ws_halves",
            "int8_conv_wgrad_direct_ws", "int8_conv_wgrad_direct_ws_halves"]
-
-
-def _is_int(v) -> bool:
-  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,23 +123,7 @@ class DirectWgradWSConfig:
     if self.tile_k != self.swizzle:
       raise ValueError(f"tile_k={self.tile_k} must equal swizzle={self.swizzle}: each step "
                        "loads one swizzle row of pixels per channel through an untiled view")
-    if self.max_concurrent_steps < 2:
-      raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 2 "
-                       "(the producer loads one slot while a consumer reads another)")
-    num_consumers, wg_split = self.num_consumers, self.wg_split
-    if num_consumers not in (1, 2):
-      raise ValueError(f"{num_consumers=} must be 1 or 2")
-    if wg_split not in ("m", "n"):
-      raise ValueError(f"{wg_split=} must be 'm' or 'n'")
-    if wg_split == "m" and self.tile_m % (64 * num_consumers):
-      raise ValueError(f"tile_m={self.tile_m} must be a multiple of {64 * num_consumers} "
-                       f"(64 channels per consumer) with {wg_split=}")
-    if wg_split == "n" and self.tile_n % (8 * num_consumers):
-      raise ValueError(f"tile_n={self.tile_n} must be a multiple of {8 * num_consumers} "
-                       f"(8 output channels per consumer) with {wg_split=}")
-    num_ctas = self.num_ctas
-    if num_ctas is not None and (not _is_int(num_ctas) or num_ctas < 1):
-      raise ValueError(f"num_ctas={num_ctas!r} must be None or an int >= 1")
+    check_warp_specialisation(self, "channels", "output channels")
 
   @property
   def wg_tile(self) -> tuple[int, int]:
@@ -151,8 +132,10 @@ class DirectWgradWSConfig:
       return self.tile_m // self.num_consumers, self.tile_n
     return self.tile_m, self.tile_n // self.num_consumers
 
-  def smem_bytes(self) -> int:
-    """Shared memory of a block: the ring and one int32 output slot per consumer."""
+  def smem_bytes(self, out_dtype=jnp.int32) -> int:
+    """Shared memory of a block: the ring and one int32 output slot per consumer (the
+    output is int32 whatever ``out_dtype``: the epilogue runs in XLA)."""
+    del out_dtype
     ring = (self.tile_m + self.tile_n) * self.tile_k * self.max_concurrent_steps
     return ring + self.tile_m * self.tile_n * 4 + 1024  # + barriers / alignment
 
@@ -346,10 +329,7 @@ def _config_for(operands: ChannelMajorOperands, config, interpret):
                                     wo * operands.layout.n_img)
   if not isinstance(config, DirectWgradWSConfig):
     raise TypeError(f"config must be a DirectWgradWSConfig, got {config!r}")
-  if launcher == "mosaic_gpu" and config.smem_bytes() > SMEM_LIMIT_BYTES:
-    raise ValueError(f"{config=} needs {config.smem_bytes()} bytes of shared memory, more "
-                     f"than the {SMEM_LIMIT_BYTES} a Hopper block can have; lower "
-                     "max_concurrent_steps or the tile sizes")
+  check_smem(config, jnp.int32, launcher != "mosaic_gpu")
   return config, launcher
 
 

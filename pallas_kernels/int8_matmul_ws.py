@@ -99,6 +99,30 @@ H100_NUM_SMS = 132
 PRODUCER_REGISTERS = 40
 
 
+def check_warp_specialisation(config, m_unit: str, n_unit: str) -> None:
+  """The checks every warp-specialised config shares (errors name the field and value):
+  a ring of >= 2 slots, 1 or 2 consumer warpgroups splitting the tile along ``wg_split``
+  ("m": 64 ``m_unit`` per consumer, "n": 8 ``n_unit``), ``num_ctas`` None or >= 1."""
+  if config.max_concurrent_steps < 2:
+    raise ValueError(f"max_concurrent_steps={config.max_concurrent_steps} must be >= 2 "
+                     "(the producer loads one slot while a consumer reads another)")
+  num_consumers, wg_split = config.num_consumers, config.wg_split
+  if num_consumers not in (1, 2):
+    raise ValueError(f"{num_consumers=} must be 1 or 2")
+  if wg_split not in ("m", "n"):
+    raise ValueError(f"{wg_split=} must be 'm' or 'n'")
+  if wg_split == "m" and config.tile_m % (64 * num_consumers):
+    raise ValueError(f"tile_m={config.tile_m} must be a multiple of {64 * num_consumers} "
+                     f"(64 {m_unit} per consumer) with {wg_split=}")
+  if wg_split == "n" and config.tile_n % (8 * num_consumers):
+    raise ValueError(f"tile_n={config.tile_n} must be a multiple of {8 * num_consumers} "
+                     f"(8 {n_unit} per consumer) with {wg_split=}")
+  num_ctas = config.num_ctas
+  if num_ctas is not None and (not isinstance(num_ctas, (int, np.integer))
+                               or isinstance(num_ctas, bool) or num_ctas < 1):
+    raise ValueError(f"num_ctas={num_ctas!r} must be None or an int >= 1")
+
+
 @dataclasses.dataclass(frozen=True)
 class Int8MatmulWSConfig:
   """Tiling and schedule of :func:`int8_matmul_ws` (static, hashable).
@@ -150,20 +174,7 @@ class Int8MatmulWSConfig:
           f"{k_chunk=} must be in [1, {INT32_SAFE_K}] (int32 overflow bound)")
     if k_chunk % tile_k:
       raise ValueError(f"{k_chunk=} must be a multiple of {tile_k=}")
-    if self.max_concurrent_steps < 2:
-      raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 2 "
-                       "(the producer loads one slot while a consumer reads another)")
-    num_consumers, wg_split = self.num_consumers, self.wg_split
-    if num_consumers not in (1, 2):
-      raise ValueError(f"{num_consumers=} must be 1 or 2")
-    if wg_split not in ("m", "n"):
-      raise ValueError(f"{wg_split=} must be 'm' or 'n'")
-    if wg_split == "m" and self.tile_m % (64 * num_consumers):
-      raise ValueError(f"tile_m={self.tile_m} must be a multiple of "
-                       f"{64 * num_consumers} (64 rows per consumer) with {wg_split=}")
-    if wg_split == "n" and self.tile_n % (8 * num_consumers):
-      raise ValueError(f"tile_n={self.tile_n} must be a multiple of "
-                       f"{8 * num_consumers} (8 columns per consumer) with {wg_split=}")
+    check_warp_specialisation(self, "rows", "columns")
     epi = self.epi_tile_n
     if epi is not None and (not isinstance(epi, (int, np.integer)) or isinstance(epi, bool)
                             or epi < 16 or epi % 16 or self.wg_tile[1] % epi):
@@ -173,10 +184,6 @@ class Int8MatmulWSConfig:
       raise ValueError(f"grid_minor={self.grid_minor!r} must be 'm' or 'n'")
     if self.grid_tile_width < 1:
       raise ValueError(f"grid_tile_width={self.grid_tile_width} must be >= 1")
-    num_ctas = self.num_ctas
-    if num_ctas is not None and (not isinstance(num_ctas, (int, np.integer))
-                                 or isinstance(num_ctas, bool) or num_ctas < 1):
-      raise ValueError(f"num_ctas={num_ctas!r} must be None or an int >= 1")
 
   @property
   def wg_tile(self) -> tuple[int, int]:

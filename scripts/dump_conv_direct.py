@@ -15,26 +15,14 @@ shape at swizzle 32/64/128, and of a ragged shape. --baseline adds int8_conv and
 int8_conv_wgrad on the same cases. Exit status 1 if a case fails to lower.
 """
 
-import argparse
 import os
 import sys
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import dump_args  # scripts/: the command line the dump scripts share
 
 
 def main():
-  p = argparse.ArgumentParser()
-  p.add_argument("--out", required=True)
-  p.add_argument("--batch", type=int, default=256)
-  p.add_argument("--baseline", action="store_true",
-                 help="also lower int8_conv (shifted copies) on the same cases, to compare")
-  p.add_argument("--tool", default=os.path.join(os.path.dirname(__file__), "..", "..",
-                                                "shared", "tools", "mosaic-offline"))
-  a = p.parse_args()
-  root = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-  sys.path.insert(0, root)
-  sys.path.insert(0, os.path.abspath(a.tool))
-  import dump  # mosaic-offline's Writer / lower / launch_info
+  a, dump = dump_args.parse('also lower int8_conv (shifted copies) on the same cases, to compare')
   import jax
   import jax.numpy as jnp
   import pallas_kernels as pk

@@ -15,27 +15,15 @@ non-persistent kernel (conv_direct_wgrad) on the layers. Exit status 1 if a case
 lower.
 """
 
-import argparse
 import dataclasses
 import os
 import sys
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import dump_args  # scripts/: the command line the dump scripts share
 
 
 def main():
-  p = argparse.ArgumentParser()
-  p.add_argument("--out", required=True)
-  p.add_argument("--batch", type=int, default=256)
-  p.add_argument("--baseline", action="store_true",
-                 help="also lower conv_direct_wgrad (one item per block) on the layers")
-  p.add_argument("--tool", default=os.path.join(os.path.dirname(__file__), "..", "..",
-                                                "shared", "tools", "mosaic-offline"))
-  a = p.parse_args()
-  root = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-  sys.path.insert(0, root)
-  sys.path.insert(0, os.path.abspath(a.tool))
-  import dump  # mosaic-offline's Writer
+  a, dump = dump_args.parse('also lower conv_direct_wgrad (one item per block) on the layers')
   import jax
   import jax.numpy as jnp
   from pallas_kernels import conv_direct_wgrad as dw

@@ -17,27 +17,16 @@ config with one consumer. --baseline adds int8_matmul (its select_config) on the
 fails to lower.
 """
 
-import argparse
 import os
 import importlib
 import sys
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import dump_args  # scripts/: the command line the dump scripts share
 
 
 def main():
-  p = argparse.ArgumentParser()
-  p.add_argument("--out", required=True)
-  p.add_argument("--batch", type=int, default=256, help="ignored")
-  p.add_argument("--baseline", action="store_true",
-                 help="also lower int8_matmul on the same GEMMs, to compare")
-  p.add_argument("--tool", default=os.path.join(os.path.dirname(__file__), "..", "..",
-                                                "shared", "tools", "mosaic-offline"))
-  a = p.parse_args()
-  root = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-  sys.path.insert(0, root)
-  sys.path.insert(0, os.path.abspath(a.tool))
-  import dump  # mosaic-offline's Writer
+  a, dump = dump_args.parse('also lower int8_matmul on the same GEMMs, to compare',
+                            batch_help='ignored')
   import jax
   import jax.numpy as jnp
   import pallas_kernels as pk
