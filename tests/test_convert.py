@@ -115,7 +115,7 @@ def test_quantized_model_is_close_to_float_and_differentiable():
     return jnp.mean(model(x) ** 2)
 
   grads = nnx.jit(nnx.grad(loss, argnums=nnx.DiffState(0, int8jax.nn.TRAINABLE)))(m)
-  assert len(jax.tree.leaves(grads.filter(GradQuant))) > 0
+  assert len(jax.tree.leaves(nnx.filter_state(grads, GradQuant))) > 0
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
 
 
