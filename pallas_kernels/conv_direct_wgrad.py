@@ -175,6 +175,35 @@ def _split(total_steps: int, blocks_per_part: int, tile_k: int) -> tuple[int, in
   return parts, part_steps
 
 
+def step_issuer(xt_gmem, gt_gmem, a_ring, b_ring, barriers, *, tap, part, c_rows, o_rows,
+                taps, n_img, row_chunks, part_steps, tile_k, tiled_copies):
+  """``issue(step, slot)``: the TMA loads of one step of a (tap, part) work item into ring
+  slot ``slot`` -- x^T's box shifted by the tap, g^T's box, the same tile_k pixels (w, n)
+  of image row h -- through the untiled views (``tiled_copies``: the tiled slots, for the
+  interpreter). Shared by this kernel and :mod:`pallas_kernels.conv_direct_wgrad_ws`'s
+  producer."""
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  dh = static_lookup(tap, [t[0] for t in taps])
+  dwn = static_lookup(tap, [t[1] * n_img for t in taps])  # column shift in elements
+
+  def issue(step, slot):
+    s = part * part_steps + step
+    h = lax.div(s, jnp.int32(row_chunks))
+    col = (s - h * row_chunks) * tile_k
+    x_box = xt_gmem.at[c_rows, h + dh, pl.ds(col + dwn, tile_k)]
+    g_box = gt_gmem.at[o_rows, h, pl.ds(col, tile_k)]
+    if tiled_copies:
+      a_dst, b_dst = a_ring.at[slot], b_ring.at[slot]
+    else:
+      a_dst, b_dst = untiled_view(a_ring, slot), untiled_view(b_ring, slot)
+    plgpu.copy_gmem_to_smem(x_box, a_dst, barriers.at[slot])
+    plgpu.copy_gmem_to_smem(g_box, b_dst, barriers.at[slot])
+
+  return issue
+
+
 def _wgrad_kernel(xt_gmem, gt_gmem, out_gmem, a_smem, b_smem, barriers, out_smem, *,
                   taps: tuple[tuple[int, int], ...], n_img: int, row_chunks: int,
                   parts: int, part_steps: int, config: Int8ConvConfig, tiled_copies: bool):
@@ -195,24 +224,13 @@ def _wgrad_kernel(xt_gmem, gt_gmem, out_gmem, a_smem, b_smem, barriers, out_smem
   n_idx = lax.axis_index("n")
   tap = lax.div(ks_idx, jnp.int32(parts))
   part = ks_idx - tap * parts
-  dh = static_lookup(tap, [t[0] for t in taps])
-  dwn = static_lookup(tap, [t[1] * n_img for t in taps])  # column shift in elements
   c_rows = pl.ds(m_idx * tile_m, tile_m)
   o_rows = pl.ds(n_idx * tile_n, tile_n)
   depth = min(config.max_concurrent_steps, part_steps)
-
-  def issue(step, slot):
-    s = part * part_steps + step
-    h = lax.div(s, jnp.int32(row_chunks))
-    col = (s - h * row_chunks) * tile_k
-    x_box = xt_gmem.at[c_rows, h + dh, pl.ds(col + dwn, tile_k)]
-    g_box = gt_gmem.at[o_rows, h, pl.ds(col, tile_k)]
-    if tiled_copies:
-      a_dst, b_dst = a_smem.at[slot], b_smem.at[slot]
-    else:
-      a_dst, b_dst = untiled_view(a_smem, slot), untiled_view(b_smem, slot)
-    plgpu.copy_gmem_to_smem(x_box, a_dst, barriers.at[slot])
-    plgpu.copy_gmem_to_smem(g_box, b_dst, barriers.at[slot])
+  issue = step_issuer(xt_gmem, gt_gmem, a_smem, b_smem, barriers, tap=tap, part=part,
+                      c_rows=c_rows, o_rows=o_rows, taps=taps, n_img=n_img,
+                      row_chunks=row_chunks, part_steps=part_steps, tile_k=tile_k,
+                      tiled_copies=tiled_copies)
 
   acc = pipelined_accumulate(issue, part_steps, depth, a_smem, b_smem, barriers,
                              (tile_m, tile_n))

@@ -65,20 +65,20 @@ from pallas_kernels._common import check_smem
 from pallas_kernels._common import check_tiling
 from pallas_kernels._common import out_transforms
 from pallas_kernels.conv_common import launcher_for
-from pallas_kernels.conv_common import static_lookup
-from pallas_kernels.conv_direct import untiled_view
 from pallas_kernels.conv_direct_wgrad import ChannelMajorOperands
 from pallas_kernels.conv_direct_wgrad import _check_cm
 from pallas_kernels.conv_direct_wgrad import _join_parts
 from pallas_kernels.conv_direct_wgrad import _plan
 from pallas_kernels.conv_direct_wgrad import channel_major_operands
 from pallas_kernels.conv_direct_wgrad import direct_wgrad_config
+from pallas_kernels.conv_direct_wgrad import step_issuer
 from pallas_kernels.conv_wgrad import check_wgrad_args
 from pallas_kernels.conv_wgrad import check_wgrad_epilogue
 from pallas_kernels.conv_wgrad import check_wgrad_pixels
 from pallas_kernels.conv_wgrad import wgrad_epilogue
 from pallas_kernels.int8_matmul_ws import PRODUCER_REGISTERS
 from pallas_kernels.int8_matmul_ws import check_warp_specialisation
+from pallas_kernels.int8_matmul_ws import consumer_tile
 from pallas_kernels.int8_matmul_ws import consumer_registers
 from pallas_kernels.int8_matmul_ws import num_sms
 from pallas_kernels.int8_matmul_ws import ring_consume
@@ -128,9 +128,7 @@ class DirectWgradWSConfig:
   @property
   def wg_tile(self) -> tuple[int, int]:
     """(channels, output channels) of one consumer's int32 accumulator."""
-    if self.wg_split == "m":
-      return self.tile_m // self.num_consumers, self.tile_n
-    return self.tile_m, self.tile_n // self.num_consumers
+    return consumer_tile(self)
 
   def smem_bytes(self, out_dtype=jnp.int32) -> int:
     """Shared memory of a block: the ring and one int32 output slot per consumer (the
@@ -221,23 +219,11 @@ def _ws_kernel(xt_gmem, gt_gmem, out_gmem, *, taps, n_img: int, row_chunks: int,
       def _item(info):
         (lin,) = info.index
         tap, part, m_idx, n_idx = item_index(lin)
-        dh = static_lookup(tap, [t[0] for t in taps])
-        dwn = static_lookup(tap, [t[1] * n_img for t in taps])  # column shift, elements
-        c_rows = pl.ds(m_idx * tile_m, tile_m)
-        o_rows = pl.ds(n_idx * tile_n, tile_n)
-
-        def issue(i, slot):
-          s = part * part_steps + i
-          h = lax.div(s, jnp.int32(row_chunks))
-          col = (s - h * row_chunks) * tile_k
-          x_box = xt_gmem.at[c_rows, h + dh, pl.ds(col + dwn, tile_k)]
-          g_box = gt_gmem.at[o_rows, h, pl.ds(col, tile_k)]
-          if tiled_copies:
-            a_dst, b_dst = a_ring.at[slot], b_ring.at[slot]
-          else:
-            a_dst, b_dst = untiled_view(a_ring, slot), untiled_view(b_ring, slot)
-          plgpu.copy_gmem_to_smem(x_box, a_dst, produced.at[slot])
-          plgpu.copy_gmem_to_smem(g_box, b_dst, produced.at[slot])
+        issue = step_issuer(
+            xt_gmem, gt_gmem, a_ring, b_ring, produced, tap=tap, part=part,
+            c_rows=pl.ds(m_idx * tile_m, tile_m), o_rows=pl.ds(n_idx * tile_n, tile_n),
+            taps=taps, n_img=n_img, row_chunks=row_chunks, part_steps=part_steps,
+            tile_k=tile_k, tiled_copies=tiled_copies)
 
         ring_produce(issue, consumed, info.local_index * part_steps, part_steps, slots)
 

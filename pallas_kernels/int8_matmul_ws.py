@@ -99,6 +99,14 @@ H100_NUM_SMS = 132
 PRODUCER_REGISTERS = 40
 
 
+def consumer_tile(config) -> tuple[int, int]:
+  """(rows, columns) of one consumer warpgroup's accumulator: the tile split along
+  ``wg_split`` among ``num_consumers``."""
+  if config.wg_split == "m":
+    return config.tile_m // config.num_consumers, config.tile_n
+  return config.tile_m, config.tile_n // config.num_consumers
+
+
 def check_warp_specialisation(config, m_unit: str, n_unit: str) -> None:
   """The checks every warp-specialised config shares (errors name the field and value):
   a ring of >= 2 slots, 1 or 2 consumer warpgroups splitting the tile along ``wg_split``
@@ -188,9 +196,7 @@ class Int8MatmulWSConfig:
   @property
   def wg_tile(self) -> tuple[int, int]:
     """(rows, columns) of one consumer warpgroup's accumulator."""
-    if self.wg_split == "m":
-      return self.tile_m // self.num_consumers, self.tile_n
-    return self.tile_m, self.tile_n // self.num_consumers
+    return consumer_tile(self)
 
   def smem_bytes(self, out_dtype=jnp.float32) -> int:
     """Shared memory the kernel allocates with this config, in bytes."""
