@@ -294,3 +294,28 @@ def test_partial_or_bad_launch_is_refused(env, cfg, message):
 def test_launch_sources_in_order(env, cfg, want):
   c = type("Cfg", (), cfg)()
   assert distributed.resolve_launch(c, env) == want
+
+
+def test_per_shard_weight_gradient_layout_across_processes(cache):
+  """A backend's weight-gradient layout under data_axis with 2 real processes (one device
+  each, gloo over loopback): each process lays out its batch shard for the local conv, the
+  exact halves are summed across processes; y, dx, dw equal one device's bit for bit."""
+  port = _free_port()
+  env = _env(cache, 1)
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+  script = os.path.join(ROOT, "tests", "multiprocess_layout_check.py")
+  procs = [subprocess.Popen([sys.executable, script, str(i), str(port)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for i, (p, text) in enumerate(zip(procs, outs)):
+    line = [l for l in text.splitlines() if l.startswith(f"RESULT {i} ")]
+    assert p.returncode == 0 and line, text[-3000:]
+    r = json.loads(line[0].split(" ", 2)[2])
+    assert r["s1"] == r["s2"] == [True, True, True], r
+    local = [tuple(conv) for _, conv in r["runs"]]
+    assert (2, 8, 8, 8) in local and (2, 9, 8, 8) in local, r  # per process: 2 of 4 images
